@@ -1,0 +1,66 @@
+"""Image decoding shared by the dataset classes: always RGB, always a clear error for a bad file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from helpers.data.errors import DatasetError
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file fully and return it as an RGB PIL image (grayscale/CMYK converted)."""
+    try:
+        with Image.open(path) as img:
+            img.load()  # force the full decode so truncated files fail here, not later
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DatasetError(
+            f"Image file not found: {path}. The dataset folder is incomplete; "
+            "re-extract or re-download it."
+        ) from None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise DatasetError(
+            f"Cannot decode image {path} ({exc}). The file is corrupt or truncated; "
+            "replace it by re-extracting or re-downloading the dataset."
+        ) from None
+
+
+def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
+    """PIL RGB image -> uint8 tensor (3, H, W)."""
+    array = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class ToUint8Tensor:
+    """Deterministic PIL -> uint8 (3, S, S) tensor: optional resize of the shorter side, optional centre crop.
+
+    Random augmentation is not done here: it runs on whole batches on the device
+    (`helpers.data.transforms`), so per-item and cached paths share it.
+    """
+
+    def __init__(self, resize: int | None = None, crop: int | None = None):
+        self.resize = resize
+        self.crop = crop
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        if self.resize is not None:
+            w, h = img.size
+            scale = self.resize / min(w, h)
+            new_size = (max(self.resize, round(w * scale)), max(self.resize, round(h * scale)))
+            if new_size != (w, h):
+                img = img.resize(new_size, Image.BILINEAR)
+        if self.crop is not None:
+            w, h = img.size
+            if w < self.crop or h < self.crop:
+                img = img.resize((max(w, self.crop), max(h, self.crop)), Image.BILINEAR)
+                w, h = img.size
+            left, top = (w - self.crop) // 2, (h - self.crop) // 2
+            img = img.crop((left, top, left + self.crop, top + self.crop))
+        return pil_to_uint8_chw(img)
+
+    def __repr__(self) -> str:
+        return f"ToUint8Tensor(resize={self.resize}, crop={self.crop})"

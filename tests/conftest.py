@@ -1,0 +1,62 @@
+"""Shared fixtures: small generated datasets, and the real mini archives from ../shared/data when present."""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.data import synthetic
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+SHARED_DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A small generated Tiny ImageNet: 6 classes x 12 train, 4 val per class, 5 test."""
+    out = tmp_path_factory.mktemp("gen")
+    params = synthetic.TinyParams(num_classes=6, train_per_class=12, val_per_class=4, test_images=5, grayscale_fraction=0.1)
+    return synthetic.generate("tiny", out, params)
+
+
+@pytest.fixture(scope="session")
+def cars_devkit_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen")
+    return synthetic.generate("cars", out, synthetic.CarsParams(layout="devkit", images_per_class=2, min_width=40, max_width=64))
+
+
+@pytest.fixture(scope="session")
+def cars_ml_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen")
+    return synthetic.generate("cars", out, synthetic.CarsParams(layout="metric_learning", images_per_class=2, min_width=40, max_width=64))
+
+
+@pytest.fixture(scope="session")
+def stl10_root(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("gen")
+    return synthetic.generate("stl10", out, synthetic.STL10Params(train_per_class=3, test_per_class=2, unlabeled=4))
+
+
+def _extract_shared(tmp_path_factory, archive: str, top: str) -> Path:
+    path = SHARED_DATA / archive
+    if not path.is_file():
+        pytest.skip(f"real mini archive {path} not present")
+    out = tmp_path_factory.mktemp("real")
+    with zipfile.ZipFile(path) as zf:
+        zf.extractall(out)
+    return out / top
+
+
+@pytest.fixture(scope="session")
+def real_tiny_root(tmp_path_factory) -> Path:
+    return _extract_shared(tmp_path_factory, "tiny-imagenet-200-mini.zip", "tiny-imagenet-200")
+
+
+@pytest.fixture(scope="session")
+def real_cars_root(tmp_path_factory) -> Path:
+    return _extract_shared(tmp_path_factory, "stanford-cars-mini.zip", "stanford_cars")
