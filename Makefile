@@ -1,0 +1,29 @@
+# The two commands of the README: `make run` (the main job on generated data) and `make test`.
+# Both create the virtual environment first when it is absent (or when pyproject.toml changed).
+
+PYTHON ?= python3
+VENV ?= .venv
+# PyTorch requirement; CI pins the build it has on local disk (see .ci/run).
+TORCH ?= torch>=2.4 torchvision>=0.19
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup run test clean-outputs
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(foreach req,$(TORCH),'$(req)')
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m helpers.data.synthetic --out data/generated
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean-outputs:
+	rm -rf outputs/smoke
