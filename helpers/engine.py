@@ -1,0 +1,561 @@
+"""The one training loop (`fit`) used by every notebook.
+
+One epoch: batches from a batch source (`helpers.data.loaders`), augmented on the device in whole
+batches (`BatchAugment`), an objective (cross-entropy by default; metric losses plug in), one
+optimizer step per batch with a per-step LR schedule. After each epoch: an optional evaluation
+(held-out / test metrics), early stopping on the monitored held-out metric, and atomic
+checkpoints `last.pt` (full state) and `best.pt` (best held-out weights).
+
+Reproducible and resumable: data order and augmentation draws are fixed by (seed, epoch); the
+checkpoint holds model, optimizer, schedule, epoch, step within the epoch, running sums, every RNG
+state and the history, so a run stopped after epoch k (or interrupted mid-epoch with Ctrl-C) and
+resumed ends with exactly the metrics of an uninterrupted run on the CPU.
+In the hot loop nothing is read back to the host except every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers.data.loaders import BatchSource
+from helpers.data.transforms import AugmentRNG, BatchAugment
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "onecycle", "step", "plateau", "constant")
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def check_choice(name: str, value, valid) -> None:
+    """Raise ValueError naming the valid values when `value` is not one of them."""
+    if value not in valid:
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything `fit` needs to know besides the model and the data."""
+
+    epochs: int = 10
+    optimizer: str = "sgd"  # sgd (momentum, nesterov) | adam | adamw
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | onecycle | step | plateau | constant (all after the warm-up)
+    warmup_epochs: float = 0.0  # linear warm-up from lr / 25 (onecycle: 30 % of training when 0)
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    step_epochs: int = 30  # "step": multiply by step_gamma every step_epochs
+    step_gamma: float = 0.1
+    plateau_patience: int = 2  # "plateau": epochs without held-out improvement before cutting the LR
+    plateau_factor: float = 0.2
+    label_smoothing: float = 0.0
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    monitor: str = "heldout_top1"  # metric for best checkpoint / early stopping / plateau; "" = none
+    patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
+    restore_best: bool = True  # load the best held-out weights into the model at the end
+    amp: bool = True  # bf16 autocast (CUDA only)
+    channels_last: bool = True  # (CUDA only)
+    compile: bool = False  # torch.compile the model
+    fused: bool = True  # fused optimizer kernels (CUDA only)
+    log_every: int = 25  # steps between host reads of the running loss (progress bar, NaN check)
+    seed: int = 0
+
+    def __post_init__(self):
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        if self.epochs < 1:
+            raise ValueError(f"epochs={self.epochs} must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+
+
+@dataclass
+class FitResult:
+    history: list[dict]
+    monitor: str
+    best_epoch: int | None = None
+    best_value: float | None = None
+    interrupted: bool = False
+    stopped_early: bool = False
+    out_dir: Path | None = None
+    train_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        rates = [h["images_per_s"] for h in self.history if h.get("images_per_s")]
+        return float(np.median(rates)) if rates else float("nan")
+
+
+# ------------------------------------------------------------------------------------ objectives
+
+
+class CrossEntropyObjective(nn.Module):
+    """loss = cross-entropy(model(x), targets) with label smoothing; targets are labels or soft (mixup)."""
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
+
+    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(images)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+
+class LRSchedule:
+    """Per-step LR multiplier: linear warm-up, then the main schedule. `plateau` cuts a factor per epoch."""
+
+    def __init__(self, cfg: FitConfig, steps_per_epoch: int):
+        self.cfg = cfg
+        self.total = max(1, cfg.epochs * steps_per_epoch)
+        self.steps_per_epoch = steps_per_epoch
+        warmup = cfg.warmup_epochs if (cfg.warmup_epochs > 0 or cfg.schedule != "onecycle") else 0.3 * cfg.epochs
+        self.warmup = min(int(warmup * steps_per_epoch), self.total - 1)
+        self.plateau_factor = 1.0
+        self.best = -math.inf
+        self.bad_epochs = 0
+
+    def factor(self, step: int) -> float:
+        cfg = self.cfg
+        if step < self.warmup:
+            start = 1 / 25
+            return start + (1 - start) * step / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        if cfg.schedule == "cosine":
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule == "onecycle":
+            end = 1 / 1e4
+            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+        if cfg.schedule == "step":
+            return cfg.step_gamma ** ((step - self.warmup) // max(1, cfg.step_epochs * self.steps_per_epoch))
+        if cfg.schedule == "plateau":
+            return self.plateau_factor
+        return 1.0
+
+    def epoch_end(self, value: float | None, higher_is_better: bool) -> None:
+        if self.cfg.schedule != "plateau" or value is None:
+            return
+        score = value if higher_is_better else -value
+        if score > self.best:
+            self.best, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs > self.cfg.plateau_patience:
+                self.plateau_factor *= self.cfg.plateau_factor
+                self.bad_epochs = 0
+
+    def state_dict(self) -> dict:
+        return {"plateau_factor": self.plateau_factor, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.plateau_factor, self.best, self.bad_epochs = state["plateau_factor"], state["best"], state["bad_epochs"]
+
+
+def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over parameter groups; no weight decay on biases and normalisation weights."""
+    fused = {"fused": True} if cfg.fused and device.type == "cuda" else {}
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, **fused)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+
+
+def parameter_groups(model: nn.Module, objective: nn.Module, weight_decay: float, objective_lr: float | None = None) -> list[dict]:
+    """Decay for weights of rank >= 2, none for biases and norm scales; the objective's own
+    parameters (e.g. center-loss centers) in a group of their own, optionally with their own LR."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    own = [p for p in objective.parameters() if p.requires_grad]
+    if own:
+        group = {"params": own, "weight_decay": 0.0}
+        if objective_lr is not None:
+            group["lr"] = objective_lr
+        groups.append(group)
+    return [g for g in groups if g["params"]]
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def augment_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**62)
+
+
+# ------------------------------------------------------------------------------------ the loop
+
+
+@dataclass
+class _Progress:
+    """Running sums of one epoch, kept on the device until read."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    scored: int = 0  # samples with logits (accuracy is undefined for pure metric losses)
+    nonfinite: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device) -> "_Progress":
+        z = torch.zeros((), device=device, dtype=torch.float64)
+        return cls(z.clone(), z.clone(), nonfinite=torch.zeros((), device=device, dtype=torch.bool))
+
+    def state(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen, "scored": self.scored, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict, device) -> "_Progress":
+        p = cls.zeros(device)
+        p.loss_sum += state["loss_sum"]
+        p.correct += state["correct"]
+        p.seen, p.scored, p.seconds = state["seen"], state["scored"], state["seconds"]
+        return p
+
+
+def _monitor_mode(monitor: str) -> bool:
+    """True when higher is better."""
+    return not ("loss" in monitor or monitor.endswith("error"))
+
+
+def fit(
+    model: nn.Module,
+    train: BatchSource,
+    augment: BatchAugment,
+    cfg: FitConfig,
+    *,
+    objective: nn.Module | None = None,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    out_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+    progress: bool = True,
+    objective_lr: float | None = None,
+    on_step: Callable[[int, int], None] | None = None,
+    name: str = "",
+) -> FitResult:
+    """Train `model` on `train` for `cfg.epochs` epochs; returns the history and the best epoch.
+
+    `evaluate(model) -> {"heldout_top1": ..., "test_top1": ...}` runs after every epoch (model in
+    eval mode); `cfg.monitor` names the metric that picks the best checkpoint, drives early stopping
+    and the plateau schedule (held-out only: never the test split). With `out_dir`, checkpoints
+    `last.pt` / `best.pt` and `history.json` are written there and an existing `last.pt` is resumed
+    (unless `resume=False`). Ctrl-C saves `last.pt` and returns the history so far
+    (`result.interrupted`). `on_step(epoch, step)` is called after every optimizer step.
+    """
+    device = torch.device(device)
+    objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
+    cuda = device.type == "cuda"
+    model.to(device)
+    objective.to(device)
+    if cfg.channels_last and cuda:
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    steps_per_epoch = len(train)
+    schedule = LRSchedule(cfg, steps_per_epoch)
+    higher_is_better = _monitor_mode(cfg.monitor)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    start_epoch, start_step, history = 0, 0, []
+    best_value, best_epoch, bad_epochs = None, None, 0
+    running: dict | None = None
+    augment_state = None
+    if out is not None and resume and (out / "last.pt").is_file():
+        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
+        saved = {k: v for k, v in ckpt["config"].items() if k != "epochs"}
+        current = {k: v for k, v in asdict(cfg).items() if k != "epochs"}
+        if saved != current:
+            diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+            raise ValueError(
+                f"{out / 'last.pt'} was written with a different configuration {diff} (saved, now). "
+                "Resume with the same settings, or pass resume=False / another out_dir to start afresh."
+            )
+        model.load_state_dict(ckpt["model"])
+        objective.load_state_dict(ckpt["objective"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        schedule.load_state_dict(ckpt["schedule"])
+        start_epoch, start_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+        best_value, best_epoch, bad_epochs = ckpt["best_value"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        running, augment_state = ckpt.get("running"), ckpt.get("augment_rng")
+        set_rng_state(ckpt["rng"])
+        if any(h.get("stopped_early") for h in history):
+            start_epoch = cfg.epochs  # the run had finished by early stopping
+    run_model = torch.compile(model) if cfg.compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and cuda) else nullcontext()
+
+    def checkpoint(epoch: int, step: int, progress_state: dict | None, aug: AugmentRNG | None) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": model.state_dict(),
+            "objective": objective.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(),
+            "scaler": None,  # bf16 autocast needs no gradient scaler
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+            "best_value": best_value,
+            "best_epoch": best_epoch,
+            "bad_epochs": bad_epochs,
+            "running": progress_state,
+            "augment_rng": aug.state() if aug is not None else None,
+            "rng": rng_state(),
+            "config": asdict(cfg),
+        }
+
+    result = FitResult(history=history, monitor=cfg.monitor, out_dir=out)
+    bar_factory = _progress_bar if progress else None
+    epoch, step, aug_rng, sums = start_epoch, start_step, None, None
+    at_boundary = True  # last.pt already describes the current state
+    stop_request = _StopRequest()
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            aug_rng = AugmentRNG(augment_seed(cfg.seed, epoch), device)
+            sums = _Progress.zeros(device)
+            if epoch == start_epoch and start_step > 0:
+                aug_rng.load_state(augment_state)
+                sums = _Progress.from_state(running, device)
+            step = start_step if epoch == start_epoch else 0
+            model.train()
+            objective.train()
+            bar = bar_factory(steps_per_epoch, step, f"{name} epoch {epoch + 1}/{cfg.epochs}".strip()) if bar_factory else None
+            tic = time.perf_counter()
+            seen_at_tic = sums.seen
+            at_boundary = False
+            for images, labels in train.epoch(epoch, start=step):
+                global_step = epoch * steps_per_epoch + step
+                factor = schedule.factor(global_step)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
+                x, targets = augment.train(images, labels, aug_rng)
+                if cfg.channels_last and cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    loss, logits = objective(run_model, x, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                n = labels.shape[0]
+                detached = loss.detach()
+                sums.loss_sum += detached.double() * n
+                sums.nonfinite |= ~torch.isfinite(detached)
+                if logits is not None:
+                    sums.correct += (logits.detach().argmax(1) == labels).sum()
+                    sums.scored += n
+                sums.seen += n
+                step += 1
+                if step % cfg.log_every == 0 or step == steps_per_epoch:
+                    if bool(sums.nonfinite):
+                        raise _diverged(epoch, step, base_lrs[0] * factor)
+                    if bar is not None:
+                        elapsed = sums.seconds + time.perf_counter() - tic
+                        bar.update_to(step, _postfix(sums, elapsed, sums.seen - seen_at_tic, time.perf_counter() - tic))
+                if on_step is not None:
+                    on_step(epoch, step)
+                if stop_request.pending:
+                    raise KeyboardInterrupt
+            if bool(sums.nonfinite):
+                raise _diverged(epoch, step, base_lrs[0] * factor)
+            sums.seconds += time.perf_counter() - tic
+            if bar is not None:
+                bar.close()
+            record = {
+                "epoch": epoch + 1,
+                "lr": base_lrs[0] * schedule.factor(max(0, (epoch + 1) * steps_per_epoch - 1)),
+                "train_loss": float(sums.loss_sum) / max(1, sums.seen),
+                "train_top1": float(sums.correct) / sums.scored if sums.scored else None,
+                "train_seconds": sums.seconds,
+                "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
+            }
+            if evaluate is not None:
+                model.eval()
+                objective.eval()
+                tic = time.perf_counter()
+                with torch.no_grad():
+                    record.update(evaluate(run_model))
+                record["eval_seconds"] = time.perf_counter() - tic
+            value = record.get(cfg.monitor) if cfg.monitor else None
+            if cfg.monitor and evaluate is not None and value is None:
+                raise ValueError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
+            improved = value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
+            if improved:
+                best_value, best_epoch, bad_epochs = value, epoch + 1, 0
+                if out is not None:
+                    atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1, cfg.monitor: value, "config": asdict(cfg)}, out / "best.pt")
+            elif value is not None:
+                bad_epochs += 1
+            schedule.epoch_end(value, higher_is_better)
+            stop = cfg.patience > 0 and value is not None and bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
+            record["best_epoch"] = best_epoch
+            if stop:
+                record["stopped_early"] = True
+            history.append(record)
+            if progress:
+                print(_epoch_line(name, record, cfg), flush=True)
+            if out is not None:
+                atomic_torch_save(checkpoint(epoch + 1, 0, None, None), out / "last.pt")
+                atomic_write_json(history, out / "history.json")
+            at_boundary = True
+            start_step = 0
+            if stop_request.pending:
+                raise KeyboardInterrupt
+            if stop:
+                result.stopped_early = True
+                break
+    except KeyboardInterrupt:
+        result.interrupted = True
+        # A first Ctrl-C is deferred to the end of the current step (see _StopRequest), so the
+        # state here is consistent; a second, forced one may land mid-step: keep the last checkpoint.
+        consistent = not stop_request.forced
+        if out is not None and not at_boundary and consistent and sums is not None:
+            atomic_torch_save(checkpoint(epoch, step, sums.state(), aug_rng), out / "last.pt")
+        where = f"epoch {epoch + 1}, step {step}" if not at_boundary else f"the end of epoch {len(history)}"
+        saved = f"; state saved to {out / 'last.pt'} (rerun to resume)" if out is not None else ""
+        print(f"Interrupted at {where}{saved}; returning the history so far.", flush=True)
+    finally:
+        stop_request.release()
+    result.history = history
+    result.best_value, result.best_epoch = best_value, best_epoch
+    result.train_seconds = sum(h["train_seconds"] for h in history)
+    if cfg.restore_best and out is not None and best_epoch is not None and (out / "best.pt").is_file():
+        model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
+    return result
+
+
+class _StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a request honoured at the next step boundary, so an
+    interrupted run saves a consistent state; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.pending = self.forced = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.pending = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)...", flush=True)
+
+    def release(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def _diverged(epoch: int, step: int, lr: float) -> TrainingDiverged:
+    return TrainingDiverged(
+        f"The training loss became NaN or infinite in epoch {epoch + 1} (by step {step}) at lr={lr:.3g}. "
+        "Lower the learning rate or the warm-up's end point, set grad_clip (e.g. 1.0), or check the data for "
+        "corrupt images. The last good checkpoint (if any) was not overwritten."
+    )
+
+
+def _postfix(sums: _Progress, elapsed: float, images: int, seconds: float) -> str:
+    loss = float(sums.loss_sum) / max(1, sums.seen)
+    acc = f" acc {100 * float(sums.correct) / sums.scored:.1f}%" if sums.scored else ""
+    return f"loss {loss:.3f}{acc} {images / max(seconds, 1e-9):.0f} img/s"
+
+
+def _epoch_line(name: str, record: dict, cfg: FitConfig) -> str:
+    parts = [f"{name + ' ' if name else ''}epoch {record['epoch']}/{cfg.epochs}", f"loss {record['train_loss']:.4f}"]
+    if record.get("train_top1") is not None:
+        parts.append(f"train {100 * record['train_top1']:.1f}%")
+    for key, value in record.items():
+        if key.endswith(("_top1", "recall@1", "map@r")) and key != "train_top1" and isinstance(value, float):
+            parts.append(f"{key} {100 * value:.1f}%")
+    parts.append(f"lr {record['lr']:.3g}")
+    if record.get("images_per_s"):
+        parts.append(f"{record['images_per_s']:.0f} img/s")
+    parts.append(f"{record['train_seconds'] + record.get('eval_seconds', 0):.1f}s")
+    return "  ".join(parts)
+
+
+class _progress_bar:
+    """A tqdm bar (notebook-aware via tqdm.auto) that can jump to a step."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update_to(self, step: int, postfix: str) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,104 @@
+"""Evaluation passes: logits or embeddings of a whole split, and the per-epoch evaluators `fit` calls."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers.data.loaders import BatchSource
+from helpers.data.transforms import BatchAugment
+from helpers.metrics import confusion_matrix, most_confused_pairs, per_class_accuracy, retrieval_metrics, topk_accuracy
+
+
+@torch.no_grad()
+def run_split(
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    source: BatchSource,
+    augment: BatchAugment,
+    device: str | torch.device = "cpu",
+    amp: bool = True,
+    channels_last: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Apply `fn` (a model, or e.g. `model.forward_features`) to every batch of `source` in order.
+
+    Returns (outputs float32 (N, ...), labels (N,)), both on the device.
+    """
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and cuda) else nullcontext()
+    outputs, labels = [], []
+    for images, y in source.epoch(0):
+        x = augment.eval(images)
+        if channels_last and cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            outputs.append(fn(x).float())
+        labels.append(y)
+    return torch.cat(outputs), torch.cat(labels)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """top1, top5 and mean cross-entropy of logits (N, C) against labels (N,)."""
+    top = topk_accuracy(logits, labels, ks=(1, 5))
+    return {"top1": top[1], "top5": top[5], "loss": float(F.cross_entropy(logits.float(), labels))}
+
+
+class ClassificationEvaluator:
+    """Per-epoch evaluation for `fit`: {"<split>_top1", "<split>_top5", "<split>_loss"} for each split."""
+
+    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, device="cpu", amp: bool = True, channels_last: bool = True):
+        self.splits, self.augment, self.device, self.amp, self.channels_last = splits, augment, device, amp, channels_last
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        out = {}
+        for name, source in self.splits.items():
+            logits, labels = run_split(model, source, self.augment, self.device, self.amp, self.channels_last)
+            out.update({f"{name}_{k}": v for k, v in classification_metrics(logits, labels).items()})
+        return out
+
+
+class RetrievalEvaluator:
+    """Per-epoch retrieval evaluation: Recall@K and MAP@R of `embed(x)` on each split
+    (leave-one-out within the split, cosine similarity): {"<split>_recall@1", ..., "<split>_map@r"}."""
+
+    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, embed: Callable[[nn.Module], Callable] | None = None, ks: Sequence[int] = (1, 2, 4, 8), device="cpu", amp: bool = True, channels_last: bool = True):
+        self.splits, self.augment, self.embed, self.ks = splits, augment, embed, tuple(ks)
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        fn = self.embed(model) if self.embed is not None else model
+        out = {}
+        for name, source in self.splits.items():
+            emb, labels = run_split(fn, source, self.augment, self.device, self.amp, self.channels_last)
+            metrics = retrieval_metrics(emb, labels, ks=self.ks)
+            out.update({f"{name}_{k}": v for k, v in metrics.items() if not k.startswith("precision")})
+        return out
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], n: int = 10) -> dict:
+    """Everything the notebooks show about a classifier on one split, as plain JSON-able values:
+    top1/top5/loss, per-class accuracy, the n best and worst classes and the n most confused pairs."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    num_classes = logits.shape[1]
+    confusion = confusion_matrix(logits.argmax(1), labels, num_classes)
+    per_class = per_class_accuracy(confusion).numpy()
+    order = np.argsort(-np.nan_to_num(per_class, nan=-1), kind="stable")
+    present = [int(c) for c in order if not np.isnan(per_class[c])]
+    named = lambda c: {"class": int(c), "name": class_names[c], "accuracy": float(per_class[c])}  # noqa: E731
+    return {
+        **classification_metrics(logits, labels),
+        "num_images": int(len(labels)),
+        "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class],
+        "best_classes": [named(c) for c in present[:n]],
+        "worst_classes": [named(c) for c in present[::-1][:n]],
+        "most_confused": [
+            {"true": int(t), "true_name": class_names[t], "predicted": int(p), "predicted_name": class_names[p], "count": int(k)}
+            for t, p, k in most_confused_pairs(confusion, n)
+        ],
+        "confusion": confusion.tolist(),
+    }

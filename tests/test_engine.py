@@ -1,0 +1,157 @@
+import math
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from helpers.data import BatchAugment, TensorBatches
+from helpers.engine import CrossEntropyObjective, FitConfig, LRSchedule, TrainingDiverged, fit
+from helpers.evaluation import ClassificationEvaluator
+
+
+def toy_data(n=96, classes=4, seed=0):
+    """Images whose mean colour encodes the class, plus noise: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    images = rng.integers(0, 80, (n, 12, 12, 3)).astype(np.int64)
+    images[np.arange(n), :, :, labels % 3] += 100 + 40 * (labels // 3)[:, None, None]
+    return images.clip(0, 255).astype(np.uint8), labels
+
+
+def toy_model(seed=0, classes=4):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        nn.Dropout(0.3), nn.Linear(32, classes),
+    )
+
+
+def setup(tmp_path, epochs=4, **overrides):
+    images, labels = toy_data()
+    held_images, held_labels = toy_data(n=32, seed=1)
+    train = TensorBatches(images, labels, batch_size=16, shuffle=True, drop_last=True, seed=0)
+    held = TensorBatches(held_images, held_labels, batch_size=32)
+    augment = BatchAugment(crop="pad", padding=2, num_classes=4, mixup_alpha=0.4, mix_prob=0.5)
+    options = dict(epochs=epochs, lr=0.05, warmup_epochs=1, label_smoothing=0.1, log_every=2, seed=3) | overrides
+    cfg = FitConfig(**options)
+    return train, augment, cfg, ClassificationEvaluator({"heldout": held}, augment)
+
+
+def run(tmp_path, name, model_seed=0, on_step=None, **overrides):
+    train, augment, cfg, evaluator = setup(tmp_path, **overrides)
+    model = toy_model(model_seed)
+    result = fit(model, train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / name, on_step=on_step, progress=False)
+    return model, result
+
+
+def interrupt_at(epoch, step):
+    def hook(e, s):
+        if (e, s) == (epoch, step):
+            raise KeyboardInterrupt
+    return hook
+
+
+def assert_same_run(a, b):
+    (model_a, result_a), (model_b, result_b) = a, b
+    keys = ("epoch", "lr", "train_loss", "train_top1", "heldout_top1", "heldout_loss", "best_epoch")
+    assert [{k: h[k] for k in keys} for h in result_a.history] == [{k: h[k] for k in keys} for h in result_b.history]
+    for (name, pa), pb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("epoch,step", [(1, 2), (1, 6), (2, 3)])
+def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, epoch, step):
+    straight = run(tmp_path, "straight")
+    model, stopped = run(tmp_path, "resumed", on_step=interrupt_at(epoch, step))
+    assert stopped.interrupted and len(stopped.history) == epoch
+    # resume into a differently initialised model: everything must come from last.pt
+    resumed = run(tmp_path, "resumed", model_seed=99)
+    assert not resumed[1].interrupted and len(resumed[1].history) == 4
+    assert_same_run(straight, resumed)
+
+
+def test_real_ctrl_c_finishes_the_step_saves_and_returns(tmp_path):
+    def press_ctrl_c(e, s):
+        if (e, s) == (0, 3):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    model, result = run(tmp_path, "sigint", on_step=press_ctrl_c)
+    assert result.interrupted and result.history == []
+    ckpt = torch.load(tmp_path / "sigint" / "last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (0, 3)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, "the handler is restored"
+    assert_same_run(run(tmp_path, "straight"), run(tmp_path, "sigint"))
+
+
+def test_early_stopping_on_a_flat_heldout_metric(tmp_path):
+    train, augment, cfg, _ = setup(tmp_path, epochs=10, patience=2)
+    result = fit(toy_model(), train, augment, cfg, evaluate=lambda m: {"heldout_top1": 0.5}, out_dir=tmp_path / "es", progress=False)
+    assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
+    again = fit(toy_model(), train, augment, cfg, evaluate=lambda m: {"heldout_top1": 0.5}, out_dir=tmp_path / "es", progress=False)
+    assert len(again.history) == 3, "a finished (early-stopped) run is not continued"
+
+
+def test_best_checkpoint_is_restored(tmp_path):
+    scores = iter([0.2, 0.9, 0.4])
+    train, augment, cfg, _ = setup(tmp_path, epochs=3)
+    model = toy_model()
+    result = fit(model, train, augment, cfg, evaluate=lambda m: {"heldout_top1": next(scores)}, out_dir=tmp_path / "best", progress=False)
+    best = torch.load(tmp_path / "best" / "best.pt", weights_only=False)
+    assert result.best_epoch == 2 == best["epoch"] and result.best_value == 0.9
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), best["model"].values()))
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    class Poisoned(CrossEntropyObjective):
+        calls = 0
+
+        def forward(self, model, images, targets):
+            loss, logits = super().forward(model, images, targets)
+            Poisoned.calls += 1
+            return (loss * float("nan") if Poisoned.calls > 8 else loss), logits
+
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=3)
+    with pytest.raises(TrainingDiverged, match=r"NaN or infinite in epoch 2.*Lower the learning rate"):
+        fit(toy_model(), train, augment, cfg, objective=Poisoned(), evaluate=evaluator, out_dir=tmp_path / "nan", progress=False)
+    ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    run(tmp_path, "cfg", epochs=1)
+    with pytest.raises(ValueError, match="different configuration.*lr"):
+        run(tmp_path, "cfg", epochs=1, lr=0.5)
+
+
+def test_learns_and_identical_seeds_give_identical_runs(tmp_path):
+    a = run(tmp_path, "a", epochs=8, lr=0.1)
+    b = run(tmp_path, "b", epochs=8, lr=0.1)
+    assert_same_run(a, b)
+    assert a[1].history[-1]["heldout_top1"] > 0.7, a[1].history[-1]  # chance: 0.25
+    assert a[1].history[-1]["train_loss"] < a[1].history[0]["train_loss"]
+
+
+def test_schedules():
+    def factors(**kw):
+        cfg = FitConfig(epochs=10, lr=1.0, **kw)
+        schedule = LRSchedule(cfg, steps_per_epoch=10)
+        return schedule, [schedule.factor(s) for s in range(100)]
+
+    _, cos = factors(schedule="cosine", warmup_epochs=2)
+    assert math.isclose(cos[0], 1 / 25) and cos[19] < 1 and math.isclose(cos[20], 1.0) and cos[99] < 1e-3
+    assert all(a <= b for a, b in zip(cos[:20], cos[1:21])) and all(a >= b for a, b in zip(cos[20:], cos[21:]))
+    _, one = factors(schedule="onecycle")
+    assert int(np.argmax(one)) == 30 and one[-1] < 1e-3
+    _, step = factors(schedule="step", step_epochs=3, step_gamma=0.5)
+    assert step[29] == 1.0 and step[30] == 0.5 and step[60] == 0.25
+    plateau, _ = factors(schedule="plateau", plateau_patience=1, plateau_factor=0.1)
+    for value in (0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7):
+        plateau.epoch_end(value, higher_is_better=True)
+    assert math.isclose(plateau.factor(50), 0.01)
+    with pytest.raises(ValueError, match="cosine, onecycle, step, plateau, constant"):
+        FitConfig(schedule="linear")
+    with pytest.raises(ValueError, match="sgd, adam, adamw"):
+        FitConfig(optimizer="rmsprop")
