@@ -58,7 +58,8 @@ class TensorBatches:
     """Batches gathered from an in-memory uint8 array (N, H, W, 3) held on `device`.
 
     The array stays NHWC; a gathered batch is returned as a (B, 3, H, W) view, which is already
-    channels_last in memory.
+    channels_last in memory. With `output_device` different from `device` (the array in CPU RAM,
+    training on the GPU), each gathered batch is pinned and copied asynchronously.
     """
 
     def __init__(
@@ -71,11 +72,13 @@ class TensorBatches:
         seed: int = 0,
         device: str | torch.device = "cpu",
         batch_sampler=None,
+        output_device: str | torch.device | None = None,
     ):
         images = torch.as_tensor(np.asarray(images)) if not isinstance(images, torch.Tensor) else images
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"images must be uint8 (N, H, W, 3); got {tuple(images.shape)} {images.dtype}")
         self.device = torch.device(device)
+        self.output_device = torch.device(output_device) if output_device is not None else self.device
         self.images = images.to(self.device)
         self.labels = np.asarray(labels, dtype=np.int64)
         self.labels_tensor = torch.as_tensor(self.labels, device=self.device)
@@ -88,9 +91,17 @@ class TensorBatches:
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         plan = epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
+        copy = self.output_device != self.device
+        pin = copy and self.output_device.type == "cuda"
         for indices in plan[start:]:
             index = torch.from_numpy(indices).to(self.device, non_blocking=True)
-            yield self.images[index].permute(0, 3, 1, 2), self.labels_tensor[index]
+            images, labels = self.images[index], self.labels_tensor[index]
+            if copy:
+                if pin:
+                    images, labels = images.pin_memory(), labels.pin_memory()
+                images = images.to(self.output_device, non_blocking=True)
+                labels = labels.to(self.output_device, non_blocking=True)
+            yield images.permute(0, 3, 1, 2), labels
 
 
 class _PlanSampler:

@@ -1,1 +1,6 @@
 """Models: the custom CNN, the project's ResNet-18, the CUBS blocks and heads."""
+
+from .cubs import CUBSBlock1, CUBSBlock2, ScaledCUBSBlock1, ScaledCUBSBlock2
+from .custom_cnn import CustomCNN
+from .heads import EmbeddingHead, EmbeddingNet
+from .resnet import ResNet, load_torchvision_resnet18, resnet18

@@ -1,0 +1,151 @@
+"""Notebook configuration: flat parameters (papermill-overridable) -> one small frozen dataclass.
+
+Each notebook's `parameters` cell holds plain values, `None` meaning "the profile's value". The
+next cell calls e.g. `RecognitionConfig.build("T1", profile=profile, epochs=epochs, ...)`, which
+starts from the dataclass defaults, applies the profile preset (`smoke`: generated data, CPU,
+about a minute; `full`: the real dataset with the recipe recommended for one CUDA GPU), then every
+parameter that is not None. Unknown names or values raise ValueError listing the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from helpers.engine import OPTIMIZERS, SCHEDULES, FitConfig, check_choice
+from helpers.runinfo import default_out_dir, generated_data_dir, project_root, resolve_device
+
+PROFILES = ("smoke", "full")
+DATA_PATHS = ("auto", "lazy", "cached", "gpu")
+FASHIONS = ("parallel", "serial12", "serial21")
+
+
+class ConfigBase:
+    """Shared builder and helpers of the task configurations."""
+
+    PRESETS: dict = {}
+
+    @classmethod
+    def build(cls, task: str, profile: str = "smoke", **params):
+        """Defaults <- PRESETS[task][profile] <- the parameters that are not None."""
+        check_choice("task", task, tuple(cls.PRESETS))
+        check_choice("profile", profile, PROFILES)
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}")
+        values = dict(cls.PRESETS[task].get("common", {}), **cls.PRESETS[task][profile])
+        values.update({k: v for k, v in params.items() if v is not None})
+        for f in fields(cls):  # papermill passes lists for tuple fields
+            if f.name in values and isinstance(values[f.name], list):
+                values[f.name] = tuple(values[f.name])
+        return cls(task=task, profile=profile, **values).resolved()
+
+    def resolved(self):
+        """A copy with data_dir, out_dir and device made concrete. Defaults: smoke reads generated
+        data (created on first use), full reads <project>/data; results go to outputs/<profile>."""
+        if self.data_dir:
+            data_dir = Path(self.data_dir).expanduser().resolve()
+        else:
+            data_dir = generated_data_dir() if self.profile == "smoke" else (project_root() / "data").resolve()
+        out_dir = Path(self.out_dir).expanduser().resolve() if self.out_dir else default_out_dir(self.profile)
+        return dataclasses.replace(self, data_dir=str(data_dir), out_dir=str(out_dir), device=resolve_device(self.device))
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class RecognitionConfig(ConfigBase):
+    """T1-T3 (and E1): classification on Tiny ImageNet."""
+
+    task: str
+    profile: str = "smoke"
+    # data
+    data_dir: str = ""  # the folder holding tiny-imagenet-200/ ("" = the profile's default)
+    out_dir: str = ""  # metrics/, figures/, checkpoints/ go here ("" = outputs/<profile>)
+    device: str = "auto"
+    data_path: str = "auto"  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
+    num_workers: int = 2  # DataLoader workers of the lazy path and of building the cache
+    classes: int = 0  # keep only the first N classes of wnids.txt (0 = all)
+    train_per_class: int = 0  # at most N training images per class (0 = all)
+    heldout_fraction: float = 0.05  # stratified held-out part of train for model selection
+    # augmentation
+    image_size: int = 64  # training/eval input side (images are resized first when smaller than 64)
+    crop: str = "pad"  # pad (random crop with zero padding) | rrc (random-resized crop)
+    padding: int = 4
+    rrc_scale_min: float = 0.35
+    mixup: float = 0.0  # Beta alpha; 0 = off
+    cutmix: float = 0.0  # Beta alpha; 0 = off
+    mix_prob: float = 0.5  # fraction of batches mixed when mixup/cutmix is on
+    # optimisation
+    epochs: int = 3
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.1
+    patience: int = 0  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    # models
+    stem: str = "small"  # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
+    width: int = 64  # custom CNN base width
+    fashions: tuple = FASHIONS  # T3: the CUBS fashions to train and select from
+    cubs_width: int = 0  # N of CUBS Block 1 (0 = C, the channel count, as specified)
+    bonus: bool = True  # T3: also train the bonus CUBS variant in the selected fashion
+    embedding_dim: int = 128  # E1: embedding size of the metric-loss heads
+    triplet_margin: float = 0.2  # E1
+    center_weight: float = 0.01  # E1: lambda in CE + lambda * center loss
+    center_lr: float = 0.5  # E1: SGD learning rate of the centers
+    pk_classes: int = 16  # E1 triplet batches: P classes x K images
+    pk_images: int = 4
+
+    PRESETS = {
+        task: {
+            # CPU-sized: 32 px, 40 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
+    # one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
+            "smoke": dict(
+                image_size=32, train_per_class=40, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
+                stem="imagenet", width=16, cubs_width=32, num_workers=0,
+            ),
+            "full": dict(
+                image_size=64, epochs=40, batch_size=256, lr=0.2, warmup_epochs=2, crop="pad", padding=8,
+                cutmix=1.0, mix_prob=0.5, label_smoothing=0.1, weight_decay=5e-4, patience=0, num_workers=8,
+            ),
+        }
+        for task in ("T1", "T2", "T3", "E1")
+    }
+    PRESETS["T1"]["full"] = dict(PRESETS["T1"]["full"], lr=0.2, width=64)
+    PRESETS["E1"]["smoke"] = dict(PRESETS["E1"]["smoke"], pk_classes=8, pk_images=4, embedding_dim=64)
+    PRESETS["E1"]["full"] = dict(PRESETS["E1"]["full"], epochs=30, cutmix=0.0, pk_classes=32, pk_images=8)
+
+    def __post_init__(self):
+        check_choice("data_path", self.data_path, DATA_PATHS)
+        check_choice("crop", self.crop, ("pad", "rrc"))
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("stem", self.stem, ("small", "imagenet"))
+        for fashion in self.fashions:
+            check_choice("fashion", fashion, FASHIONS)
+        for name in ("epochs", "batch_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+
+    def fit_config(self, **overrides) -> FitConfig:
+        values = dict(
+            epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+            schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
+            monitor="heldout_top1", patience=self.patience, amp=self.amp, channels_last=self.channels_last,
+            compile=self.compile, seed=self.seed,
+        )
+        values.update(overrides)
+        return FitConfig(**values)

@@ -1,0 +1,127 @@
+"""Figures and tables of the notebooks. Every figure is saved as PNG and PDF under out_dir/figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+CURVES = (
+    ("train_loss", "training loss", False),
+    ("train_top1", "training top-1 (%)", True),
+    ("heldout_top1", "held-out top-1 (%)", True),
+    ("test_top1", "test top-1 (%)", True),
+)
+
+
+def save_figure(fig: plt.Figure, out_dir: str | Path, name: str) -> list[Path]:
+    """Save `fig` as out_dir/figures/<name>.png and .pdf; returns both paths."""
+    folder = Path(out_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.pdf"]
+    fig.savefig(paths[0], dpi=150, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def plot_curves(histories: dict[str, list[dict]], curves=CURVES, title: str = "") -> plt.Figure:
+    """One panel per metric (training loss, training accuracy, held-out and test accuracy) per epoch,
+    one line per model. histories: {model name: fit history (list of per-epoch dicts)}."""
+    present = [c for c in curves if any(h.get(c[0]) is not None for hist in histories.values() for h in hist)]
+    fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
+    for ax, (key, label, percent) in zip(axes[0], present):
+        for name, history in histories.items():
+            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+            if points:
+                epochs, values = zip(*points)
+                ax.plot(epochs, [100 * v for v in values] if percent else values, marker="o", ms=3, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_class_accuracy(report: dict, n: int = 10, title: str = "") -> plt.Figure:
+    """Horizontal bars: the n best and n worst classes of a classification report, by name."""
+    best, worst = report["best_classes"][:n], report["worst_classes"][:n]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 0.28 * max(len(best), 4) + 1.0))
+    for ax, rows, colour, label in ((axes[0], best, "tab:green", "best classes"), (axes[1], worst, "tab:red", "worst classes")):
+        names = [_short(r["name"]) for r in rows][::-1]
+        ax.barh(names, [100 * r["accuracy"] for r in rows][::-1], color=colour)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("test accuracy (%)")
+        ax.set_title(label, fontsize=10)
+        ax.tick_params(axis="y", labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str = "") -> plt.Figure:
+    """Row-normalised confusion matrix (rows: true class)."""
+    cm = np.asarray(confusion, dtype=float)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.35 * k, 12), min(1.6 + 0.35 * k, 11)))
+    image = ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
+    if k <= 30:
+        ax.set_xticks(range(k), [_short(n, 14) for n in class_names], rotation=90, fontsize=7)
+        ax.set_yticks(range(k), [_short(n, 14) for n in class_names], fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _short(name: str, width: int = 28) -> str:
+    name = name.split(",")[0]
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def markdown_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
+    """A Markdown table (display it with IPython.display.Markdown)."""
+    def cell(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
+        return str(value).replace("|", "/")
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pct(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{100 * value:.{digits}f} %"
+
+
+def classifier_results_markdown(run: dict, n: int = 5) -> str:
+    """Final numbers of one classifier run: accuracy/loss table, best/worst classes, most confused pairs."""
+    test, held = run["test"], run["heldout"]
+    lines = [
+        f"**{run['name']}** ({run['architecture']['class']}, {run['architecture']['parameters']:,} parameters), "
+        f"best held-out epoch {run['best_epoch']} of {run['epochs_run']}",
+        "",
+        markdown_table(
+            [["held-out", pct(held["top1"]), pct(held["top5"]), f"{held['loss']:.3f}"],
+             ["test", pct(test["top1"]), pct(test["top5"]), f"{test['loss']:.3f}"]],
+            ["split", "top-1", "top-5", "loss"],
+        ),
+        "",
+        "Best classes: " + ", ".join(f"{_short(c['name'])} ({pct(c['accuracy'], 0)})" for c in test["best_classes"][:n]),
+        "",
+        "Worst classes: " + ", ".join(f"{_short(c['name'])} ({pct(c['accuracy'], 0)})" for c in test["worst_classes"][:n]),
+        "",
+        "Most confused (true → predicted, count): "
+        + ", ".join(f"{_short(p['true_name'], 20)} → {_short(p['predicted_name'], 20)} ({p['count']})" for p in test["most_confused"][:n]),
+    ]
+    return "\n".join(lines)

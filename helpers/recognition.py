@@ -1,0 +1,210 @@
+"""T1-T3 building blocks: Tiny ImageNet batch sources for a configuration, models by name, and
+one experiment = fit + final evaluation + a JSON-able summary. The notebooks only call these."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Subset
+
+from helpers.config import RecognitionConfig
+from helpers.data import (
+    BatchAugment,
+    CachedTinyImageNet,
+    LoaderBatches,
+    TensorBatches,
+    TinyImageNet,
+    ToUint8Tensor,
+    stratified_split,
+    synthetic,
+)
+from helpers.data.loaders import BatchSource
+from helpers.engine import FitResult, atomic_write_json, fit
+from helpers.evaluation import ClassificationEvaluator, classification_metrics, classification_report, run_split
+from helpers.models import CustomCNN, resnet18
+from helpers.runinfo import generated_data_dir, run_info
+
+NATIVE_SIZE = 64
+
+
+@dataclass
+class ClassificationData:
+    """Batch sources of one classification task plus what the notebooks print about them."""
+
+    train: BatchSource
+    heldout: BatchSource
+    test: BatchSource
+    augment: BatchAugment
+    num_classes: int
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def tiny_imagenet_root(cfg: RecognitionConfig) -> tuple[Path, bool]:
+    """The `tiny-imagenet-200` folder to read, generating the default data when it is the default
+    folder; returns (root, generated)."""
+    data_dir = Path(cfg.data_dir)
+    root = data_dir / "tiny-imagenet-200"
+    if data_dir == generated_data_dir():
+        root = synthetic.generate("tiny", data_dir, synthetic.TinyParams(seed=0))
+    return root, (root / synthetic.STAMP).is_file()
+
+
+def _subset_indices(labels: np.ndarray, classes: int, per_class: int) -> np.ndarray:
+    keep = np.arange(len(labels))
+    if classes:
+        keep = keep[labels[keep] < classes]
+    if per_class:
+        rank = np.zeros(len(keep), dtype=np.int64)
+        for c in np.unique(labels[keep]):  # per class, not per image
+            members = labels[keep] == c
+            rank[members] = np.arange(members.sum())
+        keep = keep[rank < per_class]
+    return keep
+
+
+def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
+    """Train / held-out / test batch sources of Tiny ImageNet for a (resolved) `cfg`.
+
+    Held-out = a stratified `heldout_fraction` of train (seeded); test = the official val split.
+    data_path "gpu": the decoded uint8 arrays live on the GPU; "cached": in CPU RAM; "lazy": JPEGs
+    are decoded per item by DataLoader workers; "auto": gpu on CUDA, else cached.
+    """
+    root, generated = tiny_imagenet_root(cfg)
+    cuda = cfg.device.startswith("cuda")
+    path = cfg.data_path if cfg.data_path != "auto" else ("gpu" if cuda else "cached")
+    if path == "gpu" and not cuda:
+        raise ValueError("data_path='gpu' needs device='cuda'; use 'cached' or 'lazy' on the CPU")
+    if path == "lazy":
+        train_set = TinyImageNet(root, "train", transform=ToUint8Tensor(crop=NATIVE_SIZE))
+        test_set = TinyImageNet(root, "val", transform=ToUint8Tensor(crop=NATIVE_SIZE))
+        train_labels, test_labels = np.asarray(train_set.targets), np.asarray(test_set.targets)
+    else:
+        train_set = CachedTinyImageNet(root, "train", num_workers=cfg.num_workers)
+        test_set = CachedTinyImageNet(root, "val", num_workers=cfg.num_workers)
+        train_labels, test_labels = train_set.targets, test_set.targets
+    keep = _subset_indices(train_labels, cfg.classes, cfg.train_per_class)
+    test_keep = _subset_indices(test_labels, cfg.classes, 0)
+    train_rel, held_rel = stratified_split(train_labels[keep], cfg.heldout_fraction, cfg.seed)
+    splits = {"train": keep[train_rel], "heldout": keep[held_rel], "test": test_keep}
+    sources = {}
+    for name, idx in splits.items():
+        dataset, labels = (train_set, train_labels) if name != "test" else (test_set, test_labels)
+        shuffle = name == "train"
+        common = dict(batch_size=cfg.batch_size if shuffle else max(cfg.batch_size, 256), shuffle=shuffle, drop_last=shuffle and len(idx) > cfg.batch_size, seed=cfg.seed)
+        if path == "lazy":
+            sources[name] = LoaderBatches(Subset(dataset, idx), labels=labels[idx], device=cfg.device, num_workers=cfg.num_workers, **common)
+        else:
+            images = np.asarray(dataset.images[np.sort(idx)]) if len(idx) else np.zeros((0, NATIVE_SIZE, NATIVE_SIZE, 3), np.uint8)
+            order = np.argsort(np.argsort(idx))  # images were read in sorted order; restore idx order
+            storage = cfg.device if path == "gpu" else "cpu"
+            sources[name] = TensorBatches(images[order], labels[idx], device=storage, output_device=cfg.device, **common)
+    num_classes = cfg.classes or len(train_set.classes)
+    resize_to = cfg.image_size if cfg.image_size != NATIVE_SIZE else None
+    augment = BatchAugment(
+        crop=cfg.crop, size=cfg.image_size, resize_to=resize_to, padding=cfg.padding, scale=(cfg.rrc_scale_min, 1.0),
+        mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=num_classes,
+    )
+    info = {
+        "dataset": "Tiny ImageNet" + (" (generated stand-in)" if generated else ""),
+        "root": str(root),
+        "generated": generated,
+        "data_path": path,
+        "num_classes": num_classes,
+        "train_images": len(splits["train"]),
+        "heldout_images": len(splits["heldout"]),
+        "test_images": len(splits["test"]),
+        "image_size": cfg.image_size,
+    }
+    return ClassificationData(sources["train"], sources["heldout"], sources["test"], augment, num_classes, list(train_set.class_names[:num_classes]), info)
+
+
+def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) -> nn.Module:
+    """"custom_cnn" or "resnet18" (options: cubs, cubs_variant), seeded by cfg.seed."""
+    torch.manual_seed(cfg.seed)
+    if kind == "custom_cnn":
+        return CustomCNN(num_classes, width=cfg.width)
+    if kind == "resnet18":
+        if options.get("cubs"):
+            options.setdefault("cubs_width", cfg.cubs_width or None)
+        return resnet18(num_classes, stem=cfg.stem, **options)
+    raise ValueError(f"model kind {kind!r} is not valid; choose one of custom_cnn, resnet18")
+
+
+def describe_model(model: nn.Module, **extra) -> dict:
+    return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()), **extra}
+
+
+def train_classifier(name: str, model: nn.Module, data: ClassificationData, cfg: RecognitionConfig, describe: dict | None = None, progress: bool = True) -> dict:
+    """Fit one classifier (checkpoints in out_dir/checkpoints/<name>), restore its best held-out
+    epoch, evaluate held-out and test, and return a JSON-able summary."""
+    evaluator = ClassificationEvaluator({"heldout": data.heldout, "test": data.test}, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    result: FitResult = fit(
+        model, data.train, data.augment, cfg.fit_config(), evaluate=evaluator,
+        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name,
+    )
+    model.eval()
+    heldout_logits, heldout_labels = run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    test_logits, test_labels = run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    return {
+        "name": name,
+        "architecture": describe or describe_model(model),
+        "best_epoch": result.best_epoch,
+        "epochs_run": len(result.history),
+        "stopped_early": result.stopped_early,
+        "interrupted": result.interrupted,
+        "train_seconds": result.train_seconds,
+        "images_per_s": result.images_per_s,
+        "checkpoint": str(Path(cfg.out_dir) / "checkpoints" / name / "best.pt"),
+        "heldout": classification_metrics(heldout_logits, heldout_labels),
+        "test": classification_report(test_logits, test_labels, data.class_names),
+        "history": result.history,
+    }
+
+
+def metrics_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / "metrics" / f"{name}.json"
+
+
+def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -> Path:
+    """Write out_dir/metrics/<name>.json with the resolved configuration and the run's provenance."""
+    path = metrics_path(cfg.out_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {"name": name, "task": cfg.task, "profile": cfg.profile, "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device), **payload}
+    atomic_write_json(document, path)
+    return path
+
+
+def load_metrics(out_dir: str | Path, name: str) -> dict | None:
+    """A metrics JSON written by another notebook of the same run, or None when it is absent."""
+    path = metrics_path(out_dir, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def select_best(runs: dict[str, dict], key: str = "top1") -> str:
+    """The name of the run with the highest held-out `key` (never the test split); ties: first."""
+    return max(runs, key=lambda name: runs[name]["heldout"][key])
+
+
+def gap_to_t2(best: dict, t2_metrics: dict | None, cfg) -> dict:
+    """Test top-1 of the selected CUBS model minus T2's, with a note when the two runs differ in data
+    or recipe (then the gap is not a like-for-like comparison)."""
+    if t2_metrics is None:
+        return {"available": False, "summary": "T2's metrics are not in this output folder yet (run T2 first); no gap computed."}
+    t2_run = next(iter(t2_metrics["models"].values()))
+    gap = best["test"]["top1"] - t2_run["test"]["top1"]
+    keys = ("profile", "data_dir", "classes", "train_per_class", "image_size", "epochs", "batch_size", "lr", "stem", "seed")
+    differs = [k for k in keys if t2_metrics["config"].get(k) != getattr(cfg, k)]
+    verdict = "within" if gap >= -0.02 else "outside"
+    summary = (
+        f"T2 ResNet-18 test top-1 {100 * t2_run['test']['top1']:.1f} %, selected CUBS model ({best['name']}) "
+        f"{100 * best['test']['top1']:.1f} %: gap {100 * gap:+.1f} points, {verdict} the allowed 2-point drop."
+    )
+    if differs:
+        summary += f" Note: T2 ran with different {', '.join(differs)}, so this is not a like-for-like comparison."
+    return {"available": True, "t2_test_top1": t2_run["test"]["top1"], "cubs_test_top1": best["test"]["top1"], "gap": gap, "within_2_points": gap >= -0.02, "config_differences": differs, "summary": summary}
