@@ -23,7 +23,7 @@ run: $(STAMP)
 	$(BIN)/python -m helpers.data.synthetic --out data/generated
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
 
 clean-outputs:
 	rm -rf outputs/smoke
