@@ -149,3 +149,103 @@ class RecognitionConfig(ConfigBase):
         )
         values.update(overrides)
         return FitConfig(**values)
+
+
+MINERS = ("none", "ms", "batch_hard", "semi_hard", "adaptive_ms", "xbm")
+INITS = ("auto", "scratch", "tinyimagenet", "imagenet")
+
+
+@dataclass(frozen=True)
+class RetrievalConfig(ConfigBase):
+    """T4: Cars-196 retrieval. Stage 1: the T3 architecture as a 98-way classifier; stage 2: a 512-d
+    embedding trained with the multi-similarity loss and a miner on P x K batches."""
+
+    task: str
+    profile: str = "smoke"
+    data_dir: str = ""  # holds stanford_cars/ (devkit) or cars196/ (metric-learning), or is one of them
+    out_dir: str = ""
+    device: str = "auto"
+    data_path: str = "auto"  # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
+    num_workers: int = 2
+    bbox_crop: bool = False  # crop to the annotated bounding box first
+    resize: int = 256  # shorter side before the crops (train: random-resized crop; test: centre crop)
+    image_size: int = 224
+    rrc_scale_min: float = 0.16
+    # architecture and initialisation
+    fashion: str = ""  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
+    stem: str = "imagenet"
+    cubs_width: int = 0  # N of CUBS Block 1 (0 = C)
+    init: str = "auto"  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision weights file) | auto
+    checkpoint: str = ""  # init="tinyimagenet": a T3 best.pt ("" = the one T3's metrics name)
+    imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth
+    # stage 1: classifier
+    cls_epochs: int = 3
+    batch_size: int = 64
+    cls_optimizer: str = "sgd"
+    cls_lr: float = 0.05
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 0.5
+    # stage 2: embedding + multi-similarity loss
+    emb_epochs: int = 2
+    emb_optimizer: str = "adamw"
+    emb_lr: float = 3e-4
+    emb_weight_decay: float = 1e-4
+    embedding_dim: int = 512
+    pk_classes: int = 8  # P classes per batch
+    pk_images: int = 4  # K images per class
+    alpha: float = 2.0
+    beta: float = 50.0
+    lam: float = 0.5
+    miner: str = "ms"  # the main run's miner
+    epsilon: float = 0.1  # MS miner margin
+    memory_size: int = 2048  # "xbm": cross-batch memory size
+    memory_warmup_steps: int = 0
+    ablation: tuple = MINERS  # miners compared in the ablation table (each a stage-2 run from the same stage 1)
+    amp: bool = True
+    channels_last: bool = True
+    compile: bool = False
+    seed: int = 0
+    tsne_points: int = 2000  # at most this many test embeddings in each t-SNE
+    grid_queries: int = 3  # queries shown with their nearest / farthest 10
+
+    PRESETS = {
+        "T4": {
+            # CPU-sized: 48 px crops of 56 px images, short schedules, N = 32 in CUBS Block 1
+            "smoke": dict(resize=56, image_size=48, cubs_width=32, cls_epochs=3, emb_epochs=2, batch_size=64, pk_classes=8, pk_images=4, num_workers=0, memory_size=256),
+            "full": dict(
+                resize=256, image_size=224, cls_epochs=30, batch_size=128, cls_lr=0.1, warmup_epochs=1, emb_epochs=40,
+                emb_lr=1e-4, pk_classes=32, pk_images=4, num_workers=8, memory_size=4096, memory_warmup_steps=200,
+            ),
+        }
+    }
+
+    def __post_init__(self):
+        check_choice("data_path", self.data_path, DATA_PATHS)
+        check_choice("init", self.init, INITS)
+        check_choice("stem", self.stem, ("small", "imagenet"))
+        check_choice("cls_optimizer", self.cls_optimizer, OPTIMIZERS)
+        check_choice("emb_optimizer", self.emb_optimizer, OPTIMIZERS)
+        check_choice("miner", self.miner, MINERS)
+        for miner in self.ablation:
+            check_choice("ablation miner", miner, MINERS)
+        if self.fashion:
+            check_choice("fashion", self.fashion, FASHIONS)
+        if self.pk_images < 2:
+            raise ValueError(f"pk_images={self.pk_images}: the metric loss needs K >= 2 images per class")
+        if self.image_size > self.resize:
+            raise ValueError(f"image_size={self.image_size} must not exceed resize={self.resize}")
+
+    def classifier_fit_config(self) -> FitConfig:
+        return FitConfig(
+            epochs=self.cls_epochs, optimizer=self.cls_optimizer, lr=self.cls_lr, weight_decay=self.weight_decay,
+            schedule="cosine", warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, monitor="",
+            amp=self.amp, channels_last=self.channels_last, compile=self.compile, seed=self.seed,
+        )
+
+    def embedding_fit_config(self) -> FitConfig:
+        return FitConfig(
+            epochs=self.emb_epochs, optimizer=self.emb_optimizer, lr=self.emb_lr, weight_decay=self.emb_weight_decay,
+            schedule="cosine", warmup_epochs=min(1.0, self.emb_epochs / 4), monitor="", amp=self.amp,
+            channels_last=self.channels_last, compile=self.compile, seed=self.seed,
+        )

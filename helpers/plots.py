@@ -125,3 +125,72 @@ def classifier_results_markdown(run: dict, n: int = 5) -> str:
         + ", ".join(f"{_short(p['true_name'], 20)} → {_short(p['predicted_name'], 20)} ({p['count']})" for p in test["most_confused"][:n]),
     ]
     return "\n".join(lines)
+
+
+def tsne_2d(embeddings, max_points: int = 2000, seed: int = 0):
+    """2-D t-SNE of at most `max_points` rows (a seeded subset): returns (points (n, 2), chosen indices)."""
+    from sklearn.manifold import TSNE
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    rng = np.random.default_rng(seed)
+    index = np.sort(rng.choice(len(x), size=min(max_points, len(x)), replace=False))
+    perplexity = float(min(30.0, max(2.0, (len(index) - 1) / 3)))
+    points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x[index])
+    return points, index
+
+
+def plot_tsne(panels: dict[str, tuple], max_points: int = 2000, seed: int = 0, title: str = "") -> plt.Figure:
+    """Side-by-side t-SNE maps. panels: {title: (embeddings (N, D), labels (N,))}; colour = class."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
+    for ax, (name, (embeddings, labels)) in zip(axes[0], panels.items()):
+        points, index = tsne_2d(embeddings, max_points, seed)
+        labels = np.asarray(labels)[index]
+        ax.scatter(points[:, 0], points[:, 1], c=labels % 20, cmap="tab20", s=4, alpha=0.8, linewidths=0)
+        ax.set_title(f"{name} ({len(index)} points, {len(np.unique(labels))} classes)", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig
+
+
+def plot_retrieval_grid(queries: Sequence[int], embeddings, labels, load_image, n: int = 10, farthest: bool = False, title: str = "") -> plt.Figure:
+    """For each query (a row): the query, then its n most (or least) similar other gallery images,
+    titled with the cosine similarity; green = same class as the query, red = another class.
+    embeddings (N, D), labels (N,), load_image(i) -> PIL image."""
+    import torch
+
+    e = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings, dtype=np.float32)), dim=1)
+    labels = np.asarray(labels)
+    fig, axes = plt.subplots(len(queries), n + 1, figsize=(1.25 * (n + 1), 1.35 * len(queries)), squeeze=False)
+    for row, q in zip(axes, queries):
+        sims = (e @ e[q]).numpy()
+        sims[q] = np.inf if farthest else -np.inf  # never retrieve the query itself
+        order = np.argsort(sims, kind="stable")
+        picked = order[:n] if farthest else order[::-1][:n]
+        _thumb(row[0], load_image(q), "query", "black")
+        for ax, i in zip(row[1:], picked):
+            _thumb(ax, load_image(i), f"{sims[i]:.2f}", "tab:green" if labels[i] == labels[q] else "tab:red")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _thumb(ax, image, caption: str, colour: str) -> None:
+    image = image.copy()
+    image.thumbnail((96, 96))
+    ax.imshow(image)
+    ax.set_title(caption, fontsize=7, color=colour)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(colour)
+        spine.set_linewidth(2)
+
+
+def plot_retrieval_curves(histories: dict[str, list[dict]], title: str = "") -> plt.Figure:
+    """Training loss and test Recall@1 per epoch for each run."""
+    curves = (("train_loss", "training loss", False), ("test_recall@1", "test Recall@1 (%)", True), ("test_map@r", "test MAP@R (%)", True))
+    return plot_curves(histories, curves=curves, title=title)

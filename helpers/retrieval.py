@@ -1,0 +1,245 @@
+"""T4 building blocks: Cars-196 batch sources, backbone initialisation, the two training stages
+(98-way classifier, then a 512-d embedding trained with the multi-similarity loss on P x K batches)
+and the retrieval evaluation. The notebook only calls these."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from helpers.config import RetrievalConfig
+from helpers.data import BatchAugment, Cars196, LoaderBatches, PKBatchSampler, TensorBatches, ToUint8Tensor, synthetic
+from helpers.data.cache import decode_all
+from helpers.data.loaders import BatchSource
+from helpers.engine import FitResult, fit
+from helpers.evaluation import RetrievalEvaluator, run_split
+from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
+from helpers.metrics import retrieval_metrics
+from helpers.miners import get_miner
+from helpers.models import EmbeddingNet, load_torchvision_resnet18, resnet18
+from helpers.runinfo import generated_data_dir
+
+INITS = ("scratch", "tinyimagenet", "imagenet")
+KS = (1, 2, 4, 8)
+
+
+@dataclass
+class RetrievalData:
+    """Cars-196 batch sources: `train` (shuffled, for the classifier), `train_pk` (P x K batches for
+    the metric loss) and `test` (classes 99..196, in order), plus the test dataset for image grids."""
+
+    train: BatchSource
+    train_pk: BatchSource
+    test: BatchSource
+    augment: BatchAugment
+    num_train_classes: int
+    test_dataset: Cars196
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def cars_root(cfg: RetrievalConfig) -> tuple[Path, bool]:
+    """The Cars-196 folder to read: the generated one (created on first use) for the default data
+    folder, else the first of stanford_cars/ (devkit) or cars196/ (metric-learning) under data_dir,
+    or data_dir itself when it is a Cars-196 folder."""
+    data_dir = Path(cfg.data_dir)
+    if data_dir == generated_data_dir():
+        root = synthetic.generate("cars", data_dir, synthetic.CarsParams(seed=0))
+        return root, True
+    for candidate in (data_dir / "stanford_cars", data_dir / "cars196", data_dir):
+        if (candidate / "devkit").is_dir() or (candidate / "cars_annos.mat").is_file():
+            return candidate, (candidate / synthetic.STAMP).is_file()
+    return data_dir / "stanford_cars", False  # Cars196 raises the clear "not found" error
+
+
+def build_cars196(cfg: RetrievalConfig) -> RetrievalData:
+    """Batch sources for a (resolved) retrieval config. Images are decoded, resized (shorter side to
+    `resize`) and centre-cropped to resize x resize once per item; the random-resized crop to
+    `image_size` and the flip run on whole batches on the device. data_path "cached"/"gpu" decode
+    every image once into memory (CPU or GPU); "lazy" decodes per item in DataLoader workers."""
+    root, generated = cars_root(cfg)
+    prep = ToUint8Tensor(resize=cfg.resize, crop=cfg.resize)
+    train_set = Cars196(root, "train", bbox_crop=cfg.bbox_crop, transform=prep)
+    test_set = Cars196(root, "test", bbox_crop=cfg.bbox_crop, transform=prep)
+    cuda = cfg.device.startswith("cuda")
+    path = cfg.data_path if cfg.data_path != "auto" else ("gpu" if cuda else "cached")
+    train_labels = np.asarray(train_set.targets)
+    sampler = PKBatchSampler(train_labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
+
+    def source(dataset, labels, batch_size, shuffle, batch_sampler=None, images=None):
+        common = dict(batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, seed=cfg.seed, batch_sampler=batch_sampler)
+        if images is None:
+            return LoaderBatches(dataset, labels=labels, device=cfg.device, num_workers=cfg.num_workers, **common)
+        return TensorBatches(images, labels, device=cfg.device if path == "gpu" else "cpu", output_device=cfg.device, **common)
+
+    train_images = test_images = None
+    if path in ("cached", "gpu"):
+        train_images = decode_all(train_set, num_workers=cfg.num_workers)
+        test_images = decode_all(test_set, num_workers=cfg.num_workers)
+    test_labels = np.asarray(test_set.targets)
+    data = RetrievalData(
+        train=source(train_set, train_labels, cfg.batch_size, True, images=train_images),
+        train_pk=source(train_set, train_labels, cfg.pk_classes * cfg.pk_images, True, sampler, train_images),
+        test=source(test_set, test_labels, max(cfg.batch_size, 128), False, images=test_images),
+        augment=BatchAugment(crop="rrc", size=cfg.image_size, scale=(cfg.rrc_scale_min, 1.0)),
+        num_train_classes=len(train_set.classes),
+        test_dataset=Cars196(root, "test", bbox_crop=cfg.bbox_crop),
+        class_names=list(train_set.class_names),
+        info={
+            "dataset": "Cars-196" + (" (generated stand-in)" if generated else ""),
+            "root": str(root),
+            "layout": train_set.layout,
+            "generated": generated,
+            "data_path": path,
+            "train_images": len(train_set),
+            "train_classes": len(train_set.classes),
+            "test_images": len(test_set),
+            "test_classes": len(test_set.classes),
+            "image_size": cfg.image_size,
+            "resize": cfg.resize,
+            "bbox_crop": cfg.bbox_crop,
+        },
+    )
+    return data
+
+
+def load_backbone(model: nn.Module, state_dict: dict) -> dict:
+    """Copy every tensor of `state_dict` whose name and shape match into `model`, except the
+    classifier; report what was loaded and what kept its initialisation (e.g. a 3x3 small stem
+    checkpoint into a 7x7 ImageNet-stem model leaves conv1/bn1 at their init)."""
+    target = model.state_dict()
+    loaded, kept = [], []
+    for key, value in state_dict.items():
+        if key.startswith("fc."):
+            continue
+        if key in target and target[key].shape == value.shape:
+            target[key] = value
+            loaded.append(key)
+        else:
+            kept.append(key)
+    model.load_state_dict(target)
+    untouched = [k for k in target if k not in set(loaded) and not k.startswith("fc.")]
+    return {"loaded": len(loaded), "kept_init": sorted(set(kept) | set(untouched))}
+
+
+def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) -> tuple[nn.Module, dict]:
+    """The T3 architecture (ResNet-18 + CUBS in `fashion`) with the requested initialisation.
+
+    init "scratch": random; "tinyimagenet": the T3 checkpoint `cfg.checkpoint` (our own weights;
+    a stem that does not match is left at init and reported); "imagenet": torchvision's ImageNet
+    ResNet-18 weights from the file `cfg.imagenet_weights` (pretrained: labelled as such)."""
+    torch.manual_seed(cfg.seed)
+    model = resnet18(num_classes, stem=cfg.stem, cubs=fashion, cubs_width=cfg.cubs_width or None)
+    report = {"init": cfg.init}
+    if cfg.init == "tinyimagenet":
+        if not cfg.checkpoint or not Path(cfg.checkpoint).is_file():
+            raise ValueError(
+                f"init='tinyimagenet' needs a T3 checkpoint; checkpoint={cfg.checkpoint!r} does not exist. "
+                "Run T3 first (its metrics name the selected checkpoint) or pass checkpoint=<path to best.pt>."
+            )
+        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
+        report.update(load_backbone(model, state.get("model", state)), checkpoint=cfg.checkpoint)
+    elif cfg.init == "imagenet":
+        if not cfg.imagenet_weights or not Path(cfg.imagenet_weights).is_file():
+            raise ValueError(
+                f"init='imagenet' needs torchvision's resnet18 ImageNet weights as a file; imagenet_weights="
+                f"{cfg.imagenet_weights!r} does not exist. Download resnet18-f37072fd.pth (torchvision) where you "
+                "have internet and pass its path."
+            )
+        loaded = load_torchvision_resnet18(model, cfg.imagenet_weights)
+        report.update(loaded=len(loaded["loaded"]), kept_init=loaded["missing"], weights=cfg.imagenet_weights, pretrained="ImageNet-1k (torchvision)")
+    return model, report
+
+
+class MetricObjective(nn.Module):
+    """loss = metric_loss(model(x), labels) for an embedding model; no logits (no train accuracy)."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
+        return self.loss(model(images), targets), None
+
+
+def ms_objective(cfg: RetrievalConfig, miner: str) -> MetricObjective:
+    """The multi-similarity loss with a miner by name; "xbm" = MS miner + a cross-batch memory."""
+    if miner == "xbm":
+        loss = MultiSimilarityLoss(cfg.alpha, cfg.beta, cfg.lam, miner=get_miner("ms", epsilon=cfg.epsilon))
+        return MetricObjective(CrossBatchMemory(loss, cfg.embedding_dim, cfg.memory_size, cfg.memory_warmup_steps))
+    kwargs = {"epsilon": cfg.epsilon} if miner in ("ms",) else {}
+    return MetricObjective(MultiSimilarityLoss(cfg.alpha, cfg.beta, cfg.lam, miner=get_miner(miner, **kwargs)))
+
+
+def embed_split(fn, source: BatchSource, augment: BatchAugment, cfg: RetrievalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings (N, D) and labels of a whole split, eval transform, in order."""
+    return run_split(fn, source, augment, cfg.device, cfg.amp, cfg.channels_last)
+
+
+def retrieval_summary(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Recall@1,2,4,8, MAP@R and Precision@1,2,4,8 (leave-one-out over the test classes, cosine)."""
+    return retrieval_metrics(embeddings, labels, ks=KS)
+
+
+def train_classifier_stage(model: nn.Module, data: RetrievalData, cfg: RetrievalConfig, name: str = "T4_classifier") -> FitResult:
+    """Stage 1: cross-entropy on the 98 train classes. Test recall of the pooled features is
+    recorded per epoch as a curve only; nothing is selected on it (the last epoch is used)."""
+    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last)
+    return fit(model, data.train, data.augment, cfg.classifier_fit_config(), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name)
+
+
+def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str, name: str) -> tuple[nn.Module, FitResult]:
+    """Stage 2: a copy of the trained backbone, classifier cropped, + a 512-d L2-normalised
+    embedding layer, trained whole with the multi-similarity loss and `miner` on P x K batches."""
+    torch.manual_seed(cfg.seed)
+    net = EmbeddingNet(copy.deepcopy(backbone), cfg.embedding_dim)
+    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, ks=KS, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last)
+    result = fit(net, data.train_pk, data.augment, cfg.embedding_fit_config(), objective=ms_objective(cfg, miner), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name)
+    return net, result
+
+
+def apply_t3_selection(cfg: RetrievalConfig) -> tuple[RetrievalConfig, str]:
+    """Fill what the configuration leaves to T3: the fashion T3 selected (fashion=""), its
+    checkpoint (init "tinyimagenet"/"auto" without checkpoint) and init "auto" (tinyimagenet when
+    T3's checkpoint exists, else scratch). Returns the concrete config and a sentence saying so."""
+    import dataclasses
+
+    from helpers.recognition import load_metrics
+
+    t3 = load_metrics(cfg.out_dir, "T3_cubs_resnet18")
+    selection = (t3 or {}).get("selection") or {}
+    notes = []
+    fashion = cfg.fashion or selection.get("fashion") or "serial12"
+    notes.append(f"fashion {fashion} " + ("(given)" if cfg.fashion else "(T3's held-out selection)" if selection else "(default: T3 has not run in this output folder)"))
+    checkpoint = cfg.checkpoint or selection.get("checkpoint", "")
+    init = cfg.init
+    if init == "auto":
+        init = "tinyimagenet" if checkpoint and Path(checkpoint).is_file() else "scratch"
+    if init == "tinyimagenet" and t3 and not cfg.checkpoint:
+        t3_stem = selection.get("stem")
+        if t3_stem and t3_stem != cfg.stem:
+            notes.append(f"T3 used the {t3_stem} stem: the {cfg.stem} stem here starts from its own init")
+    notes.append(f"init {init}" + (f" from {checkpoint}" if init == "tinyimagenet" else ""))
+    return dataclasses.replace(cfg, fashion=fashion, init=init, checkpoint=checkpoint), "; ".join(notes) + "."
+
+
+def embedding_run(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str) -> dict:
+    """One stage-2 run with `miner` from the stage-1 backbone: the trained net, its fit result,
+    its test embeddings and retrieval metrics."""
+    net, result = train_embedding_stage(backbone, data, cfg, miner, f"T4_embedding_{miner}")
+    net.eval()
+    embeddings, labels = embed_split(net, data.test, data.augment, cfg)
+    return {"net": net, "result": result, "embeddings": embeddings.cpu(), "labels": labels.cpu(), "metrics": retrieval_summary(embeddings, labels)}
+
+
+def grid_queries(labels, count: int, seed: int = 0) -> list[int]:
+    """`count` query indices from evenly spaced distinct classes (first image of each)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    picked = classes[np.linspace(0, len(classes) - 1, num=min(count, len(classes))).round().astype(int)]
+    return [int(np.flatnonzero(labels == c)[0]) for c in picked]
