@@ -116,7 +116,7 @@ class CachedTinyImageNet(Dataset):
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split as (uint8 (N, H, W, 3), int64 (N,)) CPU tensors (loads the array into memory)."""
-        return torch.from_numpy(np.ascontiguousarray(self.images)), torch.from_numpy(self.targets)
+        return torch.from_numpy(np.array(self.images)), torch.from_numpy(self.targets)
 
     def __repr__(self) -> str:
         return f"CachedTinyImageNet(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, cache={str(self.images_path)!r})"

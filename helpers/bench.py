@@ -1,0 +1,172 @@
+"""Throughput benchmark: training images/s of each model and of each data path, in one run.
+
+    python -m helpers.bench --device cpu --quick --out outputs/bench_cpu.json
+    python -m helpers.bench --device cuda --out outputs/bench_cuda.json [--data-dir data]
+
+Writes a JSON list of records {what: "model"|"data", name, images_per_s, device, batch_size,
+peak_mem_mb, ...}. Models are timed through the real engine (`fit`, second epoch, on
+device-resident random data so the input pipeline is not what is measured); data paths deliver
+augmented batches with no model: "lazy" (per-item JPEG decode in DataLoader workers), "cached" (the
+decode-once uint8 array in RAM) and "gpu" (that array on the GPU; CUDA only). On CUDA every speed
+switch (bf16 autocast, channels_last, fused optimizer, torch.compile, CUDA graphs) is also timed
+on and off. Ratios are only meaningful within one file (one machine, one run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helpers.data import BatchAugment, CachedTinyImageNet, LoaderBatches, TensorBatches, TinyImageNet, ToUint8Tensor, synthetic
+from helpers.data.transforms import AugmentRNG
+from helpers.engine import FitConfig, fit
+from helpers.models import CustomCNN, resnet18
+from helpers.runinfo import run_info
+
+MODELS = {
+    "custom_cnn": lambda n, stem: CustomCNN(n),
+    "resnet18": lambda n, stem: resnet18(n, stem=stem),
+    "cubs_parallel": lambda n, stem: resnet18(n, stem=stem, cubs="parallel"),
+    "cubs_serial12": lambda n, stem: resnet18(n, stem=stem, cubs="serial12"),
+    "cubs_serial21": lambda n, stem: resnet18(n, stem=stem, cubs="serial21"),
+}
+# (name, FitConfig overrides): each CUDA speed switch against the all-on default
+SWITCHES = (
+    ("all on", {}),
+    ("amp off", {"amp": False}),
+    ("channels_last off", {"channels_last": False}),
+    ("fused off", {"fused": False}),
+    ("compile on", {"compile": True}),
+    ("compile + CUDA graphs", {"compile": True, "compile_mode": "reduce-overhead"}),
+)
+
+
+def peak_mem_mb(device: torch.device) -> float:
+    """Peak allocated GPU memory since the last reset, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_model(name: str, device: torch.device, batch_size: int, image_size: int, steps: int, stem: str, num_classes: int = 200, **switches) -> dict:
+    """Training images/s of one model through `fit` (epoch 2 of 2; epoch 1 warms up / compiles)."""
+    torch.manual_seed(0)
+    model = MODELS[name](num_classes, stem)
+    images = torch.randint(0, 256, (batch_size * steps, image_size, image_size, 3), dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (batch_size * steps,))
+    source = TensorBatches(images, labels, batch_size=batch_size, shuffle=True, drop_last=True, device=device)
+    cfg = FitConfig(epochs=2, lr=0.01, monitor="", log_every=10**9, **switches)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    result = fit(model, source, BatchAugment(crop="pad", padding=4), cfg, device=device, progress=False)
+    return {
+        "what": "model", "name": name, "images_per_s": result.history[-1]["images_per_s"], "device": str(device),
+        "batch_size": batch_size, "image_size": image_size, "stem": stem, "steps": steps,
+        "peak_mem_mb": round(peak_mem_mb(device), 1), "parameters": sum(p.numel() for p in model.parameters()),
+        "switches": {k: cfg.__dict__[k] for k in ("amp", "channels_last", "fused", "compile", "compile_mode")},
+    }
+
+
+def time_source(source, augment: BatchAugment, device: torch.device, epochs: int = 2) -> float:
+    """Images/s delivered (decoded, gathered, augmented on the device) in the last of `epochs` epochs."""
+    rate = 0.0
+    for epoch in range(epochs):
+        rng = AugmentRNG(epoch, device)
+        seen, tic = 0, time.perf_counter()
+        for images, labels in source.epoch(epoch):
+            x, _ = augment.train(images, labels, rng)
+            seen += len(labels)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        rate = seen / (time.perf_counter() - tic)
+    return rate
+
+
+def bench_data(root: Path, device: torch.device, batch_size: int, num_workers: int, cache_dir: Path) -> list[dict]:
+    """The lazy, cached and (CUDA) gpu paths over the same Tiny ImageNet train split."""
+    augment = BatchAugment(crop="pad", padding=4)
+    records = []
+    lazy_set = TinyImageNet(root, "train", transform=ToUint8Tensor())
+    common = dict(batch_size=batch_size, shuffle=True, drop_last=True, seed=0)
+    lazy = LoaderBatches(lazy_set, device=device, num_workers=num_workers, **common)
+    records.append({"name": "lazy", "images_per_s": time_source(lazy, augment, device), "num_workers": num_workers})
+    tic = time.perf_counter()
+    cached_set = CachedTinyImageNet(root, "train", cache_dir=cache_dir, num_workers=num_workers)
+    build = time.perf_counter() - tic
+    images, labels = cached_set.tensors()
+    cached = TensorBatches(images, labels, device="cpu", output_device=device, **common)
+    records.append({"name": "cached", "images_per_s": time_source(cached, augment, device), "build_seconds": round(build, 2), "cache_built": cached_set.built})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        resident = TensorBatches(images, labels, device=device, **common)
+        records.append({"name": "gpu", "images_per_s": time_source(resident, augment, device, epochs=3)})
+    for r in records:
+        r.update(what="data", device=str(device), batch_size=batch_size, images=len(lazy_set), peak_mem_mb=round(peak_mem_mb(device), 1))
+    return records
+
+
+def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, out: str | None = None, models=tuple(MODELS)) -> list[dict]:
+    """Run every measurement of one benchmark and return (and optionally write) the records."""
+    dev = torch.device(device)
+    cpu = dev.type == "cpu"
+    batch_size = 16 if (cpu and quick) else 32 if cpu else 256
+    image_size = 32 if quick else 64
+    steps = 3 if cpu else 30
+    records = [{"what": "info", "name": "run", **run_info(device), "quick": quick}]
+    for name in models:
+        records.append(bench_model(name, dev, batch_size, image_size, steps, stem="small"))
+        print(f"model {name:14s} {records[-1]['images_per_s']:9.1f} img/s", flush=True)
+    if not cpu:
+        for label, switches in SWITCHES:
+            for name in ("resnet18", "cubs_serial21"):
+                record = bench_model(name, dev, batch_size, image_size, steps, stem="small", **switches)
+                record["name"], record["variant"] = f"{name} [{label}]", label
+                records.append(record)
+                print(f"model {record['name']:34s} {record['images_per_s']:9.1f} img/s", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir:
+            root = Path(data_dir) / "tiny-imagenet-200"
+        else:
+            params = synthetic.TinyParams(num_classes=10 if quick else 50, train_per_class=100 if quick else 200, val_per_class=1, test_images=0)
+            root = synthetic.generate("tiny", tmp, params)
+        workers = (os.cpu_count() or 1) if cpu else min(8, os.cpu_count() or 1)
+        for record in bench_data(root, dev, 64 if cpu else 256, workers, Path(tmp) / "cache"):
+            records.append(record)
+            print(f"data  {record['name']:14s} {record['images_per_s']:9.1f} img/s", flush=True)
+    data = {r["name"]: r["images_per_s"] for r in records if r["what"] == "data"}
+    if "lazy" in data:
+        ratios = {f"{k}/lazy": v / data["lazy"] for k, v in data.items() if k != "lazy"}
+        records.append({"what": "ratio", "name": "data paths", **ratios})
+        print("ratios", {k: round(v, 2) for k, v in ratios.items()}, flush=True)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(records, indent=1))
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Training throughput of each model and data path (writes JSON).")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="small inputs and few steps (ends within ~3 minutes on 2 CPU cores)")
+    parser.add_argument("--data-dir", default=None, help="folder holding tiny-imagenet-200/ (default: generated data)")
+    parser.add_argument("--out", required=True, help="JSON file to write")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible to PyTorch", file=sys.stderr)
+        return 2
+    run(args.device, args.quick, args.data_dir, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+import json
+
+from helpers import bench
+
+
+def test_quick_cpu_benchmark_writes_every_record(tmp_path):
+    out = tmp_path / "bench.json"
+    assert bench.main(["--device", "cpu", "--quick", "--out", str(out)]) == 0
+    records = json.loads(out.read_text())
+    models = {r["name"]: r for r in records if r["what"] == "model"}
+    data = {r["name"]: r for r in records if r["what"] == "data"}
+    assert set(models) == {"custom_cnn", "resnet18", "cubs_parallel", "cubs_serial12", "cubs_serial21"}
+    assert set(data) == {"lazy", "cached"}, "both CPU data paths are measured in the same run"
+    for record in list(models.values()) + list(data.values()):
+        assert record["images_per_s"] > 0 and record["device"] == "cpu" and record["batch_size"] > 0 and record["peak_mem_mb"] > 0
+    assert len({r["image_size"] for r in models.values()}) == 1, "all models at the same input size"
+    ratio = next(r for r in records if r["what"] == "ratio")
+    assert ratio["cached/lazy"] == data["cached"]["images_per_s"] / data["lazy"]["images_per_s"]
+    info = next(r for r in records if r["what"] == "info")
+    assert info["torch"] and "git" in info
+
+
+def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
