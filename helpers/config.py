@@ -106,6 +106,7 @@ class RecognitionConfig(ConfigBase):
     center_lr: float = 0.5  # E1: SGD learning rate of the centers
     pk_classes: int = 16  # E1 triplet batches: P classes x K images
     pk_images: int = 4
+    ncm_per_class: int = 50  # E1: train images per class whose embeddings give the class means
 
     PRESETS = {
         task: {
@@ -123,8 +124,11 @@ class RecognitionConfig(ConfigBase):
         for task in ("T1", "T2", "T3", "E1")
     }
     PRESETS["T1"]["full"] = dict(PRESETS["T1"]["full"], lr=0.2, width=64)
-    PRESETS["E1"]["smoke"] = dict(PRESETS["E1"]["smoke"], pk_classes=8, pk_images=4, embedding_dim=64)
-    PRESETS["E1"]["full"] = dict(PRESETS["E1"]["full"], epochs=30, cutmix=0.0, pk_classes=32, pk_images=8)
+    # E1 compares losses: no mixing (center and triplet losses need hard labels), Adam by default
+    PRESETS["E1"]["smoke"] = dict(PRESETS["E1"]["smoke"], optimizer="adam", lr=1e-3, weight_decay=1e-4, pk_classes=8, pk_images=4, embedding_dim=64)
+    PRESETS["E1"]["full"] = dict(
+        PRESETS["E1"]["full"], optimizer="adam", lr=1e-3, weight_decay=1e-4, epochs=30, cutmix=0.0, pk_classes=32, pk_images=8, ncm_per_class=100,
+    )
 
     def __post_init__(self):
         check_choice("data_path", self.data_path, DATA_PATHS)

@@ -30,10 +30,10 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
+from helpers.objectives import CrossEntropyObjective
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "plateau", "constant")
@@ -104,21 +104,6 @@ class FitResult:
     def images_per_s(self) -> float:
         rates = [h["images_per_s"] for h in self.history if h.get("images_per_s")]
         return float(np.median(rates)) if rates else float("nan")
-
-
-# ------------------------------------------------------------------------------------ objectives
-
-
-class CrossEntropyObjective(nn.Module):
-    """loss = cross-entropy(model(x), targets) with label smoothing; targets are labels or soft (mixup)."""
-
-    def __init__(self, label_smoothing: float = 0.0):
-        super().__init__()
-        self.label_smoothing = label_smoothing
-
-    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(images)
-        return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
 
 
 # ------------------------------------------------------------------------------------ schedule

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
-from helpers.metrics import confusion_matrix, most_confused_pairs, per_class_accuracy, retrieval_metrics, topk_accuracy
+from helpers.metrics import confusion_matrix, most_confused_pairs, nearest_class_mean_predict, per_class_accuracy, retrieval_metrics, topk_accuracy
 
 
 @torch.no_grad()
@@ -62,6 +62,33 @@ class ClassificationEvaluator:
         return out
 
 
+class NearestClassMeanEvaluator:
+    """Per-epoch evaluation of an embedding model as a classifier: class means of its embeddings over
+    `reference` (a fixed part of train), then each split is classified by the nearest mean:
+    {"<split>_top1", "<split>_top5"}. `predict(model)` returns the scores of every split."""
+
+    def __init__(self, reference: BatchSource, splits: dict[str, BatchSource], augment: BatchAugment, num_classes: int, metric: str = "euclidean", device="cpu", amp: bool = True, channels_last: bool = True):
+        self.reference, self.splits, self.augment, self.num_classes, self.metric = reference, splits, augment, num_classes, metric
+        self.device, self.amp, self.channels_last = device, amp, channels_last
+
+    def predict(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{split: (scores (N, C), labels (N,))} by nearest class mean."""
+        ref, ref_labels = run_split(model, self.reference, self.augment, self.device, self.amp, self.channels_last)
+        out = {}
+        for name, source in self.splits.items():
+            emb, labels = run_split(model, source, self.augment, self.device, self.amp, self.channels_last)
+            _, scores = nearest_class_mean_predict(ref, ref_labels, emb, self.metric, self.num_classes)
+            out[name] = (scores, labels)
+        return out
+
+    def __call__(self, model: nn.Module) -> dict[str, float]:
+        out = {}
+        for name, (scores, labels) in self.predict(model).items():
+            top = topk_accuracy(scores, labels, ks=(1, 5))
+            out.update({f"{name}_top1": top[1], f"{name}_top5": top[5]})
+        return out
+
+
 class RetrievalEvaluator:
     """Per-epoch retrieval evaluation: Recall@K and MAP@R of `embed(x)` on each split
     (leave-one-out within the split, cosine similarity): {"<split>_recall@1", ..., "<split>_map@r"}."""
@@ -80,9 +107,10 @@ class RetrievalEvaluator:
         return out
 
 
-def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], n: int = 10) -> dict:
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], n: int = 10, with_loss: bool = True) -> dict:
     """Everything the notebooks show about a classifier on one split, as plain JSON-able values:
-    top1/top5/loss, per-class accuracy, the n best and worst classes and the n most confused pairs."""
+    top1/top5/loss, per-class accuracy, the n best and worst classes and the n most confused pairs.
+    `logits` may be any scores (e.g. nearest-class-mean scores, then with_loss=False: no loss)."""
     logits, labels = logits.float().cpu(), labels.cpu()
     num_classes = logits.shape[1]
     confusion = confusion_matrix(logits.argmax(1), labels, num_classes)
@@ -90,8 +118,11 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_name
     order = np.argsort(-np.nan_to_num(per_class, nan=-1), kind="stable")
     present = [int(c) for c in order if not np.isnan(per_class[c])]
     named = lambda c: {"class": int(c), "name": class_names[c], "accuracy": float(per_class[c])}  # noqa: E731
+    metrics = classification_metrics(logits, labels)
+    if not with_loss:
+        metrics["loss"] = None
     return {
-        **classification_metrics(logits, labels),
+        **metrics,
         "num_images": int(len(labels)),
         "per_class_accuracy": [None if np.isnan(a) else float(a) for a in per_class],
         "best_classes": [named(c) for c in present[:n]],

@@ -17,6 +17,7 @@ from helpers.data import (
     BatchAugment,
     CachedTinyImageNet,
     LoaderBatches,
+    PKBatchSampler,
     TensorBatches,
     TinyImageNet,
     ToUint8Tensor,
@@ -25,8 +26,11 @@ from helpers.data import (
 )
 from helpers.data.loaders import BatchSource
 from helpers.engine import FitResult, atomic_write_json, fit
-from helpers.evaluation import ClassificationEvaluator, classification_metrics, classification_report, run_split
-from helpers.models import CustomCNN, resnet18
+from helpers.evaluation import ClassificationEvaluator, NearestClassMeanEvaluator, classification_metrics, classification_report, run_split
+from helpers.losses import TripletLoss
+from helpers.metrics import topk_accuracy
+from helpers.objectives import CenterLossObjective, MetricObjective
+from helpers.models import CustomCNN, EmbeddingNet, resnet18
 from helpers.runinfo import generated_data_dir, run_info
 
 NATIVE_SIZE = 64
@@ -140,20 +144,10 @@ def describe_model(model: nn.Module, **extra) -> dict:
     return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()), **extra}
 
 
-def train_classifier(name: str, model: nn.Module, data: ClassificationData, cfg: RecognitionConfig, describe: dict | None = None, progress: bool = True) -> dict:
-    """Fit one classifier (checkpoints in out_dir/checkpoints/<name>), restore its best held-out
-    epoch, evaluate held-out and test, and return a JSON-able summary."""
-    evaluator = ClassificationEvaluator({"heldout": data.heldout, "test": data.test}, data.augment, cfg.device, cfg.amp, cfg.channels_last)
-    result: FitResult = fit(
-        model, data.train, data.augment, cfg.fit_config(), evaluate=evaluator,
-        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name,
-    )
-    model.eval()
-    heldout_logits, heldout_labels = run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last)
-    test_logits, test_labels = run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+def _summary(name: str, describe: dict, result: FitResult, cfg, heldout: dict, test: dict) -> dict:
     return {
         "name": name,
-        "architecture": describe or describe_model(model),
+        "architecture": describe,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
         "stopped_early": result.stopped_early,
@@ -161,10 +155,90 @@ def train_classifier(name: str, model: nn.Module, data: ClassificationData, cfg:
         "train_seconds": result.train_seconds,
         "images_per_s": result.images_per_s,
         "checkpoint": str(Path(cfg.out_dir) / "checkpoints" / name / "best.pt"),
-        "heldout": classification_metrics(heldout_logits, heldout_labels),
-        "test": classification_report(test_logits, test_labels, data.class_names),
+        "heldout": heldout,
+        "test": test,
         "history": result.history,
     }
+
+
+def train_classifier(
+    name: str,
+    model: nn.Module,
+    data: ClassificationData,
+    cfg: RecognitionConfig,
+    describe: dict | None = None,
+    progress: bool = True,
+    objective: nn.Module | None = None,
+    objective_lr: float | None = None,
+) -> dict:
+    """Fit one classifier (checkpoints in out_dir/checkpoints/<name>), restore its best held-out
+    epoch, evaluate held-out and test, and return a JSON-able summary. `objective` defaults to
+    cross-entropy (e.g. CenterLossObjective for cross-entropy + center loss)."""
+    evaluator = ClassificationEvaluator({"heldout": data.heldout, "test": data.test}, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    result: FitResult = fit(
+        model, data.train, data.augment, cfg.fit_config(), objective=objective, objective_lr=objective_lr, evaluate=evaluator,
+        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name,
+    )
+    model.eval()
+    heldout_logits, heldout_labels = run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    test_logits, test_labels = run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    test = classification_report(test_logits, test_labels, data.class_names)
+    return _summary(name, describe or describe_model(model), result, cfg, classification_metrics(heldout_logits, heldout_labels), test)
+
+
+def reference_source(data: ClassificationData, per_class: int, seed: int = 0) -> BatchSource:
+    """A fixed part of train (at most `per_class` images per class) for nearest-class-mean evaluation."""
+    labels = data.train.labels
+    keep = _subset_indices(labels, 0, per_class)
+    sampler = _FixedBatches([keep[i : i + 256] for i in range(0, len(keep), 256)])
+    source = data.train.rebatched(sampler)
+    source.num_samples, source.labels = len(keep), labels[keep]
+    return source
+
+
+class _FixedBatches:
+    """A batch sampler that always yields the same batches (an evaluation pass over chosen indices)."""
+
+    def __init__(self, batches: list[np.ndarray]):
+        self.batches = batches
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def train_triplet(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, dict]:
+    """E1 (b): ResNet-18 + an L2-normalised embedding trained with the batch-hard triplet loss on
+    P x K batches; classified by the nearest class mean of train embeddings. Returns (net, summary)."""
+    torch.manual_seed(cfg.seed)
+    net = EmbeddingNet(resnet18(data.num_classes, stem=cfg.stem), cfg.embedding_dim)
+    sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
+    train_pk = data.train.rebatched(sampler)
+    evaluator = NearestClassMeanEvaluator(reference_source(data, cfg.ncm_per_class), {"heldout": data.heldout, "test": data.test}, data.augment, data.num_classes, "euclidean", cfg.device, cfg.amp, cfg.channels_last)
+    result = fit(
+        net, train_pk, data.augment, cfg.fit_config(), objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator,
+        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name,
+    )
+    net.eval()
+    predictions = evaluator.predict(net)
+    heldout = topk_accuracy(*predictions["heldout"], ks=(1, 5))
+    test = classification_report(*predictions["test"], data.class_names, with_loss=False)
+    describe = describe_model(net, stem=cfg.stem, embedding_dim=cfg.embedding_dim, loss=f"batch-hard triplet (margin {cfg.triplet_margin})", classifier="nearest class mean")
+    return net, _summary(name, describe, result, cfg, {"top1": heldout[1], "top5": heldout[5], "loss": None}, test)
+
+
+def train_center_loss(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, dict]:
+    """E1 (c): ResNet-18 trained with cross-entropy + center_weight * center loss on the pooled
+    512-d features; the centers have their own learning rate. Returns (model, summary)."""
+    model = build_model("resnet18", cfg, data.num_classes)
+    objective = CenterLossObjective(data.num_classes, model.num_features, cfg.center_weight, cfg.label_smoothing)
+    describe = describe_model(model, stem=cfg.stem, loss=f"cross-entropy + {cfg.center_weight} x center loss")
+    return model, train_classifier(name, model, data, cfg, describe, progress, objective=objective, objective_lr=cfg.center_lr)
 
 
 def metrics_path(out_dir: str | Path, name: str) -> Path:

@@ -21,6 +21,7 @@ from helpers.evaluation import RetrievalEvaluator, run_split
 from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
 from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
+from helpers.objectives import MetricObjective
 from helpers.models import EmbeddingNet, load_torchvision_resnet18, resnet18
 from helpers.runinfo import generated_data_dir
 
@@ -154,17 +155,6 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
         loaded = load_torchvision_resnet18(model, cfg.imagenet_weights)
         report.update(loaded=len(loaded["loaded"]), kept_init=loaded["missing"], weights=cfg.imagenet_weights, pretrained="ImageNet-1k (torchvision)")
     return model, report
-
-
-class MetricObjective(nn.Module):
-    """loss = metric_loss(model(x), labels) for an embedding model; no logits (no train accuracy)."""
-
-    def __init__(self, loss: nn.Module):
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
-        return self.loss(model(images), targets), None
 
 
 def ms_objective(cfg: RetrievalConfig, miner: str) -> MetricObjective:

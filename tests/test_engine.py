@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from helpers.data import BatchAugment, TensorBatches
-from helpers.engine import CrossEntropyObjective, FitConfig, LRSchedule, TrainingDiverged, fit
+from helpers.engine import FitConfig, LRSchedule, TrainingDiverged, fit
+from helpers.objectives import CrossEntropyObjective
 from helpers.evaluation import ClassificationEvaluator
 
 
