@@ -253,3 +253,63 @@ class RetrievalConfig(ConfigBase):
             schedule="cosine", warmup_epochs=min(1.0, self.emb_epochs / 4), monitor="", amp=self.amp,
             channels_last=self.channels_last, compile=self.compile, seed=self.seed,
         )
+
+
+@dataclass(frozen=True)
+class LayerwiseConfig(ConfigBase):
+    """E2: an MLP on flattened 96x96 grayscale STL-10 images, greedy layer-wise autoencoder
+    pretraining then fine-tuning, against the same MLP trained from scratch."""
+
+    task: str
+    profile: str = "smoke"
+    data_dir: str = ""  # holds stl10_binary/ (or is it)
+    out_dir: str = ""
+    device: str = "auto"
+    hidden: tuple = (1024, 1200, 728, 512, 128)  # X; the seed's alternative: (1024, 1000, 500, 256, 128, 64)
+    heldout_fraction: float = 0.1  # stratified part of train for model selection
+    use_unlabeled: bool = False  # pretrain on train + the unlabeled split (100,000 images) too
+    unlabeled_limit: int = 0  # at most this many unlabeled images (0 = all)
+    flip: bool = True  # random horizontal flips while training
+    pretrain_epochs: int = 3  # per layer
+    pretrain_lr: float = 1e-3
+    epochs: int = 8  # fine-tuning (and the baseline)
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    dropout: float = 0.2
+    label_smoothing: float = 0.0
+    tsne_per_class: int = 500  # first N test images of each class in the X[3] t-SNE
+    amp: bool = True
+    channels_last: bool = False
+    seed: int = 0
+
+    PRESETS = {
+        "E2": {
+            "smoke": dict(pretrain_epochs=3, epochs=12, batch_size=64),
+            "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
+        }
+    }
+
+    def __post_init__(self):
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if len(self.hidden) < 4:
+            raise ValueError(f"hidden={self.hidden}: at least 4 layers (the t-SNE shows layer X[3])")
+        if any(int(h) < 1 for h in self.hidden):
+            raise ValueError(f"hidden={self.hidden}: every size must be >= 1")
+
+    def fit_config(self, **overrides) -> FitConfig:
+        """Fine-tuning / baseline: cross-entropy, cosine schedule, best held-out epoch kept."""
+        values = dict(
+            epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay, schedule="cosine",
+            warmup_epochs=min(1.0, self.epochs / 5), label_smoothing=self.label_smoothing, monitor="heldout_top1",
+            amp=self.amp, channels_last=False, seed=self.seed,
+        )
+        return FitConfig(**(values | overrides))
+
+    def pretrain_fit_config(self) -> FitConfig:
+        """One greedy autoencoder step (per layer): MSE, Adam, constant LR after a short warm-up."""
+        return FitConfig(
+            epochs=self.pretrain_epochs, optimizer="adam", lr=self.pretrain_lr, weight_decay=0.0, schedule="cosine",
+            warmup_epochs=0.0, min_lr_ratio=0.1, monitor="", amp=self.amp, channels_last=False, seed=self.seed,
+        )

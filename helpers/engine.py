@@ -384,7 +384,7 @@ def fit(
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
                 x, targets = augment.train(images, labels, aug_rng)
-                if cfg.channels_last and cuda:
+                if cfg.channels_last and cuda and x.dim() == 4:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with autocast:
                     loss, logits = objective(run_model, x, targets)

@@ -34,7 +34,7 @@ def run_split(
     outputs, labels = [], []
     for images, y in source.epoch(0):
         x = augment.eval(images)
-        if channels_last and cuda:
+        if channels_last and cuda and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             outputs.append(fn(x).float())

@@ -246,3 +246,32 @@ class BatchAugment:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"BatchAugment({fields})"
+
+
+class FlatGray:
+    """uint8 RGB batches (B, 3, H, W) -> flattened grayscale in [0, 1], (B, H * W), for MLPs.
+
+    Luma weights 0.299 / 0.587 / 0.114; with `flip`, training batches are mirrored at random per
+    image. Same train/eval interface as BatchAugment; labels come back unchanged.
+    """
+
+    WEIGHTS = (0.299, 0.587, 0.114)
+
+    def __init__(self, flip: bool = True):
+        self.flip = flip
+
+    def _gray(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.tensor(self.WEIGHTS, device=x.device).view(1, 3, 1, 1)
+        return (x.float() * weights).sum(1, keepdim=True) / 255
+
+    def train(self, x: torch.Tensor, labels: torch.Tensor, rng: AugmentRNG) -> tuple[torch.Tensor, torch.Tensor]:
+        gray = self._gray(x)
+        if self.flip:
+            gray = random_flip(gray, rng.device)
+        return gray.flatten(1), labels
+
+    def eval(self, x: torch.Tensor) -> torch.Tensor:
+        return self._gray(x).flatten(1)
+
+    def __repr__(self) -> str:
+        return f"FlatGray(flip={self.flip})"
