@@ -1,0 +1,95 @@
+import numpy as np
+import pytest
+import torch
+
+from helpers.config import RecognitionConfig
+from helpers.objectives import CenterLossObjective
+from helpers.recognition import (
+    _subset_indices,
+    build_model,
+    build_tiny_imagenet,
+    gap_to_t2,
+    load_metrics,
+    save_metrics,
+    select_best,
+    train_center_loss,
+    train_classifier,
+    train_triplet,
+)
+
+
+def config(tiny_root, tmp_path, task="T2", **kw):
+    options = dict(data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16, stem="imagenet", width=8, cubs_width=8)
+    return RecognitionConfig.build(task, "smoke", **(options | kw))
+
+
+def test_config_defaults_presets_and_errors(tmp_path):
+    smoke = RecognitionConfig.build("T2", "smoke", out_dir=str(tmp_path))
+    full = RecognitionConfig.build("T2", "full", out_dir=str(tmp_path), device="cpu")
+    assert (smoke.image_size, smoke.stem, full.image_size, full.stem) == (32, "imagenet", 64, "small")
+    assert RecognitionConfig.build("T2", "full", epochs=5, device="cpu").epochs == 5, "a given value beats the preset"
+    with pytest.raises(ValueError, match="unknown parameter.*epoch\\b.*valid: .*epochs"):
+        RecognitionConfig.build("T2", "smoke", epoch=3)
+    with pytest.raises(ValueError, match="profile='fast' is not valid; choose one of smoke, full"):
+        RecognitionConfig.build("T2", "fast")
+    with pytest.raises(ValueError, match="parallel, serial12, serial21"):
+        RecognitionConfig.build("T3", "smoke", fashions=["parallel", "diagonal"])
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda' but no CUDA GPU"):
+            RecognitionConfig.build("T2", "smoke", device="cuda")
+
+
+def test_subset_indices_first_classes_and_per_class_cap():
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
+    assert _subset_indices(labels, 2, 0).tolist() == [0, 1, 3, 4, 6, 7]
+    assert _subset_indices(labels, 0, 2).tolist() == [0, 1, 2, 3, 4, 5, 9]
+    assert _subset_indices(labels, 2, 1).tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("path", ["cached", "lazy"])
+def test_data_paths_give_the_same_splits(tiny_root, tmp_path, path):
+    data = build_tiny_imagenet(config(tiny_root, tmp_path, data_path=path, num_workers=0))
+    assert data.info["data_path"] == path and data.num_classes == 6
+    assert data.train.num_samples + data.heldout.num_samples == 72 and data.test.num_samples == 24
+    assert np.bincount(data.heldout.labels).tolist() == [1] * 6, "5 % of 12 per class, at least one"
+    x, y = next(data.train.epoch(0))
+    assert x.dtype == torch.uint8 and data.augment.train(x, y, __import__("helpers").data.AugmentRNG(0))[0].shape[-1] == 16
+
+
+def test_first_classes_subset(tiny_root, tmp_path):
+    data = build_tiny_imagenet(config(tiny_root, tmp_path, classes=3))
+    assert data.num_classes == 3 and set(data.test.labels.tolist()) == {0, 1, 2} and len(data.class_names) == 3
+
+
+def test_classifier_summary_metrics_json_and_selection(tiny_root, tmp_path):
+    cfg = config(tiny_root, tmp_path)
+    data = build_tiny_imagenet(cfg)
+    run = train_classifier("T2_resnet18", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
+    assert run["epochs_run"] == 1 and run["best_epoch"] == 1 and 0 <= run["test"]["top1"] <= run["test"]["top5"] <= 1
+    assert len(run["test"]["per_class_accuracy"]) == 6 and len(run["test"]["confusion"]) == 6
+    path = save_metrics("T2_resnet18", {"models": {run["name"]: run}}, cfg, data.info)
+    saved = load_metrics(cfg.out_dir, "T2_resnet18")
+    assert path.name == "T2_resnet18.json" and saved["config"]["epochs"] == 1 and saved["run"]["torch"] == torch.__version__
+    assert "commit" in saved["run"]["git"] and saved["run"]["device"] == "cpu"
+    other = {"heldout": {"top1": run["heldout"]["top1"] + 0.1}, "test": {"top1": 0.0}}
+    assert select_best({"a": run, "b": other}) == "b", "selection reads held-out, not test"
+    gap = gap_to_t2({"name": "x", "test": {"top1": run["test"]["top1"] - 0.03}}, saved, cfg)
+    assert gap["available"] and not gap["within_2_points"] and gap["config_differences"] == []
+    assert gap_to_t2(run, None, cfg)["available"] is False
+
+
+def test_e1_triplet_and_center_runners(tiny_root, tmp_path):
+    cfg = config(tiny_root, tmp_path, task="E1", pk_classes=3, pk_images=4, embedding_dim=8, ncm_per_class=5)
+    data = build_tiny_imagenet(cfg)
+    net, triplet = train_triplet("E1_triplet", data, cfg, progress=False)
+    assert triplet["test"]["loss"] is None and "heldout_top1" in triplet["history"][0] and triplet["history"][0]["train_top1"] is None
+    assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 8)
+    model, center = train_center_loss("E1_center", data, cfg, progress=False)
+    assert center["architecture"]["loss"].startswith("cross-entropy +") and center["history"][0]["train_top1"] is not None
+
+
+def test_center_objective_needs_hard_labels():
+    objective = CenterLossObjective(4, 512)
+    model = build_model("resnet18", RecognitionConfig.build("T2", "smoke", device="cpu"), 4)
+    with pytest.raises(ValueError, match="mixup"):
+        objective(model, torch.zeros(2, 3, 32, 32), torch.full((2, 4), 0.25))

@@ -1,0 +1,114 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from helpers.config import RetrievalConfig
+from helpers.models import resnet18
+from helpers.retrieval import (
+    apply_t3_selection,
+    build_backbone,
+    build_cars196,
+    embedding_run,
+    grid_queries,
+    load_backbone,
+    ms_objective,
+    retrieval_summary,
+    train_classifier_stage,
+)
+
+
+def config(root, tmp_path, **kw):
+    options = dict(data_dir=str(root), out_dir=str(tmp_path), device="cpu", resize=24, image_size=16, cls_epochs=1, emb_epochs=1, batch_size=32, pk_classes=4, pk_images=2, cubs_width=8, num_workers=0)
+    return RetrievalConfig.build("T4", "smoke", **(options | kw))
+
+
+def test_cars_sources_follow_the_class_split(cars_devkit_root, tmp_path):
+    cfg = config(cars_devkit_root, tmp_path)
+    data = build_cars196(cfg)
+    assert data.num_train_classes == 98 and set(data.test.labels.tolist()) == set(range(98, 196))
+    x, y = next(data.train_pk.epoch(0))
+    assert x.shape == (8, 3, 24, 24) and sorted(np.bincount(y.numpy())[np.bincount(y.numpy()) > 0]) == [2, 2, 2, 2]
+    assert data.augment.train(x, y, __import__("helpers").data.AugmentRNG(0))[0].shape == (8, 3, 16, 16)
+    lazy = build_cars196(config(cars_devkit_root, tmp_path, data_path="lazy"))
+    assert torch.equal(next(lazy.test.epoch(0))[0], next(data.test.epoch(0))[0]), "lazy and cached paths agree"
+
+
+def test_two_stages_and_every_miner_run(cars_devkit_root, tmp_path):
+    cfg = config(cars_devkit_root, tmp_path, fashion="serial21", init="scratch")
+    data = build_cars196(cfg)
+    backbone, report = build_backbone(cfg, cfg.fashion, data.num_train_classes)
+    assert report == {"init": "scratch"} and backbone.num_classes == 98
+    stage1 = train_classifier_stage(backbone, data, cfg)
+    assert "test_recall@1" in stage1.history[0] and "test_map@r" in stage1.history[0]
+    for miner in ("none", "ms", "batch_hard", "semi_hard", "adaptive_ms", "xbm"):
+        run = embedding_run(backbone, data, cfg, miner)
+        assert run["embeddings"].shape == (data.test.num_samples, 512)
+        assert torch.allclose(run["embeddings"].norm(dim=1), torch.ones(data.test.num_samples), atol=1e-4)
+        m = run["metrics"]
+        assert m["recall@1"] <= m["recall@2"] <= m["recall@4"] <= m["recall@8"] and 0 <= m["map@r"] <= 1
+    assert isinstance(backbone.fc, torch.nn.Linear), "stage 2 works on a copy: the classifier is untouched"
+
+
+def test_xbm_objective_state_is_checkpointed():
+    objective = ms_objective(RetrievalConfig.build("T4", "smoke", device="cpu", memory_size=16), "xbm")
+    objective.train()
+    objective(torch.nn.Identity(), torch.randn(8, 512), torch.arange(4).repeat(2))
+    state = objective.state_dict()
+    assert any("memory_embeddings" in k for k in state) and any(k.endswith("_extra_state") for k in state)
+
+
+def test_load_backbone_reports_what_kept_its_init():
+    source = resnet18(200, stem="small", cubs="parallel", cubs_width=8)
+    target = resnet18(98, stem="imagenet", cubs="parallel", cubs_width=8)
+    report = load_backbone(target, source.state_dict())
+    assert "conv1.weight" in report["kept_init"] and not any(k.startswith("fc.") for k in report["kept_init"])
+    assert torch.equal(target.layer3[1].cubs2.q.weight, source.layer3[1].cubs2.q.weight)
+    assert not torch.equal(target.conv1.weight[:, :, :3, :3], source.conv1.weight)
+
+
+def test_init_options(tmp_path):
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    cfg = RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet", imagenet_weights=str(weights), cubs_width=8)
+    model, report = build_backbone(cfg, "serial12", 98)
+    assert report["pretrained"].startswith("ImageNet") and report["loaded"] == 120
+    assert torch.equal(model.layer2[0].conv1.weight, torch.load(weights)["layer2.0.conv1.weight"])
+    with pytest.raises(ValueError, match="imagenet_weights"):
+        build_backbone(RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet"), "serial12", 98)
+    with pytest.raises(ValueError, match="Run T3 first"):
+        build_backbone(RetrievalConfig.build("T4", "smoke", device="cpu", init="tinyimagenet", checkpoint=str(tmp_path / "none.pt")), "serial12", 98)
+
+
+def test_t3_selection_feeds_t4(tmp_path):
+    cfg = RetrievalConfig.build("T4", "smoke", device="cpu", out_dir=str(tmp_path))
+    concrete, note = apply_t3_selection(cfg)
+    assert (concrete.fashion, concrete.init) == ("serial12", "scratch") and "T3 has not run" in note
+    ckpt = tmp_path / "checkpoints" / "T3_serial21" / "best.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial21").state_dict()}, ckpt)
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(json.dumps({"selection": {"fashion": "serial21", "checkpoint": str(ckpt), "stem": "imagenet"}}))
+    concrete, note = apply_t3_selection(cfg)
+    assert (concrete.fashion, concrete.init, concrete.checkpoint) == ("serial21", "tinyimagenet", str(ckpt)) and "held-out selection" in note
+    model, report = build_backbone(concrete, concrete.fashion, 98)
+    assert report["loaded"] > 100 and report["checkpoint"] == str(ckpt)
+    given, _ = apply_t3_selection(RetrievalConfig.build("T4", "smoke", device="cpu", out_dir=str(tmp_path), fashion="parallel", init="scratch"))
+    assert (given.fashion, given.init) == ("parallel", "scratch")
+
+
+def test_grid_queries_pick_distinct_classes():
+    labels = np.repeat(np.arange(10, 20), 3)
+    queries = grid_queries(labels, 3)
+    assert len(set(labels[queries])) == 3 and queries[0] == 0
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="K >= 2"):
+        RetrievalConfig.build("T4", "smoke", pk_images=1)
+    with pytest.raises(ValueError, match="none, ms, batch_hard, semi_hard, adaptive_ms, xbm"):
+        RetrievalConfig.build("T4", "smoke", ablation=["ms", "hardest"])
+    with pytest.raises(ValueError, match="must not exceed resize"):
+        RetrievalConfig.build("T4", "smoke", image_size=64, resize=56)
