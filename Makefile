@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m helpers.data.synthetic --out data/generated
+	$(BIN)/python -m helpers.pipeline --profile smoke --out outputs/smoke
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --nbval-lax tests notebooks

@@ -113,7 +113,7 @@ class RecognitionConfig(ConfigBase):
             # CPU-sized: 32 px, 40 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
     # one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
             "smoke": dict(
-                image_size=32, train_per_class=40, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
+                image_size=32, train_per_class=30, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
                 stem="imagenet", width=16, cubs_width=32, num_workers=0,
             ),
             "full": dict(
@@ -125,7 +125,7 @@ class RecognitionConfig(ConfigBase):
     }
     PRESETS["T1"]["full"] = dict(PRESETS["T1"]["full"], lr=0.2, width=64)
     # E1 compares losses: no mixing (center and triplet losses need hard labels), Adam by default
-    PRESETS["E1"]["smoke"] = dict(PRESETS["E1"]["smoke"], optimizer="adam", lr=1e-3, weight_decay=1e-4, pk_classes=8, pk_images=4, embedding_dim=64)
+    PRESETS["E1"]["smoke"] = dict(PRESETS["E1"]["smoke"], optimizer="adam", lr=1e-3, weight_decay=1e-4, pk_classes=8, pk_images=4, embedding_dim=64, epochs=2)
     PRESETS["E1"]["full"] = dict(
         PRESETS["E1"]["full"], optimizer="adam", lr=1e-3, weight_decay=1e-4, epochs=30, cutmix=0.0, pk_classes=32, pk_images=8, ncm_per_class=100,
     )
@@ -215,8 +215,12 @@ class RetrievalConfig(ConfigBase):
 
     PRESETS = {
         "T4": {
-            # CPU-sized: 48 px crops of 56 px images, short schedules, N = 32 in CUBS Block 1
-            "smoke": dict(resize=56, image_size=48, cubs_width=32, cls_epochs=3, emb_epochs=2, batch_size=64, pk_classes=8, pk_images=4, num_workers=0, memory_size=256),
+            # CPU-sized: 32 px crops of 40 px images, short schedules, N = 32 in CUBS Block 1
+            # and a three-miner ablation (the full profile compares all six)
+            "smoke": dict(
+                resize=40, image_size=32, cubs_width=32, cls_epochs=2, emb_epochs=2, batch_size=64, pk_classes=8, pk_images=4,
+                num_workers=0, memory_size=256, ablation=("ms", "none", "xbm"),
+            ),
             "full": dict(
                 resize=256, image_size=224, cls_epochs=30, batch_size=128, cls_lr=0.1, warmup_epochs=1, emb_epochs=40,
                 emb_lr=1e-4, pk_classes=32, pk_images=4, num_workers=8, memory_size=4096, memory_warmup_steps=200,
@@ -286,7 +290,7 @@ class LayerwiseConfig(ConfigBase):
 
     PRESETS = {
         "E2": {
-            "smoke": dict(pretrain_epochs=3, epochs=12, batch_size=64),
+            "smoke": dict(pretrain_epochs=2, epochs=10, batch_size=64),
             "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
         }
     }

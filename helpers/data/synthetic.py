@@ -182,7 +182,7 @@ class TinyParams:
 @dataclass(frozen=True)
 class CarsParams:
     layout: str = "devkit"  # or "metric_learning"
-    images_per_class: int = 8
+    images_per_class: int = 6
     min_width: int = 72
     max_width: int = 144
     grayscale_fraction: float = 0.03
@@ -192,8 +192,8 @@ class CarsParams:
 
 @dataclass(frozen=True)
 class STL10Params:
-    train_per_class: int = 60
-    test_per_class: int = 40
+    train_per_class: int = 40
+    test_per_class: int = 30
     unlabeled: int = 0
     seed: int = 0
 

@@ -1,0 +1,219 @@
+"""One command regenerates everything for a profile: every notebook executed with papermill, its
+HTML, the metrics JSON and figures it writes, and the two-page report built from them.
+
+    python -m helpers.pipeline --profile smoke --out outputs/smoke
+    python -m helpers.pipeline --profile full --out outputs/full --data-dir data --device cuda
+    python -m helpers.pipeline --profile smoke --out outputs/smoke --only T1,T4 --resume
+
+Notebooks run in dependency order (T2 before T3 before T4: T3 reads T2's metrics, T4 reads T3's
+selection and checkpoint). A failing notebook is reported with its failing cell; what does not
+depend on it still runs; the exit status is then non-zero. `--resume` skips a notebook whose
+executed copy, HTML and metrics are all newer than its inputs (the notebook, the helpers package,
+the metrics of the notebooks it depends on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+from helpers.engine import atomic_write_json
+from helpers.runinfo import PACKAGE_DIR, project_root
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str  # notebook stem = metrics file stem
+    needs: tuple[str, ...] = ()
+
+
+STEPS = (
+    Step("T1_custom_cnn"),
+    Step("T2_resnet18"),
+    Step("T3_cubs_resnet18", ("T2_resnet18",)),
+    Step("T4_cars196_retrieval", ("T3_cubs_resnet18",)),
+    Step("E1_metric_losses"),
+    Step("E2_stl10_layerwise"),
+)
+PROFILES = ("smoke", "full")
+
+
+def select_steps(only: str | None) -> list[Step]:
+    """Steps named by a comma-separated list of prefixes ("T1,T4" or full names); all by default."""
+    if not only:
+        return list(STEPS)
+    wanted = [w.strip() for w in only.split(",") if w.strip()]
+    chosen = []
+    for w in wanted:
+        matches = [s for s in STEPS if s.name == w or s.name.split("_")[0] == w]
+        if not matches:
+            raise ValueError(f"--only: {w!r} names no notebook; valid: {', '.join(s.name.split('_')[0] for s in STEPS)}")
+        chosen += matches
+    return [s for s in STEPS if s in chosen]
+
+
+def outputs_of(out: Path, step: Step) -> list[Path]:
+    return [out / "notebooks" / f"{step.name}.ipynb", out / "notebooks" / f"{step.name}.html", out / "metrics" / f"{step.name}.json"]
+
+
+def newest_input(notebook: Path, out: Path, step: Step) -> float:
+    package = max(p.stat().st_mtime for p in PACKAGE_DIR.rglob("*.py"))
+    deps = [out / "metrics" / f"{d}.json" for d in step.needs]
+    return max([notebook.stat().st_mtime, package] + [d.stat().st_mtime for d in deps if d.is_file()])
+
+
+def is_complete(out: Path, step: Step, notebook: Path, profile: str) -> bool:
+    """All outputs present, newer than every input, and produced by this profile."""
+    paths = outputs_of(out, step)
+    if not all(p.is_file() for p in paths):
+        return False
+    try:
+        if json.loads(paths[2].read_text()).get("profile") != profile:
+            return False
+    except (OSError, json.JSONDecodeError):
+        return False
+    return min(p.stat().st_mtime for p in paths) > newest_input(notebook, out, step)
+
+
+def failure_summary(exc: Exception) -> str:
+    """One line naming the failing cell and the error, from a papermill execution error."""
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(exc, PapermillExecutionError):
+        code = [line for line in (exc.source or "").splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        where = f"cell {exc.cell_index} of the executed notebook" + (f" (`{code[0].strip()[:60]}`)" if code else "")
+        return f"{where} raised {exc.ename}: {exc.evalue}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def write_html(executed: Path, html: Path) -> None:
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    html.write_text(body, encoding="utf-8")
+
+
+def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log) -> tuple[str, str]:
+    """Execute one notebook; returns (status, message)."""
+    import papermill
+
+    executed = out / "notebooks" / f"{step.name}.ipynb"
+    try:
+        papermill.execute_notebook(
+            str(notebooks_dir / f"{step.name}.ipynb"), str(executed), parameters=parameters,
+            kernel_name="python3", cwd=str(notebooks_dir), progress_bar=False,
+        )
+    except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
+        if executed.is_file():
+            write_html(executed, executed.with_suffix(".html"))
+        return "failed", failure_summary(exc)
+    write_html(executed, executed.with_suffix(".html"))
+    metrics = out / "metrics" / f"{step.name}.json"
+    if not metrics.is_file():
+        return "failed", f"ran, but wrote no {metrics}"
+    return "ok", str(metrics)
+
+
+def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, jobs: int = 1, log=print) -> dict:
+    """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool}.
+
+    With jobs > 1, notebooks whose dependencies are done run concurrently (each in its own kernel)."""
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
+    out = Path(out).resolve()
+    for sub in ("notebooks", "metrics", "figures"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    notebooks_dir = project_root() / "notebooks"
+    parameters = {"profile": profile, "out_dir": str(out)}
+    if data_dir:
+        parameters["data_dir"] = str(Path(data_dir).resolve())
+    if device:
+        parameters["device"] = device
+    status: dict[str, dict] = {}
+    started = time.perf_counter()
+    pending = select_steps(only)
+    names = {s.name for s in pending}
+    lock = threading.Lock()
+
+    def execute(step: Step) -> None:
+        notebook = notebooks_dir / f"{step.name}.ipynb"
+        tic = time.perf_counter()
+        if resume and is_complete(out, step, notebook, profile):
+            result = {"status": "up to date", "message": "outputs newer than inputs"}
+        else:
+            log(f"[pipeline] running {step.name} ...")
+            state, message = run_step(step, out, parameters, notebooks_dir, log)
+            result = {"status": state, "message": message}
+        result["seconds"] = round(time.perf_counter() - tic, 1)
+        with lock:
+            status[step.name] = result
+        log(f"[pipeline] {step.name}: {result['status']} ({result['seconds']} s) {result['message']}")
+
+    def ready(step: Step) -> bool:  # every dependency that is part of this run has finished
+        return all(d in status for d in step.needs if d in names)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        running: dict = {}
+        while pending or running:
+            for step in [s for s in pending if ready(s)]:  # pending stays in pipeline order
+                broken = [d for d in step.needs if status.get(d, {}).get("status") in ("failed", "skipped")]
+                if broken:
+                    pending.remove(step)
+                    status[step.name] = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete", "seconds": 0.0}
+                    log(f"[pipeline] {step.name}: skipped ({status[step.name]['message']})")
+                elif len(running) < max(1, jobs):
+                    pending.remove(step)
+                    running[pool.submit(execute, step)] = step
+            if running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    future.result()
+                    running.pop(future)
+    status = {s.name: status[s.name] for s in STEPS if s.name in status}  # report in pipeline order
+    report_path = None
+    if report:
+        from helpers.report import build_report
+
+        try:
+            report_path = build_report(out)
+            log(f"[pipeline] report: {report_path}")
+        except Exception as exc:  # noqa: BLE001
+            status["report"] = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
+            log(f"[pipeline] report failed: {exc}")
+    ok = all(s["status"] in ("ok", "up to date") for s in status.values())
+    summary = {"profile": profile, "out": str(out), "parameters": parameters, "steps": status, "report": str(report_path) if report_path else None, "ok": ok, "seconds": round(time.perf_counter() - started, 1)}
+    atomic_write_json(summary, out / "pipeline.json")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="smoke", choices=PROFILES)
+    parser.add_argument("--out", default=None, help="output folder (default: outputs/<profile>)")
+    parser.add_argument("--only", default=None, help="comma-separated notebooks, e.g. T1,T4 (default: all)")
+    parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: each profile's)")
+    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
+    parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at the same time when their dependencies allow (default 1)")
+    args = parser.parse_args(argv)
+    out = args.out or str(project_root() / "outputs" / args.profile)
+    try:
+        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, args.jobs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    failed = {k: v for k, v in summary["steps"].items() if v["status"] not in ("ok", "up to date")}
+    print(f"[pipeline] done in {summary['seconds']} s: {len(summary['steps']) - len(failed)} ok" + (f", {len(failed)} not: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,318 @@
+"""The two-page report, built only from <out>/metrics/*.json and <out>/figures/*.png.
+
+Every number is read from the metrics files (none is typed in); a notebook that has not run shows
+as "not run". Pages are laid out with matplotlib (no LaTeX needed) and written to <out>/report.pdf,
+plus report-1.png / report-2.png previews.
+
+    python -m helpers.report outputs/smoke
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.image as mpimg  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
+
+from helpers.plots import plot_curves, save_figure  # noqa: E402
+
+PAGE = (8.27, 11.69)  # A4, inches
+MARGIN = 0.55
+WIDTH = PAGE[0] - 2 * MARGIN
+NAMES = ("T1_custom_cnn", "T2_resnet18", "T3_cubs_resnet18", "T4_cars196_retrieval", "E1_metric_losses", "E2_stl10_layerwise")
+
+
+class Page:
+    """A top-down cursor on one A4 figure: headings, wrapped text, tables and images."""
+
+    def __init__(self):
+        self.fig = plt.figure(figsize=PAGE)
+        self.y = PAGE[1] - MARGIN  # inches from the bottom
+        self.content: list[str] = []  # every string drawn, in order (what the tests read)
+
+    def _fy(self, inches: float) -> float:
+        return inches / PAGE[1]
+
+    def space(self, inches: float) -> None:
+        self.y -= inches
+
+    def text(self, content: str, size: float = 8.0, weight: str = "normal", colour: str = "black", indent: float = 0.0, family: str = "sans-serif") -> None:
+        self.content.append(content)
+        chars = int((WIDTH - indent) * 72 / (size * (0.6 if family == "monospace" else 0.5)))
+        line = size * 1.32 / 72
+        for paragraph in content.split("\n"):
+            for row in textwrap.wrap(paragraph, chars) or [""]:
+                self.y -= line
+                self.fig.text((MARGIN + indent) / PAGE[0], self._fy(self.y), row, fontsize=size, weight=weight, color=colour, family=family)
+        self.y -= line * 0.3
+
+    def heading(self, content: str) -> None:
+        self.space(0.06)
+        self.text(content, size=10.5, weight="bold", colour="#1f3b73")
+
+    def table(self, headers: list[str], rows: list[list[str]], widths: list[float], size: float = 7.5) -> None:
+        """Columns of relative `widths`; header bold with rules above and below, a rule at the end."""
+        self.content += [" | ".join(map(str, r)) for r in [headers] + rows]
+        line = size * 1.45 / 72
+        total = sum(widths)
+        xs = [MARGIN + WIDTH * sum(widths[:i]) / total for i in range(len(widths))]
+        self._rule()
+        for r, cells in enumerate([headers] + rows):
+            self.y -= line
+            for x, cell in zip(xs, cells):
+                self.fig.text(x / PAGE[0], self._fy(self.y + line * 0.28), str(cell), fontsize=size, weight="bold" if r == 0 else "normal")
+            if r == 0:
+                self._rule(0.0)
+        self._rule(0.0)
+        self.space(0.08)
+
+    def _rule(self, below: float = 0.02) -> None:
+        self.y -= below
+        self.fig.add_artist(plt.Line2D([MARGIN / PAGE[0], (MARGIN + WIDTH) / PAGE[0]], [self._fy(self.y)] * 2, lw=0.6, color="#555555"))
+
+    def image(self, path: Path, height: float, caption: str = "") -> None:
+        """An image scaled to `height` inches (narrower if its aspect demands), centred."""
+        if not path.is_file():
+            self.text(f"[figure {path.name} not available]", colour="#999999")
+            return
+        self.content.append(f"[figure {path.name}]")
+        img = mpimg.imread(str(path))
+        aspect = img.shape[1] / img.shape[0]
+        w = min(WIDTH, height * aspect)
+        h = w / aspect
+        self.y -= h
+        ax = self.fig.add_axes([(MARGIN + (WIDTH - w) / 2) / PAGE[0], self._fy(self.y), w / PAGE[0], h / PAGE[1]])
+        ax.imshow(img)
+        ax.axis("off")
+        if caption:
+            self.text(caption, size=7, colour="#444444")
+        else:
+            self.space(0.05)
+
+
+def load(out: Path) -> dict[str, dict]:
+    metrics = {}
+    for name in NAMES:
+        path = out / "metrics" / f"{name}.json"
+        if path.is_file():
+            metrics[name] = json.loads(path.read_text())
+    return metrics
+
+
+def pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def num(value, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def provenance(metrics: dict[str, dict], out: Path) -> str:
+    """Which data and profile produced the report, from the metrics files themselves."""
+    if not metrics:
+        return f"No metrics found in {out / 'metrics'}: run the pipeline first."
+    profiles = sorted({m["profile"] for m in metrics.values()})
+    datasets = sorted({m.get("data", {}).get("dataset", "?") for m in metrics.values()})
+    runs = [m["run"] for m in metrics.values()]
+    commits = sorted({(r["git"]["commit"] or "unknown")[:10] + ("+changes" if r["git"].get("dirty") else "") for r in runs})
+    devices = sorted({r.get("gpu") or r["device"] for r in runs})
+    when = max(r["time"] for r in runs)
+    text = (
+        f"Profile: {', '.join(profiles)}. Data: {'; '.join(datasets)}. Device: {', '.join(devices)}. "
+        f"Commit: {', '.join(commits)}; torch {runs[0]['torch']}; latest run {when}. "
+        f"Every number below is read from {out.name}/metrics/*.json."
+    )
+    if "smoke" in profiles:
+        text += (" Smoke profile: small generated stand-in datasets and a few CPU epochs; these numbers show that the whole "
+                 "pipeline runs end to end, not what the models reach on the real data (profile 'full').")
+    return text
+
+
+def first_model(m: dict | None) -> dict | None:
+    return next(iter(m["models"].values())) if m and m.get("models") else None
+
+
+def page_one(page: Page, metrics: dict, out: Path) -> None:
+    page.text("Recognition and retrieval: Tiny ImageNet and Cars-196", size=15, weight="bold")
+    page.text(provenance(metrics, out), size=7.5, colour="#333333")
+    t1, t2, t3 = (metrics.get(n) for n in NAMES[:3])
+    cnn, r18 = first_model(t1), first_model(t2)
+
+    page.heading("1  Architectures")
+    cfg1 = (t1 or {}).get("config", {})
+    page.text(
+        f"Custom CNN (T1, our own design, {cnn['architecture']['parameters']:,} parameters, base width {cfg1.get('width')}): a two-conv "
+        "stem at full resolution, three stride-2 stages of aggregation units (a chain of 3x3 conv-BN-SiLU layers whose outputs "
+        "are concatenated and fused by a zero-initialised 1x1 conv, plus an identity skip), global average pooling, dropout, linear."
+        if cnn else "Custom CNN (T1): not run."
+    )
+    cfg2 = (t2 or {}).get("config", {})
+    page.text(
+        f"ResNet-18 (T2, written in the package, random init): BasicBlock x [2, 2, 2, 2], {r18['architecture']['parameters']:,} "
+        f"parameters, '{cfg2.get('stem')}' stem ({'3x3 stride-1 conv, no max-pool, for 64x64 input' if cfg2.get('stem') == 'small' else '7x7 stride-2 conv + max-pool, as torchvision'})."
+        if r18 else "ResNet-18 (T2): not run."
+    )
+    sel = (t3 or {}).get("selection", {})
+    cfg3 = (t3 or {}).get("config", {})
+    page.text(
+        "CUBS Block 1 (channel gate): g = GAP(X); q, k, v = Linear(C->N)(g); S = q k^T (N x N); column-wise softmax A; "
+        "f_j = sum_i v_i A_ij; w = sigmoid(Linear(N->C)(f) + g); output X * w. CUBS Block 2 (spatial gate): q, k, v = three 1x1 "
+        "convs C->1 over the HW positions; the same column-softmax similarity features, computed as fused attention (the HW x HW "
+        "matrix is never stored); output X * sigmoid(f) per pixel. Both act on the residual branch F(x) of all 8 blocks, before "
+        f"the shortcut addition, in three fashions: parallel, serial 1->2, serial 2->1 (N = {cfg3.get('cubs_width') or 'C'} here). "
+        + (f"Selected on held-out top-1: {sel.get('fashion')}. " if sel else "")
+        + "Bonus variant: each gate becomes 1 + s(2 sigmoid(z) - 1) with a learnable scalar s = 0 at init, so every block starts as "
+        "the identity (a plain sigmoid gate halves every residual branch at init)."
+    )
+
+    page.heading("2  Tiny ImageNet: accuracy and loss of every model")
+    rows = []
+    for m in (t1, t2, t3, metrics.get("E1_metric_losses")):
+        if not m:
+            continue
+        runs = dict(m["models"])
+        if m.get("bonus"):
+            runs[m["bonus"]["name"]] = m["bonus"]
+        for name, r in runs.items():
+            mark = " *" if sel and name == sel.get("best") else ""
+            rows.append([name + mark, f"{r['architecture']['parameters'] / 1e6:.2f} M", pct(r["heldout"]["top1"]), pct(r["test"]["top1"]),
+                         pct(r["test"]["top5"]), num(r["test"]["loss"]), f"{r['best_epoch']}/{r['epochs_run']}", f"{r['images_per_s']:.0f}"])
+    if rows:
+        page.table(["model", "params", "held-out top-1", "test top-1", "test top-5", "test loss", "best / epochs", "train img/s"], rows, [2.6, 0.9, 1.35, 1.1, 1.1, 1.0, 1.15, 1.1])
+    else:
+        page.text("No Tiny ImageNet notebook has run.")
+    if t3:
+        page.text(f"* selected by held-out top-1 (the test split is never used for selection). {t3['gap_to_T2']['summary']}")
+    if r18:
+        confused = r18["test"]["most_confused"][:4]
+        worst = r18["test"]["worst_classes"][:4]
+        page.text(
+            "T2 hardest classes (test): " + ", ".join(f"{c['name'].split(',')[0]} ({pct(c['accuracy'])})" for c in worst)
+            + ". Most confused: " + ", ".join(f"{p['true_name'].split(',')[0]} -> {p['predicted_name'].split(',')[0]} ({p['count']})" for p in confused) + "."
+        )
+
+    page.heading("3  Training strategy")
+    if cfg2:
+        mixing = " and ".join(f"{name} (alpha {cfg2[name]})" for name in ("cutmix", "mixup") if cfg2.get(name))
+        mixing = f", {mixing} on {100 * cfg2['mix_prob']:.0f}% of batches" if mixing else ""
+        crop = f"random crop with {cfg2['padding']}-pixel padding" if cfg2["crop"] == "pad" else "random-resized crop"
+        stopping = f" and early stopping (patience {cfg2['patience']})" if cfg2.get("patience") else ""
+        page.text(
+            f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at lr {cfg2['lr']} for batch "
+            f"{cfg2['batch_size']}, weight decay {cfg2['weight_decay']} (not on biases/BN), {cfg2['epochs']} epochs, linear warm-up "
+            f"({cfg2['warmup_epochs']} epochs) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
+            f"batches on the device: {crop} + horizontal flip{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
+            f"{100 * cfg2['heldout_fraction']:.0f}% stratified held-out part of train; atomic best/last checkpoints with exact resume; "
+            "bf16 autocast and channels_last on CUDA."
+        )
+    page.image(report_curves(metrics, out), 2.55, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
+
+
+def report_curves(metrics: dict, out: Path) -> Path:
+    """One figure with the curves of T1, T2 and the T3 models (made from the metrics histories)."""
+    histories = {}
+    for name in NAMES[:3]:
+        m = metrics.get(name)
+        if m:
+            histories.update({k: r["history"] for k, r in m["models"].items()})
+            if m.get("bonus"):
+                histories[m["bonus"]["name"]] = m["bonus"]["history"]
+    path = out / "figures" / "report_curves.png"
+    if histories:
+        fig = plot_curves(histories)
+        fig.set_size_inches(12, 3.1)
+        save_figure(fig, out, "report_curves")
+        plt.close(fig)
+    return path
+
+
+def page_two(page: Page, metrics: dict, out: Path) -> None:
+    t4 = metrics.get("T4_cars196_retrieval")
+    page.heading("4  Cars-196 retrieval (T4): train classes 1-98, test classes 99-196")
+    if t4:
+        c = t4["config"]
+        init = t4["init"]
+        page.text(
+            f"From T3: {t4['t3'].replace(str(out) + '/', '')} Stage 1: the T3 architecture as a 98-way classifier ({c['cls_epochs']} epochs, {c['cls_optimizer'].upper()} lr {c['cls_lr']}, "
+            f"{c['image_size']} px random-resized crops of {c['resize']} px images + flip); 'before' = its pooled 512-d features. Stage 2: "
+            f"classifier cropped, one 512-d L2-normalised embedding layer, the whole network trained with the multi-similarity loss "
+            f"(alpha {c['alpha']}, beta {c['beta']}, lambda {c['lam']}) on P x K = {c['pk_classes']} x {c['pk_images']} batches for {c['emb_epochs']} "
+            f"epochs ({c['emb_optimizer'].upper()} lr {c['emb_lr']})."
+            + (f" Initialisation: {init.get('pretrained')} weights (pretrained)." if init.get("pretrained") else "")
+        )
+        ks = (1, 2, 4, 8)
+        rows = [["before: pooled features"] + [pct(t4["before"][f"recall@{k}"]) for k in ks] + [pct(t4["before"]["map@r"])],
+                [f"after: MS loss + {t4['miner']} miner"] + [pct(t4["after"][f"recall@{k}"]) for k in ks] + [pct(t4["after"]["map@r"])]]
+        page.table(["features", "R@1", "R@2", "R@4", "R@8", "MAP@R"], rows, [3.2, 1, 1, 1, 1, 1])
+        page.text(
+            "Recall@K: a query hits if one of its K nearest other test images has its class (it never falls with K). The assignment's "
+            "literal formula, Precision@K, before -> after: " + ", ".join(f"P@{k} {pct(t4['before'][f'precision@{k}'])} -> {pct(t4['after'][f'precision@{k}'])}" for k in ks)
+            + "; it falls with K because each class has only so many other images to fill the top K."
+        )
+        page.text(
+            f"Mining (ablation below, each a stage-2 run from the same stage 1): ms keeps a negative n of anchor i if S_in + eps > min_p S_ip "
+            f"and a positive p if S_ip - eps < max_n S_in (eps = {c['epsilon']}); batch_hard keeps the hardest positive and negative; "
+            "semi_hard keeps negatives within a margin below a positive; adaptive_ms sets eps per anchor from the spread of its "
+            "similarities; xbm adds a cross-batch memory of recent embeddings as extra pairs, mined with ms."
+        )
+        rows = [[m] + [pct(v[f"recall@{k}"]) for k in ks] + [pct(v["map@r"])] for m, v in t4["ablation"].items()]
+        page.table(["miner", "R@1", "R@2", "R@4", "R@8", "MAP@R"], rows, [3.2, 1, 1, 1, 1, 1])
+        page.image(out / "figures" / "T4_nearest.png", 1.75, "Nearest 10 test images of a few queries after training (green: same class), with cosine similarities.")
+        page.image(out / "figures" / "T4_tsne.png", 2.0, "t-SNE of the test embeddings before (pooled classifier features) and after metric learning.")
+    else:
+        page.text("T4 has not run.")
+
+    e1 = metrics.get("E1_metric_losses")
+    page.heading("5  Extra experiments")
+    if e1:
+        c = e1["config"]
+        rows = [[r["architecture"].get("loss", name), pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), pct(r["test"]["top5"])] for name, r in e1["models"].items()]
+        page.text(f"E1, ResNet-18 on Tiny ImageNet with three losses ({c['optimizer'].upper()} lr {c['lr']}, {c['epochs']} epochs; the triplet model "
+                  "is classified by the nearest class mean of train embeddings):")
+        page.table(["loss", "held-out top-1", "test top-1", "test top-5"], rows, [4, 1.3, 1.3, 1.3])
+    e2 = metrics.get("E2_stl10_layerwise")
+    if e2:
+        c = e2["config"]
+        rows = [[name, pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), num(r["test"]["loss"])] for name, r in e2["models"].items()]
+        page.text(f"E2, MLP 9216 -> {' -> '.join(map(str, c['hidden']))} -> 10 on STL-10 grayscale: greedy layer-wise autoencoder pretraining "
+                  f"({c['pretrain_epochs']} epochs per layer, earlier layers frozen) + fine-tuning vs the same MLP from scratch ({c['epochs']} epochs):")
+        page.table(["model", "held-out accuracy", "test accuracy", "test loss"], rows, [4, 1.3, 1.3, 1.3])
+    if not e1 and not e2:
+        page.text("E1 and E2 have not run.")
+
+
+def compose(out: str | Path) -> list[Page]:
+    """The two laid-out pages for the metrics and figures under `out`."""
+    out = Path(out)
+    metrics = load(out)
+    pages = [Page(), Page()]
+    page_one(pages[0], metrics, out)
+    page_two(pages[1], metrics, out)
+    return pages
+
+
+def build_report(out: str | Path) -> Path:
+    """Write <out>/report.pdf (exactly two pages) and report-1.png / report-2.png; returns the PDF path."""
+    out = Path(out)
+    pages = compose(out)
+    pdf = out / "report.pdf"
+    with PdfPages(pdf) as document:
+        for i, page in enumerate(pages, start=1):
+            if page.y < MARGIN * 0.5:
+                print(f"warning: report page {i} overflows by {MARGIN * 0.5 - page.y:.2f} in", file=sys.stderr)
+            document.savefig(page.fig)
+            page.fig.savefig(out / f"report-{i}.png", dpi=110)
+            plt.close(page.fig)
+    return pdf
+
+
+if __name__ == "__main__":
+    folder = sys.argv[1] if len(sys.argv) > 1 else "outputs/smoke"
+    print(build_report(folder))
