@@ -1,0 +1,45 @@
+"""Static checks of the committed notebooks (they are executed by `pytest --nbval-lax notebooks/`)."""
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+def test_all_six_notebooks_exist():
+    assert [p.stem.split("_")[0] for p in NOTEBOOKS] == ["E1", "E2", "T1", "T2", "T3", "T4"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_committed_clean_with_one_parameters_cell(path):
+    nb = json.loads(path.read_text())
+    assert nb["metadata"]["kernelspec"]["name"] == "python3" and nb["metadata"]["language_info"]["name"] == "python"
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and not c.get("execution_count") for c in code), "commit notebooks without outputs"
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1 and tagged[0] is code[0], "exactly one parameters cell, the first code cell"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_parameters_are_flat_plain_values(path):
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    tree = ast.parse("".join(cell["source"]))
+    names = []
+    for node in tree.body:
+        assert isinstance(node, (ast.Assign, ast.AnnAssign)), f"only assignments in the parameters cell: {ast.unparse(node)}"
+        value = node.value
+        ast.literal_eval(value)  # plain values only: nothing derived, no calls
+        target = node.targets[0] if isinstance(node, ast.Assign) else node.target
+        names.append(target.id)
+    assert names[:2] == ["profile", "data_dir"] and "device" in names and "seed" in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_no_training_loop_or_metric_code_in_notebooks(path):
+    source = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
+    for forbidden in (".backward(", "zero_grad(", ".step(", "DataLoader(", "cross_entropy(", "torch.topk", "argsort("):
+        assert forbidden not in source, f"{forbidden!r} belongs in helpers/, not in a notebook"
