@@ -43,3 +43,13 @@ def test_no_training_loop_or_metric_code_in_notebooks(path):
     source = "\n".join("".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code")
     for forbidden in (".backward(", "zero_grad(", ".step(", "DataLoader(", "cross_entropy(", "torch.topk", "argsort("):
         assert forbidden not in source, f"{forbidden!r} belongs in helpers/, not in a notebook"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(path):
+    import papermill
+
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    assigned = [n.targets[0].id if isinstance(n, ast.Assign) else n.target.id for n in ast.parse("".join(cell["source"])).body]
+    assert list(papermill.inspect_notebook(str(path))) == assigned, "papermill --help-notebook must list every parameter"

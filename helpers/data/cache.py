@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from helpers.data.images import ToUint8Tensor
+from helpers.data.images import ToUint8Tensor, apply_transforms
 from helpers.data.tinyimagenet import TinyImageNet
 
 
@@ -108,11 +108,7 @@ class CachedTinyImageNet(Dataset):
     def __getitem__(self, index: int):
         image = Image.fromarray(np.asarray(self.images[index]))
         label = int(self.targets[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
+        return apply_transforms(image, label, self.transform, self.target_transform)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split as (uint8 (N, H, W, 3), int64 (N,)) CPU tensors (loads the array into memory)."""

@@ -21,7 +21,7 @@ import numpy as np
 from torch.utils.data import Dataset
 
 from helpers.data.errors import DatasetError
-from helpers.data.images import load_rgb
+from helpers.data.images import apply_transforms, load_rgb
 from helpers.data.tinyimagenet import check_split
 
 SPLITS = ("train", "test")
@@ -193,11 +193,7 @@ class Cars196(Dataset):
             left, top = max(0, x1 - 1), max(0, y1 - 1)
             right, bottom = min(w, max(x2, left + 1)), min(h, max(y2, top + 1))
             image = image.crop((left, top, right, bottom))
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
+        return apply_transforms(image, label, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return (

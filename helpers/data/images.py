@@ -29,6 +29,15 @@ def load_rgb(path: str | Path) -> Image.Image:
         ) from None
 
 
+def apply_transforms(image, label: int, transform=None, target_transform=None):
+    """(image, label) with the optional dataset transforms applied: what every dataset's __getitem__ returns."""
+    if transform is not None:
+        image = transform(image)
+    if target_transform is not None:
+        label = target_transform(label)
+    return image, label
+
+
 def pil_to_uint8_chw(img: Image.Image) -> torch.Tensor:
     """PIL RGB image -> uint8 tensor (3, H, W)."""
     array = np.asarray(img, dtype=np.uint8)

@@ -14,6 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from helpers.data.errors import DatasetError
+from helpers.data.images import apply_transforms
 from helpers.data.tinyimagenet import check_split
 
 SPLITS = ("train", "test", "unlabeled")
@@ -120,11 +121,7 @@ class STL10(Dataset):
             raise IndexError(f"index {index} out of range for {self.num_images} images")
         image = Image.fromarray(self.read_images([index % self.num_images])[0])
         label = int(self.targets[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
+        return apply_transforms(image, label, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"STL10(root={str(self.root)!r}, split={self.split!r}, images={len(self)})"

@@ -15,7 +15,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from helpers.data.errors import DatasetError
-from helpers.data.images import load_rgb
+from helpers.data.images import apply_transforms, load_rgb
 
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -130,11 +130,7 @@ class TinyImageNet(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         image = load_rgb(path)
-        if self.transform is not None:
-            image = self.transform(image)
-        if self.target_transform is not None:
-            label = self.target_transform(label)
-        return image, label
+        return apply_transforms(image, label, self.transform, self.target_transform)
 
     def __repr__(self) -> str:
         return f"TinyImageNet(root={str(self.root)!r}, split={self.split!r}, images={len(self)}, classes={len(self.classes)})"
