@@ -172,7 +172,7 @@ def image_rng(seed: int, *key: int) -> np.random.Generator:
 class TinyParams:
     num_classes: int = 20
     train_per_class: int = 60
-    val_per_class: int = 20
+    val_per_class: int = 10
     test_images: int = 40
     image_size: int = 64
     grayscale_fraction: float = 0.02
