@@ -97,8 +97,14 @@ class TensorBatches:
         plan = epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
         copy = self.output_device != self.device
         pin = copy and self.output_device.type == "cuda"
-        for indices in plan[start:]:
-            index = torch.from_numpy(indices).to(self.device, non_blocking=True)
+        plan = plan[start:]
+        if not plan:
+            return
+        # one upload of the epoch's order, then slices: no per-batch host-to-device copy
+        order = torch.from_numpy(np.concatenate(plan)).to(self.device)
+        bounds = np.cumsum([0] + [len(b) for b in plan])
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            index = order[lo:hi]
             images, labels = self.images[index], self.labels_tensor[index]
             if copy:
                 if pin:

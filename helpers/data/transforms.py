@@ -21,11 +21,21 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator, device
     return torch.rand(n, generator=generator, device=device) * (high - low) + low
 
 
+_STATS: dict = {}
+
+
+def _channel_stats(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    # built once per device: creating a CUDA tensor from a Python list every batch would be a
+    # host-to-device copy that waits for the GPU
+    key = (tuple(values), str(device))
+    if key not in _STATS:
+        _STATS[key] = torch.tensor(values, device=device).view(1, -1, 1, 1) * 255
+    return _STATS[key]
+
+
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """uint8 or [0, 255] float (B, 3, H, W) -> float32 normalised."""
-    mean_t = torch.tensor(mean, device=x.device).view(1, -1, 1, 1) * 255
-    std_t = torch.tensor(std, device=x.device).view(1, -1, 1, 1) * 255
-    return (x.float() - mean_t) / std_t
+    return (x.float() - _channel_stats(mean, x.device)) / _channel_stats(std, x.device)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
