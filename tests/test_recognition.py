@@ -93,3 +93,18 @@ def test_center_objective_needs_hard_labels():
     model = build_model("resnet18", RecognitionConfig.build("T2", "smoke", device="cpu"), 4)
     with pytest.raises(ValueError, match="mixup"):
         objective(model, torch.zeros(2, 3, 32, 32), torch.full((2, 4), 0.25))
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("kind", ["custom_cnn", "resnet18"])
+def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_root, tmp_path, kind):
+    """First 10 classes of the real mini Tiny ImageNet (950 train / 500 test images), 32 px, CPU."""
+    cfg = RecognitionConfig.build(
+        "T1" if kind == "custom_cnn" else "T2", "smoke", data_dir=str(real_tiny_root.parent), out_dir=str(tmp_path),
+        device="cpu", classes=10, train_per_class=0, epochs=5, image_size=32, stem="imagenet", width=16,
+    )
+    data = build_tiny_imagenet(cfg)
+    assert data.info["test_images"] == 500 and data.info["generated"] is False
+    run = train_classifier(kind, build_model(kind, cfg, data.num_classes), data, cfg, progress=False)
+    print(f"{kind}: test top-1 {run['test']['top1']:.3f}")
+    assert run["test"]["top1"] > 0.17, f"test top-1 {run['test']['top1']:.3f} (chance 0.10)"
