@@ -185,7 +185,7 @@ def page_one(page: Page, metrics: dict, out: Path) -> None:
             rows.append([name + mark, f"{r['architecture']['parameters'] / 1e6:.2f} M", pct(r["heldout"]["top1"]), pct(r["test"]["top1"]),
                          pct(r["test"]["top5"]), num(r["test"]["loss"]), f"{r['best_epoch']}/{r['epochs_run']}", f"{r['images_per_s']:.0f}"])
     if rows:
-        page.table(["model", "params", "held-out top-1", "test top-1", "test top-5", "test loss", "best / epochs", "train img/s"], rows, [2.6, 0.9, 1.35, 1.1, 1.1, 1.0, 1.15, 1.1])
+        page.table(["model", "params", "held-out top-1", "test top-1", "test top-5", "test loss", "best / epochs", "train img/s"], rows, [2.45, 0.85, 1.3, 1.05, 1.05, 1.0, 1.25, 1.15])
     else:
         page.text("No Tiny ImageNet notebook has run.")
     if t3:
@@ -213,6 +213,8 @@ def page_one(page: Page, metrics: dict, out: Path) -> None:
             "bf16 autocast and channels_last on CUDA."
         )
     page.image(report_curves(metrics, out), 2.55, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
+    if sel:
+        page.image(out / "figures" / "T3_classes.png", 1.9, f"Best and worst test classes of the selected CUBS model ({sel.get('best')}).")
 
 
 def report_curves(metrics: dict, out: Path) -> Path:
