@@ -14,7 +14,6 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(foreach req,$(TORCH),'$(req)')
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)

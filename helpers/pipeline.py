@@ -100,8 +100,8 @@ def write_html(executed: Path, html: Path) -> None:
     html.write_text(body, encoding="utf-8")
 
 
-def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log) -> tuple[str, str]:
-    """Execute one notebook; returns (status, message)."""
+def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, html_pool=None) -> tuple[str, str]:
+    """Execute one notebook and render its HTML (in `html_pool` when given); returns (status, message)."""
     import papermill
 
     executed = out / "notebooks" / f"{step.name}.ipynb"
@@ -114,7 +114,10 @@ def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log) 
         if executed.is_file():
             write_html(executed, executed.with_suffix(".html"))
         return "failed", failure_summary(exc)
-    write_html(executed, executed.with_suffix(".html"))
+    if html_pool is not None:  # the next notebook's kernel runs meanwhile; errors are collected at the end
+        html_pool.futures[step.name] = html_pool.submit(write_html, executed, executed.with_suffix(".html"))
+    else:
+        write_html(executed, executed.with_suffix(".html"))
     metrics = out / "metrics" / f"{step.name}.json"
     if not metrics.is_file():
         return "failed", f"ran, but wrote no {metrics}"
@@ -149,7 +152,7 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
             result = {"status": "up to date", "message": "outputs newer than inputs"}
         else:
             log(f"[pipeline] running {step.name} ...")
-            state, message = run_step(step, out, parameters, notebooks_dir, log)
+            state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool)
             result = {"status": state, "message": message}
         result["seconds"] = round(time.perf_counter() - tic, 1)
         with lock:
@@ -159,7 +162,8 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     def ready(step: Step) -> bool:  # every dependency that is part of this run has finished
         return all(d in status for d in step.needs if d in names)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, ThreadPoolExecutor(max_workers=1) as html_pool:
+        html_pool.futures = {}
         running: dict = {}
         while pending or running:
             for step in [s for s in pending if ready(s)]:  # pending stays in pipeline order
@@ -176,6 +180,9 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
                 for future in done:
                     future.result()
                     running.pop(future)
+    for name, future in html_pool.futures.items():
+        if future.exception() is not None:
+            status[name] = {"status": "failed", "message": f"HTML export failed: {future.exception()}", "seconds": status[name]["seconds"]}
     status = {s.name: status[s.name] for s in STEPS if s.name in status}  # report in pipeline order
     report_path = None
     if report:

@@ -182,7 +182,7 @@ class TinyParams:
 @dataclass(frozen=True)
 class CarsParams:
     layout: str = "devkit"  # or "metric_learning"
-    images_per_class: int = 6
+    images_per_class: int = 4
     min_width: int = 72
     max_width: int = 144
     grayscale_fraction: float = 0.03
@@ -193,7 +193,7 @@ class CarsParams:
 @dataclass(frozen=True)
 class STL10Params:
     train_per_class: int = 40
-    test_per_class: int = 30
+    test_per_class: int = 20
     unlabeled: int = 0
     seed: int = 0
 
