@@ -14,9 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	# one resolver run; --no-compile skips byte-compiling every installed module up front
-	# (the CUDA build of torch alone has thousands): Python compiles what it imports
-	$(BIN)/python -m pip install --quiet --no-compile $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
