@@ -113,7 +113,7 @@ class RecognitionConfig(ConfigBase):
             # CPU-sized: 32 px, 40 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
     # one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
             "smoke": dict(
-                image_size=32, train_per_class=30, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
+                image_size=32, train_per_class=24, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
                 stem="imagenet", width=16, cubs_width=32, num_workers=0,
             ),
             "full": dict(
@@ -290,7 +290,7 @@ class LayerwiseConfig(ConfigBase):
 
     PRESETS = {
         "E2": {
-            "smoke": dict(pretrain_epochs=2, epochs=6, batch_size=64),
+            "smoke": dict(pretrain_epochs=2, epochs=5, batch_size=64),
             "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
         }
     }
