@@ -290,7 +290,7 @@ class LayerwiseConfig(ConfigBase):
 
     PRESETS = {
         "E2": {
-            "smoke": dict(pretrain_epochs=2, epochs=5, batch_size=64),
+            "smoke": dict(pretrain_epochs=1, epochs=5, batch_size=64),
             "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
         }
     }
