@@ -55,6 +55,14 @@ class ConfigBase:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    # settings that may change between a run and its resumption (where things run and what is
+    # shown), as opposed to everything that defines the trained model
+    RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries")
+
+    def run_key(self) -> dict:
+        """The settings a checkpoint must have been trained with to be resumed (epoch counts may grow)."""
+        return {k: v for k, v in self.as_dict().items() if k not in self.RUNTIME_KEYS and "epochs" not in k}
+
 
 @dataclass(frozen=True)
 class RecognitionConfig(ConfigBase):
@@ -66,6 +74,7 @@ class RecognitionConfig(ConfigBase):
     data_dir: str = ""  # the folder holding tiny-imagenet-200/ ("" = the profile's default)
     out_dir: str = ""  # metrics/, figures/, checkpoints/ go here ("" = outputs/<profile>)
     device: str = "auto"
+    resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     data_path: str = "auto"  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
     num_workers: int = 2  # DataLoader workers of the lazy path and of building the cache
     classes: int = 0  # keep only the first N classes of wnids.txt (0 = all)
@@ -169,6 +178,7 @@ class RetrievalConfig(ConfigBase):
     data_dir: str = ""  # holds stanford_cars/ (devkit) or cars196/ (metric-learning), or is one of them
     out_dir: str = ""
     device: str = "auto"
+    resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     data_path: str = "auto"  # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
     num_workers: int = 2
     bbox_crop: bool = False  # crop to the annotated bounding box first
@@ -269,6 +279,7 @@ class LayerwiseConfig(ConfigBase):
     data_dir: str = ""  # holds stl10_binary/ (or is it)
     out_dir: str = ""
     device: str = "auto"
+    resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     hidden: tuple = (1024, 1200, 728, 512, 128)  # X; the seed's alternative: (1024, 1000, 500, 256, 128, 64)
     heldout_fraction: float = 0.1  # stratified part of train for model selection
     use_unlabeled: bool = False  # pretrain on train + the unlabeled split (100,000 images) too

@@ -286,6 +286,7 @@ def fit(
     objective_lr: float | None = None,
     on_step: Callable[[int, int], None] | None = None,
     name: str = "",
+    run_key: dict | None = None,
 ) -> FitResult:
     """Train `model` on `train` for `cfg.epochs` epochs; returns the history and the best epoch.
 
@@ -295,6 +296,8 @@ def fit(
     `last.pt` / `best.pt` and `history.json` are written there and an existing `last.pt` is resumed
     (unless `resume=False`). Ctrl-C saves `last.pt` and returns the history so far
     (`result.interrupted`). `on_step(epoch, step)` is called after every optimizer step.
+    `run_key` (e.g. the notebook's whole configuration) is stored in the checkpoint; a checkpoint
+    written under another key (other data, model or settings) is never resumed silently.
     """
     device = torch.device(device)
     objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
@@ -318,16 +321,22 @@ def fit(
     augment_state = None
     if out is not None and resume and (out / "last.pt").is_file():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        saved = {k: v for k, v in ckpt["config"].items() if k != "epochs"}
-        current = {k: v for k, v in asdict(cfg).items() if k != "epochs"}
+        saved = {k: v for k, v in ckpt["config"].items() if k != "epochs"} | {f"run.{k}": v for k, v in (ckpt.get("run_key") or {}).items() if k != "epochs"}
+        current = {k: v for k, v in asdict(cfg).items() if k != "epochs"} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
         if saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
             raise ValueError(
                 f"{out / 'last.pt'} was written with a different configuration {diff} (saved, now). "
                 "Resume with the same settings, or pass resume=False / another out_dir to start afresh."
             )
-        model.load_state_dict(ckpt["model"])
-        objective.load_state_dict(ckpt["objective"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            objective.load_state_dict(ckpt["objective"])
+        except RuntimeError as exc:
+            raise ValueError(
+                f"{out / 'last.pt'} holds a different model ({str(exc).splitlines()[0]}). "
+                "Pass resume=False or use another out_dir to start afresh."
+            ) from None
         optimizer.load_state_dict(ckpt["optimizer"])
         schedule.load_state_dict(ckpt["schedule"])
         start_epoch, start_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
@@ -357,6 +366,7 @@ def fit(
             "augment_rng": aug.state() if aug is not None else None,
             "rng": rng_state(),
             "config": asdict(cfg),
+            "run_key": run_key,
         }
 
     result = FitResult(history=history, monitor=cfg.monitor, out_dir=out)

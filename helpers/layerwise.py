@@ -47,7 +47,7 @@ def freeze_all_but(model: MLP, layer: int | None) -> None:
     model.fc.requires_grad_(layer is None)
 
 
-def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: FitConfig, out_dir: str | Path | None, device="cpu", progress: bool = True, name: str = "E2_pretrain") -> list[FitResult]:
+def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: FitConfig, out_dir: str | Path | None, device="cpu", progress: bool = True, name: str = "E2_pretrain", resume: bool = True) -> list[FitResult]:
     """Pretrain model.layers[0], [1], ... one at a time (each with `cfg`); returns one FitResult per
     layer (its history holds the reconstruction loss). Checkpoints per layer under out_dir/<name>_layer<i>."""
     results = []
@@ -56,7 +56,7 @@ def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: FitConfig, ou
             freeze_all_but(model, i)
             objective = LayerReconstruction(i, layer.out_features, layer.in_features)
             layer_dir = Path(out_dir) / f"{name}_layer{i}" if out_dir is not None else None
-            results.append(fit(model, source, augment, cfg, objective=objective, out_dir=layer_dir, device=device, progress=progress, name=f"{name} layer {i}"))
+            results.append(fit(model, source, augment, cfg, objective=objective, out_dir=layer_dir, device=device, progress=progress, name=f"{name} layer {i}", resume=resume))
             if results[-1].interrupted:
                 break
     finally:

@@ -134,7 +134,8 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     for sub in ("notebooks", "metrics", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     notebooks_dir = project_root() / "notebooks"
-    parameters = {"profile": profile, "out_dir": str(out)}
+    # without --resume everything is regenerated: no earlier checkpoint is continued
+    parameters = {"profile": profile, "out_dir": str(out), "resume": resume}
     if data_dir:
         parameters["data_dir"] = str(Path(data_dir).resolve())
     if device:

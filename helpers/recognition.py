@@ -177,7 +177,7 @@ def train_classifier(
     evaluator = ClassificationEvaluator({"heldout": data.heldout, "test": data.test}, data.augment, cfg.device, cfg.amp, cfg.channels_last)
     result: FitResult = fit(
         model, data.train, data.augment, cfg.fit_config(), objective=objective, objective_lr=objective_lr, evaluate=evaluator,
-        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name,
+        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name, run_key=cfg.run_key(), resume=cfg.resume,
     )
     model.eval()
     heldout_logits, heldout_labels = run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last)
@@ -222,7 +222,7 @@ def train_triplet(name: str, data: ClassificationData, cfg: RecognitionConfig, p
     evaluator = NearestClassMeanEvaluator(reference_source(data, cfg.ncm_per_class), {"heldout": data.heldout, "test": data.test}, data.augment, data.num_classes, "euclidean", cfg.device, cfg.amp, cfg.channels_last)
     result = fit(
         net, train_pk, data.augment, cfg.fit_config(), objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator,
-        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name,
+        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name, run_key=cfg.run_key(), resume=cfg.resume,
     )
     net.eval()
     predictions = evaluator.predict(net)

@@ -180,7 +180,7 @@ def train_classifier_stage(model: nn.Module, data: RetrievalData, cfg: Retrieval
     """Stage 1: cross-entropy on the 98 train classes. Test recall of the pooled features is
     recorded per epoch as a curve only; nothing is selected on it (the last epoch is used)."""
     evaluator = RetrievalEvaluator({"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last)
-    return fit(model, data.train, data.augment, cfg.classifier_fit_config(), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name)
+    return fit(model, data.train, data.augment, cfg.classifier_fit_config(), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name, run_key=cfg.run_key(), resume=cfg.resume)
 
 
 def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str, name: str) -> tuple[nn.Module, FitResult]:
@@ -189,7 +189,7 @@ def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: Retriev
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(copy.deepcopy(backbone), cfg.embedding_dim)
     evaluator = RetrievalEvaluator({"test": data.test}, data.augment, ks=KS, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last)
-    result = fit(net, data.train_pk, data.augment, cfg.embedding_fit_config(), objective=ms_objective(cfg, miner), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name)
+    result = fit(net, data.train_pk, data.augment, cfg.embedding_fit_config(), objective=ms_objective(cfg, miner), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name, run_key=cfg.run_key(), resume=cfg.resume)
     return net, result
 
 

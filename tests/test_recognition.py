@@ -108,3 +108,16 @@ def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_root, tmp_
     run = train_classifier(kind, build_model(kind, cfg, data.num_classes), data, cfg, progress=False)
     print(f"{kind}: test top-1 {run['test']['top1']:.3f}")
     assert run["test"]["top1"] > 0.17, f"test top-1 {run['test']['top1']:.3f} (chance 0.10)"
+
+
+def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_path):
+    cfg = config(tiny_root, tmp_path)
+    data = build_tiny_imagenet(cfg)
+    train_classifier("T2_resnet18", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
+    other = config(tiny_root, tmp_path, classes=3)
+    other_data = build_tiny_imagenet(other)
+    with pytest.raises(ValueError, match="different configuration.*classes"):
+        train_classifier("T2_resnet18", build_model("resnet18", other, other_data.num_classes), other_data, other, progress=False)
+    longer = config(tiny_root, tmp_path, epochs=2, device="cpu")
+    run = train_classifier("T2_resnet18", build_model("resnet18", longer, data.num_classes), data, longer, progress=False)
+    assert run["epochs_run"] == 2, "more epochs extend the same run"
