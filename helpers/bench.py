@@ -23,7 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from helpers.data import BatchAugment, CachedTinyImageNet, LoaderBatches, TensorBatches, TinyImageNet, ToUint8Tensor, synthetic

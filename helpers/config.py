@@ -10,7 +10,7 @@ parameter that is not None. Unknown names or values raise ValueError listing the
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from helpers.engine import OPTIMIZERS, SCHEDULES, FitConfig, check_choice

@@ -15,7 +15,6 @@ from helpers.retrieval import (
     grid_queries,
     load_backbone,
     ms_objective,
-    retrieval_summary,
     train_classifier_stage,
 )
 

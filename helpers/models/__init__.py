@@ -5,3 +5,17 @@ from .custom_cnn import CustomCNN
 from .heads import EmbeddingHead, EmbeddingNet
 from .mlp import MLP
 from .resnet import ResNet, load_torchvision_resnet18, resnet18
+
+__all__ = [
+    "CUBSBlock1",
+    "CUBSBlock2",
+    "CustomCNN",
+    "EmbeddingHead",
+    "EmbeddingNet",
+    "MLP",
+    "ResNet",
+    "ScaledCUBSBlock1",
+    "ScaledCUBSBlock2",
+    "load_torchvision_resnet18",
+    "resnet18",
+]
