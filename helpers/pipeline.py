@@ -17,9 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,10 +123,8 @@ def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, 
     return "ok", str(metrics)
 
 
-def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, jobs: int = 1, log=print) -> dict:
-    """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool}.
-
-    With jobs > 1, notebooks whose dependencies are done run concurrently (each in its own kernel)."""
+def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print) -> dict:
+    """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool}."""
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
     out = Path(out).resolve()
@@ -142,49 +139,25 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
         parameters["device"] = device
     status: dict[str, dict] = {}
     started = time.perf_counter()
-    pending = select_steps(only)
-    names = {s.name for s in pending}
-    lock = threading.Lock()
-
-    def execute(step: Step) -> None:
-        notebook = notebooks_dir / f"{step.name}.ipynb"
-        tic = time.perf_counter()
-        if resume and is_complete(out, step, notebook, profile):
-            result = {"status": "up to date", "message": "outputs newer than inputs"}
-        else:
-            log(f"[pipeline] running {step.name} ...")
-            state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool)
-            result = {"status": state, "message": message}
-        result["seconds"] = round(time.perf_counter() - tic, 1)
-        with lock:
-            status[step.name] = result
-        log(f"[pipeline] {step.name}: {result['status']} ({result['seconds']} s) {result['message']}")
-
-    def ready(step: Step) -> bool:  # every dependency that is part of this run has finished
-        return all(d in status for d in step.needs if d in names)
-
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, ThreadPoolExecutor(max_workers=1) as html_pool:
+    with ThreadPoolExecutor(max_workers=1) as html_pool:  # HTML of one notebook renders while the next runs
         html_pool.futures = {}
-        running: dict = {}
-        while pending or running:
-            for step in [s for s in pending if ready(s)]:  # pending stays in pipeline order
-                broken = [d for d in step.needs if status.get(d, {}).get("status") in ("failed", "skipped")]
-                if broken:
-                    pending.remove(step)
-                    status[step.name] = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete", "seconds": 0.0}
-                    log(f"[pipeline] {step.name}: skipped ({status[step.name]['message']})")
-                elif len(running) < max(1, jobs):
-                    pending.remove(step)
-                    running[pool.submit(execute, step)] = step
-            if running:
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-                    running.pop(future)
+        for step in select_steps(only):
+            notebook = notebooks_dir / f"{step.name}.ipynb"
+            broken = [d for d in step.needs if status.get(d, {}).get("status") in ("failed", "skipped")]
+            tic = time.perf_counter()
+            if broken:
+                result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
+            elif resume and is_complete(out, step, notebook, profile):
+                result = {"status": "up to date", "message": "outputs newer than inputs"}
+            else:
+                log(f"[pipeline] running {step.name} ...")
+                state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool)
+                result = {"status": state, "message": message}
+            status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
+            log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
     for name, future in html_pool.futures.items():
         if future.exception() is not None:
             status[name] = {"status": "failed", "message": f"HTML export failed: {future.exception()}", "seconds": status[name]["seconds"]}
-    status = {s.name: status[s.name] for s in STEPS if s.name in status}  # report in pipeline order
     report_path = None
     if report:
         from helpers.report import build_report
@@ -210,11 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks run at the same time when their dependencies allow (default 1)")
     args = parser.parse_args(argv)
     out = args.out or str(project_root() / "outputs" / args.profile)
     try:
-        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, args.jobs)
+        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
