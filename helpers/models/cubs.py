@@ -101,12 +101,22 @@ class CUBSBlock2(nn.Module):
         return x * self.gate(self.gate_logits(x)).to(x.dtype)
 
 
-def _identity_init_gate(logits: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    # 2 * sigmoid - 1 lies in (-1, 1), so the gate lies in (1 - |scale|, 1 + |scale|) and is 1 at scale 0.
-    return 1 + scale * (2 * torch.sigmoid(logits) - 1)
+class _IdentityInitGate:
+    """Gate 1 + s * (2 * sigmoid(z) - 1) with a learnable scalar s (`gate_scale`, 0 at init):
+    shared by the two scaled blocks, which create `gate_scale` in their __init__."""
+
+    gate_scale: nn.Parameter
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.zeros_(self.gate_scale)
+
+    def gate(self, logits: torch.Tensor) -> torch.Tensor:
+        # 2 * sigmoid - 1 lies in (-1, 1), so the gate lies in (1 - |s|, 1 + |s|) and is 1 at s = 0.
+        return 1 + self.gate_scale * (2 * torch.sigmoid(logits) - 1)
 
 
-class ScaledCUBSBlock1(CUBSBlock1):
+class ScaledCUBSBlock1(_IdentityInitGate, CUBSBlock1):
     """CUBS Block 1 with an identity-at-init gate: x * (1 + s * (2 * sigmoid(z) - 1)), learnable scalar s = 0 at init.
 
     Why: the plain sigmoid gate is about 0.5 at init, so every residual branch it sits on is halved
@@ -123,27 +133,13 @@ class ScaledCUBSBlock1(CUBSBlock1):
         super().__init__(channels, width)
         self.gate_scale = nn.Parameter(torch.zeros(()))
 
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.zeros_(self.gate_scale)
 
-    def gate(self, logits: torch.Tensor) -> torch.Tensor:
-        return _identity_init_gate(logits, self.gate_scale)
-
-
-class ScaledCUBSBlock2(CUBSBlock2):
+class ScaledCUBSBlock2(_IdentityInitGate, CUBSBlock2):
     """CUBS Block 2 with the identity-at-init gate of ScaledCUBSBlock1 (see its docstring for why)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__(channels)
         self.gate_scale = nn.Parameter(torch.zeros(()))
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        nn.init.zeros_(self.gate_scale)
-
-    def gate(self, logits: torch.Tensor) -> torch.Tensor:
-        return _identity_init_gate(logits, self.gate_scale)
 
 
 CUBS_VARIANTS: dict[str, tuple[type[CUBSBlock1], type[CUBSBlock2]]] = {
