@@ -3,13 +3,17 @@
     python -m helpers.bench --device cpu --quick --out outputs/bench_cpu.json
     python -m helpers.bench --device cuda --out outputs/bench_cuda.json [--data-dir data]
 
-Writes a JSON list of records {what: "model"|"data", name, images_per_s, device, batch_size,
-peak_mem_mb, ...}. Models are timed through the real engine (`fit`, second epoch, on
+Writes a JSON list of records {what: "model"|"data"|"end_to_end"|"ratio", name, images_per_s, device,
+batch_size, peak_mem_mb, ...}. Models are timed through the real engine (`fit`, second epoch, on
 device-resident random data so the input pipeline is not what is measured); data paths deliver
 augmented batches with no model: "lazy" (per-item JPEG decode in DataLoader workers), "cached" (the
 decode-once uint8 array in RAM) and "gpu" (that array on the GPU; CUDA only). On CUDA every speed
 switch (bf16 autocast, channels_last, fused optimizer, torch.compile, CUDA graphs) is also timed
-on and off. Ratios are only meaningful within one file (one machine, one run).
+on and off. "end_to_end" rows time training with its data pipeline, the project (cache + batch
+augmentation + `fit`) beside the peer a user would write (`helpers.peer`: PIL DataLoader,
+torchvision model, plain fp32 loop; on CUDA also its autocast version), on the same images, shapes
+and device; a "ratio" record per model gives project/peer. Ratios are only meaningful within one
+file (one machine, one run).
 """
 
 from __future__ import annotations
@@ -25,10 +29,12 @@ from pathlib import Path
 
 import torch
 
+from helpers.budget import StepClock
 from helpers.data import BatchAugment, CachedTinyImageNet, LoaderBatches, TensorBatches, TinyImageNet, ToUint8Tensor, synthetic
 from helpers.data.transforms import AugmentRNG
 from helpers.engine import FitConfig, fit
 from helpers.models import CustomCNN, resnet18
+from helpers.peer import PeerConfig, measure_peer_step, peer_loader, peer_resnet18
 from helpers.runinfo import run_info
 
 MODELS = {
@@ -114,6 +120,67 @@ def bench_data(root: Path, device: torch.device, batch_size: int, num_workers: i
     return records
 
 
+def peer_model(name: str, num_classes: int, stem: str) -> torch.nn.Module:
+    """The peer's model for a row: torchvision's resnet18 (3x3 stem for "small"); for the project's own
+    designs (custom CNN, CUBS) the same module, since a user would have to write it too."""
+    return peer_resnet18(num_classes, stem) if name == "resnet18" else MODELS[name](num_classes, stem)
+
+
+def bench_end_to_end(
+    name: str, root: Path, device: torch.device, batch_size: int, image_size: int, steps: int, stem: str,
+    num_workers: int, cache_dir: Path, warmup: int = 3,
+) -> list[dict]:
+    """Training images/s with the data included, project against peer, same images, shapes and device.
+
+    project: the decode-once uint8 cache (on the GPU on CUDA), batch augmentation on the device and
+    `fit` with the product's settings. peer: PIL `Dataset` + torchvision transforms + `DataLoader`
+    (workers, pinned memory on CUDA) and the plain fp32 loop; on CUDA also the autocast loop
+    ("peer-amp": bf16 where supported, else fp16 with a GradScaler). Returns one record per side.
+    """
+    cuda = device.type == "cuda"
+    cached = CachedTinyImageNet(root, "train", cache_dir=cache_dir, num_workers=num_workers)
+    num_classes = len(cached.classes)
+    images, labels = cached.tensors()
+    source = TensorBatches(images, labels, batch_size=batch_size, shuffle=True, drop_last=True, device=device if cuda else "cpu", output_device=device)
+    augment = BatchAugment(crop="pad", size=image_size, resize_to=image_size if image_size != 64 else None, padding=4)
+    common = {"what": "end_to_end", "model": name, "device": str(device), "batch_size": batch_size, "image_size": image_size, "stem": stem, "steps": steps, "images": len(labels)}
+    records = []
+    torch.manual_seed(0)
+    model = MODELS[name](num_classes, stem)
+    clock = StepClock(warmup, device)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    fit(model, source, augment, FitConfig(max_steps=warmup + steps, lr=0.01, monitor="", log_every=10**9), device=device, progress=False, on_step=clock)
+    records.append(common | {"name": f"{name} project", "who": "project", "images_per_s": batch_size / clock.seconds_per_step, "peak_mem_mb": round(peak_mem_mb(device), 1), "data_path": "gpu" if cuda else "cached"})
+    del model
+    samples = TinyImageNet(root, "train").samples
+    sides = [("peer", "none")] + ([("peer-amp", "bf16" if torch.cuda.is_bf16_supported() else "fp16")] if cuda else [])
+    for who, amp in sides:
+        cfg = PeerConfig(batch_size=batch_size, num_workers=num_workers, amp=amp)
+        loader = peer_loader(samples, image_size, True, cfg, device)
+        torch.manual_seed(0)
+        model = peer_model(name, num_classes, stem)
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds = measure_peer_step(model, loader, cfg, device, warmup, steps)
+        records.append(common | {"name": f"{name} {who}", "who": who, "images_per_s": batch_size / seconds, "peak_mem_mb": round(peak_mem_mb(device), 1),
+                                 "data_path": f"PIL DataLoader ({num_workers} workers)", "amp": amp, "peer_model": type(model).__module__ + "." + type(model).__name__})
+        del model, loader
+    return records
+
+
+def end_to_end_ratios(records: list[dict]) -> list[dict]:
+    """One "ratio" record per model: project images/s over each peer's, from the end-to-end rows."""
+    out = []
+    for name in dict.fromkeys(r["model"] for r in records if r["what"] == "end_to_end"):
+        rows = {r["who"]: r["images_per_s"] for r in records if r["what"] == "end_to_end" and r["model"] == name}
+        ratios = {f"project/{who}": rows["project"] / rate for who, rate in rows.items() if who != "project"}
+        out.append({"what": "ratio", "name": f"{name} end-to-end", "model": name, **ratios})
+    return out
+
+
 def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, out: str | None = None, models=tuple(MODELS)) -> list[dict]:
     """Run every measurement of one benchmark and return (and optionally write) the records."""
     dev = torch.device(device)
@@ -142,6 +209,15 @@ def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, o
         for record in bench_data(root, dev, 64 if cpu else 256, workers, Path(tmp) / "cache"):
             records.append(record)
             print(f"data  {record['name']:14s} {record['images_per_s']:9.1f} img/s", flush=True)
+        peer_workers = 2 if cpu else workers  # the issue's peer: 2 workers on the CPU
+        e2e_steps, e2e_warmup = (4, 2) if quick else (20, 10) if cpu else (50, 20)  # data loading needs longer runs than the model rows
+        for name in models:
+            for record in bench_end_to_end(name, root, dev, batch_size, image_size, e2e_steps, "small", peer_workers, Path(tmp) / "cache", warmup=e2e_warmup):
+                records.append(record)
+                print(f"e2e   {record['name']:26s} {record['images_per_s']:9.1f} img/s", flush=True)
+        for ratio in end_to_end_ratios(records):
+            records.append(ratio)
+            print("ratio", ratio["name"], {k: round(v, 2) for k, v in ratio.items() if k.startswith("project/")}, flush=True)
     data = {r["name"]: r["images_per_s"] for r in records if r["what"] == "data"}
     if "lazy" in data:
         ratios = {f"{k}/lazy": v / data["lazy"] for k, v in data.items() if k != "lazy"}

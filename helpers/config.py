@@ -57,7 +57,7 @@ class ConfigBase:
 
     # settings that may change between a run and its resumption (where things run and what is
     # shown), as opposed to everything that defines the trained model
-    RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries")
+    RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every")
 
     def run_key(self) -> dict:
         """The settings a checkpoint must have been trained with to be resumed (epoch counts may grow)."""
@@ -99,6 +99,8 @@ class RecognitionConfig(ConfigBase):
     warmup_epochs: float = 0.5
     label_smoothing: float = 0.1
     patience: int = 0  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
+    budget_s: float = 0.0  # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
+    eval_every: int = 1  # evaluate held-out and test every N epochs (and after the last)
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -147,7 +149,9 @@ class RecognitionConfig(ConfigBase):
         check_choice("stem", self.stem, ("small", "imagenet"))
         for fashion in self.fashions:
             check_choice("fashion", fashion, FASHIONS)
-        for name in ("epochs", "batch_size", "image_size"):
+        if self.budget_s < 0:
+            raise ValueError(f"budget_s={self.budget_s} must be >= 0 (0 = train for `epochs`)")
+        for name in ("epochs", "batch_size", "image_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 <= self.heldout_fraction < 1:
@@ -157,8 +161,9 @@ class RecognitionConfig(ConfigBase):
         values = dict(
             epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
             schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
-            monitor="heldout_top1", patience=self.patience, amp=self.amp, channels_last=self.channels_last,
-            compile=self.compile, seed=self.seed,
+            monitor="heldout_top1" if self.heldout_fraction > 0 else "", patience=self.patience, amp=self.amp,
+            channels_last=self.channels_last, compile=self.compile, seed=self.seed, eval_every=self.eval_every,
+            budget_s=self.budget_s,
         )
         values.update(overrides)
         return FitConfig(**values)

@@ -10,6 +10,8 @@ Reproducible and resumable: data order and augmentation draws are fixed by (seed
 checkpoint holds model, optimizer, schedule, epoch, step within the epoch, running sums, every RNG
 state and the history, so a run stopped after epoch k (or interrupted mid-epoch with Ctrl-C) and
 resumed ends with exactly the metrics of an uninterrupted run on the CPU.
+A run has `epochs` epochs, exactly `max_steps` steps, or a time budget `budget_s`: then the loop
+measures its own steps and plans its length (helpers.budget), and the schedule still anneals.
 In the hot loop nothing is read back to the host except every `log_every` steps.
 """
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from helpers.budget import BudgetClock
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
@@ -79,6 +82,9 @@ class FitConfig:
     fused: bool = True  # fused optimizer kernels (CUDA only)
     log_every: int = 25  # steps between host reads of the running loss (progress bar, NaN check)
     seed: int = 0
+    max_steps: int = 0  # > 0: train exactly this many steps (the schedule spans them; epochs is then derived)
+    budget_s: float = 0.0  # > 0: train for this many seconds (evaluation excluded); steps planned from measured step times
+    eval_every: int = 1  # run `evaluate` every N epochs (and always after the last one)
 
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -87,6 +93,20 @@ class FitConfig:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.lr <= 0:
             raise ValueError(f"lr={self.lr} must be > 0")
+        if self.eval_every < 1:
+            raise ValueError(f"eval_every={self.eval_every} must be >= 1")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps={self.max_steps} must be >= 0 (0 = epochs x steps per epoch)")
+        if self.budget_s < 0 or (self.budget_s > 0 and self.max_steps > 0):
+            raise ValueError(f"budget_s={self.budget_s} must be >= 0, and cannot be combined with max_steps={self.max_steps}")
+
+    def total_steps(self, steps_per_epoch: int) -> int:
+        """Optimizer steps of the whole run: max_steps when set, else epochs x steps_per_epoch."""
+        return self.max_steps or self.epochs * steps_per_epoch
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        """Epochs the loop runs (the last one may stop early when max_steps is set)."""
+        return -(-self.total_steps(steps_per_epoch) // max(1, steps_per_epoch))
 
 
 @dataclass
@@ -98,7 +118,9 @@ class FitResult:
     interrupted: bool = False
     stopped_early: bool = False
     out_dir: Path | None = None
-    train_seconds: float = 0.0
+    train_seconds: float = 0.0  # time in the training loops only
+    wall_seconds: float = 0.0  # the whole call (this session's part of it when resumed)
+    eval_seconds: float = 0.0  # evaluation passes within the wall time
 
     @property
     def images_per_s(self) -> float:
@@ -109,15 +131,22 @@ class FitResult:
 # ------------------------------------------------------------------------------------ schedule
 
 
+UNPLANNED = 10**12  # the length of a budget run before its first plan
+
+
 class LRSchedule:
     """Per-step LR multiplier: linear warm-up, then the main schedule. `plateau` cuts a factor per epoch."""
 
     def __init__(self, cfg: FitConfig, steps_per_epoch: int):
         self.cfg = cfg
-        self.total = max(1, cfg.epochs * steps_per_epoch)
+        # a budget run starts open-ended (the LR stays at its peak) until fit plans its length
+        self.total = UNPLANNED if cfg.budget_s > 0 else max(1, cfg.total_steps(steps_per_epoch))
         self.steps_per_epoch = steps_per_epoch
-        warmup = cfg.warmup_epochs if (cfg.warmup_epochs > 0 or cfg.schedule != "onecycle") else 0.3 * cfg.epochs
-        self.warmup = min(int(warmup * steps_per_epoch), self.total - 1)
+        warmup_steps = cfg.warmup_epochs * steps_per_epoch
+        if cfg.warmup_epochs <= 0 and cfg.schedule == "onecycle":  # 30 % of the run (of `epochs` for a budget run)
+            warmup_steps = 0.3 * cfg.total_steps(steps_per_epoch)
+        self.warmup = min(int(warmup_steps), self.total - 1)
+        self.anchor_step, self.anchor_progress = self.warmup, 0.0  # see replan
         self.plateau_factor = 1.0
         self.best = -math.inf
         self.bad_epochs = 0
@@ -127,7 +156,7 @@ class LRSchedule:
         if step < self.warmup:
             start = 1 / 25
             return start + (1 - start) * step / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        progress = self.progress(step)
         if cfg.schedule == "cosine":
             return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         if cfg.schedule == "onecycle":
@@ -138,6 +167,21 @@ class LRSchedule:
         if cfg.schedule == "plateau":
             return self.plateau_factor
         return 1.0
+
+    def progress(self, step: int) -> float:
+        """Fraction of the post-warm-up schedule done at `step` (0 at the end of the warm-up, 1 at the end)."""
+        if step <= self.anchor_step:
+            return self.anchor_progress if step == self.anchor_step else 0.0
+        done = (step - self.anchor_step) / max(1, self.total - self.anchor_step)
+        return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * done)
+
+    def replan(self, step: int, total: int) -> None:
+        """Change the run's length to `total` steps at `step`, keeping the progress reached so far
+        (the LR is continuous): the rest of the schedule is stretched or squeezed into what is left."""
+        total = max(total, step)  # `step` itself: the budget is spent, the run ends here
+        if step > self.anchor_step:
+            self.anchor_progress, self.anchor_step = self.progress(step), step
+        self.total = total
 
     def epoch_end(self, value: float | None, higher_is_better: bool) -> None:
         if self.cfg.schedule != "plateau" or value is None:
@@ -152,10 +196,15 @@ class LRSchedule:
                 self.bad_epochs = 0
 
     def state_dict(self) -> dict:
-        return {"plateau_factor": self.plateau_factor, "best": self.best, "bad_epochs": self.bad_epochs}
+        return {
+            "plateau_factor": self.plateau_factor, "best": self.best, "bad_epochs": self.bad_epochs,
+            "total": self.total, "anchor_step": self.anchor_step, "anchor_progress": self.anchor_progress,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_factor, self.best, self.bad_epochs = state["plateau_factor"], state["best"], state["bad_epochs"]
+        if self.cfg.budget_s > 0 and "total" in state:  # a budget run keeps the length it had planned
+            self.total, self.anchor_step, self.anchor_progress = state["total"], state["anchor_step"], state["anchor_progress"]
 
 
 def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -266,6 +315,10 @@ class _Progress:
         return p
 
 
+# FitConfig fields a resumed run may change: how long it runs and how often it reports
+_NOT_COMPARED = ("epochs", "eval_every", "log_every")
+
+
 def _monitor_mode(monitor: str) -> bool:
     """True when higher is better."""
     return not ("loss" in monitor or monitor.endswith("error"))
@@ -288,7 +341,8 @@ def fit(
     name: str = "",
     run_key: dict | None = None,
 ) -> FitResult:
-    """Train `model` on `train` for `cfg.epochs` epochs; returns the history and the best epoch.
+    """Train `model` on `train` for `cfg.epochs` epochs (or exactly `cfg.max_steps` optimizer steps);
+    returns the history and the best epoch.
 
     `evaluate(model) -> {"heldout_top1": ..., "test_top1": ...}` runs after every epoch (model in
     eval mode); `cfg.monitor` names the metric that picks the best checkpoint, drives early stopping
@@ -299,6 +353,8 @@ def fit(
     `run_key` (e.g. the notebook's whole configuration) is stored in the checkpoint; a checkpoint
     written under another key (other data, model or settings) is never resumed silently.
     """
+    called_at = time.perf_counter()
+    eval_seconds = 0.0
     device = torch.device(device)
     objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
     cuda = device.type == "cuda"
@@ -310,6 +366,13 @@ def fit(
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     steps_per_epoch = len(train)
     schedule = LRSchedule(cfg, steps_per_epoch)
+
+    def num_epochs() -> int:  # a budget run's length changes as it is planned
+        return -(-schedule.total // max(1, steps_per_epoch))
+
+    def epochs_label() -> str:
+        return "?" if schedule.total == UNPLANNED else str(num_epochs())
+
     higher_is_better = _monitor_mode(cfg.monitor)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
@@ -319,10 +382,11 @@ def fit(
     best_value, best_epoch, bad_epochs = None, None, 0
     running: dict | None = None
     augment_state = None
+    ckpt = None
     if out is not None and resume and (out / "last.pt").is_file():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        saved = {k: v for k, v in ckpt["config"].items() if k != "epochs"} | {f"run.{k}": v for k, v in (ckpt.get("run_key") or {}).items() if k != "epochs"}
-        current = {k: v for k, v in asdict(cfg).items() if k != "epochs"} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
+        saved = {k: v for k, v in ckpt["config"].items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (ckpt.get("run_key") or {}).items() if k != "epochs"}
+        current = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
         if saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
             raise ValueError(
@@ -344,8 +408,10 @@ def fit(
         running, augment_state = ckpt.get("running"), ckpt.get("augment_rng")
         set_rng_state(ckpt["rng"])
         if any(h.get("stopped_early") for h in history):
-            start_epoch = cfg.epochs  # the run had finished by early stopping
+            start_epoch = num_epochs()  # the run had finished by early stopping
     run_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
+    budget = BudgetClock(cfg.budget_s, spent_s=(ckpt.get("budget_elapsed") or 0.0) if ckpt is not None else 0.0) if cfg.budget_s > 0 else None
+    first_plan_step = max(schedule.warmup, 12)  # the total is fixed here, then corrected at epoch ends
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and cuda) else nullcontext()
 
     def checkpoint(epoch: int, step: int, progress_state: dict | None, aug: AugmentRNG | None) -> dict:
@@ -367,6 +433,7 @@ def fit(
             "rng": rng_state(),
             "config": asdict(cfg),
             "run_key": run_key,
+            "budget_elapsed": budget.elapsed() if budget is not None else None,
         }
 
     result = FitResult(history=history, monitor=cfg.monitor, out_dir=out)
@@ -375,7 +442,9 @@ def fit(
     at_boundary = True  # last.pt already describes the current state
     stop_request = _StopRequest()
     try:
-        for epoch in range(start_epoch, cfg.epochs):
+        epoch = start_epoch
+        while epoch < num_epochs():
+            epoch_steps = min(steps_per_epoch, schedule.total - epoch * steps_per_epoch)  # the last may be short
             aug_rng = AugmentRNG(augment_seed(cfg.seed, epoch), device)
             sums = _Progress.zeros(device)
             if epoch == start_epoch and start_step > 0:
@@ -384,11 +453,11 @@ def fit(
             step = start_step if epoch == start_epoch else 0
             model.train()
             objective.train()
-            bar = bar_factory(steps_per_epoch, step, f"{name} epoch {epoch + 1}/{cfg.epochs}".strip()) if bar_factory else None
+            bar = bar_factory(epoch_steps, step, f"{name} epoch {epoch + 1}/{epochs_label()}".strip()) if bar_factory else None
             tic = time.perf_counter()
             seen_at_tic = sums.seen
             at_boundary = False
-            for images, labels in train.epoch(epoch, start=step):
+            for images, labels in train.epoch(epoch, start=step) if epoch * steps_per_epoch + step < schedule.total else ():
                 global_step = epoch * steps_per_epoch + step
                 factor = schedule.factor(global_step)
                 for group, base in zip(optimizer.param_groups, base_lrs):
@@ -412,7 +481,11 @@ def fit(
                     sums.scored += n
                 sums.seen += n
                 step += 1
-                if step % cfg.log_every == 0 or step == steps_per_epoch:
+                if budget is not None:
+                    budget.step_done(global_step + 1)
+                    if global_step + 1 >= first_plan_step and schedule.total == UNPLANNED and (total := budget.plan(global_step + 1)) is not None:
+                        schedule.replan(global_step + 1, total)
+                if step % cfg.log_every == 0 or step == epoch_steps:
                     if bool(sums.nonfinite):
                         raise _diverged(epoch, step, base_lrs[0] * factor)
                     if bar is not None:
@@ -422,6 +495,8 @@ def fit(
                     on_step(epoch, step)
                 if stop_request.pending:
                     raise KeyboardInterrupt
+                if epoch * steps_per_epoch + step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
+                    break
             if bool(sums.nonfinite):
                 raise _diverged(epoch, step, base_lrs[0] * factor)
             sums.seconds += time.perf_counter() - tic
@@ -429,21 +504,27 @@ def fit(
                 bar.close()
             record = {
                 "epoch": epoch + 1,
-                "lr": base_lrs[0] * schedule.factor(max(0, (epoch + 1) * steps_per_epoch - 1)),
+                "lr": base_lrs[0] * schedule.factor(max(0, epoch * steps_per_epoch + step - 1)),
+                "steps": epoch * steps_per_epoch + step,
                 "train_loss": float(sums.loss_sum) / max(1, sums.seen),
                 "train_top1": float(sums.correct) / sums.scored if sums.scored else None,
                 "train_seconds": sums.seconds,
                 "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
             }
-            if evaluate is not None:
+            if budget is not None and (total := budget.plan(epoch * steps_per_epoch + step)) is not None:
+                if epoch * steps_per_epoch + step < schedule.total:  # (a finished run stays finished)
+                    schedule.replan(epoch * steps_per_epoch + step, total)
+            evaluating = evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == num_epochs())
+            if evaluating:
                 model.eval()
                 objective.eval()
                 tic = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), (budget.paused() if budget is not None else nullcontext()):
                     record.update(evaluate(run_model))
                 record["eval_seconds"] = time.perf_counter() - tic
+                eval_seconds += record["eval_seconds"]
             value = record.get(cfg.monitor) if cfg.monitor else None
-            if cfg.monitor and evaluate is not None and value is None:
+            if cfg.monitor and evaluating and value is None:
                 raise ValueError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
             improved = value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
             if improved:
@@ -453,13 +534,13 @@ def fit(
             elif value is not None:
                 bad_epochs += 1
             schedule.epoch_end(value, higher_is_better)
-            stop = cfg.patience > 0 and value is not None and bad_epochs >= cfg.patience and epoch + 1 < cfg.epochs
+            stop = cfg.patience > 0 and value is not None and bad_epochs >= cfg.patience and epoch + 1 < num_epochs()
             record["best_epoch"] = best_epoch
             if stop:
                 record["stopped_early"] = True
             history.append(record)
             if progress:
-                print(_epoch_line(name, record, cfg), flush=True)
+                print(_epoch_line(name, record, epochs_label()), flush=True)
             if out is not None:
                 atomic_torch_save(checkpoint(epoch + 1, 0, None, None), out / "last.pt")
                 atomic_write_json(history, out / "history.json")
@@ -470,6 +551,7 @@ def fit(
             if stop:
                 result.stopped_early = True
                 break
+            epoch += 1
     except KeyboardInterrupt:
         result.interrupted = True
         # A first Ctrl-C is deferred to the end of the current step (see _StopRequest), so the
@@ -485,6 +567,7 @@ def fit(
     result.history = history
     result.best_value, result.best_epoch = best_value, best_epoch
     result.train_seconds = sum(h["train_seconds"] for h in history)
+    result.wall_seconds, result.eval_seconds = time.perf_counter() - called_at, eval_seconds
     if cfg.restore_best and out is not None and best_epoch is not None and (out / "best.pt").is_file():
         model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
     return result
@@ -527,8 +610,8 @@ def _postfix(sums: _Progress, elapsed: float, images: int, seconds: float) -> st
     return f"loss {loss:.3f}{acc} {images / max(seconds, 1e-9):.0f} img/s"
 
 
-def _epoch_line(name: str, record: dict, cfg: FitConfig) -> str:
-    parts = [f"{name + ' ' if name else ''}epoch {record['epoch']}/{cfg.epochs}", f"loss {record['train_loss']:.4f}"]
+def _epoch_line(name: str, record: dict, num_epochs: int | str) -> str:
+    parts = [f"{name + ' ' if name else ''}epoch {record['epoch']}/{num_epochs}", f"loss {record['train_loss']:.4f}"]
     if record.get("train_top1") is not None:
         parts.append(f"train {100 * record['train_top1']:.1f}%")
     for key, value in record.items():

@@ -4,12 +4,16 @@ HTML, the metrics JSON and figures it writes, and the two-page report built from
     python -m helpers.pipeline --profile smoke --out outputs/smoke
     python -m helpers.pipeline --profile full --out outputs/full --data-dir data --device cuda
     python -m helpers.pipeline --profile smoke --out outputs/smoke --only T1,T4 --resume
+    python -m helpers.pipeline --profile full --data-dir data --device cuda --plan   # predicted wall time only
 
 Notebooks run in dependency order (T2 before T3 before T4: T3 reads T2's metrics, T4 reads T3's
 selection and checkpoint). A failing notebook is reported with its failing cell; what does not
 depend on it still runs; the exit status is then non-zero. `--resume` skips a notebook whose
 executed copy, HTML and metrics are all newer than its inputs (the notebook, the helpers package,
-the metrics of the notebooks it depends on).
+the metrics of the notebooks it depends on). `--plan` measures a few training steps of every model
+on the device and predicts each notebook's wall time (helpers.plan) without running anything; it
+writes OUT/plan.json, and a later run of the same profile records each notebook's prediction
+beside its measured time in pipeline.json.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.data.errors import DatasetError
 from helpers.engine import atomic_write_json
 from helpers.runinfo import PACKAGE_DIR, project_root
 
@@ -123,6 +128,30 @@ def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, 
     return "ok", str(metrics)
 
 
+def load_plan(out: Path, profile: str) -> dict | None:
+    """OUT/plan.json when it was made for this profile, else None."""
+    try:
+        plan = json.loads((out / "plan.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return plan if plan.get("profile") == profile else None
+
+
+def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, log=print) -> dict:
+    """Predict every selected notebook's wall time; writes OUT/plan.json and returns the plan."""
+    from helpers.plan import format_plan, plan_pipeline
+
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    plan = plan_pipeline(profile, [s.name for s in select_steps(only)], data_dir, device, out)
+    atomic_write_json(plan, out / "plan.json")
+    log(format_plan(plan))
+    log(f"[pipeline] plan written to {out / 'plan.json'}; a run of this profile into {out} records it beside the measured times")
+    return plan
+
+
 def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print) -> dict:
     """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool}."""
     if profile not in PROFILES:
@@ -138,6 +167,8 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     if device:
         parameters["device"] = device
     status: dict[str, dict] = {}
+    plan = load_plan(out, profile)
+    predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as html_pool:  # HTML of one notebook renders while the next runs
         html_pool.futures = {}
@@ -154,6 +185,8 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
                 state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool)
                 result = {"status": state, "message": message}
             status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
+            if step.name in predicted and result["status"] != "up to date":
+                status[step.name]["predicted_seconds"] = predicted[step.name]
             log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
     for name, future in html_pool.futures.items():
         if future.exception() is not None:
@@ -170,6 +203,12 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
             log(f"[pipeline] report failed: {exc}")
     ok = all(s["status"] in ("ok", "up to date") for s in status.values())
     summary = {"profile": profile, "out": str(out), "parameters": parameters, "steps": status, "report": str(report_path) if report_path else None, "ok": ok, "seconds": round(time.perf_counter() - started, 1)}
+    if plan:
+        ran = [name for name, s in status.items() if "predicted_seconds" in s]
+        summary["plan"] = {
+            "made": plan["run"]["time"], "predicted_seconds": round(sum(predicted[n] for n in ran), 1),
+            "measured_seconds": round(sum(status[n]["seconds"] for n in ran), 1), "notebooks": ran,
+        }
     atomic_write_json(summary, out / "pipeline.json")
     return summary
 
@@ -183,13 +222,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
+    parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
     args = parser.parse_args(argv)
     out = args.out or str(project_root() / "outputs" / args.profile)
     try:
+        if args.plan:
+            make_plan(args.profile, out, args.only, args.data_dir, args.device)
+            return 0
         summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report)
-    except ValueError as exc:
+    except (ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if summary.get("plan"):
+        print(f"[pipeline] predicted {summary['plan']['predicted_seconds']} s for the notebooks run, measured {summary['plan']['measured_seconds']} s")
     failed = {k: v for k, v in summary["steps"].items() if v["status"] not in ("ok", "up to date")}
     print(f"[pipeline] done in {summary['seconds']} s: {len(summary['steps']) - len(failed)} ok" + (f", {len(failed)} not: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

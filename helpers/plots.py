@@ -112,7 +112,7 @@ def classifier_results_markdown(run: dict, n: int = 5) -> str:
         f"best held-out epoch {run['best_epoch']} of {run['epochs_run']}",
         "",
         markdown_table(
-            [["held-out", pct(held["top1"]), pct(held["top5"]), f"{held['loss']:.3f}"],
+            [["held-out", pct(held["top1"]), pct(held["top5"]), "n/a" if held["loss"] is None else f"{held['loss']:.3f}"],
              ["test", pct(test["top1"]), pct(test["top5"]), f"{test['loss']:.3f}"]],
             ["split", "top-1", "top-5", "loss"],
         ),
@@ -194,3 +194,24 @@ def plot_retrieval_curves(histories: dict[str, list[dict]], title: str = "") -> 
     """Training loss and test Recall@1 per epoch for each run."""
     curves = (("train_loss", "training loss", False), ("test_recall@1", "test Recall@1 (%)", True), ("test_map@r", "test MAP@R (%)", True))
     return plot_curves(histories, curves=curves, title=title)
+
+
+def plot_accuracy_vs_time(records: Sequence[dict], title: str = "") -> plt.Figure:
+    """Proof runs: accuracy (%) against training seconds, one thin line per run and side ("who"),
+    from each record's `curve` [(seconds, top1), ...]; the final points are marked."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colours = {"project": "tab:blue", "peer": "tab:orange"}
+    seen = set()
+    for record in records:
+        who = record["who"]
+        seconds, top1 = zip(*record["curve"]) if record["curve"] else ((), ())
+        ax.plot(seconds, [100 * a for a in top1], "-o", color=colours.get(who, "grey"), lw=1, ms=3, alpha=0.8,
+                label=None if who in seen else who)
+        seen.add(who)
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel("top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig

@@ -72,6 +72,15 @@ def _subset_indices(labels: np.ndarray, classes: int, per_class: int) -> np.ndar
     return keep
 
 
+def split_indices(train_labels: np.ndarray, test_labels: np.ndarray, cfg: RecognitionConfig) -> dict[str, np.ndarray]:
+    """Indices of the train / held-out split of official train and of the test (official val) split,
+    after the `classes` and `train_per_class` subsets; fixed by cfg.seed."""
+    keep = _subset_indices(train_labels, cfg.classes, cfg.train_per_class)
+    test_keep = _subset_indices(test_labels, cfg.classes, 0)
+    train_rel, held_rel = stratified_split(train_labels[keep], cfg.heldout_fraction, cfg.seed)
+    return {"train": keep[train_rel], "heldout": keep[held_rel], "test": test_keep}
+
+
 def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
     """Train / held-out / test batch sources of Tiny ImageNet for a (resolved) `cfg`.
 
@@ -92,10 +101,7 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         train_set = CachedTinyImageNet(root, "train", num_workers=cfg.num_workers)
         test_set = CachedTinyImageNet(root, "val", num_workers=cfg.num_workers)
         train_labels, test_labels = train_set.targets, test_set.targets
-    keep = _subset_indices(train_labels, cfg.classes, cfg.train_per_class)
-    test_keep = _subset_indices(test_labels, cfg.classes, 0)
-    train_rel, held_rel = stratified_split(train_labels[keep], cfg.heldout_fraction, cfg.seed)
-    splits = {"train": keep[train_rel], "heldout": keep[held_rel], "test": test_keep}
+    splits = split_indices(train_labels, test_labels, cfg)
     sources = {}
     for name, idx in splits.items():
         dataset, labels = (train_set, train_labels) if name != "test" else (test_set, test_labels)
@@ -153,6 +159,7 @@ def _summary(name: str, describe: dict, result: FitResult, cfg, heldout: dict, t
         "stopped_early": result.stopped_early,
         "interrupted": result.interrupted,
         "train_seconds": result.train_seconds,
+        "fit_seconds": {"wall": result.wall_seconds, "evaluation": result.eval_seconds},
         "images_per_s": result.images_per_s,
         "checkpoint": str(Path(cfg.out_dir) / "checkpoints" / name / "best.pt"),
         "heldout": heldout,
@@ -174,16 +181,25 @@ def train_classifier(
     """Fit one classifier (checkpoints in out_dir/checkpoints/<name>), restore its best held-out
     epoch, evaluate held-out and test, and return a JSON-able summary. `objective` defaults to
     cross-entropy (e.g. CenterLossObjective for cross-entropy + center loss)."""
-    evaluator = ClassificationEvaluator({"heldout": data.heldout, "test": data.test}, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
+    evaluator = ClassificationEvaluator(splits, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    out_dir = Path(cfg.out_dir) / "checkpoints" / name
+    fit_cfg = cfg.fit_config() if data.heldout.num_samples else cfg.fit_config(monitor="")  # no held-out: keep the last epoch
     result: FitResult = fit(
-        model, data.train, data.augment, cfg.fit_config(), objective=objective, objective_lr=objective_lr, evaluate=evaluator,
-        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name, run_key=cfg.run_key(), resume=cfg.resume,
+        model, data.train, data.augment, fit_cfg, objective=objective, objective_lr=objective_lr, evaluate=evaluator,
+        out_dir=out_dir, device=cfg.device, progress=progress, name=name, run_key=cfg.run_key(), resume=cfg.resume,
     )
     model.eval()
-    heldout_logits, heldout_labels = run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    heldout = {"top1": None, "top5": None, "loss": None}  # no held-out split (heldout_fraction=0)
+    if data.heldout.num_samples:
+        heldout = classification_metrics(*run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last))
     test_logits, test_labels = run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
     test = classification_report(test_logits, test_labels, data.class_names)
-    return _summary(name, describe or describe_model(model), result, cfg, classification_metrics(heldout_logits, heldout_labels), test)
+    summary = _summary(name, describe or describe_model(model), result, cfg, heldout, test)
+    if cfg.budget_s > 0:
+        summary["budget"] = {"budget_s": cfg.budget_s, "steps": result.history[-1]["steps"] if result.history else 0,
+                             "budget_seconds_used": result.wall_seconds - result.eval_seconds}
+    return summary
 
 
 def reference_source(data: ClassificationData, per_class: int, seed: int = 0) -> BatchSource:

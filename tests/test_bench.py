@@ -16,6 +16,17 @@ def test_quick_cpu_benchmark_writes_every_record(tmp_path):
     assert len({r["image_size"] for r in models.values()}) == 1, "all models at the same input size"
     ratio = next(r for r in records if r["what"] == "ratio")
     assert ratio["cached/lazy"] == data["cached"]["images_per_s"] / data["lazy"]["images_per_s"]
+    e2e = {(r["model"], r["who"]): r for r in records if r["what"] == "end_to_end"}
+    assert set(e2e) == {(m, who) for m in models for who in ("project", "peer")}, "a peer row beside every project row"
+    for name in models:
+        project, peer = e2e[(name, "project")], e2e[(name, "peer")]
+        same = ("images", "batch_size", "image_size", "stem", "device")
+        assert [project[k] for k in same] == [peer[k] for k in same], "same data, shapes and device"
+        assert project["images_per_s"] > 0 and peer["images_per_s"] > 0
+        ratio_row = next(r for r in records if r["what"] == "ratio" and r.get("model") == name)
+        assert ratio_row["project/peer"] == project["images_per_s"] / peer["images_per_s"]
+    assert e2e[("resnet18", "peer")]["peer_model"] == "torchvision.models.resnet.ResNet"
+    assert e2e[("custom_cnn", "peer")]["peer_model"].startswith("helpers.models")
     info = next(r for r in records if r["what"] == "info")
     assert info["torch"] and "git" in info
 

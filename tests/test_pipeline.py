@@ -92,3 +92,31 @@ def test_report_is_two_pages_built_from_the_metrics(tiny_root, tmp_path):
     page1, page2 = (" ".join(p.content) for p in report.compose(tmp_path))
     assert "43.2%" in page1 and "Profile: smoke" in page1 and "generated stand-in" in page1
     assert "T1): not run" in page1 and "T4 has not run" in page2
+
+
+def test_plan_predicts_from_measured_steps_and_the_run_records_it(fake_project, tiny_root, tmp_path, capsys):
+    from helpers import plan as planning
+
+    out = tmp_path / "out"
+    overrides = {"data_dir": str(tiny_root.parent), "image_size": 16, "batch_size": 8, "device": "cpu"}
+    t2 = planning.plan_recognition("T2", "smoke", overrides, tmp_path / "scratch")
+    (job,) = t2.jobs
+    assert job.name == "T2_resnet18" and job.steps == 3 * (66 // 8)  # smoke epochs x steps per epoch (72 images, 6 held out)
+    assert job.seconds_per_step > 0 and job.eval_passes == 3 + 1 and job.seconds_per_eval > 0
+    assert t2.seconds == pytest.approx(t2.data_seconds + job.seconds + planning.OVERHEAD_S)
+    t3 = planning.plan_recognition("T3", "smoke", overrides, tmp_path / "scratch")
+    assert [j.name for j in t3.jobs] == ["T3_parallel", "T3_serial12", "T3_serial21", "T3_bonus"]
+
+    # a plan for the fake project's notebooks, then a run that records prediction beside measurement
+    fake = {"profile": "smoke", "total_seconds": 7.0, "run": {"time": "now", "device": "cpu"},
+            "notebooks": {"C_alone": {"predicted_seconds": 7.0, "jobs": []}}}
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps(fake))
+    summary = pipeline.run("smoke", out, only="C", report=False, log=lambda *a: None)
+    assert summary["steps"]["C_alone"]["predicted_seconds"] == 7.0 and summary["steps"]["C_alone"]["seconds"] > 0
+    assert summary["plan"]["predicted_seconds"] == 7.0 and summary["plan"]["notebooks"] == ["C_alone"]
+    assert json.loads((out / "pipeline.json").read_text())["plan"]["measured_seconds"] == summary["steps"]["C_alone"]["seconds"]
+    other = pipeline.run("full", out, only="C", report=False, log=lambda *a: None)
+    assert "plan" not in other, "a plan of another profile is not used"
+    print(planning.format_plan({"profile": "smoke", "notebooks": {"T2_resnet18": t2.as_dict()}, "total_seconds": t2.seconds, "run": {"device": "cpu"}}))
+    assert "T2_resnet18" in capsys.readouterr().out

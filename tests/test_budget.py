@@ -1,0 +1,175 @@
+"""Budget training: step-planned runs in the engine (max_steps, eval_every) and the planner."""
+
+import math
+import time
+
+import pytest
+import torch
+
+from helpers.budget import StepClock, measure_fit_step, measure_seconds_per_step, plan_steps
+from helpers.engine import FitConfig, LRSchedule, fit
+
+from test_engine import assert_same_run, interrupt_at, run, setup, toy_model
+
+
+def test_plan_steps_fits_the_rest_of_the_budget():
+    assert plan_steps(100, 0.5) == math.floor(0.98 * 100 / 0.5)
+    assert plan_steps(100, 0.5, spent_s=20) == math.floor(0.98 * 80 / 0.5)
+    assert plan_steps(10, 0.5, spent_s=12) == 1  # over budget already: still one step
+    with pytest.raises(ValueError, match="budget_s"):
+        plan_steps(0, 0.5)
+    with pytest.raises(ValueError, match="seconds_per_step"):
+        plan_steps(10, 0.0)
+
+
+def test_step_clock_measures_after_the_warmup():
+    calls = []
+
+    def step():
+        time.sleep(0.05 if len(calls) < 3 else 0.01)  # slow first calls, as a cold start
+        calls.append(1)
+
+    seconds = measure_seconds_per_step(step, warmup=3, steps=5)
+    assert len(calls) == 8
+    assert 0.009 < seconds < 0.03
+    with pytest.raises(RuntimeError, match="needs more"):
+        StepClock(4).seconds_per_step
+
+
+def test_max_steps_runs_exactly_that_many_steps_and_anneals(tmp_path):
+    steps_seen = []
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, max_steps=15, warmup_epochs=0.5)
+    model = toy_model()
+    result = fit(model, train, augment, cfg, evaluate=evaluator, on_step=lambda e, s: steps_seen.append((e, s)), progress=False)
+    per_epoch = len(train)  # 96 // 16 = 6 steps per epoch
+    assert per_epoch == 6 and len(steps_seen) == 15
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]  # 6 + 6 + 3: the last epoch is short
+    assert [h["steps"] for h in result.history] == [6, 12, 15]
+    assert steps_seen[-1] == (2, 3)
+    schedule = LRSchedule(cfg, per_epoch)
+    assert schedule.total == 15 and schedule.warmup == 3
+    assert schedule.factor(14) < 0.02  # the cosine has (nearly) reached zero at the last step
+    assert result.history[-1]["lr"] == pytest.approx(cfg.lr * schedule.factor(14))
+
+
+def test_max_steps_resume_is_exact(tmp_path):
+    whole = run(tmp_path, "whole", epochs=1, max_steps=14)
+    run(tmp_path, "split", epochs=1, max_steps=14, on_step=interrupt_at(2, 1))  # inside the short last epoch
+    resumed = run(tmp_path, "split", epochs=1, max_steps=14)
+    assert_same_run(whole, resumed)
+
+
+def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path):
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=5, eval_every=2)
+    calls = []
+
+    def counting(model):
+        calls.append(1)
+        return evaluator(model)
+
+    result = fit(toy_model(), train, augment, cfg, evaluate=counting, progress=False)
+    assert [("heldout_top1" in h) for h in result.history] == [False, True, False, True, True]
+    assert len(calls) == 3
+    assert result.best_epoch in (2, 4, 5)
+    assert result.eval_seconds > 0 and result.wall_seconds >= result.train_seconds + result.eval_seconds * 0.99
+
+
+def test_measure_fit_step_leaves_the_model_untouched(tmp_path):
+    train, augment, cfg, _ = setup(tmp_path, epochs=1)
+    model = toy_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    seconds = measure_fit_step(model, train, augment, cfg, warmup=2, steps=3)
+    assert seconds > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_fit_config_validates_the_new_fields():
+    with pytest.raises(ValueError, match="max_steps"):
+        FitConfig(max_steps=-1)
+    with pytest.raises(ValueError, match="eval_every"):
+        FitConfig(eval_every=0)
+    assert FitConfig(epochs=3).total_steps(10) == 30 and FitConfig(max_steps=25).num_epochs(10) == 3
+
+
+class FakeClock:
+    """Drives helpers.budget.now: every optimizer step costs `per_step` seconds, nothing else costs time."""
+
+    def __init__(self, per_step: float):
+        self.t, self.per_step = 0.0, per_step
+
+    def __call__(self) -> float:
+        return self.t
+
+    def on_step(self, epoch, step):
+        self.t += self.per_step
+
+
+def test_budget_run_fills_its_budget_and_anneals(tmp_path, monkeypatch):
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=2.0, warmup_epochs=0.5, eval_every=1)
+    result = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, progress=False)
+    steps = result.history[-1]["steps"]
+    assert 18 <= steps <= 20  # 2.0 s at 0.1 s a step, less the 1 % margin
+    assert clock.t == pytest.approx(steps * 0.1)
+    assert result.history[-1]["lr"] < 0.05 * 0.05  # annealed at the end
+    assert [h["steps"] for h in result.history][:3] == [6, 12, 18]  # whole epochs, then the short last one
+
+
+def test_budget_run_resumes_within_the_same_budget(tmp_path, monkeypatch):
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=2.0, warmup_epochs=0.5)
+    whole = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, out_dir=tmp_path / "a", progress=False)
+
+    clock.t = 0.0
+    def stop_at_14(epoch, step):
+        clock.on_step(epoch, step)
+        if (epoch, step) == (2, 2):
+            raise KeyboardInterrupt
+    first = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=stop_at_14, out_dir=tmp_path / "b", progress=False)
+    assert first.interrupted
+    second = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, out_dir=tmp_path / "b", progress=False)
+    assert second.history[-1]["steps"] == whole.history[-1]["steps"]  # the budget counts both sessions
+    assert second.history[-1]["lr"] < 0.05 * 0.05
+
+
+def test_replan_keeps_the_learning_rate_continuous():
+    cfg = FitConfig(epochs=10, warmup_epochs=1)
+    schedule = LRSchedule(cfg, 10)
+    assert schedule.total == 100 and schedule.warmup == 10
+    before = schedule.factor(40)
+    schedule.replan(40, 60)  # less time than thought: the rest is squeezed
+    assert schedule.factor(40) == pytest.approx(before) and schedule.total == 60
+    assert schedule.factor(59) < 0.01 and schedule.progress(60) == 1.0
+    previous = schedule.factor(40)
+    for step in range(41, 60):  # still decreasing, no jump
+        assert schedule.factor(step) < previous
+        previous = schedule.factor(step)
+    schedule.replan(5, 80)  # during the warm-up only the total changes
+    with pytest.raises(ValueError, match="budget_s"):
+        FitConfig(budget_s=5.0, max_steps=10)
+
+
+def test_budget_run_of_the_recognition_runner(tiny_root, tmp_path):
+    from helpers.config import RecognitionConfig
+    from helpers.recognition import build_model, build_tiny_imagenet, train_classifier
+
+    cfg = RecognitionConfig.build(
+        "T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), image_size=16, batch_size=8,
+        heldout_fraction=0.0, budget_s=2.0, stem="imagenet",
+    )
+    data = build_tiny_imagenet(cfg)
+    assert data.heldout.num_samples == 0  # every training image is used
+    summary = train_classifier("budget", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
+    budget = summary["budget"]
+    assert budget["budget_s"] == 2.0 and budget["steps"] == summary["history"][-1]["steps"] >= 1
+    assert budget["budget_seconds_used"] > 0
+    assert summary["heldout"]["top1"] is None and 0 <= summary["test"]["top1"] <= 1
+
+
+def test_a_budget_run_holds_its_peak_lr_until_planned():
+    schedule = LRSchedule(FitConfig(epochs=3, warmup_epochs=0, budget_s=60.0), 10)
+    assert schedule.factor(0) == 1.0 and schedule.factor(11) == pytest.approx(1.0)
+    schedule.replan(12, 112)
+    assert schedule.factor(12) == pytest.approx(1.0, abs=1e-9) and schedule.factor(111) < 1e-3
