@@ -97,7 +97,13 @@ def _autocast(cfg: PeerConfig, device: torch.device):
 
 
 class PeerTrainer:
-    """One plain training run: optimizer, OneCycle over `total_steps`, loss, optional GradScaler."""
+    """One plain training run: optimizer, OneCycle over `total_steps`, loss, optional GradScaler.
+
+    `replan(total)` (used only by budget runs of `peer_train`) changes the run's length while
+    torch's OneCycleLR keeps its own `total_steps`: real steps are mapped onto its steps so the
+    progress reached is kept and the rest is stretched or squeezed (no jump in LR or momentum).
+    Without a replan the mapping is the identity and the loop is exactly the plain one.
+    """
 
     def __init__(self, model: nn.Module, cfg: PeerConfig, device: torch.device | str, total_steps: int):
         self.device = torch.device(device)
@@ -107,7 +113,19 @@ class PeerTrainer:
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
-        self.steps, self.total_steps = 0, total_steps
+        self.steps, self.total_steps, self.nominal = 0, total_steps, total_steps
+        self.anchor = (0, 0.0)  # (real step, OneCycle step) where the current mapping starts
+
+    def scheduler_step(self, real_step: int) -> int:
+        """OneCycleLR's step for a real step (the identity until the first replan)."""
+        s0, v0 = self.anchor
+        v = v0 + (real_step - s0) * (self.nominal - v0) / max(1, self.total_steps - s0)
+        return min(self.nominal - 1, round(v))
+
+    def replan(self, total_steps: int) -> None:
+        total_steps = max(total_steps, self.steps)
+        self.anchor = (self.steps, float(self.scheduler_step(self.steps)))
+        self.total_steps = total_steps
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         images = images.to(self.device, non_blocking=True)
@@ -118,9 +136,10 @@ class PeerTrainer:
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.steps + 1 < self.total_steps:  # OneCycleLR raises when stepped past total_steps
-            self.scheduler.step()
         self.steps += 1
+        if self.steps < self.total_steps:
+            self.scheduler.last_epoch = self.scheduler_step(self.steps) - 1
+            self.scheduler.step()
         return loss.item()
 
 
@@ -132,14 +151,18 @@ def peer_train(
     total_steps: int,
     evaluate: Callable[[nn.Module], dict] | None = None,
     eval_every: int = 1,
+    budget_s: float = 0.0,
 ) -> dict:
     """Train for exactly `total_steps` steps (epochs over `loader`, the last one cut short).
 
-    `evaluate(model)` runs after every `eval_every` epochs and after the last; its time is not
-    counted in `train_seconds`. Returns {"train_seconds", "steps", "images", "epochs", "history"}."""
+    With `budget_s`, `total_steps` is the first plan and the length is corrected at every epoch end
+    from the step time measured so far (epoch restarts of the workers included), so the run ends
+    on its budget however the machine's speed drifts. `evaluate(model)` runs after every
+    `eval_every` epochs and after the last; its time is not counted in `train_seconds`.
+    Returns {"train_seconds", "steps", "images", "epochs", "history"}."""
     trainer = PeerTrainer(model, cfg, device, total_steps)
     history, images, train_seconds, epoch = [], 0, 0.0, 0
-    while trainer.steps < total_steps:
+    while trainer.steps < trainer.total_steps:
         model.train()
         tic = time.perf_counter()
         running_loss, epoch_steps = 0.0, 0
@@ -147,14 +170,17 @@ def peer_train(
             running_loss += trainer.step(x, y)
             images += len(y)
             epoch_steps += 1
-            if trainer.steps >= total_steps:
+            if trainer.steps >= trainer.total_steps:
                 break
         if trainer.device.type == "cuda":
             torch.cuda.synchronize(trainer.device)
         train_seconds += time.perf_counter() - tic
         epoch += 1
+        if budget_s > 0 and trainer.steps < trainer.total_steps:
+            per_step = train_seconds / trainer.steps
+            trainer.replan(trainer.steps + int(0.99 * max(0.0, budget_s - train_seconds) / per_step))
         record = {"epoch": epoch, "steps": trainer.steps, "train_seconds": train_seconds, "train_loss": running_loss / max(1, epoch_steps)}
-        if evaluate is not None and (epoch % eval_every == 0 or trainer.steps >= total_steps):
+        if evaluate is not None and (epoch % eval_every == 0 or trainer.steps >= trainer.total_steps):
             model.eval()
             record.update(evaluate(model))
         history.append(record)

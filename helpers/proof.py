@@ -12,8 +12,9 @@ to a temporary folder). Both sides train on the same training images (official t
 `--split heldout` 95 % of it) and are scored on the same images (official val = test, or the
 held-out 5 %: use that split for every recipe choice). Both schedules anneal fully inside the
 budget: the project's engine plans its step count from its own measured steps within the budget
-(`FitConfig.budget_s`); the peer's OneCycle loop gets its step count from a 150-step pilot that is
-not charged to it. Evaluation passes are not training time (for both).
+(`FitConfig.budget_s`); the peer's OneCycle loop gets a first plan from a 150-step pilot that is
+not charged to it, then the same epoch-end corrections (`peer_train(budget_s=...)`), so both
+use their budget however the machine's speed drifts. Evaluation passes are not training time (for both).
 
 Each run is a fresh Python process (so timings and peak memory are its own); the seeds are
 interleaved and the order alternates, so drift in the machine's speed hits both sides alike.
@@ -180,17 +181,17 @@ def run_peer(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> 
     model = peer_resnet18(num_classes, args.stem)
     train_loader = peer_loader(train_samples, args.image_size, True, peer_cfg, device, seed)
     eval_loader = peer_loader(eval_samples, args.image_size, False, peer_cfg, device)
-    # A OneCycle loop must fix its length first: a pilot of 150 steps on a copy of the model measures
-    # the steady step time, data loading included (a 40-step pilot read it 25 % slow, and the peer then
-    # left a fifth of its budget unused). It is not charged to the budget; the project's engine
-    # measures inside its own.
+    # A OneCycle loop must fix its length first: a pilot of 150 steps on a copy of the model gives the
+    # first plan (not charged to the budget), and peer_train corrects it at every epoch end as the
+    # project's engine does. Without the correction the peer's training time ranged over 212-266 s
+    # for a 240 s budget on this machine (its speed drifts), and its accuracy with it.
     tic = time.perf_counter()
     seconds_per_step = measure_peer_step(model, train_loader, peer_cfg, device, warmup=50, steps=100)
     planning = time.perf_counter() - tic
     steps = plan_steps(args.budget_s, seconds_per_step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = peer_train(model, train_loader, peer_cfg, device, steps, lambda m: peer_evaluate(m, eval_loader, device, peer_cfg), args.eval_every)
+    result = peer_train(model, train_loader, peer_cfg, device, steps, lambda m: peer_evaluate(m, eval_loader, device, peer_cfg), args.eval_every, budget_s=args.budget_s)
     final = result["history"][-1]
     curve = [(h["train_seconds"], h["top1"]) for h in result["history"] if "top1" in h]
     return {

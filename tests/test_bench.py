@@ -14,7 +14,7 @@ def test_quick_cpu_benchmark_writes_every_record(tmp_path):
     for record in list(models.values()) + list(data.values()):
         assert record["images_per_s"] > 0 and record["device"] == "cpu" and record["batch_size"] > 0 and record["peak_mem_mb"] > 0
     assert len({r["image_size"] for r in models.values()}) == 1, "all models at the same input size"
-    ratio = next(r for r in records if r["what"] == "ratio")
+    ratio = next(r for r in records if r["what"] == "ratio" and r["name"] == "data paths")
     assert ratio["cached/lazy"] == data["cached"]["images_per_s"] / data["lazy"]["images_per_s"]
     e2e = {(r["model"], r["who"]): r for r in records if r["what"] == "end_to_end"}
     assert set(e2e) == {(m, who) for m in models for who in ("project", "peer")}, "a peer row beside every project row"

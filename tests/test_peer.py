@@ -62,3 +62,44 @@ def test_peer_train_runs_exactly_the_planned_steps_and_learns(tiny_root):
     assert np.mean(losses[-2:]) < losses[0]  # it learns the generated classes
     with pytest.raises(ValueError, match="amp"):
         PeerConfig(amp="int8")
+
+
+def _lrs(trainer, steps):
+    out = []
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    for _ in range(steps):
+        out.append(trainer.optimizer.param_groups[0]["lr"])
+        trainer.step(x, y)
+    return out
+
+
+def test_peer_schedule_is_torch_onecycle_unless_replanned():
+    from helpers.peer import PeerTrainer
+
+    torch.manual_seed(0)
+    trainer = PeerTrainer(torch.nn.Linear(3, 2), PeerConfig(), "cpu", total_steps=50)
+    got = _lrs(trainer, 50)
+    reference_model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(reference_model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=50, pct_start=0.1)
+    expected = []
+    for i in range(50):  # the loop a user writes: step the scheduler after each optimizer step
+        expected.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        if i < 49:
+            scheduler.step()
+    assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_peer_replan_keeps_the_onecycle_progress():
+    from helpers.peer import PeerTrainer
+
+    trainer = PeerTrainer(torch.nn.Linear(3, 2), PeerConfig(), "cpu", total_steps=100)
+    before = _lrs(trainer, 40)
+    lr_at_40 = trainer.optimizer.param_groups[0]["lr"]
+    trainer.replan(60)  # the budget turned out shorter: 20 steps left instead of 60
+    assert trainer.optimizer.param_groups[0]["lr"] == lr_at_40
+    after = _lrs(trainer, 20)
+    assert abs(after[0] - before[-1]) < 0.1 * before[-1]  # no jump
+    assert all(b < a for a, b in zip(after, after[1:]))  # still annealing
+    assert trainer.optimizer.param_groups[0]["lr"] < 1e-3 * 0.05 * 25 and trainer.steps == 60
