@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from helpers.data.transforms import AugmentRNG
 from helpers.engine import FitConfig, fit
 from helpers.models import CustomCNN, resnet18
 from helpers.peer import PeerConfig, measure_peer_step, peer_loader, peer_resnet18
-from helpers.runinfo import run_info
+from helpers.runinfo import peak_mem_mb, run_info
 
 MODELS = {
     "custom_cnn": lambda n, stem: CustomCNN(n),
@@ -53,13 +52,6 @@ SWITCHES = (
     ("compile on", {"compile": True}),
     ("compile + CUDA graphs", {"compile": True, "compile_mode": "reduce-overhead"}),
 )
-
-
-def peak_mem_mb(device: torch.device) -> float:
-    """Peak allocated GPU memory since the last reset, or the process's peak RSS on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench_model(name: str, device: torch.device, batch_size: int, image_size: int, steps: int, stem: str, num_classes: int = 200, **switches) -> dict:

@@ -65,8 +65,7 @@ class BudgetClock:
         per_step = self.seconds_per_step(global_step)
         if per_step is None:
             return None
-        left = max(0.0, self.budget_s - self.elapsed())
-        return global_step + math.floor(self.margin * left / max(per_step, 1e-9))
+        return global_step + plan_steps(self.budget_s, max(per_step, 1e-9), self.elapsed(), self.margin, minimum=0)
 
     class _Pause:
         def __init__(self, clock: "BudgetClock"):
@@ -149,10 +148,10 @@ def measure_fit_step(
     return clock.seconds_per_step
 
 
-def plan_steps(budget_s: float, seconds_per_step: float, spent_s: float = 0.0, margin: float = 0.98) -> int:
-    """Steps that fit in what is left of the budget (a 2 % margin for the last epoch's overheads); at least 1."""
+def plan_steps(budget_s: float, seconds_per_step: float, spent_s: float = 0.0, margin: float = 0.98, minimum: int = 1) -> int:
+    """Steps that fit in what is left of the budget (a margin for the epoch ends' overheads), at least `minimum`."""
     if budget_s <= 0:
         raise ValueError(f"budget_s={budget_s} must be > 0")
     if not seconds_per_step > 0:
         raise ValueError(f"seconds_per_step={seconds_per_step} must be > 0")
-    return max(1, math.floor(margin * (budget_s - spent_s) / seconds_per_step))
+    return max(minimum, math.floor(margin * (budget_s - spent_s) / seconds_per_step))

@@ -161,7 +161,7 @@ class RecognitionConfig(ConfigBase):
         values = dict(
             epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
             schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
-            monitor="heldout_top1" if self.heldout_fraction > 0 else "", patience=self.patience, amp=self.amp,
+            monitor="heldout_top1", patience=self.patience, amp=self.amp,
             channels_last=self.channels_last, compile=self.compile, seed=self.seed, eval_every=self.eval_every,
             budget_s=self.budget_s,
         )

@@ -10,6 +10,8 @@ images, device and budget. Nothing here is used by the project's own training.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -20,6 +22,8 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+
+from helpers.budget import measure_seconds_per_step, plan_steps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -177,8 +181,7 @@ def peer_train(
         train_seconds += time.perf_counter() - tic
         epoch += 1
         if budget_s > 0 and trainer.steps < trainer.total_steps:
-            per_step = train_seconds / trainer.steps
-            trainer.replan(trainer.steps + int(0.99 * max(0.0, budget_s - train_seconds) / per_step))
+            trainer.replan(trainer.steps + plan_steps(budget_s, train_seconds / trainer.steps, train_seconds, margin=0.99, minimum=0))
         record = {"epoch": epoch, "steps": trainer.steps, "train_seconds": train_seconds, "train_loss": running_loss / max(1, epoch_steps)}
         if evaluate is not None and (epoch % eval_every == 0 or trainer.steps >= trainer.total_steps):
             model.eval()
@@ -206,21 +209,7 @@ def peer_evaluate(model: nn.Module, loader: DataLoader, device: torch.device | s
 
 def measure_peer_step(model: nn.Module, loader: DataLoader, cfg: PeerConfig, device: torch.device | str, warmup: int = 5, steps: int = 15) -> float:
     """Seconds per training step of the peer loop (data loading included), on a copy of `model`."""
-    import copy
-
-    from helpers.budget import StepClock
-
     trainer = PeerTrainer(copy.deepcopy(model), cfg, device, warmup + steps + 1)
     trainer.model.train()
-    clock = StepClock(warmup, device)
-    batches = iter(loader)
-    for _ in range(warmup + steps):
-        try:
-            x, y = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            x, y = next(batches)
-        trainer.step(x, y)
-        clock()
-    del batches, trainer
-    return clock.seconds_per_step
+    batches = itertools.chain.from_iterable(loader for _ in itertools.count())  # epoch after epoch
+    return measure_seconds_per_step(lambda: trainer.step(*next(batches)), warmup, steps, device)

@@ -64,7 +64,8 @@ class NotebookPlan:
 
 
 def eval_pass_seconds(fn, sources, augment, device, amp: bool, channels_last: bool) -> float:
-    """Seconds of one evaluation pass over `sources`, extrapolated from timing their second batch."""
+    """Seconds of one evaluation pass over `sources`: their first batch timed (after one warm run of
+    it) times the number of batches."""
     from helpers.evaluation import run_split
 
     total = 0.0

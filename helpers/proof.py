@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,7 +41,7 @@ import torch
 
 from helpers.data.errors import DatasetError
 from helpers.engine import atomic_write_json
-from helpers.runinfo import run_info
+from helpers.runinfo import peak_mem_mb, run_info
 
 WHO = ("project", "peer")
 SPLITS = ("test", "heldout")
@@ -103,20 +102,6 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-def peak_mem_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated, or this process's peak resident memory (VmHWM: unlike ru_maxrss it
-    is not inherited from the parent across fork + exec)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> dict:
     """One budget run of the project's T2 recipe; returns its record."""
     from helpers.recognition import build_model, build_tiny_imagenet, describe_model, train_classifier
@@ -125,7 +110,7 @@ def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) 
     tic = time.perf_counter()
     data = build_tiny_imagenet(cfg)
     if args.split == "heldout":  # score on the held-out 5 %, never look at the test split
-        data = dataclasses.replace(data, test=data.heldout, heldout=_empty_like(data.heldout))
+        data = dataclasses.replace(data, test=data.heldout, heldout=_no_images())
     setup = time.perf_counter() - tic
     model = build_model("resnet18", cfg, data.num_classes)
     summary = train_classifier("proof_project", model, data, cfg, describe_model(model, stem=cfg.stem), progress=args.progress)
@@ -153,7 +138,8 @@ def _cumulative(history: list[dict]):
         yield h, total
 
 
-def _empty_like(source):
+def _no_images():
+    """An empty batch source (no held-out split to evaluate)."""
     from helpers.data import TensorBatches
 
     return TensorBatches(np.zeros((0, 1, 1, 3), np.uint8), np.zeros(0, np.int64), batch_size=1)
@@ -163,8 +149,7 @@ def run_peer(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> 
     """One budget run of the peer loop on the same images as the project's run of this seed."""
     from helpers.budget import plan_steps
     from helpers.data import TinyImageNet
-    from helpers.peer import PeerConfig, measure_peer_step, peer_evaluate, peer_loader, peer_resnet18
-    from helpers.peer import peer_train
+    from helpers.peer import PeerConfig, measure_peer_step, peer_evaluate, peer_loader, peer_resnet18, peer_train
     from helpers.recognition import split_indices
 
     device = torch.device(args.device)
@@ -265,7 +250,8 @@ def run_child(args: argparse.Namespace) -> int:
     who, seed = args.child.split(":")
     workdir = Path(args.workdir)
     root = tiny_imagenet_root(args.data_dir, workdir)
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     record = (run_project if who == "project" else run_peer)(args, root, int(seed), workdir)
     atomic_write_json(record, Path(args.record))
     return 0
@@ -277,19 +263,16 @@ def child_command(argv: list[str], who: str, seed: int, workdir: Path, record: P
 
 def plan(args: argparse.Namespace, root: Path) -> dict:
     """Predicted wall time of the proof run from a few measured training and evaluation steps."""
-    from helpers.recognition import build_model, build_tiny_imagenet
-    from helpers.evaluation import run_split
     from helpers.budget import measure_fit_step
+    from helpers.plan import eval_pass_seconds
+    from helpers.recognition import build_model, build_tiny_imagenet
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = project_config(args, root, 0, Path(tmp))
         data = build_tiny_imagenet(cfg)
         model = build_model("resnet18", cfg, data.num_classes)
         step = measure_fit_step(model, data.train, data.augment, cfg.fit_config(), cfg.device)
-        model.eval()
-        tic = time.perf_counter()
-        run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
-        eval_seconds = time.perf_counter() - tic
+        eval_seconds = eval_pass_seconds(model.eval(), (data.test,), data.augment, cfg.device, cfg.amp, cfg.channels_last)
     steps = args.budget_s / step
     epochs = steps / max(1, len(data.train))
     evals = min(int(epochs) // args.eval_every + 1, int(epochs) + 1)
@@ -303,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", required=True, help="tiny-imagenet-200 folder, a folder holding one, or a .zip of one")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run (planning included)")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run (evaluation excluded)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--stem", default=None, choices=("imagenet", "small"), help="default: imagenet on the CPU, small on CUDA")
     parser.add_argument("--seeds", type=int, default=3)

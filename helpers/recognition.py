@@ -196,7 +196,7 @@ def train_classifier(
     test_logits, test_labels = run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
     test = classification_report(test_logits, test_labels, data.class_names)
     summary = _summary(name, describe or describe_model(model), result, cfg, heldout, test)
-    if getattr(cfg, "budget_s", 0) > 0:  # (E2's LayerwiseConfig has no budget)
+    if fit_cfg.budget_s > 0:
         summary["budget"] = {"budget_s": cfg.budget_s, "steps": result.history[-1]["steps"] if result.history else 0,
                              "budget_seconds_used": result.wall_seconds - result.eval_seconds}
     return summary

@@ -46,6 +46,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def peak_mem_mb(device: str | torch.device = "cpu") -> float:
+    """Peak GPU memory allocated since the last reset on CUDA; else this process's peak resident
+    memory (VmHWM, which unlike ru_maxrss is not inherited from the parent across fork + exec)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def git_commit(root: Path | None = None) -> dict:
     root = root or project_root()
     try:
