@@ -9,9 +9,13 @@ parameter that is not None. Unknown names or values raise ValueError listing the
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 from helpers.engine import OPTIMIZERS, SCHEDULES, FitConfig, check_choice
 from helpers.runinfo import default_out_dir, generated_data_dir, project_root, resolve_device
@@ -19,12 +23,144 @@ from helpers.runinfo import default_out_dir, generated_data_dir, project_root, r
 PROFILES = ("smoke", "full")
 DATA_PATHS = ("auto", "lazy", "cached", "gpu")
 FASHIONS = ("parallel", "serial12", "serial21")
+STEMS = ("small", "imagenet")
+
+
+class Range(NamedTuple):
+    """Allowed values of a number: low <= x (< when low_open), x <= high (< when high_open)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x) -> bool:
+        if self.low is not None and (x <= self.low if self.low_open else x < self.low):
+            return False
+        return self.high is None or (x < self.high if self.high_open else x <= self.high)
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE = Range(1), Range(2), Range(0), Range(0, low_open=True)
+FRACTION = Range(0, 1, high_open=True)  # [0, 1)
+
+# the allowed range of every numeric parameter of every task (a test checks none is missing)
+RANGES = {
+    "epochs": AT_LEAST_1, "cls_epochs": AT_LEAST_1, "emb_epochs": AT_LEAST_1, "pretrain_epochs": AT_LEAST_1,
+    "batch_size": AT_LEAST_1, "image_size": Range(8), "resize": Range(8), "eval_every": AT_LEAST_1,
+    "num_workers": NON_NEGATIVE, "seed": NON_NEGATIVE, "classes": NON_NEGATIVE, "train_per_class": NON_NEGATIVE,
+    "heldout_fraction": FRACTION, "padding": NON_NEGATIVE, "rrc_scale_min": Range(0, 1, low_open=True),
+    "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "mix_prob": Range(0, 1),
+    "lr": POSITIVE, "cls_lr": POSITIVE, "emb_lr": POSITIVE, "pretrain_lr": POSITIVE, "center_lr": POSITIVE,
+    "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "emb_weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
+    "label_smoothing": FRACTION, "patience": NON_NEGATIVE, "budget_s": NON_NEGATIVE, "dropout": FRACTION,
+    "width": AT_LEAST_1, "cubs_width": NON_NEGATIVE, "embedding_dim": AT_LEAST_1, "hidden": AT_LEAST_1,
+    "triplet_margin": NON_NEGATIVE, "center_weight": NON_NEGATIVE, "ncm_per_class": AT_LEAST_1,
+    "pk_classes": AT_LEAST_2, "pk_images": AT_LEAST_2,  # P >= 2: negatives need another class; K >= 2: positives
+    "alpha": POSITIVE, "beta": POSITIVE, "lam": Range(-1, 1), "epsilon": NON_NEGATIVE,
+    "memory_size": AT_LEAST_1, "memory_warmup_steps": NON_NEGATIVE, "unlabeled_limit": NON_NEGATIVE,
+    "tsne_points": AT_LEAST_1, "tsne_per_class": AT_LEAST_1, "grid_queries": AT_LEAST_1,
+}
+ITEM_TYPES = {"hidden": int}  # element types of list parameters (others hold names)
+TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def parse_list(value) -> tuple:
+    """A list parameter from a list, or from the string `papermill -p` passes: a JSON or Python
+    list ('["ms", "none"]'), comma-separated names ("ms,none") or one name ("ms")."""
+    if isinstance(value, (list, tuple)):
+        return tuple(value)
+    if not isinstance(value, str):
+        raise TypeError
+    text = value.strip()
+    if text[:1] in "[(":
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                parsed = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise TypeError from None
+        if not isinstance(parsed, (list, tuple)):
+            raise TypeError
+        return tuple(parsed)
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+def _coerce(kind: str, value, item=None):
+    """`value` as a `kind` ("int", "float", "bool", "str", "tuple") or TypeError; whole floats
+    count as ints (3.0 -> 3), never 2.5; strings are not numbers (papermill already converts "3")."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise TypeError
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+            raise TypeError
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            raise TypeError
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    items = parse_list(value)
+    if item is int:  # "1024,512" arrives as strings
+        return tuple(_coerce("int", int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v) for v in items)
+    return tuple(_coerce("str", v) for v in items)
+
+
+EXPECTED = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "a string", "tuple": "a list"}
+LIST_EXAMPLE = {int: ' of whole numbers (e.g. [1024, 512] or 1024,512)', None: ' of names (e.g. ["ms", "none"] or ms,none)'}
 
 
 class ConfigBase:
     """Shared builder and helpers of the task configurations."""
 
     PRESETS: dict = {}
+    CHOICES: dict = {}  # parameter -> its valid values (for list parameters: of each item)
+
+    def _validate(self) -> None:
+        """Coerce every field to its annotated type and check its range and choices; raise one
+        ValueError listing every problem (parameter, value, what is allowed)."""
+        problems = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            try:
+                coerced = _coerce(f.type, value, ITEM_TYPES.get(f.name))
+            except TypeError:
+                rule = RANGES.get(f.name)
+                detail = LIST_EXAMPLE[ITEM_TYPES.get(f.name)] if f.type == "tuple" else f" {rule}" if rule else ""
+                problems.append(f"{f.name}={value!r} is not valid; expected {EXPECTED[f.type]}{detail}")
+                continue
+            object.__setattr__(self, f.name, coerced)
+            rule = RANGES.get(f.name)
+            for x in coerced if f.type == "tuple" else (coerced,):
+                if rule is not None and x not in rule:
+                    what = "every item" if f.type == "tuple" else EXPECTED[f.type]
+                    problems.append(f"{f.name}={value!r} is not valid; expected {what} {rule}")
+                    break
+                if f.name in self.CHOICES and x not in self.CHOICES[f.name]:
+                    problems.append(f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {', '.join(map(str, self.CHOICES[f.name]))}")
+                    break
+        if not problems:
+            problems = self._check()
+        if problems:
+            raise ValueError(problems[0] if len(problems) == 1 else f"{len(problems)} invalid parameters:\n  " + "\n  ".join(problems))
+
+    def _check(self) -> list[str]:
+        """Rules between parameters (each subclass its own)."""
+        return []
 
     @classmethod
     def build(cls, task: str, profile: str = "smoke", **params):
@@ -37,9 +173,6 @@ class ConfigBase:
             raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}")
         values = dict(cls.PRESETS[task].get("common", {}), **cls.PRESETS[task][profile])
         values.update({k: v for k, v in params.items() if v is not None})
-        for f in fields(cls):  # papermill passes lists for tuple fields
-            if f.name in values and isinstance(values[f.name], list):
-                values[f.name] = tuple(values[f.name])
         return cls(task=task, profile=profile, **values).resolved()
 
     def resolved(self):
@@ -141,21 +274,13 @@ class RecognitionConfig(ConfigBase):
         PRESETS["E1"]["full"], optimizer="adam", lr=1e-3, weight_decay=1e-4, epochs=30, cutmix=0.0, pk_classes=32, pk_images=8, ncm_per_class=100,
     )
 
+    CHOICES = {"data_path": DATA_PATHS, "crop": ("pad", "rrc"), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "stem": STEMS, "fashions": FASHIONS}
+
     def __post_init__(self):
-        check_choice("data_path", self.data_path, DATA_PATHS)
-        check_choice("crop", self.crop, ("pad", "rrc"))
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
-        check_choice("schedule", self.schedule, SCHEDULES)
-        check_choice("stem", self.stem, ("small", "imagenet"))
-        for fashion in self.fashions:
-            check_choice("fashion", fashion, FASHIONS)
-        if self.budget_s < 0:
-            raise ValueError(f"budget_s={self.budget_s} must be >= 0 (0 = train for `epochs`)")
-        for name in ("epochs", "batch_size", "image_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if not 0 <= self.heldout_fraction < 1:
-            raise ValueError(f"heldout_fraction={self.heldout_fraction} must be in [0, 1)")
+        self._validate()
+
+    def _check(self) -> list[str]:
+        return [] if self.fashions else [f"fashions={self.fashions!r} is not valid; name at least one of {', '.join(FASHIONS)}"]
 
     def fit_config(self, **overrides) -> FitConfig:
         values = dict(
@@ -243,21 +368,18 @@ class RetrievalConfig(ConfigBase):
         }
     }
 
+    CHOICES = {
+        "data_path": DATA_PATHS, "init": INITS, "stem": STEMS, "cls_optimizer": OPTIMIZERS, "emb_optimizer": OPTIMIZERS,
+        "miner": MINERS, "ablation": MINERS, "fashion": ("",) + FASHIONS,
+    }
+
     def __post_init__(self):
-        check_choice("data_path", self.data_path, DATA_PATHS)
-        check_choice("init", self.init, INITS)
-        check_choice("stem", self.stem, ("small", "imagenet"))
-        check_choice("cls_optimizer", self.cls_optimizer, OPTIMIZERS)
-        check_choice("emb_optimizer", self.emb_optimizer, OPTIMIZERS)
-        check_choice("miner", self.miner, MINERS)
-        for miner in self.ablation:
-            check_choice("ablation miner", miner, MINERS)
-        if self.fashion:
-            check_choice("fashion", self.fashion, FASHIONS)
-        if self.pk_images < 2:
-            raise ValueError(f"pk_images={self.pk_images}: the metric loss needs K >= 2 images per class")
+        self._validate()
+
+    def _check(self) -> list[str]:
         if self.image_size > self.resize:
-            raise ValueError(f"image_size={self.image_size} must not exceed resize={self.resize}")
+            return [f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}"]
+        return []
 
     def classifier_fit_config(self) -> FitConfig:
         return FitConfig(
@@ -311,12 +433,15 @@ class LayerwiseConfig(ConfigBase):
         }
     }
 
+    CHOICES = {"optimizer": OPTIMIZERS}
+
     def __post_init__(self):
-        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        self._validate()
+
+    def _check(self) -> list[str]:
         if len(self.hidden) < 4:
-            raise ValueError(f"hidden={self.hidden}: at least 4 layers (the t-SNE shows layer X[3])")
-        if any(int(h) < 1 for h in self.hidden):
-            raise ValueError(f"hidden={self.hidden}: every size must be >= 1")
+            return [f"hidden={self.hidden} is not valid; give at least 4 layer sizes (the t-SNE shows layer X[3])"]
+        return []
 
     def fit_config(self, **overrides) -> FitConfig:
         """Fine-tuning / baseline: cross-entropy, cosine schedule, best held-out epoch kept."""

@@ -17,9 +17,7 @@ In the hot loop nothing is read back to the host except every `log_every` steps.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import signal
 import threading
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from helpers.atomic import atomic_torch_save, atomic_write_json, remove_stale_temporaries
 from helpers.budget import BudgetClock
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
@@ -45,6 +44,17 @@ CHECKPOINT_FORMAT = 1
 
 class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped a training after its state was saved; `.result` holds the partial run.
+
+    A KeyboardInterrupt, so nothing after the training runs (a notebook stops at this cell, a script
+    exits) and no partial result can be reported as a finished one."""
+
+    def __init__(self, message: str, result: "FitResult"):
+        super().__init__(message)
+        self.result = result
 
 
 def check_choice(name: str, value, valid) -> None:
@@ -117,10 +127,20 @@ class FitResult:
     best_value: float | None = None
     interrupted: bool = False
     stopped_early: bool = False
+    planned_epochs: int = 0  # the run's length (a budget run: as planned at its end)
+    resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued, else None
     out_dir: Path | None = None
     train_seconds: float = 0.0  # time in the training loops only
     wall_seconds: float = 0.0  # the whole call (this session's part of it when resumed)
     eval_seconds: float = 0.0  # evaluation passes within the wall time
+
+    def record(self) -> dict:
+        """What the metrics files say about how complete this training is."""
+        return {
+            "epochs_planned": self.planned_epochs, "epochs_done": len(self.history), "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early, "resumed_from": self.resumed_from,
+            "complete": not self.interrupted and (self.stopped_early or len(self.history) >= self.planned_epochs),
+        }
 
     @property
     def images_per_s(self) -> float:
@@ -237,34 +257,6 @@ def parameter_groups(model: nn.Module, objective: nn.Module, weight_decay: float
 # ------------------------------------------------------------------------------------ checkpoints
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
-def _json_default(value):
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value)}")
-
-
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -315,8 +307,9 @@ class _Progress:
         return p
 
 
-# FitConfig fields a resumed run may change: how long it runs and how often it reports
-_NOT_COMPARED = ("epochs", "eval_every", "log_every")
+# FitConfig fields a resumed run may change: how often it reports (the length may not change:
+# the LR schedule depends on it, so a longer resumed run would equal neither run)
+_NOT_COMPARED = ("eval_every", "log_every")
 
 
 def _monitor_mode(monitor: str) -> bool:
@@ -340,6 +333,7 @@ def fit(
     on_step: Callable[[int, int], None] | None = None,
     name: str = "",
     run_key: dict | None = None,
+    on_interrupt: str = "raise",
 ) -> FitResult:
     """Train `model` on `train` for `cfg.epochs` epochs (or exactly `cfg.max_steps` optimizer steps);
     returns the history and the best epoch.
@@ -348,11 +342,13 @@ def fit(
     eval mode); `cfg.monitor` names the metric that picks the best checkpoint, drives early stopping
     and the plateau schedule (held-out only: never the test split). With `out_dir`, checkpoints
     `last.pt` / `best.pt` and `history.json` are written there and an existing `last.pt` is resumed
-    (unless `resume=False`). Ctrl-C saves `last.pt` and returns the history so far
-    (`result.interrupted`). `on_step(epoch, step)` is called after every optimizer step.
+    (unless `resume=False`); a checkpoint of another length (`epochs`, `max_steps`) is refused.
+    Ctrl-C saves `last.pt` and raises TrainingInterrupted (`on_interrupt="return"`: returns the
+    partial result with `result.interrupted` set). `on_step(epoch, step)` is called after every step.
     `run_key` (e.g. the notebook's whole configuration) is stored in the checkpoint; a checkpoint
     written under another key (other data, model or settings) is never resumed silently.
     """
+    check_choice("on_interrupt", on_interrupt, ("raise", "return"))
     called_at = time.perf_counter()
     eval_seconds = 0.0
     device = torch.device(device)
@@ -377,16 +373,25 @@ def fit(
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out, recursive=False)  # left by a run killed mid-write
 
     start_epoch, start_step, history = 0, 0, []
     best_value, best_epoch, bad_epochs = None, None, 0
     running: dict | None = None
     augment_state = None
     ckpt = None
+    resumed_from = None
     if out is not None and resume and (out / "last.pt").is_file():
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
         saved = {k: v for k, v in ckpt["config"].items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (ckpt.get("run_key") or {}).items() if k != "epochs"}
         current = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
+        if saved.get("epochs") != current.get("epochs") and {k: v for k, v in saved.items() if k != "epochs"} == {k: v for k, v in current.items() if k != "epochs"}:
+            state = "finished" if ckpt["epoch"] >= -(-(ckpt["config"].get("max_steps") or saved["epochs"] * steps_per_epoch) // max(1, steps_per_epoch)) else f"stopped after epoch {ckpt['epoch']}"
+            raise ValueError(
+                f"{out / 'last.pt'} is a {saved['epochs']}-epoch run ({state}); epochs is now {cfg.epochs}. "
+                f"Its LR schedule was planned for that length, so continuing it for {cfg.epochs} would equal neither run. "
+                f"Set epochs={saved['epochs']} to resume it, or pass resume=False (or another out_dir) to train {cfg.epochs} epochs afresh."
+            )
         if saved != current:
             diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
             raise ValueError(
@@ -406,6 +411,7 @@ def fit(
         start_epoch, start_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
         best_value, best_epoch, bad_epochs = ckpt["best_value"], ckpt["best_epoch"], ckpt["bad_epochs"]
         running, augment_state = ckpt.get("running"), ckpt.get("augment_rng")
+        resumed_from = {"epoch": start_epoch, "step": start_step}
         set_rng_state(ckpt["rng"])
         if any(h.get("stopped_early") for h in history):
             start_epoch = num_epochs()  # the run had finished by early stopping
@@ -421,7 +427,6 @@ def fit(
             "objective": objective.state_dict(),
             "optimizer": optimizer.state_dict(),
             "schedule": schedule.state_dict(),
-            "scaler": None,  # bf16 autocast needs no gradient scaler
             "epoch": epoch,
             "step": step,
             "history": history,
@@ -436,7 +441,7 @@ def fit(
             "budget_elapsed": budget.elapsed() if budget is not None else None,
         }
 
-    result = FitResult(history=history, monitor=cfg.monitor, out_dir=out)
+    result = FitResult(history=history, monitor=cfg.monitor, out_dir=out, resumed_from=resumed_from)
     bar_factory = _progress_bar if progress else None
     epoch, step, aug_rng, sums = start_epoch, start_step, None, None
     at_boundary = True  # last.pt already describes the current state
@@ -554,23 +559,45 @@ def fit(
             epoch += 1
     except KeyboardInterrupt:
         result.interrupted = True
+        interrupted_at = (epoch, step, at_boundary)
         # A first Ctrl-C is deferred to the end of the current step (see _StopRequest), so the
         # state here is consistent; a second, forced one may land mid-step: keep the last checkpoint.
         consistent = not stop_request.forced
         if out is not None and not at_boundary and consistent and sums is not None:
             atomic_torch_save(checkpoint(epoch, step, sums.state(), aug_rng), out / "last.pt")
-        where = f"epoch {epoch + 1}, step {step}" if not at_boundary else f"the end of epoch {len(history)}"
-        saved = f"; state saved to {out / 'last.pt'} (rerun to resume)" if out is not None else ""
-        print(f"Interrupted at {where}{saved}; returning the history so far.", flush=True)
     finally:
         stop_request.release()
     result.history = history
     result.best_value, result.best_epoch = best_value, best_epoch
     result.train_seconds = sum(h["train_seconds"] for h in history)
     result.wall_seconds, result.eval_seconds = time.perf_counter() - called_at, eval_seconds
+    result.planned_epochs = num_epochs() if schedule.total != UNPLANNED else cfg.epochs
+    if result.interrupted:
+        message = _interrupted_message(name, *interrupted_at, result.planned_epochs, len(history), out, stop_request.forced)
+        if on_interrupt == "raise":
+            raise TrainingInterrupted(message, result)
+        print(message, flush=True)
+        return result
     if cfg.restore_best and out is not None and best_epoch is not None and (out / "best.pt").is_file():
         model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
     return result
+
+
+def _interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool) -> str:
+    where = f"in epoch {epoch + 1}/{planned} at step {step}" if not at_boundary else f"after epoch {done}/{planned}"
+    what = f"Training{' of ' + name if name else ''} was interrupted {where}"
+    if out is None:
+        return f"{what}; nothing was saved (no out_dir), so a rerun starts afresh."
+    if forced and not at_boundary:  # a second Ctrl-C does not wait for the step to end
+        if not (out / "last.pt").is_file():
+            return f"{what} at once; nothing was saved yet, so a rerun starts afresh."
+        saved = f"the previous checkpoint {out / 'last.pt'} is kept"
+    else:
+        saved = f"its state is saved in {out / 'last.pt'}"
+    return (
+        f"{what}; {saved}. Nothing after the training ran and no result was recorded: "
+        "rerun (with resume=True, the default) to continue from there."
+    )
 
 
 class _StopRequest:

@@ -91,7 +91,10 @@ class NearestClassMeanEvaluator:
 
 class RetrievalEvaluator:
     """Per-epoch retrieval evaluation: Recall@K and MAP@R of `embed(x)` on each split
-    (leave-one-out within the split, cosine similarity): {"<split>_recall@1", ..., "<split>_map@r"}."""
+    (leave-one-out within the split, cosine similarity; queries whose class has no other item in
+    the split are excluded, see `helpers.metrics`): {"<split>_recall@1", ..., "<split>_map@r"}.
+    The query counts depend only on the labels, so they stay out of the per-epoch records; the
+    final `retrieval_metrics` call of a run reports them."""
 
     def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, embed: Callable[[nn.Module], Callable] | None = None, ks: Sequence[int] = (1, 2, 4, 8), device="cpu", amp: bool = True, channels_last: bool = True):
         self.splits, self.augment, self.embed, self.ks = splits, augment, embed, tuple(ks)
@@ -103,7 +106,7 @@ class RetrievalEvaluator:
         for name, source in self.splits.items():
             emb, labels = run_split(fn, source, self.augment, self.device, self.amp, self.channels_last)
             metrics = retrieval_metrics(emb, labels, ks=self.ks)
-            out.update({f"{name}_{k}": v for k, v in metrics.items() if not k.startswith("precision")})
+            out.update({f"{name}_{k}": v for k, v in metrics.items() if k.startswith(("recall@", "map@"))})
         return out
 
 

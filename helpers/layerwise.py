@@ -57,8 +57,6 @@ def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: FitConfig, ou
             objective = LayerReconstruction(i, layer.out_features, layer.in_features)
             layer_dir = Path(out_dir) / f"{name}_layer{i}" if out_dir is not None else None
             results.append(fit(model, source, augment, cfg, objective=objective, out_dir=layer_dir, device=device, progress=progress, name=f"{name} layer {i}", resume=resume))
-            if results[-1].interrupted:
-                break
     finally:
         freeze_all_but(model, None)
     return results

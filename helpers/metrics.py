@@ -1,9 +1,16 @@
 """Evaluation metrics: retrieval (Recall@K, MAP@R, Precision@K) and classification.
 
 Retrieval metrics rank, for each query, every OTHER item of the same set (leave-one-out, the
-query itself excluded) by cosine similarity. Similarities are computed ``chunk_size`` query rows
-at a time, so an N x N matrix never sits in memory (16,185 x 16,185 floats would be 1 GB). All
-functions accept torch tensors (computed on their device) or numpy arrays (computed on the CPU).
+query itself excluded) by cosine similarity. Queries without a positive (their class has no
+other item in the set) are EXCLUDED from every retrieval metric, the convention of
+pytorch-metric-learning's AccuracyCalculator and of the metric-learning literature: such a
+query can only miss, and counting it would penalise the data, not the embedding.
+``retrieval_metrics`` reports how many queries were evaluated and how many were excluded; when
+no query has a positive every metric is NaN (no error, so a per-epoch evaluation keeps going).
+
+Similarities are computed ``chunk_size`` query rows at a time, so an N x N matrix never sits in
+memory (16,185 x 16,185 floats would be 1 GB). All functions accept torch tensors (computed on
+their device) or numpy arrays (computed on the CPU).
 
 Tie policy (all retrieval metrics): pessimistic. Items with exactly equal similarity to the query
 are ranked with the different-label items first, so a tie never helps the score. The result is a
@@ -121,7 +128,9 @@ def _retrieval_sums(
 ) -> dict[str, Any]:
     """One chunked pass over the queries. Returns per-query results, summed once at the end so
     the totals do not depend on chunk_size: hit (N, len(ks)) bool, precision (N, len(ks))
-    float64, ap (N,) float64 and r (N,) long (AP@R and R; ap is 0 where R = 0)."""
+    float64, ap (N,) float64 (AP@R, only with with_map) and r (N,) long (R, the number of other
+    same-label items). Queries with R = 0 have hit, precision and ap 0: the callers leave them
+    out through r."""
     emb, lab = _embeddings_and_labels(embeddings, labels)
     chunk_size = _check_chunk_size(chunk_size)
     n, device = emb.shape[0], emb.device
@@ -135,6 +144,7 @@ def _retrieval_sums(
 
     x = F.normalize(emb, dim=1)
     order, start, count = _class_members(lab)
+    r.copy_(count - 1)
     width = int(count.max())  # the one device sync
     neg_depth = max(ks)
     if with_map:
@@ -154,18 +164,22 @@ def _retrieval_sums(
             in_top_r = valid & (rank <= r_chunk[:, None])
             precision_at_rank = torch.arange(1, rank.shape[1] + 1, device=device, dtype=torch.float64) / rank
             ap[rows] = (precision_at_rank * in_top_r).sum(dim=1) / r_chunk.clamp(min=1)
-            r[rows] = r_chunk
     return out
 
 
-def _fractions(per_query: Tensor, ks: tuple[int, ...]) -> dict[int, float]:
-    """Column means of (N, len(ks)) per-query values as {K: float}; NaN for N = 0."""
-    n = per_query.shape[0]
-    values = (per_query.double().sum(dim=0) / n).tolist() if n > 0 else [float("nan")] * len(ks)
+def _fractions(per_query: Tensor, r: Tensor, ks: tuple[int, ...]) -> dict[int, float]:
+    """Column means of (N, len(ks)) per-query values over the queries with R > 0 (r (N,)) as
+    {K: float}; NaN for every K when no query has a positive."""
+    has_positive = r > 0
+    queries = int(has_positive.sum())
+    if queries == 0:
+        return {k: float("nan") for k in ks}
+    values = (per_query[has_positive].double().sum(dim=0) / queries).tolist()
     return dict(zip(ks, values))
 
 
 def _map_value(out: dict[str, Tensor]) -> float:
+    """Mean AP@R over the queries with R > 0; NaN when there are none."""
     has_positive = out["r"] > 0
     queries = int(has_positive.sum())
     return float(out["ap"][has_positive].sum()) / queries if queries > 0 else float("nan")
@@ -177,14 +191,16 @@ def recall_at_k(
     """Standard retrieval Recall@K, leave-one-out, cosine similarity. {K: fraction in [0, 1]}.
 
     embeddings (N, D), labels (N,). For each query every OTHER item is ranked; the query hits at
-    K if at least one of its K most similar items has its label; Recall@K = hits / N over ALL
-    queries. A query whose class has no other item can never hit and counts as a miss.
-    Pessimistic ties: with s+ the query's highest similarity to a same-label item, it hits at K
-    iff fewer than K different-label items have similarity >= s+. Never decreases with K.
+    K if at least one of its K most similar items has its label; Recall@K = hits / Q over the Q
+    queries that have a positive. A query whose class has no other item is excluded (not a
+    miss), though it still ranks as a negative for the others; NaN for every K when Q = 0
+    (``retrieval_metrics`` also reports Q and the excluded count). Pessimistic ties: with s+ the
+    query's highest similarity to a same-label item, it hits at K iff fewer than K different-label
+    items have similarity >= s+. Never decreases with K.
     """
     ks = _check_ks(ks)
     sums = _retrieval_sums(embeddings, labels, ks, chunk_size, with_map=False)
-    return _fractions(sums["hit"], ks)
+    return _fractions(sums["hit"], sums["r"], ks)
 
 
 def precision_at_k(
@@ -192,9 +208,10 @@ def precision_at_k(
 ) -> dict[int, float]:
     """Precision@K (the assignment's literal "recall" formula). {K: fraction in [0, 1]}.
 
-    The mean over ALL queries of (number of same-label items among the top K) / K, leave-one-out,
-    cosine similarity, pessimistic ties (same ranking as ``recall_at_k``); the denominator is K
-    even when fewer than K other items exist.
+    embeddings (N, D), labels (N,). The mean of (number of same-label items among the top K) / K
+    over the queries that have a positive (queries whose class has no other item are excluded,
+    as in ``recall_at_k``; NaN when none is left), leave-one-out, cosine similarity, pessimistic
+    ties; the denominator is K even when fewer than K other items exist.
 
     It falls as K grows, unlike Recall@K: a class has only so many other images (about 80 per
     Cars-196 class), and even a perfect embedding ranks other classes next once those run out,
@@ -203,35 +220,42 @@ def precision_at_k(
     """
     ks = _check_ks(ks)
     sums = _retrieval_sums(embeddings, labels, ks, chunk_size, with_map=False)
-    return _fractions(sums["precision"], ks)
+    return _fractions(sums["precision"], sums["r"], ks)
 
 
 def map_at_r(embeddings: ArrayLike, labels: ArrayLike, chunk_size: int = 1024) -> float:
     """MAP@R (Musgrave et al., "A Metric Learning Reality Check", ECCV 2020), leave-one-out, cosine.
 
-    For each query, R = number of OTHER items with its label and
+    embeddings (N, D), labels (N,). For each query, R = number of OTHER items with its label and
     AP@R = (1/R) sum_{i=1..R} P(i) rel(i) over the top R retrieved items (P(i) = precision at
     rank i, rel(i) = 1 if the item at rank i has the query's label). Queries with R = 0 are
-    skipped; the result is the mean over the others (NaN if none). Pessimistic ties as in
-    ``recall_at_k``. Needs the top max(R) neighbours of each query (topk, not a full sort).
+    excluded, as in ``recall_at_k``; the result is the mean over the others (NaN if none).
+    Pessimistic ties as in ``recall_at_k``. Needs the top max(R) neighbours of each query (topk, not a full sort).
     """
     return _map_value(_retrieval_sums(embeddings, labels, (1,), chunk_size, with_map=True))
 
 
 def retrieval_metrics(
     embeddings: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 2, 4, 8), chunk_size: int = 1024
-) -> dict[str, float]:
-    """All retrieval metrics in one chunked pass: {"recall@K", "precision@K" for K in ks, "map@r"}.
+) -> dict[str, float | int]:
+    """All retrieval metrics in one chunked pass, embeddings (N, D), labels (N,):
+    {"recall@K", "precision@K" for K in ks, "map@r"} (floats) plus "queries" (int, the Q queries
+    with a positive that every metric averages over) and "excluded_queries" (int, N - Q: queries
+    whose class has no other item, left out of every metric).
 
-    Same definitions and tie policy as ``recall_at_k``, ``precision_at_k`` and ``map_at_r``.
+    Same definitions and tie policy as ``recall_at_k``, ``precision_at_k`` and ``map_at_r``; every
+    metric is NaN when Q = 0.
     """
     ks = _check_ks(ks)
     sums = _retrieval_sums(embeddings, labels, ks, chunk_size, with_map=True)
-    recall = _fractions(sums["hit"], ks)
-    precision = _fractions(sums["precision"], ks)
-    out = {f"recall@{k}": recall[k] for k in ks}
+    recall = _fractions(sums["hit"], sums["r"], ks)
+    precision = _fractions(sums["precision"], sums["r"], ks)
+    out: dict[str, float | int] = {f"recall@{k}": recall[k] for k in ks}
     out.update({f"precision@{k}": precision[k] for k in ks})
     out["map@r"] = _map_value(sums)
+    queries = int((sums["r"] > 0).sum())
+    out["queries"] = queries
+    out["excluded_queries"] = int(sums["r"].shape[0]) - queries
     return out
 
 

@@ -7,10 +7,13 @@ HTML, the metrics JSON and figures it writes, and the two-page report built from
     python -m helpers.pipeline --profile full --data-dir data --device cuda --plan   # predicted wall time only
 
 Notebooks run in dependency order (T2 before T3 before T4: T3 reads T2's metrics, T4 reads T3's
-selection and checkpoint). A failing notebook is reported with its failing cell; what does not
-depend on it still runs; the exit status is then non-zero. `--resume` skips a notebook whose
-executed copy, HTML and metrics are all newer than its inputs (the notebook, the helpers package,
-the metrics of the notebooks it depends on). `--plan` measures a few training steps of every model
+selection and checkpoint). A failing notebook is reported with its failing cell (an OS error such
+as a full disk with the path it could not write); what does not depend on it still runs; the exit
+status is then non-zero and OUT/pipeline.json is written whatever happens. Ctrl-C asks the running
+notebook to save its training state and stop (a second Ctrl-C stops it at once), marks it
+`interrupted`, runs nothing more and exits with status 130; `--resume` then continues it.
+`--resume` skips a notebook whose executed copy, HTML and complete metrics are all newer than its
+inputs (the notebook, the helpers package, the metrics of the notebooks it depends on). `--plan` measures a few training steps of every model
 on the device and predicts each notebook's wall time (helpers.plan) without running anything; it
 writes OUT/plan.json, and a later run of the same profile records each notebook's prediction
 beside its measured time in pipeline.json.
@@ -20,15 +23,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.data.errors import DatasetError
-from helpers.engine import atomic_write_json
 from helpers.runinfo import PACKAGE_DIR, project_root
+
+INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C
 
 
 @dataclass(frozen=True)
@@ -73,26 +81,37 @@ def newest_input(notebook: Path, out: Path, step: Step) -> float:
 
 
 def is_complete(out: Path, step: Step, notebook: Path, profile: str) -> bool:
-    """All outputs present, newer than every input, and produced by this profile."""
+    """All outputs present, newer than every input, produced by this profile, the metrics not
+    partial and the executed notebook free of errors."""
     paths = outputs_of(out, step)
     if not all(p.is_file() for p in paths):
         return False
     try:
-        if json.loads(paths[2].read_text()).get("profile") != profile:
-            return False
+        metrics = json.loads(paths[2].read_text())
+        executed = json.loads(paths[0].read_text())
     except (OSError, json.JSONDecodeError):
+        return False
+    if metrics.get("profile") != profile or metrics.get("complete") is False:
+        return False
+    if executed.get("metadata", {}).get("papermill", {}).get("exception"):
         return False
     return min(p.stat().st_mtime for p in paths) > newest_input(notebook, out, step)
 
 
-def failure_summary(exc: Exception) -> str:
-    """One line naming the failing cell and the error, from a papermill execution error."""
+INTERRUPT_NAMES = ("TrainingInterrupted", "KeyboardInterrupt")
+
+
+def failure_summary(exc: BaseException, written: Path | None = None) -> str:
+    """One line naming the failing cell and the error, from a papermill execution error; an
+    OSError of the pipeline's own writes (e.g. a full disk) names the path it was writing."""
     from papermill.exceptions import PapermillExecutionError
 
     if isinstance(exc, PapermillExecutionError):
         code = [line for line in (exc.source or "").splitlines() if line.strip() and not line.lstrip().startswith("#")]
         where = f"cell {exc.cell_index} of the executed notebook" + (f" (`{code[0].strip()[:60]}`)" if code else "")
         return f"{where} raised {exc.ename}: {exc.evalue}"
+    if isinstance(exc, OSError) and not exc.filename and written is not None:
+        return f"{type(exc).__name__}: {exc} (while writing {written})"
     return f"{type(exc).__name__}: {exc}"
 
 
@@ -104,27 +123,109 @@ def write_html(executed: Path, html: Path) -> None:
     html.write_text(body, encoding="utf-8")
 
 
-def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, html_pool=None) -> tuple[str, str]:
-    """Execute one notebook and render its HTML (in `html_pool` when given); returns (status, message)."""
+class KernelInterrupter:
+    """SIGINT handler of a pipeline run. While a notebook runs, each Ctrl-C is passed on to its
+    kernel (which is in a session of its own, so the terminal's signal does not reach it): the first
+    makes a training save its state and stop after the current step, the second stops it at once, a
+    third kills the kernel. Between notebooks, Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self, log):
+        self.log = log
+        self.presses = self.forwarded = 0
+        self.running = ""  # the notebook being executed, "" between notebooks
+        self.kernel_manager = None  # set by the TrackedKernelManager of the running notebook
+
+    def start(self, step: str) -> None:
+        self.running, self.presses, self.forwarded, self.kernel_manager = step, 0, 0, None
+
+    def stop(self) -> None:
+        self.running, self.kernel_manager = "", None
+
+    def __call__(self, signum, frame):
+        if not self.running:
+            raise KeyboardInterrupt
+        self.presses += 1
+        if self.presses == 1:
+            self.log(f"\n[pipeline] Ctrl-C: asking {self.running} to save its state and stop (Ctrl-C again: stop at once)")
+        self.forward()
+
+    def forward(self) -> None:
+        """Send the kernel the signals of the presses not passed on yet (once it has a process)."""
+        pid = getattr(getattr(self.kernel_manager, "provisioner", None), "pid", None)
+        while pid is not None and self.forwarded < self.presses:
+            self.forwarded += 1
+            try:
+                os.killpg(pid, signal.SIGINT if self.forwarded < 3 else signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def kernel_manager_class(self):
+        """An AsyncKernelManager class that tells this handler which kernel is running."""
+        from jupyter_client.manager import AsyncKernelManager
+
+        handler = self
+
+        class TrackedKernelManager(AsyncKernelManager):
+            def __init__(self, **kwargs):
+                super().__init__(**kwargs)
+                handler.kernel_manager = self
+
+        return TrackedKernelManager
+
+
+def execute(source: Path, executed: Path, parameters: dict, cwd: Path, interrupter: KernelInterrupter | None) -> None:
+    """papermill.execute_notebook. With an interrupter (POSIX, main thread) papermill runs in a
+    worker thread, where nbclient installs no signal handler that would shut the kernel down,
+    while this thread waits and passes Ctrl-C on to the kernel."""
     import papermill
 
-    executed = out / "notebooks" / f"{step.name}.ipynb"
+    options = dict(parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False)
+    if interrupter is None:
+        papermill.execute_notebook(str(source), str(executed), **options)
+        return
+    options["kernel_manager_class"] = interrupter.kernel_manager_class()
+    interrupter.start(source.stem)
     try:
-        papermill.execute_notebook(
-            str(notebooks_dir / f"{step.name}.ipynb"), str(executed), parameters=parameters,
-            kernel_name="python3", cwd=str(notebooks_dir), progress_bar=False,
-        )
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            future = pool.submit(papermill.execute_notebook, str(source), str(executed), **options)
+            while True:
+                try:
+                    return future.result(timeout=0.2)
+                except TimeoutError:
+                    interrupter.forward()  # a Ctrl-C that came before the kernel had started
+    finally:
+        interrupter.stop()
+
+
+def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, html_pool=None, interrupter: KernelInterrupter | None = None) -> tuple[str, str]:
+    """Execute one notebook and render its HTML (in `html_pool` when given); returns (status,
+    message), status "ok", "failed" or "interrupted". Never raises for a notebook's failure."""
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    executed = out / "notebooks" / f"{step.name}.ipynb"
+    metrics = out / "metrics" / f"{step.name}.json"
+    metrics.unlink(missing_ok=True)  # a failed run must not leave an older run's metrics behind
+    try:
+        execute(notebooks_dir / f"{step.name}.ipynb", executed, parameters, notebooks_dir, interrupter)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
-        if executed.is_file():
-            write_html(executed, executed.with_suffix(".html"))
-        return "failed", failure_summary(exc)
+        stopped = interrupter is not None and interrupter.presses > 0
+        interrupted = (isinstance(exc, PapermillExecutionError) and exc.ename in INTERRUPT_NAMES) or (stopped and isinstance(exc, DeadKernelError))
+        message = failure_summary(exc, executed)
+        try:
+            if executed.is_file():
+                write_html(executed, executed.with_suffix(".html"))
+        except Exception as html_exc:  # noqa: BLE001 - e.g. the executed copy is truncated (disk full): keep the first error
+            message += f" (no HTML: {type(html_exc).__name__}: {str(html_exc)[:120]})"
+        return ("interrupted" if interrupted else "failed"), message
     if html_pool is not None:  # the next notebook's kernel runs meanwhile; errors are collected at the end
         html_pool.futures[step.name] = html_pool.submit(write_html, executed, executed.with_suffix(".html"))
     else:
         write_html(executed, executed.with_suffix(".html"))
-    metrics = out / "metrics" / f"{step.name}.json"
     if not metrics.is_file():
         return "failed", f"ran, but wrote no {metrics}"
+    if json.loads(metrics.read_text()).get("complete") is False:
+        return "failed", f"{metrics} holds partial results (an interrupted training); rerun with --resume"
     return "ok", str(metrics)
 
 
@@ -153,12 +254,17 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
 
 
 def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print) -> dict:
-    """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool}."""
+    """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool,
+    "interrupted": bool}. OUT/pipeline.json is written whatever happens (Ctrl-C included)."""
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
+    steps = select_steps(only)
     out = Path(out).resolve()
     for sub in ("notebooks", "metrics", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
+    stale = remove_stale_temporaries(out)
+    if stale:
+        log(f"[pipeline] removed {len(stale)} temporary file(s) left by a killed run, e.g. {stale[0]}")
     notebooks_dir = project_root() / "notebooks"
     # without --resume everything is regenerated: no earlier checkpoint is continued
     parameters = {"profile": profile, "out_dir": str(out), "resume": resume}
@@ -170,47 +276,84 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     plan = load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1) as html_pool:  # HTML of one notebook renders while the next runs
-        html_pool.futures = {}
-        for step in select_steps(only):
-            notebook = notebooks_dir / f"{step.name}.ipynb"
-            broken = [d for d in step.needs if status.get(d, {}).get("status") in ("failed", "skipped")]
-            tic = time.perf_counter()
-            if broken:
-                result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
-            elif resume and is_complete(out, step, notebook, profile):
-                result = {"status": "up to date", "message": "outputs newer than inputs"}
-            else:
-                log(f"[pipeline] running {step.name} ...")
-                state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool)
-                result = {"status": state, "message": message}
-            status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
-            if step.name in predicted and result["status"] != "up to date":
-                status[step.name]["predicted_seconds"] = predicted[step.name]
-            log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
-    for name, future in html_pool.futures.items():
-        if future.exception() is not None:
-            status[name] = {"status": "failed", "message": f"HTML export failed: {future.exception()}", "seconds": status[name]["seconds"]}
-    report_path = None
-    if report:
-        from helpers.report import build_report
+    summary = {"profile": profile, "out": str(out), "parameters": parameters, "steps": status, "report": None, "ok": False, "interrupted": False}
+    interrupter = KernelInterrupter(log) if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg") else None
+    previous_handler = signal.signal(signal.SIGINT, interrupter) if interrupter is not None else None
+    current = None
+    try:
+        with ThreadPoolExecutor(max_workers=1) as html_pool:  # HTML of one notebook renders while the next runs
+            html_pool.futures = {}
+            for step in steps:
+                current = step.name
+                notebook = notebooks_dir / f"{step.name}.ipynb"
+                broken = [d for d in step.needs if status.get(d, {}).get("status") not in (None, "ok", "up to date")]
+                tic = time.perf_counter()
+                if broken:
+                    result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
+                elif resume and is_complete(out, step, notebook, profile):
+                    result = {"status": "up to date", "message": "outputs newer than inputs"}
+                else:
+                    log(f"[pipeline] running {step.name} ...")
+                    state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool, interrupter)
+                    result = {"status": state, "message": message}
+                status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
+                if step.name in predicted and result["status"] != "up to date":
+                    status[step.name]["predicted_seconds"] = predicted[step.name]
+                log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
+                if result["status"] == "interrupted" or (interrupter is not None and interrupter.presses):
+                    summary["interrupted"] = True
+                    break
+            current = None
+        for name, future in html_pool.futures.items():
+            if future.exception() is not None:
+                status[name] = {"status": "failed", "message": f"HTML export failed: {future.exception()}", "seconds": status[name]["seconds"]}
+        if report and not summary["interrupted"]:
+            from helpers.report import build_report
 
+            current = "report"
+            try:
+                summary["report"] = str(build_report(out))
+                log(f"[pipeline] report: {summary['report']}")
+            except Exception as exc:  # noqa: BLE001
+                status["report"] = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
+                log(f"[pipeline] report failed: {exc}")
+            current = None
+    except KeyboardInterrupt:  # Ctrl-C while no notebook was running (HTML, report, start-up)
+        summary["interrupted"] = True
+        if current is not None and current not in status:
+            status[current] = {"status": "interrupted", "message": "Ctrl-C", "seconds": 0.0}
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+        for step in steps:
+            if step.name not in status:
+                status[step.name] = {"status": "not run", "message": "the pipeline was interrupted" if summary["interrupted"] else "the pipeline stopped early"}
+        summary["ok"] = all(s["status"] in ("ok", "up to date") for s in status.values())
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        if plan:
+            ran = [name for name, s in status.items() if "predicted_seconds" in s]
+            summary["plan"] = {
+                "made": plan["run"]["time"], "predicted_seconds": round(sum(predicted[n] for n in ran), 1),
+                "measured_seconds": round(sum(status[n]["seconds"] for n in ran), 1), "notebooks": ran,
+            }
         try:
-            report_path = build_report(out)
-            log(f"[pipeline] report: {report_path}")
-        except Exception as exc:  # noqa: BLE001
-            status["report"] = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
-            log(f"[pipeline] report failed: {exc}")
-    ok = all(s["status"] in ("ok", "up to date") for s in status.values())
-    summary = {"profile": profile, "out": str(out), "parameters": parameters, "steps": status, "report": str(report_path) if report_path else None, "ok": ok, "seconds": round(time.perf_counter() - started, 1)}
-    if plan:
-        ran = [name for name, s in status.items() if "predicted_seconds" in s]
-        summary["plan"] = {
-            "made": plan["run"]["time"], "predicted_seconds": round(sum(predicted[n] for n in ran), 1),
-            "measured_seconds": round(sum(status[n]["seconds"] for n in ran), 1), "notebooks": ran,
-        }
-    atomic_write_json(summary, out / "pipeline.json")
+            atomic_write_json(summary, out / "pipeline.json")
+        except OSError as exc:
+            log(f"[pipeline] could not write the summary: {exc}")
+            summary["summary_error"] = str(exc)
     return summary
+
+
+def interrupted_line(summary: dict) -> str:
+    """The one line a Ctrl-C ends with: what was saved, how to go on."""
+    stopped = [name for name, s in summary["steps"].items() if s["status"] == "interrupted"]
+    done = [name for name, s in summary["steps"].items() if s["status"] in ("ok", "up to date")]
+    command = "python -m helpers.pipeline " + " ".join(
+        [f"--profile {summary['profile']}", f"--out {summary['out']}"] + [f"--{k.replace('_', '-')} {v}" for k, v in summary["parameters"].items() if k in ("data_dir", "device")]
+    )
+    what = f"{stopped[0]} saved its training state under {summary['out']}/checkpoints" if stopped else "nothing was running"
+    kept = f"; finished: {', '.join(done)}" if done else ""
+    return f"[pipeline] interrupted: {what}{kept}. Continue with: {command} --resume"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if summary["interrupted"]:
+        print(interrupted_line(summary), flush=True)
+        return INTERRUPTED_EXIT
     if summary.get("plan"):
         print(f"[pipeline] predicted {summary['plan']['predicted_seconds']} s for the notebooks run, measured {summary['plan']['measured_seconds']} s")
     failed = {k: v for k, v in summary["steps"].items() if v["status"] not in ("ok", "up to date")}

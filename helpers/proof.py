@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from helpers.data.errors import DatasetError
-from helpers.engine import atomic_write_json
+from helpers.atomic import atomic_write_json
 from helpers.runinfo import peak_mem_mb, run_info
 
 WHO = ("project", "peer")

@@ -25,7 +25,8 @@ from helpers.data import (
     synthetic,
 )
 from helpers.data.loaders import BatchSource
-from helpers.engine import FitResult, atomic_write_json, fit
+from helpers.atomic import atomic_write_json
+from helpers.engine import FitResult, fit
 from helpers.evaluation import ClassificationEvaluator, NearestClassMeanEvaluator, classification_metrics, classification_report, run_split
 from helpers.losses import TripletLoss
 from helpers.metrics import topk_accuracy
@@ -72,6 +73,16 @@ def _subset_indices(labels: np.ndarray, classes: int, per_class: int) -> np.ndar
     return keep
 
 
+def check_subset_fits(cfg: RecognitionConfig, train_labels: np.ndarray, root: Path) -> None:
+    """`classes` and `train_per_class` against what the data has; a ValueError that states it."""
+    counts = np.bincount(train_labels)
+    if cfg.classes > len(counts):
+        raise ValueError(f"classes={cfg.classes} is not valid: the data at {root} has {len(counts)} classes; use 1 to {len(counts)} (0 = all)")
+    most = counts[: cfg.classes or len(counts)].max()
+    if cfg.train_per_class > most:
+        raise ValueError(f"train_per_class={cfg.train_per_class} is not valid: the data at {root} has at most {most} training images per class; use 1 to {most} (0 = all)")
+
+
 def split_indices(train_labels: np.ndarray, test_labels: np.ndarray, cfg: RecognitionConfig) -> dict[str, np.ndarray]:
     """Indices of the train / held-out split of official train and of the test (official val) split,
     after the `classes` and `train_per_class` subsets; fixed by cfg.seed."""
@@ -89,6 +100,12 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
     are decoded per item by DataLoader workers; "auto": gpu on CUDA, else cached.
     """
     root, generated = tiny_imagenet_root(cfg)
+    # checked on the file lists (nothing decoded yet): the subset, and E1's P x K batches on what is left
+    train_labels, test_labels = (np.asarray(TinyImageNet(root, split).targets) for split in ("train", "val"))
+    check_subset_fits(cfg, train_labels, root)
+    splits = split_indices(train_labels, test_labels, cfg)
+    if cfg.task == "E1":
+        PKBatchSampler(train_labels[splits["train"]], cfg.pk_classes, cfg.pk_images, drop_small_classes=True)
     cuda = cfg.device.startswith("cuda")
     path = cfg.data_path if cfg.data_path != "auto" else ("gpu" if cuda else "cached")
     if path == "gpu" and not cuda:
@@ -96,12 +113,9 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
     if path == "lazy":
         train_set = TinyImageNet(root, "train", transform=ToUint8Tensor(crop=NATIVE_SIZE))
         test_set = TinyImageNet(root, "val", transform=ToUint8Tensor(crop=NATIVE_SIZE))
-        train_labels, test_labels = np.asarray(train_set.targets), np.asarray(test_set.targets)
     else:
         train_set = CachedTinyImageNet(root, "train", num_workers=cfg.num_workers)
         test_set = CachedTinyImageNet(root, "val", num_workers=cfg.num_workers)
-        train_labels, test_labels = train_set.targets, test_set.targets
-    splits = split_indices(train_labels, test_labels, cfg)
     sources = {}
     for name, idx in splits.items():
         dataset, labels = (train_set, train_labels) if name != "test" else (test_set, test_labels)
@@ -156,8 +170,7 @@ def _summary(name: str, describe: dict, result: FitResult, cfg, heldout: dict, t
         "architecture": describe,
         "best_epoch": result.best_epoch,
         "epochs_run": len(result.history),
-        "stopped_early": result.stopped_early,
-        "interrupted": result.interrupted,
+        "training": result.record(),
         "train_seconds": result.train_seconds,
         "fit_seconds": {"wall": result.wall_seconds, "evaluation": result.eval_seconds},
         "images_per_s": result.images_per_s,
@@ -262,12 +275,31 @@ def metrics_path(out_dir: str | Path, name: str) -> Path:
 
 
 def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -> Path:
-    """Write out_dir/metrics/<name>.json with the resolved configuration and the run's provenance."""
+    """Write out_dir/metrics/<name>.json with the resolved configuration and the run's provenance.
+
+    `complete` is False (and `partial` lists where) when any training record in the payload
+    (a FitResult.record()) is not complete: the report leaves such files out."""
     path = metrics_path(cfg.out_dir, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"name": name, "task": cfg.task, "profile": cfg.profile, "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device), **payload}
+    partial = partial_trainings(payload)
+    document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
+                "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device), **payload}
     atomic_write_json(document, path)
     return path
+
+
+def partial_trainings(payload, where: str = "") -> list[str]:
+    """Paths (e.g. "models.T2_resnet18") of the incomplete training records in a metrics payload."""
+    found = []
+    if isinstance(payload, dict):
+        if "epochs_planned" in payload and payload.get("complete") is False:  # a FitResult.record()
+            return [where]
+        for key, value in payload.items():
+            found += partial_trainings(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(payload, list):
+        for i, value in enumerate(payload):
+            found += partial_trainings(value, f"{where}[{i}]")
+    return found
 
 
 def load_metrics(out_dir: str | Path, name: str) -> dict | None:

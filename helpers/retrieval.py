@@ -171,8 +171,11 @@ def embed_split(fn, source: BatchSource, augment: BatchAugment, cfg: RetrievalCo
     return run_split(fn, source, augment, cfg.device, cfg.amp, cfg.channels_last)
 
 
-def retrieval_summary(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Recall@1,2,4,8, MAP@R and Precision@1,2,4,8 (leave-one-out over the test classes, cosine)."""
+def retrieval_summary(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
+    """Recall@1,2,4,8, MAP@R and Precision@1,2,4,8 (leave-one-out over the test classes, cosine),
+    plus "queries" (evaluated) and "excluded_queries" (images whose class has no other test
+    image: left out of every metric). embeddings (N, D), labels (N,). This dict is what the
+    T4 metrics JSON stores under "before", "after" and "ablation"."""
     return retrieval_metrics(embeddings, labels, ks=KS)
 
 

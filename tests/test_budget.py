@@ -54,7 +54,7 @@ def test_max_steps_runs_exactly_that_many_steps_and_anneals(tmp_path):
 
 def test_max_steps_resume_is_exact(tmp_path):
     whole = run(tmp_path, "whole", epochs=1, max_steps=14)
-    run(tmp_path, "split", epochs=1, max_steps=14, on_step=interrupt_at(2, 1))  # inside the short last epoch
+    run(tmp_path, "split", epochs=1, max_steps=14, on_step=interrupt_at(2, 1), on_interrupt="return")  # inside the short last epoch
     resumed = run(tmp_path, "split", epochs=1, max_steps=14)
     assert_same_run(whole, resumed)
 
@@ -127,7 +127,7 @@ def test_budget_run_resumes_within_the_same_budget(tmp_path, monkeypatch):
         clock.on_step(epoch, step)
         if (epoch, step) == (2, 2):
             raise KeyboardInterrupt
-    first = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=stop_at_14, out_dir=tmp_path / "b", progress=False)
+    first = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=stop_at_14, out_dir=tmp_path / "b", progress=False, on_interrupt="return")
     assert first.interrupted
     second = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, out_dir=tmp_path / "b", progress=False)
     assert second.history[-1]["steps"] == whole.history[-1]["steps"]  # the budget counts both sessions
@@ -157,7 +157,7 @@ def test_budget_run_of_the_recognition_runner(tiny_root, tmp_path):
 
     cfg = RecognitionConfig.build(
         "T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), image_size=16, batch_size=8,
-        heldout_fraction=0.0, budget_s=2.0, stem="imagenet",
+        heldout_fraction=0.0, budget_s=2.0, stem="imagenet", train_per_class=0,
     )
     data = build_tiny_imagenet(cfg)
     assert data.heldout.num_samples == 0  # every training image is used

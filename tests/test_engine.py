@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from helpers.data import BatchAugment, TensorBatches
-from helpers.engine import FitConfig, LRSchedule, TrainingDiverged, fit
+from helpers.engine import FitConfig, LRSchedule, TrainingDiverged, TrainingInterrupted, fit
 from helpers.objectives import CrossEntropyObjective
 from helpers.evaluation import ClassificationEvaluator
 
@@ -41,10 +41,10 @@ def setup(tmp_path, epochs=4, **overrides):
     return train, augment, cfg, ClassificationEvaluator({"heldout": held}, augment)
 
 
-def run(tmp_path, name, model_seed=0, on_step=None, **overrides):
+def run(tmp_path, name, model_seed=0, on_step=None, on_interrupt="raise", **overrides):
     train, augment, cfg, evaluator = setup(tmp_path, **overrides)
     model = toy_model(model_seed)
-    result = fit(model, train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / name, on_step=on_step, progress=False)
+    result = fit(model, train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / name, on_step=on_step, progress=False, on_interrupt=on_interrupt)
     return model, result
 
 
@@ -66,20 +66,45 @@ def assert_same_run(a, b):
 @pytest.mark.parametrize("epoch,step", [(1, 2), (1, 6), (2, 3)])
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, epoch, step):
     straight = run(tmp_path, "straight")
-    model, stopped = run(tmp_path, "resumed", on_step=interrupt_at(epoch, step))
-    assert stopped.interrupted and len(stopped.history) == epoch
+    assert straight[1].resumed_from is None and straight[1].planned_epochs == 4
+    with pytest.raises(TrainingInterrupted, match=rf"interrupted in epoch {epoch + 1}/4 at step {step}; its state is saved in .*last.pt.*rerun") as info:
+        run(tmp_path, "resumed", on_step=interrupt_at(epoch, step))
+    stopped = info.value.result
+    assert stopped.interrupted and len(stopped.history) == epoch and stopped.planned_epochs == 4
     # resume into a differently initialised model: everything must come from last.pt
     resumed = run(tmp_path, "resumed", model_seed=99)
     assert not resumed[1].interrupted and len(resumed[1].history) == 4
+    assert resumed[1].resumed_from == {"epoch": epoch, "step": step}
     assert_same_run(straight, resumed)
 
 
-def test_real_ctrl_c_finishes_the_step_saves_and_returns(tmp_path):
+def test_interrupt_can_return_the_partial_result_instead(tmp_path, capsys):
+    _, result = run(tmp_path, "r", on_step=interrupt_at(1, 2), on_interrupt="return")
+    assert result.interrupted and len(result.history) == 1 and result.planned_epochs == 4
+    assert "interrupted in epoch 2/4 at step 2" in capsys.readouterr().out
+
+
+def test_a_checkpoint_of_another_length_is_refused_not_stretched(tmp_path):
+    run(tmp_path, "len", epochs=2)
+    with pytest.raises(ValueError, match=r"is a 2-epoch run \(finished\); epochs is now 3.*Set epochs=2 to resume it, or pass resume=False"):
+        run(tmp_path, "len", epochs=3)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "half", epochs=3, on_step=interrupt_at(1, 1))
+    with pytest.raises(ValueError, match=r"is a 3-epoch run \(stopped after epoch 1\); epochs is now 2"):
+        run(tmp_path, "half", epochs=2)
+    model, again = run(tmp_path, "len", epochs=2)
+    assert len(again.history) == 2 and again.resumed_from == {"epoch": 2, "step": 0}
+
+
+def test_real_ctrl_c_finishes_the_step_saves_and_raises(tmp_path):
     def press_ctrl_c(e, s):
         if (e, s) == (0, 3):
             os.kill(os.getpid(), signal.SIGINT)
 
-    model, result = run(tmp_path, "sigint", on_step=press_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="interrupted in epoch 1/4 at step 3; its state is saved") as info:
+        run(tmp_path, "sigint", on_step=press_ctrl_c)
+    assert isinstance(info.value, KeyboardInterrupt), "a notebook or script stops there"
+    result = info.value.result
     assert result.interrupted and result.history == []
     ckpt = torch.load(tmp_path / "sigint" / "last.pt", weights_only=False)
     assert (ckpt["epoch"], ckpt["step"]) == (0, 3)

@@ -1,4 +1,7 @@
-"""Metrics against naive float64 loop references (plain Python over queries)."""
+"""Metrics against naive float64 loop references (plain Python over queries).
+
+Retrieval convention (pytorch-metric-learning's): a query whose class has no other item has no
+positive and is excluded from every retrieval metric; NaN when no query is left."""
 
 from __future__ import annotations
 
@@ -45,14 +48,25 @@ def ref_ranked_relevance(emb, labels):
     return ranked
 
 
-def ref_recall(emb, labels, ks):
+def ref_evaluated(emb, labels):
+    """Ranked relevance of the queries that have at least one positive, and how many had none."""
     ranked = ref_ranked_relevance(emb, labels)
-    return {k: sum(1 for rel in ranked if any(rel[:k])) / len(ranked) for k in ks}
+    evaluated = [rel for rel in ranked if sum(rel) > 0]
+    return evaluated, len(ranked) - len(evaluated)
+
+
+def ref_recall(emb, labels, ks):
+    evaluated, _ = ref_evaluated(emb, labels)
+    if not evaluated:
+        return {k: math.nan for k in ks}
+    return {k: sum(1 for rel in evaluated if any(rel[:k])) / len(evaluated) for k in ks}
 
 
 def ref_precision(emb, labels, ks):
-    ranked = ref_ranked_relevance(emb, labels)
-    return {k: sum(sum(rel[:k]) / k for rel in ranked) / len(ranked) for k in ks}
+    evaluated, _ = ref_evaluated(emb, labels)
+    if not evaluated:
+        return {k: math.nan for k in ks}
+    return {k: sum(sum(rel[:k]) / k for rel in evaluated) / len(evaluated) for k in ks}
 
 
 def ref_map_at_r(emb, labels):
@@ -90,6 +104,13 @@ def axis_ties():
     return emb, labels
 
 
+def axis_ties_with_singleton():
+    """``axis_ties`` plus a lone class-4 item equal to items 6 and 7 (classes 2 and 3): it ties with
+    their positives, is excluded as a query and still ranks as a negative for the others."""
+    emb, labels = axis_ties()
+    return np.vstack([emb, np.eye(3)[2]]), np.append(labels, 4)
+
+
 def hand_example():
     """Points on the unit circle (degrees, label); ranking computed by hand in the test."""
     angles = np.radians([0, 10, 25, 45, 100, 210])
@@ -100,6 +121,7 @@ CASES = {
     "clustered": clustered(),
     "clustered_noisy": clustered(50, 4, 3, noise=3.0, seed=1),
     "ties": axis_ties(),
+    "ties_with_singleton": axis_ties_with_singleton(),
     "singletons": (clustered(12, seed=2)[0], np.array([0, 1, 2, 3, 4, 5, 5, 5, 6, 6, 7, 8])),
     "one_class": (clustered(8, seed=3)[0], np.zeros(8, dtype=int)),
     "all_singletons": (clustered(5, seed=4)[0], np.arange(5)),
@@ -113,7 +135,7 @@ CASE_VALUES = list(CASES.values())
 def assert_same_dict(actual, expected):
     assert list(actual) == list(expected)
     for k in expected:
-        assert actual[k] == pytest.approx(expected[k], abs=1e-12), k
+        assert actual[k] == pytest.approx(expected[k], abs=1e-12, nan_ok=True), k
 
 
 # ----------------------------------------------------------------------------- retrieval
@@ -148,10 +170,14 @@ def test_retrieval_metrics_one_pass_agrees(case):
     out = retrieval_metrics(emb, labels, KS, chunk_size=3)
     recall, precision = ref_recall(emb, labels, KS), ref_precision(emb, labels, KS)
     for k in KS:
-        assert out[f"recall@{k}"] == pytest.approx(recall[k], abs=1e-12)
-        assert out[f"precision@{k}"] == pytest.approx(precision[k], abs=1e-12)
+        assert out[f"recall@{k}"] == pytest.approx(recall[k], abs=1e-12, nan_ok=True)
+        assert out[f"precision@{k}"] == pytest.approx(precision[k], abs=1e-12, nan_ok=True)
     expected_map = ref_map_at_r(emb, labels)
     assert out["map@r"] == pytest.approx(expected_map, abs=1e-12, nan_ok=True)
+    evaluated, excluded = ref_evaluated(emb, labels)
+    assert (out["queries"], out["excluded_queries"]) == (len(evaluated), excluded)
+    assert type(out["queries"]) is int and type(out["excluded_queries"]) is int
+    assert list(out) == [f"recall@{k}" for k in KS] + [f"precision@{k}" for k in KS] + ["map@r", "queries", "excluded_queries"]
 
 
 def test_hand_example():
@@ -161,11 +187,53 @@ def test_hand_example():
     #                      C: B D A E F -> rel 0 1 1 0 0   (R = 2, AP = 1/4)
     #                      D: C B A E F -> rel 1 0 1 0 0   (R = 2, AP = (1 + 0) / 2 = 1/2)
     #                      E: D C B A F -> rel 0 0 1 0 0   (R = 1, AP = 0)
-    #                      F: no other item of class 2: never a hit, skipped by MAP@R
+    #                      F: no other item of class 2: excluded from every metric (5 queries)
     emb, labels = hand_example()
-    assert_same_dict(recall_at_k(emb, labels, (1, 2, 4)), {1: 1 / 6, 2: 3 / 6, 4: 5 / 6})
-    assert_same_dict(precision_at_k(emb, labels, (1, 2, 4)), {1: 1 / 6, 2: 1.5 / 6, 4: 2 / 6})
+    assert_same_dict(recall_at_k(emb, labels, (1, 2, 4)), {1: 1 / 5, 2: 3 / 5, 4: 5 / 5})
+    assert_same_dict(precision_at_k(emb, labels, (1, 2, 4)), {1: 1 / 5, 2: 1.5 / 5, 4: 2 / 5})
     assert map_at_r(emb, labels) == pytest.approx(0.2)
+    out = retrieval_metrics(emb, labels, (1, 2, 4))
+    assert (out["queries"], out["excluded_queries"]) == (5, 1)
+
+
+def test_singleton_is_excluded_as_query_but_ranks_as_negative():
+    # angles 0 and 20 (class 0), 10 (class 1, alone): each class-0 query has the lone item nearest
+    angles = np.radians([0, 20, 10])
+    emb, labels = np.stack([np.cos(angles), np.sin(angles)], axis=1), np.array([0, 0, 1])
+    out = retrieval_metrics(emb, labels, (1, 2))
+    assert out == {"recall@1": 0.0, "recall@2": 1.0, "precision@1": 0.0, "precision@2": 0.5, "map@r": 0.0, "queries": 2, "excluded_queries": 1}
+    # without the lone item both queries hit at once: it took rank 1 as a negative
+    assert recall_at_k(emb[:2], labels[:2], (1,)) == {1: 1.0}
+
+
+@pytest.mark.parametrize("labels", [np.arange(5), np.array([3]), np.zeros(0, dtype=int)], ids=["all_singletons", "single_item", "empty"])
+def test_no_query_with_a_positive_gives_nan_and_counts_them(labels):
+    emb = clustered(len(labels), seed=4)[0] if len(labels) else np.zeros((0, 6))
+    for values in (recall_at_k(emb, labels, (1, 2)), precision_at_k(emb, labels, (1, 2))):
+        assert list(values) == [1, 2] and all(math.isnan(v) for v in values.values())
+    assert math.isnan(map_at_r(emb, labels))
+    out = retrieval_metrics(emb, labels, (1, 2))
+    assert all(math.isnan(out[key]) for key in ("recall@1", "recall@2", "precision@1", "precision@2", "map@r"))
+    assert (out["queries"], out["excluded_queries"]) == (0, len(labels))
+
+
+def test_one_class_only_evaluates_every_query():
+    emb, _ = clustered(8, seed=3)
+    out = retrieval_metrics(emb, np.full(8, 7), (1, 4, 7, 8))
+    # every other item is a positive: R = 7 for all 8 queries
+    assert (out["queries"], out["excluded_queries"]) == (8, 0)
+    assert [out[f"recall@{k}"] for k in (1, 4, 7, 8)] == [1.0, 1.0, 1.0, 1.0]
+    assert [out[f"precision@{k}"] for k in (1, 4, 7, 8)] == pytest.approx([1.0, 1.0, 1.0, 7 / 8])
+    assert out["map@r"] == 1.0
+
+
+def test_tie_between_a_positive_and_an_excluded_singleton():
+    # query 0's positive (item 1) and the lone class-2 item 2 are equally similar: the tie goes
+    # against query 0; item 2 is not a query
+    emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    labels = np.array([0, 0, 2])
+    out = retrieval_metrics(emb, labels, (1, 2))
+    assert (out["recall@1"], out["recall@2"], out["queries"], out["excluded_queries"]) == (0.5, 1.0, 2, 1)
 
 
 def test_precision_falls_while_recall_stays_for_a_perfect_embedding():
@@ -183,8 +251,9 @@ def test_pessimistic_ties():
     emb = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0], [-1.0, 0.0]])
     labels = np.array([0, 0, 1, 2])
     assert recall_at_k(emb, labels, (1, 2))[1] == 0.0  # the tie goes against the query
-    # items 0-2 only: query 0 misses at K=1 (tie), query 1 hits (0 > -1), query 2 has no positive
-    assert recall_at_k(emb[:3], labels[:3], (1, 2)) == {1: 1 / 3, 2: 2 / 3}
+    # items 0-2 only: query 0 misses at K=1 (tie), query 1 hits (0 > -1), query 2 has no
+    # positive and is excluded
+    assert recall_at_k(emb[:3], labels[:3], (1, 2)) == {1: 1 / 2, 2: 2 / 2}
     # recall also ignores where the tied items sit in the input order
     perm = np.array([0, 2, 1, 3])
     assert recall_at_k(emb[perm], labels[perm], (1, 2, 3)) == recall_at_k(emb, labels, (1, 2, 3))
@@ -204,9 +273,11 @@ def test_recall_never_decreases_with_k():
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 64, 10_000])
 def test_results_identical_for_any_chunk_size(chunk_size):
     emb, labels = clustered(70, 5, 6, noise=1.5, seed=6)
+    labels[[4, 30, 61]] = [100, 101, 102]  # three lone items: excluded queries in several chunks
     emb = torch.from_numpy(emb).float()
     labels = torch.from_numpy(labels)
     base = retrieval_metrics(emb, labels, KS, chunk_size=1024)
+    assert (base["queries"], base["excluded_queries"]) == (67, 3)
     assert retrieval_metrics(emb, labels, KS, chunk_size=chunk_size) == base
     assert recall_at_k(emb, labels, KS, chunk_size=chunk_size) == recall_at_k(emb, labels, KS)
     assert map_at_r(emb, labels, chunk_size=chunk_size) == map_at_r(emb, labels)

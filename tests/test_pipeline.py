@@ -80,7 +80,7 @@ def test_report_is_two_pages_built_from_the_metrics(tiny_root, tmp_path):
     from helpers.config import RecognitionConfig
     from helpers.recognition import build_model, build_tiny_imagenet, save_metrics, train_classifier
 
-    cfg = RecognitionConfig.build("T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16)
+    cfg = RecognitionConfig.build("T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16, train_per_class=0)
     data = build_tiny_imagenet(cfg)
     run = train_classifier("T2_resnet18", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
     run["test"]["top1"] = 0.4321  # a value only the metrics file holds
@@ -98,7 +98,7 @@ def test_plan_predicts_from_measured_steps_and_the_run_records_it(fake_project, 
     from helpers import plan as planning
 
     out = tmp_path / "out"
-    overrides = {"data_dir": str(tiny_root.parent), "image_size": 16, "batch_size": 8, "device": "cpu"}
+    overrides = {"data_dir": str(tiny_root.parent), "image_size": 16, "batch_size": 8, "device": "cpu", "train_per_class": 0}
     t2 = planning.plan_recognition("T2", "smoke", overrides, tmp_path / "scratch")
     (job,) = t2.jobs
     assert job.name == "T2_resnet18" and job.steps == 3 * (66 // 8)  # smoke epochs x steps per epoch (72 images, 6 held out)
@@ -120,3 +120,161 @@ def test_plan_predicts_from_measured_steps_and_the_run_records_it(fake_project, 
     assert "plan" not in other, "a plan of another profile is not used"
     print(planning.format_plan({"profile": "smoke", "notebooks": {"T2_resnet18": t2.as_dict()}, "total_seconds": t2.seconds, "run": {"device": "cpu"}}))
     assert "T2_resnet18" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ faults: Ctrl-C, full disks, stale files
+
+TRAIN = '''
+import os, time
+import numpy as np, torch, torch.nn as nn
+from helpers.data import BatchAugment, TensorBatches
+from helpers.engine import FitConfig, fit
+rng = np.random.default_rng(0)
+train = TensorBatches(rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8), rng.integers(0, 2, 64), batch_size=8, shuffle=True, seed=0)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
+marker = pathlib.Path(out_dir, "training_started")
+def slow(epoch, step):
+    marker.touch()
+    time.sleep(0.1)
+result = fit(model, train, BatchAugment(num_classes=2), FitConfig(epochs=3, lr=0.01, monitor=""), out_dir=pathlib.Path(out_dir, "checkpoints", name),
+             on_step=slow, progress=False, resume=resume, name=name)
+pathlib.Path(out_dir, "metrics", name + ".json").write_text(json.dumps({"profile": profile, "complete": True, "training": result.record()}))
+'''
+
+
+@pytest.fixture
+def training_project(tmp_path, monkeypatch):
+    """B trains a tiny model slowly (about 3 s) with real checkpoints; C depends on B; D is independent."""
+    root = tmp_path / "project"
+    (root / "notebooks").mkdir(parents=True)
+    notebook(root / "notebooks" / "B_train.ipynb", TRAIN)
+    notebook(root / "notebooks" / "C_after_b.ipynb", WRITE_METRICS)
+    notebook(root / "notebooks" / "D_alone.ipynb", WRITE_METRICS)
+    monkeypatch.setattr(pipeline, "project_root", lambda: root)
+    monkeypatch.setattr(pipeline, "STEPS", (Step("B_train"), Step("C_after_b", ("B_train",)), Step("D_alone")))
+    return root
+
+
+def press_ctrl_c_when(marker: Path, timeout: float = 60.0):
+    """SIGINT to this process (as a terminal's Ctrl-C) once `marker` exists."""
+    import signal
+    import threading
+
+    def wait_and_press():
+        deadline = time.time() + timeout
+        while not marker.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    thread = threading.Thread(target=wait_and_press, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_ctrl_c_saves_the_training_marks_it_interrupted_and_resume_continues_it(training_project, tmp_path, capfd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics").mkdir()
+    (out / "metrics" / "B_train.json").write_text(json.dumps({"profile": "smoke"}))  # an older run's metrics
+    press_ctrl_c_when(out / "training_started")
+    code = pipeline.main(["--profile", "smoke", "--out", str(out), "--no-report"])
+    assert code == pipeline.INTERRUPTED_EXIT
+    captured = capfd.readouterr()
+    last = [line for line in captured.out.splitlines() if line.strip()][-1]
+    assert re.fullmatch(r"\[pipeline\] interrupted: B_train saved its training state under .*/checkpoints\. Continue with: python -m helpers\.pipeline --profile smoke --out .* --resume", last)
+    assert "Traceback" not in captured.out + captured.err and "KeyboardInterrupt" not in captured.out + captured.err
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert summary["interrupted"] and not summary["ok"]
+    steps = summary["steps"]
+    assert steps["B_train"]["status"] == "interrupted" and "TrainingInterrupted" in steps["B_train"]["message"] and "state is saved" in steps["B_train"]["message"]
+    assert steps["C_after_b"]["status"] == "not run" and steps["D_alone"]["status"] == "not run"
+    assert (out / "checkpoints" / "B_train" / "last.pt").is_file(), "the training state was saved"
+    assert not (out / "metrics" / "B_train.json").exists(), "no metrics, not even an older run's, look finished"
+
+    again = pipeline.run("smoke", out, resume=True, report=False, log=lambda *a: None)
+    assert again["ok"] and not again["interrupted"]
+    assert [again["steps"][n]["status"] for n in ("B_train", "C_after_b", "D_alone")] == ["ok", "ok", "ok"]
+    record = json.loads((out / "metrics" / "B_train.json").read_text())["training"]
+    assert record["complete"] and record["epochs_done"] == 3 and record["resumed_from"] is not None, "continued, not restarted"
+    assert pipeline.run("smoke", out, resume=True, report=False, log=lambda *a: None)["steps"]["B_train"]["status"] == "up to date"
+
+
+def test_disk_full_in_a_notebook_names_the_path_removes_the_temporary_and_the_rest_runs(fake_project, tmp_path):
+    full_disk = '''
+import errno, torch
+from helpers.atomic import atomic_torch_save
+def no_space(obj, handle):
+    handle.write(b"x" * 1000)
+    raise OSError(errno.ENOSPC, "No space left on device")
+torch.save = no_space
+target = pathlib.Path(out_dir, "checkpoints", "last.pt")
+target.parent.mkdir(parents=True, exist_ok=True)
+atomic_torch_save({"w": 1}, target)
+'''
+    notebook(fake_project / "notebooks" / "A_fail.ipynb", full_disk)
+    out = tmp_path / "out"
+    summary = pipeline.run("smoke", out, report=False, log=lambda *a: None)
+    message = summary["steps"]["A_fail"]["message"]
+    assert summary["steps"]["A_fail"]["status"] == "failed"
+    assert "OSError: [Errno 28] could not write" in message and str(out / "checkpoints" / "last.pt") in message and "No space left on device" in message
+    assert list((out / "checkpoints").iterdir()) == [], "no temporary file keeps the disk full"
+    assert summary["steps"]["B_needs_a"]["status"] == "skipped" and summary["steps"]["C_alone"]["status"] == "ok"
+    assert json.loads((out / "pipeline.json").read_text())["steps"]["A_fail"]["status"] == "failed"
+
+
+def test_disk_full_while_papermill_writes_the_notebook_is_reported_not_masked(fake_project, tmp_path, monkeypatch):
+    import errno
+
+    import papermill.engines
+
+    real_write = papermill.engines.write_ipynb
+
+    def write(nb, path):
+        if "A_fail" in str(path):
+            Path(path).write_text('{"cells": [')  # what a full disk leaves
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(nb, path)
+
+    monkeypatch.setattr(papermill.engines, "write_ipynb", write)
+    out = tmp_path / "out"
+    summary = pipeline.run("smoke", out, report=False, log=lambda *a: None)
+    a = summary["steps"]["A_fail"]
+    assert a["status"] == "failed" and a["message"].startswith("OSError: [Errno 28] No space left on device")
+    assert str(out / "notebooks" / "A_fail.ipynb") in a["message"] and "does not appear to be JSON" not in a["message"].split("(no HTML")[0]
+    assert summary["steps"]["C_alone"]["status"] == "ok", "independent notebooks still run"
+    assert (out / "pipeline.json").is_file()
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed_on_the_next_start(fake_project, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    out = tmp_path / "out"
+    (out / "checkpoints" / "T2").mkdir(parents=True)
+    stale = out / "checkpoints" / "T2" / f".last.pt.tmp{dead}"
+    stale.write_bytes(b"x" * 1000)
+    live = out / "checkpoints" / "T2" / f".last.pt.tmp{os.getpid()}"
+    live.write_bytes(b"x")
+    lines = []
+    pipeline.run("smoke", out, only="C", report=False, log=lines.append)
+    assert not stale.exists() and live.exists(), "only files of dead processes are removed"
+    assert any("removed 1 temporary file" in line and str(stale) in line for line in lines)
+
+
+def test_partial_or_failed_outputs_are_never_up_to_date(fake_project, tmp_path):
+    out = tmp_path / "out"
+    pipeline.run("smoke", out, only="C", report=False, log=lambda *a: None)
+    step = Step("C_alone")
+    notebook_path = fake_project / "notebooks" / "C_alone.ipynb"
+    assert pipeline.is_complete(out, step, notebook_path, "smoke")
+    metrics = out / "metrics" / "C_alone.json"
+    metrics.write_text(json.dumps({"profile": "smoke", "complete": False}))
+    assert not pipeline.is_complete(out, step, notebook_path, "smoke"), "partial metrics are rerun"
+    metrics.write_text(json.dumps({"profile": "smoke"}))
+    executed = out / "notebooks" / "C_alone.ipynb"
+    nb = json.loads(executed.read_text())
+    nb["metadata"]["papermill"]["exception"] = True
+    executed.write_text(json.dumps(nb))
+    assert not pipeline.is_complete(out, step, notebook_path, "smoke"), "a notebook that raised is rerun"

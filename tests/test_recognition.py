@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -19,7 +21,7 @@ from helpers.recognition import (
 
 
 def config(tiny_root, tmp_path, task="T2", **kw):
-    options = dict(data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16, stem="imagenet", width=8, cubs_width=8)
+    options = dict(data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16, stem="imagenet", width=8, cubs_width=8, train_per_class=0)
     return RecognitionConfig.build(task, "smoke", **(options | kw))
 
 
@@ -119,5 +121,9 @@ def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_pat
     with pytest.raises(ValueError, match="different configuration.*classes"):
         train_classifier("T2_resnet18", build_model("resnet18", other, other_data.num_classes), other_data, other, progress=False)
     longer = config(tiny_root, tmp_path, epochs=2, device="cpu")
-    run = train_classifier("T2_resnet18", build_model("resnet18", longer, data.num_classes), data, longer, progress=False)
-    assert run["epochs_run"] == 2, "more epochs extend the same run"
+    with pytest.raises(ValueError, match="is a 1-epoch run \\(finished\\); epochs is now 2.*pass resume=False"):
+        train_classifier("T2_resnet18", build_model("resnet18", longer, data.num_classes), data, longer, progress=False)
+    afresh = dataclasses.replace(longer, resume=False)
+    run = train_classifier("T2_resnet18", build_model("resnet18", afresh, data.num_classes), data, afresh, progress=False)
+    assert run["epochs_run"] == 2 and run["training"] == {
+        "epochs_planned": 2, "epochs_done": 2, "interrupted": False, "stopped_early": False, "resumed_from": None, "complete": True}

@@ -105,7 +105,7 @@ def test_grid_queries_pick_distinct_classes():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="K >= 2"):
+    with pytest.raises(ValueError, match="pk_images=1 is not valid; expected a whole number >= 2"):
         RetrievalConfig.build("T4", "smoke", pk_images=1)
     with pytest.raises(ValueError, match="none, ms, batch_hard, semi_hard, adaptive_ms, xbm"):
         RetrievalConfig.build("T4", "smoke", ablation=["ms", "hardest"])

@@ -1,4 +1,6 @@
 import pickle
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -61,7 +63,7 @@ def test_size_not_a_multiple_of_one_image(tmp_path):
     root.mkdir()
     (root / "train_X.bin").write_bytes(b"\0" * (IMAGE_BYTES * 2 + 5))
     (root / "train_y.bin").write_bytes(b"\1\1")
-    with pytest.raises(DatasetError, match="not a positive multiple of 27,648"):
+    with pytest.raises(DatasetError, match="not a positive multiple of 27,648.*re-download or re-extract it"):
         STL10(root, "train")
 
 
@@ -72,7 +74,22 @@ def test_label_count_mismatch_and_missing_files(tmp_path):
     with pytest.raises(DatasetError, match="train_y.bin"):
         STL10(root, "train")
     (root / "train_y.bin").write_bytes(b"\1")
-    with pytest.raises(DatasetError, match="1 labels but train_X.bin holds 2"):
+    with pytest.raises(DatasetError, match="1 labels but train_X.bin holds 2.*re-download or re-extract"):
         STL10(root, "train")
     with pytest.raises(DatasetError, match="test_X.bin"):
         STL10(root, "test")
+
+
+def test_truncated_generated_files_say_to_delete_the_generated_folder(stl10_root, tmp_path):
+    root = tmp_path / "stl10_binary"
+    shutil.copytree(stl10_root, root)
+    advice = re.escape(f"delete {root} and it is regenerated on the next run")
+    with open(root / "train_X.bin", "r+b") as handle:
+        handle.truncate(IMAGE_BYTES * 2 + 5)
+    with pytest.raises(DatasetError, match=f"train_X.bin has .*not a positive multiple.*{advice}"):
+        STL10(root, "train")
+    with open(root / "train_X.bin", "r+b") as handle:
+        handle.truncate(IMAGE_BYTES * 2)
+    with pytest.raises(DatasetError, match=f"30 labels but train_X.bin holds 2 images.*{advice}") as failure:
+        STL10(root, "train")
+    assert "re-download" not in str(failure.value)

@@ -1,4 +1,5 @@
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from helpers.data import CachedTinyImageNet, DatasetError, TinyImageNet, ToUint8Tensor, stratified_split
+from helpers.data import CachedTinyImageNet, DatasetError, TinyImageNet, ToUint8Tensor, stratified_split, synthetic
 
 
 def read_val_annotations(root: Path) -> dict[str, str]:
@@ -108,6 +109,22 @@ def test_corrupt_image_names_the_file(tiny_copy, damage):
     path.write_bytes(b"not a jpeg at all" if damage == "garbage" else data[: len(data) // 2])
     with pytest.raises(DatasetError, match=path.name):
         ds[3]
+
+
+@pytest.mark.parametrize("generated", [True, False])
+def test_corrupt_image_advice_fits_generated_or_real_data(tiny_copy, generated):
+    if not generated:
+        (tiny_copy / synthetic.STAMP).unlink()
+    ds = TinyImageNet(tiny_copy, "val")
+    path = Path(ds.samples[1][0])
+    path.write_bytes(b"not a jpeg")
+    with pytest.raises(DatasetError, match=re.escape(f"Cannot decode image {path}")) as failure:
+        ds[1]
+    message = str(failure.value)
+    if generated:
+        assert f"delete {tiny_copy} and it is regenerated on the next run" in message and "re-download" not in message
+    else:
+        assert "re-extracting or re-downloading the dataset" in message and "generated" not in message
 
 
 def test_stratified_split_is_seeded_disjoint_and_per_class():

@@ -1,7 +1,9 @@
 """Decode-once uint8 cache of Tiny ImageNet: an (N, H, W, 3) `.npy` array plus labels.
 
 The cache file name carries a fingerprint of the source files (relative path, size, mtime), so it
-is reused while the source is unchanged and rebuilt when anything changes. Writes are atomic.
+is reused while the source is unchanged and rebuilt when anything changes. Each file is written
+atomically and the `<stem>.json` sidecar last, so its presence marks a complete cache; on open
+every file is checked against the sidecar and a damaged cache is rebuilt with a one-line notice.
 """
 
 from __future__ import annotations
@@ -17,8 +19,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from helpers.atomic import atomic_save_npy, atomic_write_json, remove_stale_temporaries
 from helpers.data.images import ToUint8Tensor, apply_transforms
 from helpers.data.tinyimagenet import TinyImageNet
+
+CACHE_FORMAT = 2  # sidecar layout version: a cache written by another version is rebuilt
+IMAGE_SIZE = 64  # odd-sized source images are resized and centre-cropped to it, as on the lazy path
+HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 def source_fingerprint(root: Path, samples: list[tuple[str, int]]) -> str:
@@ -52,20 +59,72 @@ def decode_all(dataset: Dataset, num_workers: int = 0, batch_size: int = 256, pr
     return out
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+def labels_checksum(labels: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(labels, dtype=np.int64).tobytes()).hexdigest()
+
+
+def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a `.npy` file's header; ValueError when the header is unreadable or the
+    file's size is not the header's size plus the array's bytes (a truncated or overgrown file)."""
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        if version not in HEADER_READERS:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, fortran_order, dtype = HEADER_READERS[version](handle)
+        expected = handle.tell() + int(np.prod(shape)) * dtype.itemsize
+        size = os.fstat(handle.fileno()).st_size
+    if fortran_order:
+        raise ValueError("array stored in Fortran order")
+    if size != expected:
+        raise ValueError(f"{'truncated: ' if size < expected else ''}{size:,} bytes where its header needs {expected:,}")
+    return tuple(shape), dtype
+
+
+def cache_damage(
+    sidecar_path: Path, images_path: Path, labels_path: Path, fingerprint: str, label_range: tuple[int, int]
+) -> tuple[Path, str] | None:
+    """(file at fault, reason) when the cache is incomplete or does not match its sidecar, else None.
+
+    Reads the `.npy` headers and the labels, never the images."""
+    if not sidecar_path.is_file():
+        return sidecar_path, "no sidecar: its build did not finish"
+    try:
+        meta = json.loads(sidecar_path.read_text())
+        if meta.get("format") != CACHE_FORMAT:
+            return sidecar_path, f"written by another version of this code: sidecar format {meta.get('format')}, expected {CACHE_FORMAT}"
+        recorded = {
+            images_path: (tuple(meta["images"]["shape"]), np.dtype(meta["images"]["dtype"])),
+            labels_path: ((meta["labels"]["count"],), np.dtype(np.int64)),
+        }
+        recorded_fingerprint, recorded_checksum = meta["fingerprint"], meta["labels"]["sha1"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return sidecar_path, f"unreadable sidecar: {type(exc).__name__}: {exc}"
+    if recorded_fingerprint != fingerprint:
+        return sidecar_path, "sidecar records another source fingerprint"
+    for path, (shape, dtype) in recorded.items():
+        if not path.is_file():
+            return path, "file missing"
+        try:
+            found = npy_layout(path)
+        except (OSError, ValueError) as exc:
+            return path, str(exc)
+        if found != (shape, dtype):
+            return path, f"holds {found[1]} {found[0]}, its sidecar records {dtype} {shape}"
+    labels = np.load(labels_path)
+    if labels_checksum(labels) != recorded_checksum:
+        return labels_path, "labels checksum differs from the sidecar's"
+    low, high = label_range
+    if len(labels) and (labels.min() < low or labels.max() >= high):
+        return labels_path, f"labels {labels.min()}..{labels.max()} outside {low}..{high - 1}"
+    return None
 
 
 class CachedTinyImageNet(Dataset):
     """Tiny ImageNet served from a uint8 cache (built on first use, reused while the source is unchanged).
 
-    `images` is the (N, H, W, 3) uint8 array (memory-mapped), `targets` the int64 labels; the other
+    `images` is the (N, 64, 64, 3) uint8 array (memory-mapped), `targets` the int64 labels; the other
     attributes match `TinyImageNet`. `ds[i]` is (PIL RGB image, label), or the transformed pair.
+    Images are decoded with `ToUint8Tensor(crop=64)`, exactly as the lazy path decodes them.
     """
 
     def __init__(
@@ -84,23 +143,50 @@ class CachedTinyImageNet(Dataset):
         self.transform, self.target_transform = transform, target_transform
         cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fingerprint = source_fingerprint(self.root, source.samples)[:16]
-        stem = f"tinyimagenet-{split}-{fingerprint}"
+        remove_stale_temporaries(cache_dir, recursive=False)
+        fingerprint = source_fingerprint(self.root, source.samples)
+        stem = f"tinyimagenet-{split}-{fingerprint[:16]}"
         self.images_path = cache_dir / f"{stem}.images.npy"
-        labels_path = cache_dir / f"{stem}.labels.npy"
-        self.built = not (self.images_path.is_file() and labels_path.is_file())
+        self.labels_path = cache_dir / f"{stem}.labels.npy"
+        self.sidecar_path = cache_dir / f"{stem}.json"
+        self.built = not self._cache_is_usable(fingerprint)
         if self.built:
-            source.transform = ToUint8Tensor()
             workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
-            images = decode_all(source, num_workers=workers, progress=progress)
-            atomic_save_npy(labels_path, np.asarray(source.targets, dtype=np.int64))
-            atomic_save_npy(self.images_path, images)  # written last: its presence marks a complete cache
-            (cache_dir / f"{stem}.json").write_text(json.dumps({"root": str(self.root), "split": split, "images": len(images)}))
+            self._build(source, fingerprint, workers, progress)
             for old in cache_dir.glob(f"tinyimagenet-{split}-*"):
                 if not old.name.startswith(stem):
                     old.unlink(missing_ok=True)
         self.images = np.load(self.images_path, mmap_mode="r")
-        self.targets = np.load(labels_path)
+        self.targets = np.load(self.labels_path)
+
+    def _cache_is_usable(self, fingerprint: str) -> bool:
+        """True when the cache files are complete and intact; prints a one-line notice when they exist but are not."""
+        files = (self.sidecar_path, self.images_path, self.labels_path)
+        if not any(path.exists() for path in files):
+            return False
+        label_range = (-1, 0) if self.split == "test" else (0, len(self.classes))
+        damage = cache_damage(*files, fingerprint, label_range)
+        if damage is not None:
+            path, reason = damage
+            print(f"cache {path} is damaged ({reason}); rebuilding it", flush=True)
+        return damage is None
+
+    def _build(self, source: TinyImageNet, fingerprint: str, num_workers: int, progress: bool) -> None:
+        self.sidecar_path.unlink(missing_ok=True)  # the cache counts as incomplete until the new sidecar is in place
+        source.transform = ToUint8Tensor(crop=IMAGE_SIZE)
+        images = decode_all(source, num_workers=num_workers, progress=progress)
+        labels = np.asarray(source.targets, dtype=np.int64)
+        atomic_save_npy(self.labels_path, labels)
+        atomic_save_npy(self.images_path, images)
+        sidecar = {
+            "format": CACHE_FORMAT,
+            "root": str(self.root),
+            "split": self.split,
+            "fingerprint": fingerprint,
+            "images": {"shape": list(images.shape), "dtype": str(images.dtype)},
+            "labels": {"count": len(labels), "sha1": labels_checksum(labels)},
+        }
+        atomic_write_json(sidecar, self.sidecar_path)  # written last: its presence marks a complete cache
 
     def __len__(self) -> int:
         return len(self.targets)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from helpers.data.errors import DatasetError
+from helpers.data.synthetic import STAMP
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -20,13 +21,30 @@ def load_rgb(path: str | Path) -> Image.Image:
     except FileNotFoundError:
         raise DatasetError(
             f"Image file not found: {path}. The dataset folder is incomplete; "
-            "re-extract or re-download it."
+            + repair_advice(path, "re-extract or re-download it.")
         ) from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DatasetError(
             f"Cannot decode image {path} ({exc}). The file is corrupt or truncated; "
-            "replace it by re-extracting or re-downloading the dataset."
+            + repair_advice(path, "replace it by re-extracting or re-downloading the dataset.")
         ) from None
+
+
+def generated_root(path: str | Path) -> Path | None:
+    """The generated stand-in dataset folder (the one holding the synthetic STAMP) that contains `path`, or None."""
+    for folder in Path(path).absolute().parents:
+        if (folder / STAMP).is_file():
+            return folder
+    return None
+
+
+def repair_advice(path: str | Path, real_data_advice: str) -> str:
+    """How to replace a damaged dataset file: `real_data_advice` for downloaded data; for generated
+    data, delete the generated folder, which the next run writes again."""
+    root = generated_root(path)
+    if root is None:
+        return real_data_advice
+    return f"this is generated stand-in data: delete {root} and it is regenerated on the next run."
 
 
 def apply_transforms(image, label: int, transform=None, target_transform=None):

@@ -14,7 +14,10 @@ class PKBatchSampler(Sampler[list[int]]):
     Classes are visited in a fresh random order each epoch (cycling when more batches are asked
     for than classes allow); images within a class are drawn without replacement, starting a fresh
     pass when fewer than K are left. Call `set_epoch(e)` before iterating for a different, reproducible order.
-    With `drop_small_classes=False` (default) a class with fewer than K images is an error.
+    With `drop_small_classes=False` (default) a class with fewer than K images is an error; with
+    True such classes are left out. Every error says what the labels hold (number of classes, how
+    many have >= K images, the smallest and largest class) and which setting to change: P is
+    `pk_classes`, K is `pk_images` in the configurations and notebooks.
     """
 
     def __init__(
@@ -27,24 +30,14 @@ class PKBatchSampler(Sampler[list[int]]):
         drop_small_classes: bool = False,
     ):
         if p < 1 or k < 1:
-            raise ValueError(f"P and K must be >= 1 (got P={p}, K={k})")
+            raise ValueError(f"PKBatchSampler: P (pk_classes) and K (pk_images) must be >= 1, got P={p}, K={k}")
         labels = np.asarray(labels)
         classes, counts = np.unique(labels, return_counts=True)
-        small = classes[counts < k]
-        if len(small) and not drop_small_classes:
-            worst = counts.min()
-            raise ValueError(
-                f"PKBatchSampler: K={k} images per class is impossible: {len(small)} classes have fewer "
-                f"(the smallest has {worst}, e.g. class {small[0]}). Lower K to at most {worst} or pass "
-                "drop_small_classes=True."
-            )
+        if len(classes) == 0:
+            raise ValueError("PKBatchSampler: no labels: the training split is empty")
         keep = counts >= k
         self.classes = classes[keep]
-        if p > len(self.classes):
-            raise ValueError(
-                f"PKBatchSampler: P={p} classes per batch, but only {len(self.classes)} classes have at least "
-                f"K={k} images. Lower P."
-            )
+        _check_pk(counts, p, k, drop_small_classes, example=classes[counts.argmin()])
         self.members = {int(c): np.flatnonzero(labels == c) for c in self.classes}
         self.p, self.k, self.seed, self.epoch = p, k, seed, 0
         usable = int(sum(len(m) for m in self.members.values()))
@@ -73,3 +66,46 @@ class PKBatchSampler(Sampler[list[int]]):
                 batch += [int(i) for i in pools[c][: self.k]]
                 pools[c] = pools[c][self.k :]
             yield batch
+
+
+
+def _check_pk(counts: np.ndarray, p: int, k: int, drop_small_classes: bool, example) -> None:
+    """Raise a ValueError naming the data and the setting to change (pk_classes for P, pk_images
+    for K) when P x K batches cannot be drawn. counts (C,) images per class (C >= 1); example:
+    the label of a smallest class."""
+    num_classes, smallest, largest = len(counts), int(counts.min()), int(counts.max())
+    qualifying = int((counts >= k).sum())
+    data = (
+        f"the data has {num_classes} classes ("
+        + (f"all of {smallest} images" if smallest == largest else f"the smallest of {smallest} images, the largest of {largest}")
+        + f"), {qualifying} of them with >= K={k} images"
+    )
+    # The largest K for which min(P, C) classes have >= K images: what drop_small_classes=True can use.
+    k_fit = int(np.sort(counts)[::-1][min(p, num_classes) - 1])
+    lower_p_too = f" and pk_classes to at most {num_classes}" if p > num_classes else ""
+    if qualifying < num_classes and not drop_small_classes:
+        problem = "is more than any class has" if qualifying == 0 else (
+            f"is impossible: {num_classes - qualifying} of the {num_classes} classes have fewer (e.g. class {example} has {smallest})")
+        drop_hint = (f", or pass drop_small_classes=True to use only the {qualifying} classes with >= K images" if qualifying >= p
+                     else f", or to at most {k_fit}{lower_p_too} with drop_small_classes=True" if k_fit > smallest else "")
+        raise ValueError(
+            f"PKBatchSampler: K={k} images per class (pk_images) {problem}; {data}. "
+            f"Lower pk_images to at most {smallest}{lower_p_too}{drop_hint}."
+        )
+    if qualifying == 0:
+        raise ValueError(
+            f"PKBatchSampler: K={k} images per class (pk_images) is more than any class has; {data}. "
+            f"Lower pk_images to at most {k_fit}{lower_p_too}."
+        )
+    if p > num_classes:
+        raise ValueError(
+            f"PKBatchSampler: P={p} classes per batch (pk_classes) is more classes than there are: {data}. "
+            f"Lower pk_classes to at most {qualifying}"
+            + (f" (or to at most {num_classes} with pk_images <= {smallest})." if qualifying < num_classes else ".")
+        )
+    if p > qualifying:
+        raise ValueError(
+            f"PKBatchSampler: P={p} classes per batch (pk_classes), but drop_small_classes=True left {qualifying} "
+            f"of the {num_classes} classes: {data}. Lower pk_classes to at most {qualifying}, or pk_images to at most {k_fit} "
+            f"({int((counts >= k_fit).sum())} classes have >= {k_fit} images)."
+        )

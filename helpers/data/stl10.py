@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from helpers.data.errors import DatasetError
-from helpers.data.images import apply_transforms
+from helpers.data.images import apply_transforms, repair_advice
 from helpers.data.tinyimagenet import check_split
 
 SPLITS = ("train", "test", "unlabeled")
@@ -65,7 +65,8 @@ class STL10(Dataset):
         if size == 0 or size % IMAGE_BYTES:
             raise DatasetError(
                 f"{self.images_path} has {size:,} bytes, not a positive multiple of {IMAGE_BYTES:,} "
-                "(one 3x96x96 image): the file is truncated or not STL-10. Re-download or re-extract it."
+                "(one 3x96x96 image): the file is truncated or not STL-10; "
+                + repair_advice(self.images_path, "re-download or re-extract it.")
             )
         self.num_images = size // IMAGE_BYTES
         self.targets = self._read_labels()
@@ -85,7 +86,7 @@ class STL10(Dataset):
         if len(labels) != self.num_images:
             raise DatasetError(
                 f"{path} holds {len(labels)} labels but {self.images_path.name} holds {self.num_images} images. "
-                "One of them is truncated; re-download or re-extract."
+                "One of them is truncated; " + repair_advice(path, "re-download or re-extract.")
             )
         if len(labels) and (labels.min() < 1 or labels.max() > 10):
             raise DatasetError(f"{path} holds labels outside 1..10 (found {labels.min()}..{labels.max()}): not STL-10 labels.")
