@@ -92,8 +92,8 @@ def parse_list(value) -> tuple:
 
 
 def _coerce(kind: str, value, item=None):
-    """`value` as a `kind` ("int", "float", "bool", "str", "tuple") or TypeError; whole floats
-    count as ints (3.0 -> 3), never 2.5; strings are not numbers (papermill already converts "3")."""
+    """`value` as a `kind` ("int", "float", "bool", "str", "tuple") or TypeError; whole numbers
+    count as ints (3.0 and "3" -> 3), never 2.5 or "three"."""
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -102,6 +102,11 @@ def _coerce(kind: str, value, item=None):
         if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
             return value.strip().lower() in TRUE_WORDS
         raise TypeError
+    if kind in ("int", "float") and isinstance(value, str):  # `papermill -r` passes raw strings
+        try:
+            value = float(value)
+        except ValueError:
+            raise TypeError from None
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
             raise TypeError
@@ -124,6 +129,10 @@ EXPECTED = {"int": "a whole number", "float": "a number", "bool": "True or False
 LIST_EXAMPLE = {int: ' of whole numbers (e.g. [1024, 512] or 1024,512)', None: ' of names (e.g. ["ms", "none"] or ms,none)'}
 
 
+def _listing(values) -> str:
+    return ", ".join('"" (the default)' if v == "" else str(v) for v in values)
+
+
 class ConfigBase:
     """Shared builder and helpers of the task configurations."""
 
@@ -140,6 +149,9 @@ class ConfigBase:
                 coerced = _coerce(f.type, value, ITEM_TYPES.get(f.name))
             except TypeError:
                 rule = RANGES.get(f.name)
+                if f.type == "str" and f.name in self.CHOICES:
+                    problems.append(f"{f.name}={value!r} is not valid; choose one of {_listing(self.CHOICES[f.name])}")
+                    continue
                 detail = LIST_EXAMPLE[ITEM_TYPES.get(f.name)] if f.type == "tuple" else f" {rule}" if rule else ""
                 problems.append(f"{f.name}={value!r} is not valid; expected {EXPECTED[f.type]}{detail}")
                 continue
@@ -151,7 +163,7 @@ class ConfigBase:
                     problems.append(f"{f.name}={value!r} is not valid; expected {what} {rule}")
                     break
                 if f.name in self.CHOICES and x not in self.CHOICES[f.name]:
-                    problems.append(f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {', '.join(map(str, self.CHOICES[f.name]))}")
+                    problems.append(f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {_listing(self.CHOICES[f.name])}")
                     break
         if not problems:
             problems = self._check()

@@ -1,7 +1,8 @@
 """The two-page report, built only from <out>/metrics/*.json and <out>/figures/*.png.
 
 Every number is read from the metrics files (none is typed in); a notebook that has not run shows
-as "not run". Pages are laid out with matplotlib (no LaTeX needed) and written to <out>/report.pdf,
+as "not run", and a metrics file holding partial results (an interrupted training, `"complete":
+false`) is left out and named in red under the title. Pages are laid out with matplotlib (no LaTeX needed) and written to <out>/report.pdf,
 plus report-1.png / report-2.png previews.
 
     python -m helpers.report outputs/smoke
@@ -10,6 +11,7 @@ plus report-1.png / report-2.png previews.
 from __future__ import annotations
 
 import json
+import math
 import sys
 import textwrap
 from pathlib import Path
@@ -97,21 +99,35 @@ class Page:
             self.space(0.05)
 
 
-def load(out: Path) -> dict[str, dict]:
-    metrics = {}
+def load(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
+    """(complete metrics by notebook, {notebook: why it was left out}) from <out>/metrics."""
+    metrics, refused = {}, {}
     for name in NAMES:
         path = out / "metrics" / f"{name}.json"
-        if path.is_file():
-            metrics[name] = json.loads(path.read_text())
-    return metrics
+        if not path.is_file():
+            continue
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            refused[name] = f"unreadable ({type(exc).__name__})"
+            continue
+        if document.get("complete") is False:
+            refused[name] = "partial results of " + ", ".join(document.get("partial") or ["an interrupted training"])
+            continue
+        metrics[name] = document
+    return metrics, refused
+
+
+def missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
 
 
 def pct(value) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    return "n/a" if missing(value) else f"{100 * value:.1f}%"
 
 
 def num(value, digits: int = 3) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
+    return "n/a" if missing(value) else f"{value:.{digits}f}"
 
 
 def provenance(metrics: dict[str, dict], out: Path) -> str:
@@ -139,9 +155,12 @@ def first_model(m: dict | None) -> dict | None:
     return next(iter(m["models"].values())) if m and m.get("models") else None
 
 
-def page_one(page: Page, metrics: dict, out: Path) -> None:
+def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | None = None) -> None:
     page.text("Recognition and retrieval: Tiny ImageNet and Cars-196", size=15, weight="bold")
     page.text(provenance(metrics, out), size=7.5, colour="#333333")
+    if refused:
+        page.text("Left out, not finished: " + "; ".join(f"{name} ({why})" for name, why in refused.items())
+                  + ". Rerun them (python -m helpers.pipeline ... --resume) to complete the report.", size=7.5, weight="bold", colour="#b00020")
     t1, t2, t3 = (metrics.get(n) for n in NAMES[:3])
     cnn, r18 = first_model(t1), first_model(t2)
 
@@ -253,8 +272,11 @@ def page_two(page: Page, metrics: dict, out: Path) -> None:
         rows = [["before: pooled features"] + [pct(t4["before"][f"recall@{k}"]) for k in ks] + [pct(t4["before"]["map@r"])],
                 [f"after: MS loss + {t4['miner']} miner"] + [pct(t4["after"][f"recall@{k}"]) for k in ks] + [pct(t4["after"]["map@r"])]]
         page.table(["features", "R@1", "R@2", "R@4", "R@8", "MAP@R"], rows, [3.2, 1, 1, 1, 1, 1])
+        excluded = t4["after"].get("excluded_queries")
         page.text(
-            "Recall@K: a query hits if one of its K nearest other test images has its class (it never falls with K). The assignment's "
+            (f"Every test image is a query ({t4['after']['queries'] + excluded}); the {excluded} whose class has no other test image are "
+             "left out of every metric, as in pytorch-metric-learning. " if excluded is not None else "")
+            + "Recall@K: a query hits if one of its K nearest other test images has its class (it never falls with K). The assignment's "
             "literal formula, Precision@K, before -> after: " + ", ".join(f"P@{k} {pct(t4['before'][f'precision@{k}'])} -> {pct(t4['after'][f'precision@{k}'])}" for k in ks)
             + "; it falls with K because each class has only so many other images to fill the top K."
         )
@@ -293,9 +315,9 @@ def page_two(page: Page, metrics: dict, out: Path) -> None:
 def compose(out: str | Path) -> list[Page]:
     """The two laid-out pages for the metrics and figures under `out`."""
     out = Path(out)
-    metrics = load(out)
+    metrics, refused = load(out)
     pages = [Page(), Page()]
-    page_one(pages[0], metrics, out)
+    page_one(pages[0], metrics, out, refused)
     page_two(pages[1], metrics, out)
     return pages
 

@@ -53,3 +53,10 @@ def test_papermill_sees_every_parameter(path):
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
     assigned = [n.targets[0].id if isinstance(n, ast.Assign) else n.target.id for n in ast.parse("".join(cell["source"])).body]
     assert list(papermill.inspect_notebook(str(path))) == assigned, "papermill --help-notebook must list every parameter"
+
+
+def test_t4_exposes_p_and_k():
+    import papermill
+
+    params = papermill.inspect_notebook(str(next(p for p in NOTEBOOKS if p.stem.startswith("T4"))))
+    assert {"pk_classes", "pk_images"} <= set(params)

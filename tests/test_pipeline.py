@@ -278,3 +278,15 @@ def test_partial_or_failed_outputs_are_never_up_to_date(fake_project, tmp_path):
     nb["metadata"]["papermill"]["exception"] = True
     executed.write_text(json.dumps(nb))
     assert not pipeline.is_complete(out, step, notebook_path, "smoke"), "a notebook that raised is rerun"
+
+
+def test_report_leaves_out_partial_metrics_and_says_so(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    partial = {"name": "T2_resnet18", "profile": "smoke", "complete": False, "partial": ["models.T2_resnet18"], "models": {}}
+    (tmp_path / "metrics" / "T2_resnet18.json").write_text(json.dumps(partial))
+    (tmp_path / "metrics" / "T1_custom_cnn.json").write_text('{"models": {')  # truncated
+    metrics, refused = report.load(tmp_path)
+    assert metrics == {} and set(refused) == {"T1_custom_cnn", "T2_resnet18"}
+    page1 = " ".join(report.compose(tmp_path)[0].content)
+    assert "Left out, not finished: T1_custom_cnn (unreadable (JSONDecodeError)); T2_resnet18 (partial results of models.T2_resnet18)" in page1
+    assert "ResNet-18 (T2): not run" in page1 and report.pct(float("nan")) == "n/a"
