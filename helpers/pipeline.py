@@ -276,7 +276,8 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     plan = load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     started = time.perf_counter()
-    summary = {"profile": profile, "out": str(out), "parameters": parameters, "steps": status, "report": None, "ok": False, "interrupted": False}
+    summary = {"profile": profile, "out": str(out), "only": only, "parameters": parameters, "steps": status, "report": None, "ok": False, "interrupted": False}
+    summary["report_requested"] = report
     interrupter = KernelInterrupter(log) if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg") else None
     previous_handler = signal.signal(signal.SIGINT, interrupter) if interrupter is not None else None
     current = None
@@ -348,9 +349,9 @@ def interrupted_line(summary: dict) -> str:
     """The one line a Ctrl-C ends with: what was saved, how to go on."""
     stopped = [name for name, s in summary["steps"].items() if s["status"] == "interrupted"]
     done = [name for name, s in summary["steps"].items() if s["status"] in ("ok", "up to date")]
-    command = "python -m helpers.pipeline " + " ".join(
-        [f"--profile {summary['profile']}", f"--out {summary['out']}"] + [f"--{k.replace('_', '-')} {v}" for k, v in summary["parameters"].items() if k in ("data_dir", "device")]
-    )
+    options = [f"--profile {summary['profile']}", f"--out {summary['out']}"] + (["--only " + summary["only"]] if summary.get("only") else [])
+    options += [f"--{k.replace('_', '-')} {v}" for k, v in summary["parameters"].items() if k in ("data_dir", "device")]
+    command = "python -m helpers.pipeline " + " ".join(options + ([] if summary.get("report_requested", True) else ["--no-report"]))
     what = f"{stopped[0]} saved its training state under {summary['out']}/checkpoints" if stopped else "nothing was running"
     kept = f"; finished: {', '.join(done)}" if done else ""
     return f"[pipeline] interrupted: {what}{kept}. Continue with: {command} --resume"

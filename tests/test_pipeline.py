@@ -179,21 +179,21 @@ def test_ctrl_c_saves_the_training_marks_it_interrupted_and_resume_continues_it(
     (out / "metrics" / "B_train.json").write_text(json.dumps({"profile": "smoke"}))  # an older run's metrics
     press_ctrl_c_when(out / "training_started")
     code = pipeline.main(["--profile", "smoke", "--out", str(out), "--no-report"])
-    assert code == pipeline.INTERRUPTED_EXIT
     captured = capfd.readouterr()
+    assert code == pipeline.INTERRUPTED_EXIT, captured.out + captured.err
     last = [line for line in captured.out.splitlines() if line.strip()][-1]
-    assert re.fullmatch(r"\[pipeline\] interrupted: B_train saved its training state under .*/checkpoints\. Continue with: python -m helpers\.pipeline --profile smoke --out .* --resume", last)
+    assert re.fullmatch(r"\[pipeline\] interrupted: B_train saved its training state under .*/checkpoints\. Continue with: python -m helpers\.pipeline --profile smoke --out \S+ --no-report --resume", last), captured.out
     assert "Traceback" not in captured.out + captured.err and "KeyboardInterrupt" not in captured.out + captured.err
     summary = json.loads((out / "pipeline.json").read_text())
     assert summary["interrupted"] and not summary["ok"]
     steps = summary["steps"]
-    assert steps["B_train"]["status"] == "interrupted" and "TrainingInterrupted" in steps["B_train"]["message"] and "state is saved" in steps["B_train"]["message"]
+    assert steps["B_train"]["status"] == "interrupted" and "TrainingInterrupted" in steps["B_train"]["message"] and "state is saved" in steps["B_train"]["message"], steps
     assert steps["C_after_b"]["status"] == "not run" and steps["D_alone"]["status"] == "not run"
     assert (out / "checkpoints" / "B_train" / "last.pt").is_file(), "the training state was saved"
     assert not (out / "metrics" / "B_train.json").exists(), "no metrics, not even an older run's, look finished"
 
     again = pipeline.run("smoke", out, resume=True, report=False, log=lambda *a: None)
-    assert again["ok"] and not again["interrupted"]
+    assert again["ok"] and not again["interrupted"], again["steps"]
     assert [again["steps"][n]["status"] for n in ("B_train", "C_after_b", "D_alone")] == ["ok", "ok", "ok"]
     record = json.loads((out / "metrics" / "B_train.json").read_text())["training"]
     assert record["complete"] and record["epochs_done"] == 3 and record["resumed_from"] is not None, "continued, not restarted"
