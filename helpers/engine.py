@@ -441,7 +441,7 @@ def fit(
             "budget_elapsed": budget.elapsed() if budget is not None else None,
         }
 
-    result = FitResult(history=history, monitor=cfg.monitor, out_dir=out, resumed_from=resumed_from)
+    result = FitResult(history=history, monitor=cfg.monitor, out_dir=out, resumed_from=resumed_from, stopped_early=any(h.get("stopped_early") for h in history))
     bar_factory = _progress_bar if progress else None
     epoch, step, aug_rng, sums = start_epoch, start_step, None, None
     at_boundary = True  # last.pt already describes the current state

@@ -118,6 +118,7 @@ def test_early_stopping_on_a_flat_heldout_metric(tmp_path):
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
     again = fit(toy_model(), train, augment, cfg, evaluate=lambda m: {"heldout_top1": 0.5}, out_dir=tmp_path / "es", progress=False)
     assert len(again.history) == 3, "a finished (early-stopped) run is not continued"
+    assert result.record()["complete"] and again.record() | {"resumed_from": None} == result.record(), "and is still complete"
 
 
 def test_best_checkpoint_is_restored(tmp_path):
