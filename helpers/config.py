@@ -112,7 +112,7 @@ def _coerce(kind: str, value, item=None):
             raise TypeError
         return int(value)
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError
         return float(value)
     if kind == "str":
@@ -125,7 +125,7 @@ def _coerce(kind: str, value, item=None):
     return tuple(_coerce("str", v) for v in items)
 
 
-EXPECTED = {"int": "a whole number", "float": "a number", "bool": "True or False", "str": "a string", "tuple": "a list"}
+EXPECTED = {"int": "a whole number", "float": "a finite number", "bool": "True or False", "str": "a string", "tuple": "a list"}
 LIST_EXAMPLE = {int: ' of whole numbers (e.g. [1024, 512] or 1024,512)', None: ' of names (e.g. ["ms", "none"] or ms,none)'}
 
 
@@ -205,7 +205,8 @@ class ConfigBase:
     RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every")
 
     def run_key(self) -> dict:
-        """The settings a checkpoint must have been trained with to be resumed (epoch counts may grow)."""
+        """The settings a checkpoint must have been trained with to be resumed (epoch counts are
+        compared by the engine, which refuses another length)."""
         return {k: v for k, v in self.as_dict().items() if k not in self.RUNTIME_KEYS and "epochs" not in k}
 
 

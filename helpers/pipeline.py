@@ -24,16 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
-from helpers.data.errors import DatasetError
+from helpers.execution import KernelInterrupter, NotebookStopped, execute, write_html
 from helpers.runinfo import PACKAGE_DIR, project_root
 
 INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C
@@ -115,88 +116,6 @@ def failure_summary(exc: BaseException, written: Path | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def write_html(executed: Path, html: Path) -> None:
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
-    html.write_text(body, encoding="utf-8")
-
-
-class KernelInterrupter:
-    """SIGINT handler of a pipeline run. While a notebook runs, each Ctrl-C is passed on to its
-    kernel (which is in a session of its own, so the terminal's signal does not reach it): the first
-    makes a training save its state and stop after the current step, the second stops it at once, a
-    third kills the kernel. Between notebooks, Ctrl-C raises KeyboardInterrupt."""
-
-    def __init__(self, log):
-        self.log = log
-        self.presses = self.forwarded = 0
-        self.running = ""  # the notebook being executed, "" between notebooks
-        self.kernel_manager = None  # set by the TrackedKernelManager of the running notebook
-
-    def start(self, step: str) -> None:
-        self.running, self.presses, self.forwarded, self.kernel_manager = step, 0, 0, None
-
-    def stop(self) -> None:
-        self.running, self.kernel_manager = "", None
-
-    def __call__(self, signum, frame):
-        if not self.running:
-            raise KeyboardInterrupt
-        self.presses += 1
-        if self.presses == 1:
-            self.log(f"\n[pipeline] Ctrl-C: asking {self.running} to save its state and stop (Ctrl-C again: stop at once)")
-        self.forward()
-
-    def forward(self) -> None:
-        """Send the kernel the signals of the presses not passed on yet (once it has a process)."""
-        pid = getattr(getattr(self.kernel_manager, "provisioner", None), "pid", None)
-        while pid is not None and self.forwarded < self.presses:
-            self.forwarded += 1
-            try:
-                os.killpg(pid, signal.SIGINT if self.forwarded < 3 else signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def kernel_manager_class(self):
-        """An AsyncKernelManager class that tells this handler which kernel is running."""
-        from jupyter_client.manager import AsyncKernelManager
-
-        handler = self
-
-        class TrackedKernelManager(AsyncKernelManager):
-            def __init__(self, **kwargs):
-                super().__init__(**kwargs)
-                handler.kernel_manager = self
-
-        return TrackedKernelManager
-
-
-def execute(source: Path, executed: Path, parameters: dict, cwd: Path, interrupter: KernelInterrupter | None) -> None:
-    """papermill.execute_notebook. With an interrupter (POSIX, main thread) papermill runs in a
-    worker thread, where nbclient installs no signal handler that would shut the kernel down,
-    while this thread waits and passes Ctrl-C on to the kernel."""
-    import papermill
-
-    options = dict(parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False)
-    if interrupter is None:
-        papermill.execute_notebook(str(source), str(executed), **options)
-        return
-    options["kernel_manager_class"] = interrupter.kernel_manager_class()
-    interrupter.start(source.stem)
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(papermill.execute_notebook, str(source), str(executed), **options)
-            while True:
-                try:
-                    return future.result(timeout=0.2)
-                except TimeoutError:
-                    interrupter.forward()  # a Ctrl-C that came before the kernel had started
-    finally:
-        interrupter.stop()
-
-
 def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, html_pool=None, interrupter: KernelInterrupter | None = None) -> tuple[str, str]:
     """Execute one notebook and render its HTML (in `html_pool` when given); returns (status,
     message), status "ok", "failed" or "interrupted". Never raises for a notebook's failure."""
@@ -209,9 +128,11 @@ def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, 
     try:
         execute(notebooks_dir / f"{step.name}.ipynb", executed, parameters, notebooks_dir, interrupter)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
-        stopped = interrupter is not None and interrupter.presses > 0
-        interrupted = (isinstance(exc, PapermillExecutionError) and exc.ename in INTERRUPT_NAMES) or (stopped and isinstance(exc, DeadKernelError))
+        pressed = interrupter is not None and interrupter.presses > 0  # whatever broke after a Ctrl-C, it was stopped
+        interrupted = pressed or isinstance(exc, NotebookStopped) or (isinstance(exc, PapermillExecutionError) and exc.ename in INTERRUPT_NAMES)
         message = failure_summary(exc, executed)
+        if isinstance(exc, DeadKernelError) and pressed:
+            message = "the kernel was killed by a third Ctrl-C; checkpoints written before are kept"
         try:
             if executed.is_file():
                 write_html(executed, executed.with_suffix(".html"))
@@ -276,38 +197,39 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     plan = load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     started = time.perf_counter()
-    summary = {"profile": profile, "out": str(out), "only": only, "parameters": parameters, "steps": status, "report": None, "ok": False, "interrupted": False}
-    summary["report_requested"] = report
+    summary = {"profile": profile, "out": str(out), "only": only, "report_requested": report, "parameters": parameters,
+               "steps": status, "report": None, "ok": False, "interrupted": False}
+    (out / "pipeline.json").unlink(missing_ok=True)  # if it cannot be written at the end, no older one may look current
     interrupter = KernelInterrupter(log) if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg") else None
     previous_handler = signal.signal(signal.SIGINT, interrupter) if interrupter is not None else None
-    current = None
+    html_pool = ThreadPoolExecutor(max_workers=1)  # the HTML of one notebook renders while the next runs
+    html_pool.futures = {}
+    current = None  # what runs in this process when a Ctrl-C raises here
     try:
-        with ThreadPoolExecutor(max_workers=1) as html_pool:  # HTML of one notebook renders while the next runs
-            html_pool.futures = {}
-            for step in steps:
-                current = step.name
-                notebook = notebooks_dir / f"{step.name}.ipynb"
-                broken = [d for d in step.needs if status.get(d, {}).get("status") not in (None, "ok", "up to date")]
-                tic = time.perf_counter()
-                if broken:
-                    result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
-                elif resume and is_complete(out, step, notebook, profile):
-                    result = {"status": "up to date", "message": "outputs newer than inputs"}
-                else:
-                    log(f"[pipeline] running {step.name} ...")
-                    state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool, interrupter)
-                    result = {"status": state, "message": message}
-                status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
-                if step.name in predicted and result["status"] != "up to date":
-                    status[step.name]["predicted_seconds"] = predicted[step.name]
-                log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
-                if result["status"] == "interrupted" or (interrupter is not None and interrupter.presses):
-                    summary["interrupted"] = True
-                    break
+        for step in steps:
+            notebook = notebooks_dir / f"{step.name}.ipynb"
+            broken = [d for d in step.needs if status.get(d, {}).get("status") not in (None, "ok", "up to date")]
+            tic = time.perf_counter()
+            current = step.name
+            if broken:
+                result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
+            elif resume and is_complete(out, step, notebook, profile):
+                result = {"status": "up to date", "message": "outputs newer than inputs"}
+            else:
+                log(f"[pipeline] running {step.name} ...")
+                state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool, interrupter)
+                result = {"status": state, "message": message}
+            status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
             current = None
-        for name, future in html_pool.futures.items():
-            if future.exception() is not None:
-                status[name] = {"status": "failed", "message": f"HTML export failed: {future.exception()}", "seconds": status[name]["seconds"]}
+            if step.name in predicted and result["status"] != "up to date":
+                status[step.name]["predicted_seconds"] = predicted[step.name]
+            log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
+            if result["status"] == "interrupted" or (interrupter is not None and interrupter.presses):
+                summary["interrupted"] = True
+                break
+        current = "HTML export"
+        wait(html_pool.futures.values())
+        current = None
         if report and not summary["interrupted"]:
             from helpers.report import build_report
 
@@ -319,17 +241,29 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
                 status["report"] = {"status": "failed", "message": f"{type(exc).__name__}: {exc}"}
                 log(f"[pipeline] report failed: {exc}")
             current = None
-    except KeyboardInterrupt:  # Ctrl-C while no notebook was running (HTML, report, start-up)
+    except KeyboardInterrupt:  # Ctrl-C while no notebook was running (dependency checks, HTML, report)
         summary["interrupted"] = True
-        if current is not None and current not in status:
-            status[current] = {"status": "interrupted", "message": "Ctrl-C", "seconds": 0.0}
+        if current in [s.name for s in steps] and current not in status:
+            status[current] = {"status": "interrupted", "message": "Ctrl-C before its kernel started", "seconds": 0.0}
+        elif current == "report":
+            status["report"] = {"status": "interrupted", "message": "Ctrl-C while building the report"}
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
+        try:  # (futures, not Thread.join: a join interrupted by Ctrl-C never waits again)
+            wait(html_pool.futures.values())  # an HTML file is written whole or not at all
+        except KeyboardInterrupt:
+            summary["interrupted"] = True
+        html_pool.shutdown(wait=False, cancel_futures=True)
+        for name, future in html_pool.futures.items():
+            if not future.done() or future.cancelled():
+                status[name] = status[name] | {"status": "interrupted", "message": "Ctrl-C before its HTML copy was written"}
+            elif future.exception() is not None:
+                status[name] = status[name] | {"status": "failed", "message": f"HTML export failed: {future.exception()}"}
         for step in steps:
             if step.name not in status:
                 status[step.name] = {"status": "not run", "message": "the pipeline was interrupted" if summary["interrupted"] else "the pipeline stopped early"}
-        summary["ok"] = all(s["status"] in ("ok", "up to date") for s in status.values())
+        summary["ok"] = not summary["interrupted"] and all(s["status"] in ("ok", "up to date") for s in status.values())
         summary["seconds"] = round(time.perf_counter() - started, 1)
         if plan:
             ran = [name for name, s in status.items() if "predicted_seconds" in s]
@@ -346,15 +280,24 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
 
 
 def interrupted_line(summary: dict) -> str:
-    """The one line a Ctrl-C ends with: what was saved, how to go on."""
-    stopped = [name for name, s in summary["steps"].items() if s["status"] == "interrupted"]
-    done = [name for name, s in summary["steps"].items() if s["status"] in ("ok", "up to date")]
-    options = [f"--profile {summary['profile']}", f"--out {summary['out']}"] + (["--only " + summary["only"]] if summary.get("only") else [])
-    options += [f"--{k.replace('_', '-')} {v}" for k, v in summary["parameters"].items() if k in ("data_dir", "device")]
-    command = "python -m helpers.pipeline " + " ".join(options + ([] if summary.get("report_requested", True) else ["--no-report"]))
-    what = f"{stopped[0]} saved its training state under {summary['out']}/checkpoints" if stopped else "nothing was running"
+    """The one line a Ctrl-C ends with: what was saved, how to go on (a command to paste)."""
+    steps = summary["steps"]
+    stopped = next((name for name, s in steps.items() if s["status"] == "interrupted"), None)
+    done = [name for name, s in steps.items() if s["status"] in ("ok", "up to date")]
+    options = ["--profile", summary["profile"], "--out", summary["out"]] + (["--only", summary["only"]] if summary.get("only") else [])
+    for key in ("data_dir", "device"):
+        if key in summary["parameters"]:
+            options += [f"--{key.replace('_', '-')}", summary["parameters"][key]]
+    options += [] if summary.get("report_requested", True) else ["--no-report"]
+    command = "python -m helpers.pipeline " + " ".join(shlex.quote(str(o)) for o in options + ["--resume"])
+    if stopped is None:
+        what = "no notebook was running"
+    elif "TrainingInterrupted" in steps[stopped]["message"]:
+        what = f"{stopped} saved its training state under {summary['out']}/checkpoints"
+    else:
+        what = f"{stopped} was stopped ({steps[stopped]['message'][:80]}); checkpoints written before are kept"
     kept = f"; finished: {', '.join(done)}" if done else ""
-    return f"[pipeline] interrupted: {what}{kept}. Continue with: {command} --resume"
+    return f"[pipeline] interrupted: {what}{kept}. Continue with: {command}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
     args = parser.parse_args(argv)
     out = args.out or str(project_root() / "outputs" / args.profile)
+    from helpers.data.errors import DatasetError
+
     try:
         if args.plan:
             make_plan(args.profile, out, args.only, args.data_dir, args.device)
@@ -388,4 +333,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before the pipeline's own handler was in place
+        print("[pipeline] interrupted before any notebook ran; nothing was changed.", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)

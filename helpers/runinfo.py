@@ -9,8 +9,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
@@ -36,6 +34,8 @@ def default_out_dir(profile: str) -> Path:
 
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when available else "cpu"; "cuda" without a GPU is an error that says so."""
+    import torch
+
     valid = ("auto", "cpu", "cuda")
     if device not in valid and not str(device).startswith("cuda:"):
         raise ValueError(f"device={device!r} is not valid; choose one of {', '.join(valid)}")
@@ -46,9 +46,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def peak_mem_mb(device: str | torch.device = "cpu") -> float:
+def peak_mem_mb(device="cpu") -> float:
     """Peak GPU memory allocated since the last reset on CUDA; else this process's peak resident
     memory (VmHWM, which unlike ru_maxrss is not inherited from the parent across fork + exec)."""
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -75,6 +77,7 @@ def git_commit(root: Path | None = None) -> dict:
 
 def run_info(device: str = "cpu") -> dict:
     """Git commit, library versions and the device, so each reported number can be traced and rerun."""
+    import torch
     import torchvision
 
     info = {

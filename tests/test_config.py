@@ -20,14 +20,16 @@ def build(task, **params):
 @pytest.mark.parametrize("task,params,message", [
     ("T2", {"epochs": "three"}, "epochs='three' is not valid; expected a whole number >= 1"),
     ("T2", {"epochs": 2.5}, "epochs=2.5 is not valid; expected a whole number >= 1"),
-    ("T2", {"lr": "fast"}, "lr='fast' is not valid; expected a number > 0"),
+    ("T2", {"lr": "fast"}, "lr='fast' is not valid; expected a finite number > 0"),
     ("T2", {"classes": -3}, "classes=-3 is not valid; expected a whole number >= 0"),
-    ("T2", {"heldout_fraction": 1.0}, "heldout_fraction=1.0 is not valid; expected a number in [0, 1)"),
+    ("T2", {"heldout_fraction": 1.0}, "heldout_fraction=1.0 is not valid; expected a finite number in [0, 1)"),
+    ("T2", {"budget_s": float("inf")}, "budget_s=inf is not valid; expected a finite number >= 0"),
+    ("T2", {"lr": _resolve_type("inf")}, "lr=inf is not valid; expected a finite number > 0"),
     ("T2", {"amp": "maybe"}, "amp='maybe' is not valid; expected True or False"),
     ("T2", {"stem": 3}, "stem=3 is not valid; choose one of small, imagenet"),
     ("T2", {"fashions": "diagonal"}, "fashions='diagonal' is not valid; choose items from parallel, serial12, serial21"),
     ("T4", {"pk_images": 1}, "pk_images=1 is not valid; expected a whole number >= 2"),
-    ("T4", {"lam": 2}, "lam=2 is not valid; expected a number in [-1, 1]"),
+    ("T4", {"lam": 2}, "lam=2 is not valid; expected a finite number in [-1, 1]"),
     ("T4", {"ablation": '["ms", "hardest"]'}, "choose items from none, ms, batch_hard, semi_hard, adaptive_ms, xbm"),
     ("T4", {"image_size": 64, "resize": 56}, "image_size=64 is not valid; it must not exceed resize=56"),
     ("E2", {"hidden": "64,32"}, "hidden=(64, 32) is not valid; give at least 4 layer sizes"),
@@ -46,7 +48,7 @@ def test_every_problem_in_one_message():
     assert str(info.value).splitlines() == [
         "3 invalid parameters:",
         "  epochs=0 is not valid; expected a whole number >= 1",
-        "  lr='fast' is not valid; expected a number > 0",
+        "  lr='fast' is not valid; expected a finite number > 0",
         "  amp='maybe' is not valid; expected True or False",
     ]
 

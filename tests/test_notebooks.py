@@ -55,8 +55,10 @@ def test_papermill_sees_every_parameter(path):
     assert list(papermill.inspect_notebook(str(path))) == assigned, "papermill --help-notebook must list every parameter"
 
 
-def test_t4_exposes_p_and_k():
+def test_t4_and_e1_expose_p_and_k():
     import papermill
 
     params = papermill.inspect_notebook(str(next(p for p in NOTEBOOKS if p.stem.startswith("T4"))))
     assert {"pk_classes", "pk_images"} <= set(params)
+    e1 = papermill.inspect_notebook(str(next(p for p in NOTEBOOKS if p.stem.startswith("E1"))))
+    assert {"pk_classes", "pk_images"} <= set(e1), "E1 too: its P x K message names them"

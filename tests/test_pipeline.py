@@ -290,3 +290,44 @@ def test_report_leaves_out_partial_metrics_and_says_so(tmp_path):
     page1 = " ".join(report.compose(tmp_path)[0].content)
     assert "Left out, not finished: T1_custom_cnn (unreadable (JSONDecodeError)); T2_resnet18 (partial results of models.T2_resnet18)" in page1
     assert "ResNet-18 (T2): not run" in page1 and report.pct(float("nan")) == "n/a"
+
+
+def test_ctrl_c_while_the_kernel_starts_stops_the_notebook_before_its_first_cell(fake_project, tmp_path, capfd):
+    import signal
+    import threading
+
+    def log(line):
+        print(line)
+        if line.startswith("[pipeline] running"):  # the kernel is starting: ipykernel would ignore a SIGINT now
+            threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+    out = tmp_path / "out"
+    summary = pipeline.run("smoke", out, only="C", report=False, log=log)
+    step = summary["steps"]["C_alone"]
+    assert summary["interrupted"] and not summary["ok"]
+    assert step["status"] == "interrupted" and step["message"].startswith("NotebookStopped: stopped by Ctrl-C before cell"), step
+    assert not (out / "metrics" / "C_alone.json").exists(), "no cell after the press ran"
+    assert "Traceback" not in capfd.readouterr().err
+    line = pipeline.interrupted_line(summary)
+    assert "C_alone was stopped (NotebookStopped" in line and line.endswith("--only C --no-report --resume")
+
+
+def test_ctrl_c_during_the_html_export_waits_for_a_whole_file(fake_project, tmp_path, monkeypatch):
+    import signal
+    import threading
+
+    real = pipeline.write_html
+
+    def slow_html(executed, html):
+        threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        time.sleep(0.5)
+        real(executed, html)
+
+    monkeypatch.setattr(pipeline, "write_html", slow_html)
+    out = tmp_path / "out"
+    summary = pipeline.run("smoke", out, only="C", log=lambda *a: None)
+    assert summary["interrupted"] and not summary["ok"] and summary["report"] is None
+    assert summary["steps"]["C_alone"]["status"] == "ok", summary["steps"]
+    assert (out / "notebooks" / "C_alone.html").read_text().startswith("<!DOCTYPE html>")
+    assert json.loads((out / "pipeline.json").read_text())["interrupted"]
+    assert "no notebook was running; finished: C_alone" in pipeline.interrupted_line(summary)
