@@ -8,7 +8,6 @@ temporary file left by a killed process is removed by `remove_stale_temporaries`
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -56,15 +55,11 @@ def _caused_by_interrupt(exc: BaseException) -> bool:
 
 
 def _as_os_error(exc: BaseException) -> OSError | None:
-    """The OSError behind a failed write: itself, or the one torch/numpy wrapped in a RuntimeError."""
+    """The OSError behind a failed write: itself, or the one another error was raised from."""
     if isinstance(exc, OSError):
         return exc
     cause = exc.__cause__ or exc.__context__
-    if isinstance(cause, OSError):
-        return cause
-    if isinstance(exc, RuntimeError) and "write" in str(exc).lower():  # torch's PytorchStreamWriter hides the errno
-        return OSError(errno.EIO, f"{str(exc).splitlines()[0]} (is the disk full?)")
-    return None
+    return cause if isinstance(cause, OSError) else None
 
 
 def atomic_torch_save(obj, path: str | Path) -> None:

@@ -385,15 +385,16 @@ def fit(
         ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
         saved = {k: v for k, v in ckpt["config"].items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (ckpt.get("run_key") or {}).items() if k != "epochs"}
         current = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
-        if saved.get("epochs") != current.get("epochs") and {k: v for k, v in saved.items() if k != "epochs"} == {k: v for k, v in current.items() if k != "epochs"}:
-            state = "finished" if ckpt["epoch"] >= -(-(ckpt["config"].get("max_steps") or saved["epochs"] * steps_per_epoch) // max(1, steps_per_epoch)) else f"stopped after epoch {ckpt['epoch']}"
+        diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+        if set(diff) == {"epochs"}:
+            planned = FitConfig(**ckpt["config"]).num_epochs(steps_per_epoch)
+            state = "finished" if ckpt["epoch"] >= planned else f"stopped after epoch {ckpt['epoch']}"
             raise ValueError(
                 f"{out / 'last.pt'} is a {saved['epochs']}-epoch run ({state}); epochs is now {cfg.epochs}. "
                 f"Its LR schedule was planned for that length, so continuing it for {cfg.epochs} would equal neither run. "
                 f"Set epochs={saved['epochs']} to resume it, or pass resume=False (or another out_dir) to train {cfg.epochs} epochs afresh."
             )
-        if saved != current:
-            diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+        if diff:
             raise ValueError(
                 f"{out / 'last.pt'} was written with a different configuration {diff} (saved, now). "
                 "Resume with the same settings, or pass resume=False / another out_dir to start afresh."

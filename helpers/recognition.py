@@ -25,6 +25,7 @@ from helpers.data import (
     synthetic,
 )
 from helpers.data.loaders import BatchSource
+from helpers.data.tinyimagenet import IMAGE_SIZE
 from helpers.atomic import atomic_write_json
 from helpers.engine import FitResult, fit
 from helpers.evaluation import ClassificationEvaluator, NearestClassMeanEvaluator, classification_metrics, classification_report, run_split
@@ -34,7 +35,6 @@ from helpers.objectives import CenterLossObjective, MetricObjective
 from helpers.models import CustomCNN, EmbeddingNet, resnet18
 from helpers.runinfo import generated_data_dir, run_info
 
-NATIVE_SIZE = 64
 
 
 @dataclass
@@ -111,8 +111,8 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
     if path == "gpu" and not cuda:
         raise ValueError("data_path='gpu' needs device='cuda'; use 'cached' or 'lazy' on the CPU")
     if path == "lazy":
-        train_set = TinyImageNet(root, "train", transform=ToUint8Tensor(crop=NATIVE_SIZE))
-        test_set = TinyImageNet(root, "val", transform=ToUint8Tensor(crop=NATIVE_SIZE))
+        train_set = TinyImageNet(root, "train", transform=ToUint8Tensor(crop=IMAGE_SIZE))
+        test_set = TinyImageNet(root, "val", transform=ToUint8Tensor(crop=IMAGE_SIZE))
     else:
         train_set = CachedTinyImageNet(root, "train", num_workers=cfg.num_workers)
         test_set = CachedTinyImageNet(root, "val", num_workers=cfg.num_workers)
@@ -124,12 +124,12 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         if path == "lazy":
             sources[name] = LoaderBatches(Subset(dataset, idx), labels=labels[idx], device=cfg.device, num_workers=cfg.num_workers, **common)
         else:
-            images = np.asarray(dataset.images[np.sort(idx)]) if len(idx) else np.zeros((0, NATIVE_SIZE, NATIVE_SIZE, 3), np.uint8)
+            images = np.asarray(dataset.images[np.sort(idx)]) if len(idx) else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
             order = np.argsort(np.argsort(idx))  # images were read in sorted order; restore idx order
             storage = cfg.device if path == "gpu" else "cpu"
             sources[name] = TensorBatches(images[order], labels[idx], device=storage, output_device=cfg.device, **common)
     num_classes = cfg.classes or len(train_set.classes)
-    resize_to = cfg.image_size if cfg.image_size != NATIVE_SIZE else None
+    resize_to = cfg.image_size if cfg.image_size != IMAGE_SIZE else None
     augment = BatchAugment(
         crop=cfg.crop, size=cfg.image_size, resize_to=resize_to, padding=cfg.padding, scale=(cfg.rrc_scale_min, 1.0),
         mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=num_classes,

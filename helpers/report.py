@@ -2,8 +2,8 @@
 
 Every number is read from the metrics files (none is typed in); a notebook that has not run shows
 as "not run", and a metrics file holding partial results (an interrupted training, `"complete":
-false`) is left out and named in red under the title. Pages are laid out with matplotlib (no LaTeX needed) and written to <out>/report.pdf,
-plus report-1.png / report-2.png previews.
+false`) is left out and named in red under the title. Pages are laid out with matplotlib (no LaTeX
+needed) and written to <out>/report.pdf, plus report-1.png / report-2.png previews.
 
     python -m helpers.report outputs/smoke
 """

@@ -13,7 +13,7 @@ from PIL import Image
 
 from helpers.data import CachedTinyImageNet, DatasetError, TinyImageNet, ToUint8Tensor
 from helpers.data.cache import decode_all, labels_checksum
-from helpers.recognition import NATIVE_SIZE
+from helpers.data.tinyimagenet import IMAGE_SIZE
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_stale_temporaries_are_removed_and_live_ones_kept(tiny_copy, tmp_path):
 
 @pytest.mark.parametrize("size", [(80, 60), (50, 70)])
 def test_odd_sized_image_is_cached_as_the_lazy_path_decodes_it(tiny_copy, tmp_path, size):
-    lazy = TinyImageNet(tiny_copy, "train", transform=ToUint8Tensor(crop=NATIVE_SIZE))  # as helpers.recognition reads it
+    lazy = TinyImageNet(tiny_copy, "train", transform=ToUint8Tensor(crop=IMAGE_SIZE))  # as helpers.recognition reads it
     index = 5
     pixels = np.random.default_rng(0).integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(lazy.samples[index][0], format="JPEG")

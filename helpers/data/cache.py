@@ -21,10 +21,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from helpers.atomic import atomic_save_npy, atomic_write_json, remove_stale_temporaries
 from helpers.data.images import ToUint8Tensor, apply_transforms
-from helpers.data.tinyimagenet import TinyImageNet
+from helpers.data.tinyimagenet import IMAGE_SIZE, TinyImageNet
 
 CACHE_FORMAT = 2  # sidecar layout version: a cache written by another version is rebuilt
-IMAGE_SIZE = 64  # odd-sized source images are resized and centre-cropped to it, as on the lazy path
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 

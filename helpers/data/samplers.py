@@ -68,7 +68,6 @@ class PKBatchSampler(Sampler[list[int]]):
             yield batch
 
 
-
 def _check_pk(counts: np.ndarray, p: int, k: int, drop_small_classes: bool, example) -> None:
     """Raise a ValueError naming the data and the setting to change (pk_classes for P, pk_images
     for K) when P x K batches cannot be drawn. counts (C,) images per class (C >= 1); example:

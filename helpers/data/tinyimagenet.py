@@ -18,6 +18,7 @@ from helpers.data.errors import DatasetError
 from helpers.data.images import apply_transforms, load_rgb
 
 SPLITS = ("train", "val", "test")
+IMAGE_SIZE = 64  # every image is 64 x 64; a source file of another size is resized to it when decoded
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 GET_IT = (
