@@ -248,7 +248,9 @@ class CenterLoss(nn.Module):
     def forward(self, features: Tensor, labels: Tensor) -> Tensor:
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = _loss_dtype(features)
-            diff = x - self.centers.to(x.dtype)[labels]
+            # index_select, not centers[labels]: the backward of advanced indexing accumulates
+            # repeated labels with atomic adds on the CPU, so two identical runs would differ
+            diff = x - self.centers.to(x.dtype).index_select(0, labels)
             return 0.5 * (diff * diff).sum(dim=1).mean()
 
     def extra_repr(self) -> str:

@@ -386,6 +386,20 @@ def test_center_loss_gradient_wrt_centers():
     assert (center.centers.grad[3] == 0).all()
 
 
+def test_center_loss_gradient_is_bit_identical_when_repeated():
+    """Many samples of few classes: the centers' gradient sums repeated labels, and must do so in a
+    fixed order (advanced indexing's backward on the CPU does not), or a rerun is not exact."""
+    torch.manual_seed(0)
+    center = CenterLoss(num_classes=20, dim=512)
+    features, labels = torch.randn(256, 512), torch.randint(0, 20, (256,))
+    grads = []
+    for _ in range(30):
+        center.centers.grad = None
+        center(features, labels).backward()
+        grads.append(center.centers.grad.clone())
+    assert all(torch.equal(grads[0], g) for g in grads[1:])
+
+
 def test_center_loss_gradcheck():
     center = CenterLoss(3, 4).double()
     labels = torch.tensor([0, 2, 2, 1])
