@@ -2,9 +2,14 @@
 
 Each notebook's `parameters` cell holds plain values, `None` meaning "the profile's value". The
 next cell calls e.g. `RecognitionConfig.build("T1", profile=profile, epochs=epochs, ...)`, which
-starts from the dataclass defaults, applies the profile preset (`smoke`: generated data, CPU,
-about a minute; `full`: the real dataset with the recipe recommended for one CUDA GPU), then every
-parameter that is not None. Unknown names or values raise ValueError listing the valid ones.
+starts from the dataclass defaults, applies the profile preset (`PRESETS`, literal data: `smoke`:
+generated data, CPU, about a minute; `full`: the real dataset with the recipe recommended for one
+CUDA GPU), then every parameter that is not None. Unknown names or values raise ValueError listing
+the valid ones.
+
+Each training stage of a task (`STAGES`: "train"; T4: "classifier" and "embedding"; E2: "pretrain"
+and "train") declares which fields it reads: `cfg.fit_config(stage)` is the engine's FitConfig
+built from them and `cfg.run_key(stage)` the settings its checkpoints must match to be resumed.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from helpers.engine import OPTIMIZERS, SCHEDULES, FitConfig, check_choice
+from helpers.engine import FitConfig, check_choice
+from helpers.optim import OPTIMIZERS, SCHEDULES
 from helpers.runinfo import default_out_dir, generated_data_dir, project_root, resolve_device
 
 PROFILES = ("smoke", "full")
@@ -133,11 +139,36 @@ def _listing(values) -> str:
     return ", ".join('"" (the default)' if v == "" else str(v) for v in values)
 
 
+@dataclass(frozen=True)
+class Stage:
+    """How one training stage reads its task configuration.
+
+    `reads`: FitConfig field -> configuration field; `fixed`: FitConfig values set by the task (a
+    callable receives the configuration); `own`: further fields only this stage uses (e.g. the
+    loss); `after`: stages whose trained model this one starts from. FitConfig fields in neither
+    keep the engine's defaults."""
+
+    reads: dict
+    fixed: dict = dataclasses.field(default_factory=dict)
+    own: tuple = ()
+    after: tuple = ()
+
+    def uses(self) -> set[str]:
+        """The configuration fields this stage reads."""
+        return set(self.reads.values()) | set(self.own)
+
+
+def same_names(*names: str) -> dict:
+    """{name: name}: FitConfig fields read from configuration fields of the same name."""
+    return {name: name for name in names}
+
+
 class ConfigBase:
     """Shared builder and helpers of the task configurations."""
 
-    PRESETS: dict = {}
+    PRESETS: dict = {}  # task -> profile -> values
     CHOICES: dict = {}  # parameter -> its valid values (for list parameters: of each item)
+    STAGES: dict = {}  # stage name -> Stage
 
     def _validate(self) -> None:
         """Coerce every field to its annotated type and check its range and choices; raise one
@@ -183,7 +214,7 @@ class ConfigBase:
         unknown = sorted(set(params) - names)
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}")
-        values = dict(cls.PRESETS[task].get("common", {}), **cls.PRESETS[task][profile])
+        values = dict(cls.PRESETS[task][profile])
         values.update({k: v for k, v in params.items() if v is not None})
         return cls(task=task, profile=profile, **values).resolved()
 
@@ -200,14 +231,44 @@ class ConfigBase:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # settings that may change between a run and its resumption (where things run and what is
-    # shown), as opposed to everything that defines the trained model
+    # settings that may change between a run and its resumption (where things run, what is shown,
+    # which runs a notebook makes: each run has its own checkpoint folder), as opposed to
+    # everything that defines a trained model
     RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every")
 
-    def run_key(self) -> dict:
-        """The settings a checkpoint must have been trained with to be resumed (epoch counts are
-        compared by the engine, which refuses another length)."""
-        return {k: v for k, v in self.as_dict().items() if k not in self.RUNTIME_KEYS and "epochs" not in k}
+    def fit_config(self, stage: str = "train") -> FitConfig:
+        """The engine's FitConfig for one training stage (see Stage)."""
+        check_choice("stage", stage, tuple(self.STAGES))
+        spec = self.STAGES[stage]
+        values = {target: getattr(self, source) for target, source in spec.reads.items()}
+        values |= {target: value(self) if callable(value) else value for target, value in spec.fixed.items()}
+        return FitConfig(**values)
+
+    def run_key(self, stage: str = "train") -> dict:
+        """The settings a checkpoint of `stage` must have been trained with to be resumed: every
+        field except the runtime ones and those only other stages read (unless this stage starts
+        from theirs). Its own epoch count is left to the engine, which refuses another length."""
+        check_choice("stage", stage, tuple(self.STAGES))
+        spec = self.STAGES[stage]
+        skip = set(self.RUNTIME_KEYS) | {spec.reads["epochs"]}
+        for name, other in self.STAGES.items():
+            if name != stage and name not in spec.after:
+                skip |= other.uses() - spec.uses()
+        return {k: v for k, v in self.as_dict().items() if k not in skip}
+
+
+# T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
+# one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
+TINY_IMAGENET_PRESETS = {
+    "smoke": dict(
+        image_size=32, train_per_class=24, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5, stem="imagenet", width=16, cubs_width=32,
+        num_workers=0,
+    ),
+    "full": dict(
+        image_size=64, epochs=40, batch_size=256, lr=0.2, warmup_epochs=2, crop="pad", padding=8, cutmix=1.0, mix_prob=0.5,
+        label_smoothing=0.1, weight_decay=5e-4, patience=0, num_workers=8, width=64,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -266,26 +327,30 @@ class RecognitionConfig(ConfigBase):
     ncm_per_class: int = 50  # E1: train images per class whose embeddings give the class means
 
     PRESETS = {
-        task: {
-            # CPU-sized: 32 px, 40 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
-    # one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
+        "T1": TINY_IMAGENET_PRESETS,
+        "T2": TINY_IMAGENET_PRESETS,
+        "T3": TINY_IMAGENET_PRESETS,
+        # E1 compares losses: no mixing (center and triplet losses need hard labels), Adam
+        "E1": {
             "smoke": dict(
-                image_size=32, train_per_class=24, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5,
-                stem="imagenet", width=16, cubs_width=32, num_workers=0,
+                image_size=32, train_per_class=24, epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
+                stem="imagenet", width=16, cubs_width=32, num_workers=0, pk_classes=8, pk_images=4, embedding_dim=64,
             ),
             "full": dict(
-                image_size=64, epochs=40, batch_size=256, lr=0.2, warmup_epochs=2, crop="pad", padding=8,
-                cutmix=1.0, mix_prob=0.5, label_smoothing=0.1, weight_decay=5e-4, patience=0, num_workers=8,
+                image_size=64, epochs=30, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, crop="pad", padding=8,
+                cutmix=0.0, mix_prob=0.5, label_smoothing=0.1, patience=0, num_workers=8, pk_classes=32, pk_images=8, ncm_per_class=100,
             ),
-        }
-        for task in ("T1", "T2", "T3", "E1")
+        },
     }
-    PRESETS["T1"]["full"] = dict(PRESETS["T1"]["full"], lr=0.2, width=64)
-    # E1 compares losses: no mixing (center and triplet losses need hard labels), Adam by default
-    PRESETS["E1"]["smoke"] = dict(PRESETS["E1"]["smoke"], optimizer="adam", lr=1e-3, weight_decay=1e-4, pk_classes=8, pk_images=4, embedding_dim=64, epochs=2)
-    PRESETS["E1"]["full"] = dict(
-        PRESETS["E1"]["full"], optimizer="adam", lr=1e-3, weight_decay=1e-4, epochs=30, cutmix=0.0, pk_classes=32, pk_images=8, ncm_per_class=100,
-    )
+    STAGES = {
+        "train": Stage(
+            reads=same_names(
+                "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience",
+                "amp", "channels_last", "compile", "seed", "eval_every", "budget_s",
+            ),
+            fixed={"monitor": "heldout_top1"},
+        ),
+    }
 
     CHOICES = {"data_path": DATA_PATHS, "crop": ("pad", "rrc"), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "stem": STEMS, "fashions": FASHIONS}
 
@@ -294,17 +359,6 @@ class RecognitionConfig(ConfigBase):
 
     def _check(self) -> list[str]:
         return [] if self.fashions else [f"fashions={self.fashions!r} is not valid; name at least one of {', '.join(FASHIONS)}"]
-
-    def fit_config(self, **overrides) -> FitConfig:
-        values = dict(
-            epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-            schedule=self.schedule, warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing,
-            monitor="heldout_top1", patience=self.patience, amp=self.amp,
-            channels_last=self.channels_last, compile=self.compile, seed=self.seed, eval_every=self.eval_every,
-            budget_s=self.budget_s,
-        )
-        values.update(overrides)
-        return FitConfig(**values)
 
 
 MINERS = ("none", "ms", "batch_hard", "semi_hard", "adaptive_ms", "xbm")
@@ -381,6 +435,23 @@ class RetrievalConfig(ConfigBase):
         }
     }
 
+    STAGES = {
+        # stage 1: the 98-way classifier
+        "classifier": Stage(
+            reads={"epochs": "cls_epochs", "optimizer": "cls_optimizer", "lr": "cls_lr", **same_names(
+                "weight_decay", "warmup_epochs", "label_smoothing", "amp", "channels_last", "compile", "seed")},
+            fixed={"schedule": "cosine", "monitor": ""},
+        ),
+        # stage 2: the embedding, from stage 1's backbone
+        "embedding": Stage(
+            reads={"epochs": "emb_epochs", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
+                   **same_names("amp", "channels_last", "compile", "seed")},
+            fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": ""},
+            own=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
+            after=("classifier",),
+        ),
+    }
+
     CHOICES = {
         "data_path": DATA_PATHS, "init": INITS, "stem": STEMS, "cls_optimizer": OPTIMIZERS, "emb_optimizer": OPTIMIZERS,
         "miner": MINERS, "ablation": MINERS, "fashion": ("",) + FASHIONS,
@@ -394,20 +465,6 @@ class RetrievalConfig(ConfigBase):
             return [f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}"]
         return []
 
-    def classifier_fit_config(self) -> FitConfig:
-        return FitConfig(
-            epochs=self.cls_epochs, optimizer=self.cls_optimizer, lr=self.cls_lr, weight_decay=self.weight_decay,
-            schedule="cosine", warmup_epochs=self.warmup_epochs, label_smoothing=self.label_smoothing, monitor="",
-            amp=self.amp, channels_last=self.channels_last, compile=self.compile, seed=self.seed,
-        )
-
-    def embedding_fit_config(self) -> FitConfig:
-        return FitConfig(
-            epochs=self.emb_epochs, optimizer=self.emb_optimizer, lr=self.emb_lr, weight_decay=self.emb_weight_decay,
-            schedule="cosine", warmup_epochs=min(1.0, self.emb_epochs / 4), monitor="", amp=self.amp,
-            channels_last=self.channels_last, compile=self.compile, seed=self.seed,
-        )
-
 
 @dataclass(frozen=True)
 class LayerwiseConfig(ConfigBase):
@@ -420,7 +477,7 @@ class LayerwiseConfig(ConfigBase):
     out_dir: str = ""
     device: str = "auto"
     resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
-    hidden: tuple = (1024, 1200, 728, 512, 128)  # X; the seed's alternative: (1024, 1000, 500, 256, 128, 64)
+    hidden: tuple = (1024, 1200, 728, 512, 128)  # X; the seed report's alternative: (1024, 1000, 500, 256, 128, 64)
     heldout_fraction: float = 0.1  # stratified part of train for model selection
     use_unlabeled: bool = False  # pretrain on train + the unlabeled split (100,000 images) too
     unlabeled_limit: int = 0  # at most this many unlabeled images (0 = all)
@@ -436,7 +493,6 @@ class LayerwiseConfig(ConfigBase):
     label_smoothing: float = 0.0
     tsne_per_class: int = 500  # first N test images of each class in the X[3] t-SNE
     amp: bool = True
-    channels_last: bool = False
     seed: int = 0
 
     PRESETS = {
@@ -444,6 +500,21 @@ class LayerwiseConfig(ConfigBase):
             "smoke": dict(pretrain_epochs=1, epochs=5, batch_size=64),
             "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
         }
+    }
+
+    STAGES = {
+        # one greedy autoencoder step per layer: MSE, Adam, cosine to 10 % of the LR, no warm-up
+        "pretrain": Stage(
+            reads={"epochs": "pretrain_epochs", "lr": "pretrain_lr", **same_names("amp", "seed")},
+            fixed={"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.1, "monitor": "", "channels_last": False},
+            own=("use_unlabeled", "unlabeled_limit"),
+        ),
+        # fine-tuning (from the pretrained layers) and the baseline: cross-entropy, best held-out epoch kept
+        "train": Stage(
+            reads=same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "amp", "seed"),
+            fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5), "monitor": "heldout_top1", "channels_last": False},
+            after=("pretrain",),
+        ),
     }
 
     CHOICES = {"optimizer": OPTIMIZERS}
@@ -455,19 +526,3 @@ class LayerwiseConfig(ConfigBase):
         if len(self.hidden) < 4:
             return [f"hidden={self.hidden} is not valid; give at least 4 layer sizes (the t-SNE shows layer X[3])"]
         return []
-
-    def fit_config(self, **overrides) -> FitConfig:
-        """Fine-tuning / baseline: cross-entropy, cosine schedule, best held-out epoch kept."""
-        values = dict(
-            epochs=self.epochs, optimizer=self.optimizer, lr=self.lr, weight_decay=self.weight_decay, schedule="cosine",
-            warmup_epochs=min(1.0, self.epochs / 5), label_smoothing=self.label_smoothing, monitor="heldout_top1",
-            amp=self.amp, channels_last=False, seed=self.seed,
-        )
-        return FitConfig(**(values | overrides))
-
-    def pretrain_fit_config(self) -> FitConfig:
-        """One greedy autoencoder step (per layer): MSE, Adam, constant LR after a short warm-up."""
-        return FitConfig(
-            epochs=self.pretrain_epochs, optimizer="adam", lr=self.pretrain_lr, weight_decay=0.0, schedule="cosine",
-            warmup_epochs=0.0, min_lr_ratio=0.1, monitor="", amp=self.amp, channels_last=False, seed=self.seed,
-        )

@@ -13,17 +13,16 @@ resumed ends with exactly the metrics of an uninterrupted run on the CPU.
 A run has `epochs` epochs, exactly `max_steps` steps, or a time budget `budget_s`: then the loop
 measures its own steps and plans its length (helpers.budget), and the schedule still anneals.
 In the hot loop nothing is read back to the host except every `log_every` steps.
+
+The optimizer, schedule and monitor live in helpers.optim, checkpoint files in helpers.checkpoint,
+the progress display and the Ctrl-C deferral in helpers.console.
 """
 
 from __future__ import annotations
 
-import math
-import random
-import signal
-import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -31,15 +30,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from helpers.atomic import atomic_torch_save, atomic_write_json, remove_stale_temporaries
+from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.budget import BudgetClock
+from helpers.checkpoint import BEST, LAST, check_same_run, load_best_weights, load_last, rng_state, save_best, save_last, set_rng_state
+from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_message, postfix
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "onecycle", "step", "plateau", "constant")
-CHECKPOINT_FORMAT = 1
+from helpers.optim import OPTIMIZERS, SCHEDULES, UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
 
 
 class TrainingDiverged(FloatingPointError):
@@ -148,174 +146,6 @@ class FitResult:
         return float(np.median(rates)) if rates else float("nan")
 
 
-# ------------------------------------------------------------------------------------ schedule
-
-
-UNPLANNED = 10**12  # the length of a budget run before its first plan
-
-
-class LRSchedule:
-    """Per-step LR multiplier: linear warm-up, then the main schedule. `plateau` cuts a factor per epoch."""
-
-    def __init__(self, cfg: FitConfig, steps_per_epoch: int):
-        self.cfg = cfg
-        # a budget run starts open-ended (the LR stays at its peak) until fit plans its length
-        self.total = UNPLANNED if cfg.budget_s > 0 else max(1, cfg.total_steps(steps_per_epoch))
-        self.steps_per_epoch = steps_per_epoch
-        warmup_steps = cfg.warmup_epochs * steps_per_epoch
-        if cfg.warmup_epochs <= 0 and cfg.schedule == "onecycle":  # 30 % of the run (of `epochs` for a budget run)
-            warmup_steps = 0.3 * cfg.total_steps(steps_per_epoch)
-        self.warmup = min(int(warmup_steps), self.total - 1)
-        self.anchor_step, self.anchor_progress = self.warmup, 0.0  # see replan
-        self.plateau_factor = 1.0
-        self.best = -math.inf
-        self.bad_epochs = 0
-
-    def factor(self, step: int) -> float:
-        cfg = self.cfg
-        if step < self.warmup:
-            start = 1 / 25
-            return start + (1 - start) * step / self.warmup
-        progress = self.progress(step)
-        if cfg.schedule == "cosine":
-            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.schedule == "onecycle":
-            end = 1 / 1e4
-            return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
-        if cfg.schedule == "step":
-            return cfg.step_gamma ** ((step - self.warmup) // max(1, cfg.step_epochs * self.steps_per_epoch))
-        if cfg.schedule == "plateau":
-            return self.plateau_factor
-        return 1.0
-
-    def progress(self, step: int) -> float:
-        """Fraction of the post-warm-up schedule done at `step` (0 at the end of the warm-up, 1 at the end)."""
-        if step <= self.anchor_step:
-            return self.anchor_progress if step == self.anchor_step else 0.0
-        done = (step - self.anchor_step) / max(1, self.total - self.anchor_step)
-        return min(1.0, self.anchor_progress + (1 - self.anchor_progress) * done)
-
-    def replan(self, step: int, total: int) -> None:
-        """Change the run's length to `total` steps at `step`, keeping the progress reached so far
-        (the LR is continuous): the rest of the schedule is stretched or squeezed into what is left."""
-        total = max(total, step)  # `step` itself: the budget is spent, the run ends here
-        if step > self.anchor_step:
-            self.anchor_progress, self.anchor_step = self.progress(step), step
-        self.total = total
-
-    def epoch_end(self, value: float | None, higher_is_better: bool) -> None:
-        if self.cfg.schedule != "plateau" or value is None:
-            return
-        score = value if higher_is_better else -value
-        if score > self.best:
-            self.best, self.bad_epochs = score, 0
-        else:
-            self.bad_epochs += 1
-            if self.bad_epochs > self.cfg.plateau_patience:
-                self.plateau_factor *= self.cfg.plateau_factor
-                self.bad_epochs = 0
-
-    def state_dict(self) -> dict:
-        return {
-            "plateau_factor": self.plateau_factor, "best": self.best, "bad_epochs": self.bad_epochs,
-            "total": self.total, "anchor_step": self.anchor_step, "anchor_progress": self.anchor_progress,
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.plateau_factor, self.best, self.bad_epochs = state["plateau_factor"], state["best"], state["bad_epochs"]
-        if self.cfg.budget_s > 0 and "total" in state:  # a budget run keeps the length it had planned
-            self.total, self.anchor_step, self.anchor_progress = state["total"], state["anchor_step"], state["anchor_progress"]
-
-
-def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over parameter groups; no weight decay on biases and normalisation weights."""
-    fused = {"fused": True} if cfg.fused and device.type == "cuda" else {}
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, **fused)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-
-
-def parameter_groups(model: nn.Module, objective: nn.Module, weight_decay: float, objective_lr: float | None = None) -> list[dict]:
-    """Decay for weights of rank >= 2, none for biases and norm scales; the objective's own
-    parameters (e.g. center-loss centers) in a group of their own, optionally with their own LR."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    own = [p for p in objective.parameters() if p.requires_grad]
-    if own:
-        group = {"params": own, "weight_decay": 0.0}
-        if objective_lr is not None:
-            group["lr"] = objective_lr
-        groups.append(group)
-    return [g for g in groups if g["params"]]
-
-
-# ------------------------------------------------------------------------------------ checkpoints
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def augment_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**62)
-
-
-# ------------------------------------------------------------------------------------ the loop
-
-
-@dataclass
-class _Progress:
-    """Running sums of one epoch, kept on the device until read."""
-
-    loss_sum: torch.Tensor
-    correct: torch.Tensor
-    seen: int = 0
-    scored: int = 0  # samples with logits (accuracy is undefined for pure metric losses)
-    nonfinite: torch.Tensor | None = None
-    seconds: float = 0.0
-
-    @classmethod
-    def zeros(cls, device) -> "_Progress":
-        z = torch.zeros((), device=device, dtype=torch.float64)
-        return cls(z.clone(), z.clone(), nonfinite=torch.zeros((), device=device, dtype=torch.bool))
-
-    def state(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen, "scored": self.scored, "seconds": self.seconds}
-
-    @classmethod
-    def from_state(cls, state: dict, device) -> "_Progress":
-        p = cls.zeros(device)
-        p.loss_sum += state["loss_sum"]
-        p.correct += state["correct"]
-        p.seen, p.scored, p.seconds = state["seen"], state["scored"], state["seconds"]
-        return p
-
-
-# FitConfig fields a resumed run may change: how often it reports (the length may not change:
-# the LR schedule depends on it, so a longer resumed run would equal neither run)
-_NOT_COMPARED = ("eval_every", "log_every")
-
-
-def _monitor_mode(monitor: str) -> bool:
-    """True when higher is better."""
-    return not ("loss" in monitor or monitor.endswith("error"))
-
 
 def fit(
     model: nn.Module,
@@ -342,7 +172,7 @@ def fit(
     eval mode); `cfg.monitor` names the metric that picks the best checkpoint, drives early stopping
     and the plateau schedule (held-out only: never the test split). With `out_dir`, checkpoints
     `last.pt` / `best.pt` and `history.json` are written there and an existing `last.pt` is resumed
-    (unless `resume=False`); a checkpoint of another length (`epochs`, `max_steps`) is refused.
+    (unless `resume=False`); a checkpoint of another length (`epochs`, `max_steps`) or format is refused.
     Ctrl-C saves `last.pt` and raises TrainingInterrupted (`on_interrupt="return"`: returns the
     partial result with `result.interrupted` set). `on_step(epoch, step)` is called after every step.
     `run_key` (e.g. the notebook's whole configuration) is stored in the checkpoint; a checkpoint
@@ -350,278 +180,312 @@ def fit(
     """
     check_choice("on_interrupt", on_interrupt, ("raise", "return"))
     called_at = time.perf_counter()
-    eval_seconds = 0.0
-    device = torch.device(device)
-    objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
-    cuda = device.type == "cuda"
-    model.to(device)
-    objective.to(device)
-    if cfg.channels_last and cuda:
-        model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    steps_per_epoch = len(train)
-    schedule = LRSchedule(cfg, steps_per_epoch)
-
-    def num_epochs() -> int:  # a budget run's length changes as it is planned
-        return -(-schedule.total // max(1, steps_per_epoch))
-
-    def epochs_label() -> str:
-        return "?" if schedule.total == UNPLANNED else str(num_epochs())
-
-    higher_is_better = _monitor_mode(cfg.monitor)
-    out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(out, recursive=False)  # left by a run killed mid-write
-
-    start_epoch, start_step, history = 0, 0, []
-    best_value, best_epoch, bad_epochs = None, None, 0
-    running: dict | None = None
-    augment_state = None
-    ckpt = None
-    resumed_from = None
-    if out is not None and resume and (out / "last.pt").is_file():
-        ckpt = torch.load(out / "last.pt", map_location=device, weights_only=False)
-        saved = {k: v for k, v in ckpt["config"].items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (ckpt.get("run_key") or {}).items() if k != "epochs"}
-        current = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
-        diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
-        if set(diff) == {"epochs"}:
-            planned = FitConfig(**ckpt["config"]).num_epochs(steps_per_epoch)
-            state = "finished" if ckpt["epoch"] >= planned else f"stopped after epoch {ckpt['epoch']}"
-            raise ValueError(
-                f"{out / 'last.pt'} is a {saved['epochs']}-epoch run ({state}); epochs is now {cfg.epochs}. "
-                f"Its LR schedule was planned for that length, so continuing it for {cfg.epochs} would equal neither run. "
-                f"Set epochs={saved['epochs']} to resume it, or pass resume=False (or another out_dir) to train {cfg.epochs} epochs afresh."
-            )
-        if diff:
-            raise ValueError(
-                f"{out / 'last.pt'} was written with a different configuration {diff} (saved, now). "
-                "Resume with the same settings, or pass resume=False / another out_dir to start afresh."
-            )
-        try:
-            model.load_state_dict(ckpt["model"])
-            objective.load_state_dict(ckpt["objective"])
-        except RuntimeError as exc:
-            raise ValueError(
-                f"{out / 'last.pt'} holds a different model ({str(exc).splitlines()[0]}). "
-                "Pass resume=False or use another out_dir to start afresh."
-            ) from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        schedule.load_state_dict(ckpt["schedule"])
-        start_epoch, start_step, history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-        best_value, best_epoch, bad_epochs = ckpt["best_value"], ckpt["best_epoch"], ckpt["bad_epochs"]
-        running, augment_state = ckpt.get("running"), ckpt.get("augment_rng")
-        resumed_from = {"epoch": start_epoch, "step": start_step}
-        set_rng_state(ckpt["rng"])
-        if any(h.get("stopped_early") for h in history):
-            start_epoch = num_epochs()  # the run had finished by early stopping
-    run_model = torch.compile(model, mode=cfg.compile_mode) if cfg.compile else model
-    budget = BudgetClock(cfg.budget_s, spent_s=(ckpt.get("budget_elapsed") or 0.0) if ckpt is not None else 0.0) if cfg.budget_s > 0 else None
-    first_plan_step = max(schedule.warmup, 12)  # the total is fixed here, then corrected at epoch ends
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and cuda) else nullcontext()
-
-    def checkpoint(epoch: int, step: int, progress_state: dict | None, aug: AugmentRNG | None) -> dict:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "objective": objective.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(),
-            "epoch": epoch,
-            "step": step,
-            "history": history,
-            "best_value": best_value,
-            "best_epoch": best_epoch,
-            "bad_epochs": bad_epochs,
-            "running": progress_state,
-            "augment_rng": aug.state() if aug is not None else None,
-            "rng": rng_state(),
-            "config": asdict(cfg),
-            "run_key": run_key,
-            "budget_elapsed": budget.elapsed() if budget is not None else None,
-        }
-
-    result = FitResult(history=history, monitor=cfg.monitor, out_dir=out, resumed_from=resumed_from, stopped_early=any(h.get("stopped_early") for h in history))
-    bar_factory = _progress_bar if progress else None
-    epoch, step, aug_rng, sums = start_epoch, start_step, None, None
-    at_boundary = True  # last.pt already describes the current state
-    stop_request = _StopRequest()
+    run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
+    if run.out is not None and resume and (run.out / LAST).is_file():
+        _resume(run)
+    run.start_session()
+    stop_request = StopRequest()
+    interrupted = False
     try:
-        epoch = start_epoch
-        while epoch < num_epochs():
-            epoch_steps = min(steps_per_epoch, schedule.total - epoch * steps_per_epoch)  # the last may be short
-            aug_rng = AugmentRNG(augment_seed(cfg.seed, epoch), device)
-            sums = _Progress.zeros(device)
-            if epoch == start_epoch and start_step > 0:
-                aug_rng.load_state(augment_state)
-                sums = _Progress.from_state(running, device)
-            step = start_step if epoch == start_epoch else 0
-            model.train()
-            objective.train()
-            bar = bar_factory(epoch_steps, step, f"{name} epoch {epoch + 1}/{epochs_label()}".strip()) if bar_factory else None
-            tic = time.perf_counter()
-            seen_at_tic = sums.seen
-            at_boundary = False
-            for images, labels in train.epoch(epoch, start=step) if epoch * steps_per_epoch + step < schedule.total else ():
-                global_step = epoch * steps_per_epoch + step
-                factor = schedule.factor(global_step)
-                for group, base in zip(optimizer.param_groups, base_lrs):
-                    group["lr"] = base * factor
-                x, targets = augment.train(images, labels, aug_rng)
-                if cfg.channels_last and cuda and x.dim() == 4:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    loss, logits = objective(run_model, x, targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                n = labels.shape[0]
-                detached = loss.detach()
-                sums.loss_sum += detached.double() * n
-                sums.nonfinite |= ~torch.isfinite(detached)
-                if logits is not None:
-                    sums.correct += (logits.detach().argmax(1) == labels).sum()
-                    sums.scored += n
-                sums.seen += n
-                step += 1
-                if budget is not None:
-                    budget.step_done(global_step + 1)
-                    if global_step + 1 >= first_plan_step and schedule.total == UNPLANNED and (total := budget.plan(global_step + 1)) is not None:
-                        schedule.replan(global_step + 1, total)
-                if step % cfg.log_every == 0 or step == epoch_steps:
-                    if bool(sums.nonfinite):
-                        raise _diverged(epoch, step, base_lrs[0] * factor)
-                    if bar is not None:
-                        elapsed = sums.seconds + time.perf_counter() - tic
-                        bar.update_to(step, _postfix(sums, elapsed, sums.seen - seen_at_tic, time.perf_counter() - tic))
-                if on_step is not None:
-                    on_step(epoch, step)
-                if stop_request.pending:
-                    raise KeyboardInterrupt
-                if epoch * steps_per_epoch + step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
-                    break
-            if bool(sums.nonfinite):
-                raise _diverged(epoch, step, base_lrs[0] * factor)
-            sums.seconds += time.perf_counter() - tic
-            if bar is not None:
-                bar.close()
-            record = {
-                "epoch": epoch + 1,
-                "lr": base_lrs[0] * schedule.factor(max(0, epoch * steps_per_epoch + step - 1)),
-                "steps": epoch * steps_per_epoch + step,
-                "train_loss": float(sums.loss_sum) / max(1, sums.seen),
-                "train_top1": float(sums.correct) / sums.scored if sums.scored else None,
-                "train_seconds": sums.seconds,
-                "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
-            }
-            if budget is not None and (total := budget.plan(epoch * steps_per_epoch + step)) is not None:
-                if epoch * steps_per_epoch + step < schedule.total:  # (a finished run stays finished)
-                    schedule.replan(epoch * steps_per_epoch + step, total)
-            evaluating = evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == num_epochs())
-            if evaluating:
-                model.eval()
-                objective.eval()
-                tic = time.perf_counter()
-                with torch.no_grad(), (budget.paused() if budget is not None else nullcontext()):
-                    record.update(evaluate(run_model))
-                record["eval_seconds"] = time.perf_counter() - tic
-                eval_seconds += record["eval_seconds"]
-            value = record.get(cfg.monitor) if cfg.monitor else None
-            if cfg.monitor and evaluating and value is None:
-                raise ValueError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
-            improved = value is not None and (best_value is None or (value > best_value if higher_is_better else value < best_value))
-            if improved:
-                best_value, best_epoch, bad_epochs = value, epoch + 1, 0
-                if out is not None:
-                    atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1, cfg.monitor: value, "config": asdict(cfg)}, out / "best.pt")
-            elif value is not None:
-                bad_epochs += 1
-            schedule.epoch_end(value, higher_is_better)
-            stop = cfg.patience > 0 and value is not None and bad_epochs >= cfg.patience and epoch + 1 < num_epochs()
-            record["best_epoch"] = best_epoch
-            if stop:
-                record["stopped_early"] = True
-            history.append(record)
-            if progress:
-                print(_epoch_line(name, record, epochs_label()), flush=True)
-            if out is not None:
-                atomic_torch_save(checkpoint(epoch + 1, 0, None, None), out / "last.pt")
-                atomic_write_json(history, out / "history.json")
-            at_boundary = True
-            start_step = 0
+        while not run.stopped_early and run.epoch < run.num_epochs():
+            _train_epoch(run, on_step, stop_request, progress, name)
+            stop = _end_epoch(run, evaluate, progress, name)
             if stop_request.pending:
                 raise KeyboardInterrupt
-            if stop:
-                result.stopped_early = True
-                break
-            epoch += 1
+            run.stopped_early = stop
     except KeyboardInterrupt:
-        result.interrupted = True
-        interrupted_at = (epoch, step, at_boundary)
-        # A first Ctrl-C is deferred to the end of the current step (see _StopRequest), so the
+        interrupted = True
+        # A first Ctrl-C is deferred to the end of the current step (see StopRequest), so the
         # state here is consistent; a second, forced one may land mid-step: keep the last checkpoint.
-        consistent = not stop_request.forced
-        if out is not None and not at_boundary and consistent and sums is not None:
-            atomic_torch_save(checkpoint(epoch, step, sums.state(), aug_rng), out / "last.pt")
+        if run.out is not None and not run.at_boundary and not stop_request.forced:
+            save_last(run.out, run.checkpoint())
     finally:
         stop_request.release()
-    result.history = history
-    result.best_value, result.best_epoch = best_value, best_epoch
-    result.train_seconds = sum(h["train_seconds"] for h in history)
-    result.wall_seconds, result.eval_seconds = time.perf_counter() - called_at, eval_seconds
-    result.planned_epochs = num_epochs() if schedule.total != UNPLANNED else cfg.epochs
-    if result.interrupted:
-        message = _interrupted_message(name, *interrupted_at, result.planned_epochs, len(history), out, stop_request.forced)
+    result = run.result(interrupted, wall_seconds=time.perf_counter() - called_at)
+    if interrupted:
+        message = interrupted_message(name, run.epoch, run.step, run.at_boundary, result.planned_epochs, len(run.history), run.out, stop_request.forced)
         if on_interrupt == "raise":
             raise TrainingInterrupted(message, result)
         print(message, flush=True)
         return result
-    if cfg.restore_best and out is not None and best_epoch is not None and (out / "best.pt").is_file():
-        model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=False)["model"])
+    if cfg.restore_best and run.out is not None and run.monitor.best_epoch is not None and (run.out / BEST).is_file():
+        model.load_state_dict(load_best_weights(run.out, run.device))
     return result
 
 
-def _interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool) -> str:
-    where = f"in epoch {epoch + 1}/{planned} at step {step}" if not at_boundary else f"after epoch {done}/{planned}"
-    what = f"Training{' of ' + name if name else ''} was interrupted {where}"
-    if out is None:
-        return f"{what}; nothing was saved (no out_dir), so a rerun starts afresh."
-    if forced and not at_boundary:  # a second Ctrl-C does not wait for the step to end
-        if not (out / "last.pt").is_file():
-            return f"{what} at once; nothing was saved yet, so a rerun starts afresh."
-        saved = f"the previous checkpoint {out / 'last.pt'} is kept"
-    else:
-        saved = f"its state is saved in {out / 'last.pt'}"
-    return (
-        f"{what}; {saved}. Nothing after the training ran and no result was recorded: "
-        "rerun (with resume=True, the default) to continue from there."
+# ------------------------------------------------------------------------------------ its pieces
+
+
+@dataclass
+class _Progress:
+    """Running sums of one epoch, kept on the device until read."""
+
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    scored: int = 0  # samples with logits (accuracy is undefined for pure metric losses)
+    nonfinite: torch.Tensor | None = None
+    seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device) -> "_Progress":
+        z = torch.zeros((), device=device, dtype=torch.float64)
+        return cls(z.clone(), z.clone(), nonfinite=torch.zeros((), device=device, dtype=torch.bool))
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor | None, labels: torch.Tensor) -> None:
+        """One batch: its mean loss (0-d), logits (B, C) or None (metric losses), labels (B,)."""
+        n = labels.shape[0]
+        detached = loss.detach()
+        self.loss_sum += detached.double() * n
+        self.nonfinite |= ~torch.isfinite(detached)
+        if logits is not None:
+            self.correct += (logits.detach().argmax(1) == labels).sum()
+            self.scored += n
+        self.seen += n
+
+    def state(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen, "scored": self.scored, "seconds": self.seconds}
+
+    @classmethod
+    def from_state(cls, state: dict, device) -> "_Progress":
+        p = cls.zeros(device)
+        p.loss_sum += state["loss_sum"]
+        p.correct += state["correct"]
+        p.seen, p.scored, p.seconds = state["seen"], state["scored"], state["seconds"]
+        return p
+
+
+@dataclass(eq=False)
+class _RunState:
+    """One `fit` call: what it trains with, and where the run stands (what last.pt holds)."""
+
+    cfg: FitConfig
+    model: nn.Module
+    objective: nn.Module
+    train: BatchSource
+    augment: BatchAugment
+    device: torch.device
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]  # of the parameter groups; the schedule multiplies them
+    schedule: LRSchedule
+    monitor: EpochMonitor  # of cfg.monitor: best checkpoint, early stopping, plateau schedule
+    steps_per_epoch: int
+    out: Path | None
+    run_key: dict | None
+    epoch: int = 0
+    step: int = 0  # steps done within `epoch`
+    history: list[dict] = field(default_factory=list)
+    sums: _Progress | None = None  # the running sums of `epoch`
+    aug_rng: AugmentRNG | None = None  # and its augmentation draws
+    at_boundary: bool = True  # last.pt already describes the current state
+    stopped_early: bool = False
+    resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued
+    budget_spent: float = 0.0  # training seconds of the sessions before this one
+    eval_seconds: float = 0.0
+    # set by start_session, after resuming:
+    run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
+    budget: BudgetClock | None = None
+    autocast: object = None
+    first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def num_epochs(self) -> int:  # a budget run's length changes as it is planned
+        return -(-self.schedule.total // max(1, self.steps_per_epoch))
+
+    def epochs_label(self) -> str:
+        return "?" if self.schedule.total == UNPLANNED else str(self.num_epochs())
+
+    def start_session(self) -> None:
+        """What this call adds once resumed: the model as trained, the budget clock (counting the earlier sessions), autocast."""
+        cfg = self.cfg
+        self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
+        self.first_plan_step = max(self.schedule.warmup, 12)
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and self.cuda) else nullcontext()
+
+    def checkpoint(self, epoch_done: bool = False) -> dict:
+        """The whole state after `step` steps of `epoch` (with the epoch's running sums and
+        augmentation draws), or, when `epoch_done`, at the start of the next epoch."""
+        return {
+            "model": self.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": self.epoch + 1 if epoch_done else self.epoch,
+            "step": 0 if epoch_done else self.step,
+            "history": self.history,
+            "monitor": self.monitor.state_dict(),
+            "running": None if epoch_done else self.sums.state(),
+            "augment_rng": None if epoch_done else self.aug_rng.state(),
+            "rng": rng_state(),
+            "config": asdict(self.cfg),
+            "run_key": self.run_key,
+            "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
+        }
+
+    def result(self, interrupted: bool, wall_seconds: float) -> FitResult:
+        return FitResult(
+            history=self.history, monitor=self.cfg.monitor, best_epoch=self.monitor.best_epoch, best_value=self.monitor.best,
+            interrupted=interrupted, stopped_early=self.stopped_early,
+            planned_epochs=self.num_epochs() if self.schedule.total != UNPLANNED else self.cfg.epochs,
+            resumed_from=self.resumed_from, out_dir=self.out, train_seconds=sum(h["train_seconds"] for h in self.history),
+            wall_seconds=wall_seconds, eval_seconds=self.eval_seconds,
+        )
+
+
+def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key) -> _RunState:
+    """Model and objective on `device`, the optimizer, schedule and monitor of a fresh run, and out_dir."""
+    device = torch.device(device)
+    objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
+    model.to(device)
+    objective.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
+    steps_per_epoch = len(train)
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out, recursive=False)  # left by a run killed mid-write
+    return _RunState(
+        cfg, model, objective, train, augment, device, optimizer, [g["lr"] for g in optimizer.param_groups],
+        LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key,
     )
 
 
-class _StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a request honoured at the next step boundary, so an
-    interrupted run saves a consistent state; a second Ctrl-C interrupts at once."""
+def _resume(run: _RunState) -> None:
+    """Continue from out/last.pt: refuse another format, configuration, run key, length or model,
+    then restore model, objective, optimizer, schedule, monitor, position and RNG states."""
+    ckpt = load_last(run.out, run.device)
+    check_same_run(ckpt, run.out / LAST, run.cfg, run.run_key, run.steps_per_epoch)
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.objective.load_state_dict(ckpt["objective"])
+    except RuntimeError as exc:
+        raise ValueError(
+            f"{run.out / LAST} holds a different model ({str(exc).splitlines()[0]}). "
+            "Pass resume=False or use another out_dir to start afresh."
+        ) from None
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.schedule.load_state_dict(ckpt["schedule"])
+    run.monitor.load_state_dict(ckpt["monitor"])
+    run.epoch, run.step, run.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+    run.resumed_from = {"epoch": run.epoch, "step": run.step}
+    run.budget_spent = ckpt["budget_elapsed"] or 0.0
+    run.stopped_early = any(h.get("stopped_early") for h in run.history)  # a finished run is not continued
+    set_rng_state(ckpt["rng"])
+    if run.step > 0:  # within an epoch: its sums and augmentation draws so far
+        run.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.epoch), run.device)
+        run.aug_rng.load_state(ckpt["augment_rng"])
+        run.sums = _Progress.from_state(ckpt["running"], run.device)
 
-    def __init__(self):
-        self.pending = self.forced = False
-        self.previous = None
-        if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
 
-    def _handle(self, signum, frame):
-        if self.pending:
-            self.forced = True
+def _augment_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**62)
+
+
+def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: bool, name: str) -> None:
+    """The steps of epoch `run.epoch` from `run.step` on, to its end or the run's: one optimizer step
+    per batch at the scheduled LR, the loss and accuracy summed on the device in `run.sums`."""
+    cfg, schedule, optimizer, budget, epoch = run.cfg, run.schedule, run.optimizer, run.budget, run.epoch
+    steps_per_epoch = run.steps_per_epoch
+    epoch_steps = min(steps_per_epoch, schedule.total - epoch * steps_per_epoch)  # the last may be short
+    if run.step == 0:  # (a run resumed within this epoch continues its sums and draws)
+        run.aug_rng = AugmentRNG(_augment_seed(cfg.seed, epoch), run.device)
+        run.sums = _Progress.zeros(run.device)
+    sums, aug_rng = run.sums, run.aug_rng
+    run.model.train()
+    run.objective.train()
+    bar = ProgressBar(epoch_steps, run.step, f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip()) if progress else None
+    tic = time.perf_counter()
+    seen_at_tic = sums.seen
+    run.at_boundary = False
+    for images, labels in run.train.epoch(epoch, start=run.step) if epoch * steps_per_epoch + run.step < schedule.total else ():
+        global_step = epoch * steps_per_epoch + run.step
+        factor = schedule.factor(global_step)
+        for group, base in zip(optimizer.param_groups, run.base_lrs):
+            group["lr"] = base * factor
+        x, targets = run.augment.train(images, labels, aug_rng)
+        if cfg.channels_last and run.cuda and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run.autocast:
+            loss, logits = run.objective(run.run_model, x, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        sums.add(loss, logits, labels)
+        run.step += 1
+        if budget is not None:
+            budget.step_done(global_step + 1)
+            if global_step + 1 >= run.first_plan_step and schedule.total == UNPLANNED and (total := budget.plan(global_step + 1)) is not None:
+                schedule.replan(global_step + 1, total)
+        if run.step % cfg.log_every == 0 or run.step == epoch_steps:
+            if bool(sums.nonfinite):
+                raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
+            if bar is not None:
+                bar.update_to(run.step, postfix(sums, sums.seen - seen_at_tic, time.perf_counter() - tic))
+        if on_step is not None:
+            on_step(epoch, run.step)
+        if stop_request.pending:
             raise KeyboardInterrupt
-        self.pending = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once)...", flush=True)
+        if epoch * steps_per_epoch + run.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
+            break
+    if bool(sums.nonfinite):
+        raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
+    sums.seconds += time.perf_counter() - tic
+    if bar is not None:
+        bar.close()
 
-    def release(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+
+def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
+    """Record the epoch just trained, evaluate it (every eval_every epochs and the last), keep the
+    best weights, cut a plateau's LR, write last.pt and history.json; True to stop early."""
+    cfg, schedule, sums, epoch = run.cfg, run.schedule, run.sums, run.epoch
+    steps_done = epoch * run.steps_per_epoch + run.step
+    record = {
+        "epoch": epoch + 1,
+        "lr": run.base_lrs[0] * schedule.factor(max(0, steps_done - 1)),
+        "steps": steps_done,
+        "train_loss": float(sums.loss_sum) / max(1, sums.seen),
+        "train_top1": float(sums.correct) / sums.scored if sums.scored else None,
+        "train_seconds": sums.seconds,
+        "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
+    }
+    if run.budget is not None and (total := run.budget.plan(steps_done)) is not None:
+        if steps_done < schedule.total:  # (a finished run stays finished)
+            schedule.replan(steps_done, total)
+    evaluating = evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == run.num_epochs())
+    if evaluating:
+        run.model.eval()
+        run.objective.eval()
+        tic = time.perf_counter()
+        with torch.no_grad(), (run.budget.paused() if run.budget is not None else nullcontext()):
+            record.update(evaluate(run.run_model))
+        record["eval_seconds"] = time.perf_counter() - tic
+        run.eval_seconds += record["eval_seconds"]
+    value = record.get(cfg.monitor) if cfg.monitor else None
+    if cfg.monitor and evaluating and value is None:
+        raise ValueError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
+    if run.monitor.update(value, epoch + 1) and run.out is not None:
+        save_best(run.out, run.model, epoch + 1, cfg.monitor, value, asdict(cfg))
+    schedule.epoch_end(run.monitor)
+    stop = run.monitor.stalled(cfg.patience) and epoch + 1 < run.num_epochs()
+    record["best_epoch"] = run.monitor.best_epoch
+    if stop:
+        record["stopped_early"] = True
+    run.history.append(record)
+    if progress:
+        print(epoch_line(name, record, run.epochs_label()), flush=True)
+    if run.out is not None:
+        save_last(run.out, run.checkpoint(epoch_done=True))
+        atomic_write_json(run.history, run.out / "history.json")
+    run.epoch, run.step, run.at_boundary = epoch + 1, 0, True
+    return stop
 
 
 def _diverged(epoch: int, step: int, lr: float) -> TrainingDiverged:
@@ -630,39 +494,3 @@ def _diverged(epoch: int, step: int, lr: float) -> TrainingDiverged:
         "Lower the learning rate or the warm-up's end point, set grad_clip (e.g. 1.0), or check the data for "
         "corrupt images. The last good checkpoint (if any) was not overwritten."
     )
-
-
-def _postfix(sums: _Progress, elapsed: float, images: int, seconds: float) -> str:
-    loss = float(sums.loss_sum) / max(1, sums.seen)
-    acc = f" acc {100 * float(sums.correct) / sums.scored:.1f}%" if sums.scored else ""
-    return f"loss {loss:.3f}{acc} {images / max(seconds, 1e-9):.0f} img/s"
-
-
-def _epoch_line(name: str, record: dict, num_epochs: int | str) -> str:
-    parts = [f"{name + ' ' if name else ''}epoch {record['epoch']}/{num_epochs}", f"loss {record['train_loss']:.4f}"]
-    if record.get("train_top1") is not None:
-        parts.append(f"train {100 * record['train_top1']:.1f}%")
-    for key, value in record.items():
-        if key.endswith(("_top1", "recall@1", "map@r")) and key != "train_top1" and isinstance(value, float):
-            parts.append(f"{key} {100 * value:.1f}%")
-    parts.append(f"lr {record['lr']:.3g}")
-    if record.get("images_per_s"):
-        parts.append(f"{record['images_per_s']:.0f} img/s")
-    parts.append(f"{record['train_seconds'] + record.get('eval_seconds', 0):.1f}s")
-    return "  ".join(parts)
-
-
-class _progress_bar:
-    """A tqdm bar (notebook-aware via tqdm.auto) that can jump to a step."""
-
-    def __init__(self, total: int, initial: int, desc: str):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
-
-    def update_to(self, step: int, postfix: str) -> None:
-        self.bar.update(step - self.bar.n)
-        self.bar.set_postfix_str(postfix, refresh=False)
-
-    def close(self) -> None:
-        self.bar.close()

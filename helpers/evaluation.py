@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Callable, Sequence
 
 import numpy as np
@@ -13,6 +12,9 @@ import torch.nn.functional as F
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
 from helpers.metrics import confusion_matrix, most_confused_pairs, nearest_class_mean_predict, per_class_accuracy, retrieval_metrics, topk_accuracy
+from helpers.runinfo import Runtime
+
+CPU = Runtime("cpu")
 
 
 @torch.no_grad()
@@ -20,23 +22,17 @@ def run_split(
     fn: Callable[[torch.Tensor], torch.Tensor],
     source: BatchSource,
     augment: BatchAugment,
-    device: str | torch.device = "cpu",
-    amp: bool = True,
-    channels_last: bool = True,
+    runtime: Runtime = CPU,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply `fn` (a model, or e.g. `model.forward_features`) to every batch of `source` in order.
+    """Apply `fn` (a model, or e.g. `model.forward_features`) to every batch of `source` in order,
+    eval transform, under `runtime` (autocast, memory format).
 
     Returns (outputs float32 (N, ...), labels (N,)), both on the device.
     """
-    device = torch.device(device)
-    cuda = device.type == "cuda"
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (amp and cuda) else nullcontext()
     outputs, labels = [], []
     for images, y in source.epoch(0):
-        x = augment.eval(images)
-        if channels_last and cuda and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
+        x = runtime.prepare(augment.eval(images))
+        with runtime.autocast():
             outputs.append(fn(x).float())
         labels.append(y)
     return torch.cat(outputs), torch.cat(labels)
@@ -51,13 +47,13 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 class ClassificationEvaluator:
     """Per-epoch evaluation for `fit`: {"<split>_top1", "<split>_top5", "<split>_loss"} for each split."""
 
-    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, device="cpu", amp: bool = True, channels_last: bool = True):
-        self.splits, self.augment, self.device, self.amp, self.channels_last = splits, augment, device, amp, channels_last
+    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, runtime: Runtime = CPU):
+        self.splits, self.augment, self.runtime = splits, augment, runtime
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         out = {}
         for name, source in self.splits.items():
-            logits, labels = run_split(model, source, self.augment, self.device, self.amp, self.channels_last)
+            logits, labels = run_split(model, source, self.augment, self.runtime)
             out.update({f"{name}_{k}": v for k, v in classification_metrics(logits, labels).items()})
         return out
 
@@ -67,16 +63,16 @@ class NearestClassMeanEvaluator:
     `reference` (a fixed part of train), then each split is classified by the nearest mean:
     {"<split>_top1", "<split>_top5"}. `predict(model)` returns the scores of every split."""
 
-    def __init__(self, reference: BatchSource, splits: dict[str, BatchSource], augment: BatchAugment, num_classes: int, metric: str = "euclidean", device="cpu", amp: bool = True, channels_last: bool = True):
+    def __init__(self, reference: BatchSource, splits: dict[str, BatchSource], augment: BatchAugment, num_classes: int, metric: str = "euclidean", runtime: Runtime = CPU):
         self.reference, self.splits, self.augment, self.num_classes, self.metric = reference, splits, augment, num_classes, metric
-        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.runtime = runtime
 
     def predict(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{split: (scores (N, C), labels (N,))} by nearest class mean."""
-        ref, ref_labels = run_split(model, self.reference, self.augment, self.device, self.amp, self.channels_last)
+        ref, ref_labels = run_split(model, self.reference, self.augment, self.runtime)
         out = {}
         for name, source in self.splits.items():
-            emb, labels = run_split(model, source, self.augment, self.device, self.amp, self.channels_last)
+            emb, labels = run_split(model, source, self.augment, self.runtime)
             _, scores = nearest_class_mean_predict(ref, ref_labels, emb, self.metric, self.num_classes)
             out[name] = (scores, labels)
         return out
@@ -96,15 +92,15 @@ class RetrievalEvaluator:
     The query counts depend only on the labels, so they stay out of the per-epoch records; the
     final `retrieval_metrics` call of a run reports them."""
 
-    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, embed: Callable[[nn.Module], Callable] | None = None, ks: Sequence[int] = (1, 2, 4, 8), device="cpu", amp: bool = True, channels_last: bool = True):
+    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, embed: Callable[[nn.Module], Callable] | None = None, ks: Sequence[int] = (1, 2, 4, 8), runtime: Runtime = CPU):
         self.splits, self.augment, self.embed, self.ks = splits, augment, embed, tuple(ks)
-        self.device, self.amp, self.channels_last = device, amp, channels_last
+        self.runtime = runtime
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         fn = self.embed(model) if self.embed is not None else model
         out = {}
         for name, source in self.splits.items():
-            emb, labels = run_split(fn, source, self.augment, self.device, self.amp, self.channels_last)
+            emb, labels = run_split(fn, source, self.augment, self.runtime)
             metrics = retrieval_metrics(emb, labels, ks=self.ks)
             out.update({f"{name}_{k}": v for k, v in metrics.items() if k.startswith(("recall@", "map@"))})
         return out

@@ -116,7 +116,7 @@ def failure_summary(exc: BaseException, written: Path | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, log, html_pool=None, interrupter: KernelInterrupter | None = None) -> tuple[str, str]:
+def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, html_pool=None, interrupter: KernelInterrupter | None = None) -> tuple[str, str]:
     """Execute one notebook and render its HTML (in `html_pool` when given); returns (status,
     message), status "ok", "failed" or "interrupted". Never raises for a notebook's failure."""
     from nbclient.exceptions import DeadKernelError
@@ -217,7 +217,7 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
                 result = {"status": "up to date", "message": "outputs newer than inputs"}
             else:
                 log(f"[pipeline] running {step.name} ...")
-                state, message = run_step(step, out, parameters, notebooks_dir, log, html_pool, interrupter)
+                state, message = run_step(step, out, parameters, notebooks_dir, html_pool, interrupter)
                 result = {"status": state, "message": message}
             status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
             current = None

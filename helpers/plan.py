@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from helpers.budget import measure_fit_step
+from helpers.runinfo import Runtime
 
 OVERHEAD_S = 12.0  # kernel start, imports, figures, metrics and the HTML export of one notebook
 WARMUP, STEPS = 2, 4  # measured steps per model: enough for a plan, cheap on a CPU
@@ -63,7 +64,7 @@ class NotebookPlan:
         }
 
 
-def eval_pass_seconds(fn, sources, augment, device, amp: bool, channels_last: bool) -> float:
+def eval_pass_seconds(fn, sources, augment, runtime) -> float:
     """Seconds of one evaluation pass over `sources`: their first batch timed (after one warm run of
     it) times the number of batches."""
     from helpers.evaluation import run_split
@@ -75,11 +76,11 @@ def eval_pass_seconds(fn, sources, augment, device, amp: bool, channels_last: bo
         batches = iter(source.epoch(0))
         first = next(batches)
         probe = _OneBatch(first)
-        run_split(fn, probe, augment, device, amp, channels_last)  # warm
+        run_split(fn, probe, augment, runtime)  # warm
         tic = time.perf_counter()
-        run_split(fn, probe, augment, device, amp, channels_last)
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize(device)
+        run_split(fn, probe, augment, runtime)
+        if runtime.cuda:
+            torch.cuda.synchronize(runtime.device)
         total += (time.perf_counter() - tic) * len(source)
     return total
 
@@ -110,7 +111,7 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
     cfg = RecognitionConfig.build(task, profile, out_dir=str(out_dir), resume=False, **overrides)
     data, data_seconds = _timed(lambda: build_tiny_imagenet(cfg))
     plan = NotebookPlan(task, data_seconds)
-    fit_cfg = cfg.fit_config()
+    fit_cfg = cfg.fit_config("train")
     steps = cfg.epochs * len(data.train)
     evals = _evaluated_epochs(cfg.epochs, cfg.eval_every) + 1  # per-epoch passes + the final one
     splits = (data.heldout, data.test)
@@ -120,7 +121,7 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
     for kind, options in kinds:
         model = build_model(kind, cfg, data.num_classes, **options)
         step = measure_fit_step(model, data.train, data.augment, fit_cfg, cfg.device, warmup=WARMUP, steps=STEPS)
-        evaluation = eval_pass_seconds(model.eval(), splits, data.augment, cfg.device, cfg.amp, cfg.channels_last)
+        evaluation = eval_pass_seconds(model.eval(), splits, data.augment, Runtime.of(cfg))
         if task == "T3":
             names = [f"T3_{f}" for f in cfg.fashions] + (["T3_bonus"] if cfg.bonus else [])
         elif task == "E1":
@@ -150,8 +151,8 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     plan = NotebookPlan("T4", data_seconds)
     torch.manual_seed(cfg.seed)
     model = resnet18(data.num_train_classes, stem=cfg.stem, cubs=cfg.fashion, cubs_width=cfg.cubs_width or None)
-    step = measure_fit_step(model, data.train, data.augment, cfg.classifier_fit_config(), cfg.device, warmup=WARMUP, steps=STEPS)
-    embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, cfg.device, cfg.amp, cfg.channels_last)
+    step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS)
+    embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
     plan.jobs.append(Job("T4_classifier", cfg.cls_epochs * len(data.train), step, cfg.cls_epochs, embed))
     scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
     miners = list(dict.fromkeys([cfg.miner, *cfg.ablation]))
@@ -170,8 +171,8 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     (data, pretrain), data_seconds = _timed(lambda: build_stl10(cfg))
     plan = NotebookPlan("E2", data_seconds)
     model = build_mlp(cfg)
-    step = measure_fit_step(model, data.train, data.augment, cfg.fit_config(), cfg.device, warmup=WARMUP, steps=STEPS)
-    evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, cfg.device, cfg.amp, False)
+    step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS)
+    evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
     plan.jobs.append(Job("E2_pretraining", len(cfg.hidden) * cfg.pretrain_epochs * len(pretrain), step))
     for name in ("E2_pretrained", "E2_baseline"):
         plan.jobs.append(Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation))

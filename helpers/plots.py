@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -100,16 +101,23 @@ def markdown_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def missing(value) -> bool:
+    """None or NaN: a number that was not (or could not be) measured."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def pct(value: float | None, digits: int = 1) -> str:
-    return "n/a" if value is None else f"{100 * value:.{digits}f} %"
+    """A fraction as a percentage ("12.3%"); "n/a" when missing."""
+    return "n/a" if missing(value) else f"{100 * value:.{digits}f}%"
 
 
-def classifier_results_markdown(run: dict, n: int = 5) -> str:
-    """Final numbers of one classifier run: accuracy/loss table, best/worst classes, most confused pairs."""
-    test, held = run["test"], run["heldout"]
+def classifier_results_markdown(run, n: int = 5) -> str:
+    """Final numbers of one classifier run (a helpers.experiment.RunSummary): accuracy/loss table,
+    best/worst classes, most confused pairs."""
+    test, held = run.test, run.heldout
     lines = [
-        f"**{run['name']}** ({run['architecture']['class']}, {run['architecture']['parameters']:,} parameters), "
-        f"best held-out epoch {run['best_epoch']} of {run['epochs_run']}",
+        f"**{run.name}** ({run.architecture['class']}, {run.architecture['parameters']:,} parameters), "
+        f"best held-out epoch {run.best_epoch} of {run.epochs_run}",
         "",
         markdown_table(
             [["held-out", pct(held["top1"]), pct(held["top5"]), "n/a" if held["loss"] is None else f"{held['loss']:.3f}"],

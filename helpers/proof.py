@@ -41,7 +41,7 @@ import torch
 
 from helpers.data.errors import DatasetError
 from helpers.atomic import atomic_write_json
-from helpers.runinfo import peak_mem_mb, run_info
+from helpers.runinfo import Runtime, peak_mem_mb, run_info
 
 WHO = ("project", "peer")
 SPLITS = ("test", "heldout")
@@ -104,7 +104,8 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> dict:
     """One budget run of the project's T2 recipe; returns its record."""
-    from helpers.recognition import build_model, build_tiny_imagenet, describe_model, train_classifier
+    from helpers.experiment import describe_model, train_classifier
+    from helpers.recognition import build_model, build_tiny_imagenet
 
     cfg = project_config(args, root, seed, workdir / f"project-{seed}")
     tic = time.perf_counter()
@@ -114,20 +115,20 @@ def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) 
     setup = time.perf_counter() - tic
     model = build_model("resnet18", cfg, data.num_classes)
     summary = train_classifier("proof_project", model, data, cfg, describe_model(model, stem=cfg.stem), progress=args.progress)
-    history = summary["history"]
+    history = summary.history
     # the budget clock of fit: wall-clock without the evaluation passes (loops, checkpoints, epoch ends)
-    train_seconds = summary["budget"]["budget_seconds_used"]
+    train_seconds = summary.budget["budget_seconds_used"]
     images = history[-1]["steps"] * cfg.batch_size
     curve = [(h_seconds, h["test_top1"]) for h, h_seconds in _cumulative(history) if h.get("test_top1") is not None]
-    curve[-1:] = [(train_seconds, summary["test"]["top1"])]
+    curve[-1:] = [(train_seconds, summary.test["top1"])]
     return {
-        "who": "project", "seed": seed, "test_top1": summary["test"]["top1"], "test_top5": summary["test"]["top5"],
+        "who": "project", "seed": seed, "test_top1": summary.test["top1"], "test_top5": summary.test["top5"],
         "train_seconds": train_seconds, "images_per_s": images / train_seconds,
         "epochs_done": history[-1]["steps"] / max(1, len(data.train)), "steps": history[-1]["steps"],
         "peak_mem_mb": round(peak_mem_mb(torch.device(cfg.device)), 1), "setup_seconds": setup,
         "planning_seconds": 0.0, "batch_size": cfg.batch_size, "train_images": data.train.num_samples,
         "eval_images": data.test.num_samples, "curve": curve, "recipe": cfg.as_dict(),
-        "model": summary["architecture"],
+        "model": summary.architecture,
     }
 
 
@@ -271,8 +272,8 @@ def plan(args: argparse.Namespace, root: Path) -> dict:
         cfg = project_config(args, root, 0, Path(tmp))
         data = build_tiny_imagenet(cfg)
         model = build_model("resnet18", cfg, data.num_classes)
-        step = measure_fit_step(model, data.train, data.augment, cfg.fit_config(), cfg.device)
-        eval_seconds = eval_pass_seconds(model.eval(), (data.test,), data.augment, cfg.device, cfg.amp, cfg.channels_last)
+        step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("train"), cfg.device)
+        eval_seconds = eval_pass_seconds(model.eval(), (data.test,), data.augment, Runtime.of(cfg))
     steps = args.budget_s / step
     epochs = steps / max(1, len(data.train))
     evals = min(int(epochs) // args.eval_every + 1, int(epochs) + 1)

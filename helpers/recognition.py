@@ -1,10 +1,9 @@
-"""T1-T3 building blocks: Tiny ImageNet batch sources for a configuration, models by name, and
-one experiment = fit + final evaluation + a JSON-able summary. The notebooks only call these."""
+"""T1-T3 and E1 on Tiny ImageNet: batch sources for a configuration, models by name, the E1 metric
+losses, and T3's model selection. Built on the shared layer (helpers.experiment); the notebooks
+call these plus that layer."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -13,51 +12,26 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from helpers.config import RecognitionConfig
-from helpers.data import (
-    BatchAugment,
-    CachedTinyImageNet,
-    LoaderBatches,
-    PKBatchSampler,
-    TensorBatches,
-    TinyImageNet,
-    ToUint8Tensor,
-    stratified_split,
-    synthetic,
-)
+from helpers.data import BatchAugment, CachedTinyImageNet, PKBatchSampler, TinyImageNet, ToUint8Tensor, stratified_split
 from helpers.data.loaders import BatchSource
 from helpers.data.tinyimagenet import IMAGE_SIZE
-from helpers.atomic import atomic_write_json
-from helpers.engine import FitResult, fit
-from helpers.evaluation import ClassificationEvaluator, NearestClassMeanEvaluator, classification_metrics, classification_report, run_split
+from helpers.evaluation import NearestClassMeanEvaluator, classification_report
+from helpers.experiment import (
+    ClassificationData,
+    RunSummary,
+    T3Selection,
+    batch_source,
+    describe_model,
+    locate_data,
+    resolve_data_path,
+    train,
+    train_classifier,
+)
 from helpers.losses import TripletLoss
 from helpers.metrics import topk_accuracy
-from helpers.objectives import CenterLossObjective, MetricObjective
 from helpers.models import CustomCNN, EmbeddingNet, resnet18
-from helpers.runinfo import generated_data_dir, run_info
-
-
-
-@dataclass
-class ClassificationData:
-    """Batch sources of one classification task plus what the notebooks print about them."""
-
-    train: BatchSource
-    heldout: BatchSource
-    test: BatchSource
-    augment: BatchAugment
-    num_classes: int
-    class_names: list[str]
-    info: dict = field(default_factory=dict)
-
-
-def tiny_imagenet_root(cfg: RecognitionConfig) -> tuple[Path, bool]:
-    """The `tiny-imagenet-200` folder to read, generating the default data when it is the default
-    folder; returns (root, generated)."""
-    data_dir = Path(cfg.data_dir)
-    root = data_dir / "tiny-imagenet-200"
-    if data_dir == generated_data_dir():
-        root = synthetic.generate("tiny", data_dir, synthetic.TinyParams(seed=0))
-    return root, (root / synthetic.STAMP).is_file()
+from helpers.objectives import CenterLossObjective, MetricObjective
+from helpers.runinfo import Runtime
 
 
 def _subset_indices(labels: np.ndarray, classes: int, per_class: int) -> np.ndarray:
@@ -99,17 +73,14 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
     data_path "gpu": the decoded uint8 arrays live on the GPU; "cached": in CPU RAM; "lazy": JPEGs
     are decoded per item by DataLoader workers; "auto": gpu on CUDA, else cached.
     """
-    root, generated = tiny_imagenet_root(cfg)
+    root, generated = locate_data(cfg.data_dir, "tiny")
     # checked on the file lists (nothing decoded yet): the subset, and E1's P x K batches on what is left
     train_labels, test_labels = (np.asarray(TinyImageNet(root, split).targets) for split in ("train", "val"))
     check_subset_fits(cfg, train_labels, root)
     splits = split_indices(train_labels, test_labels, cfg)
     if cfg.task == "E1":
         PKBatchSampler(train_labels[splits["train"]], cfg.pk_classes, cfg.pk_images, drop_small_classes=True)
-    cuda = cfg.device.startswith("cuda")
-    path = cfg.data_path if cfg.data_path != "auto" else ("gpu" if cuda else "cached")
-    if path == "gpu" and not cuda:
-        raise ValueError("data_path='gpu' needs device='cuda'; use 'cached' or 'lazy' on the CPU")
+    path = resolve_data_path(cfg.data_path, cfg.device)
     if path == "lazy":
         train_set = TinyImageNet(root, "train", transform=ToUint8Tensor(crop=IMAGE_SIZE))
         test_set = TinyImageNet(root, "val", transform=ToUint8Tensor(crop=IMAGE_SIZE))
@@ -120,14 +91,14 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
     for name, idx in splits.items():
         dataset, labels = (train_set, train_labels) if name != "test" else (test_set, test_labels)
         shuffle = name == "train"
-        common = dict(batch_size=cfg.batch_size if shuffle else max(cfg.batch_size, 256), shuffle=shuffle, drop_last=shuffle and len(idx) > cfg.batch_size, seed=cfg.seed)
-        if path == "lazy":
-            sources[name] = LoaderBatches(Subset(dataset, idx), labels=labels[idx], device=cfg.device, num_workers=cfg.num_workers, **common)
-        else:
-            images = np.asarray(dataset.images[np.sort(idx)]) if len(idx) else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-            order = np.argsort(np.argsort(idx))  # images were read in sorted order; restore idx order
-            storage = cfg.device if path == "gpu" else "cpu"
-            sources[name] = TensorBatches(images[order], labels[idx], device=storage, output_device=cfg.device, **common)
+        batch_size = cfg.batch_size if shuffle else max(cfg.batch_size, 256)
+        images = None
+        if path != "lazy":  # read in sorted order, then put back in idx order
+            images = np.asarray(dataset.images[np.sort(idx)])[np.argsort(np.argsort(idx))] if len(idx) else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        sources[name] = batch_source(
+            path, cfg.device, labels[idx], batch_size, shuffle=shuffle, drop_last=shuffle and len(idx) > cfg.batch_size, seed=cfg.seed,
+            images=images, dataset=Subset(dataset, idx), num_workers=cfg.num_workers,
+        )
     num_classes = cfg.classes or len(train_set.classes)
     resize_to = cfg.image_size if cfg.image_size != IMAGE_SIZE else None
     augment = BatchAugment(
@@ -160,62 +131,7 @@ def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) 
     raise ValueError(f"model kind {kind!r} is not valid; choose one of custom_cnn, resnet18")
 
 
-def describe_model(model: nn.Module, **extra) -> dict:
-    return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()), **extra}
-
-
-def _summary(name: str, describe: dict, result: FitResult, cfg, heldout: dict, test: dict) -> dict:
-    return {
-        "name": name,
-        "architecture": describe,
-        "best_epoch": result.best_epoch,
-        "epochs_run": len(result.history),
-        "training": result.record(),
-        "train_seconds": result.train_seconds,
-        "fit_seconds": {"wall": result.wall_seconds, "evaluation": result.eval_seconds},
-        "images_per_s": result.images_per_s,
-        "checkpoint": str(Path(cfg.out_dir) / "checkpoints" / name / "best.pt"),
-        "heldout": heldout,
-        "test": test,
-        "history": result.history,
-    }
-
-
-def train_classifier(
-    name: str,
-    model: nn.Module,
-    data: ClassificationData,
-    cfg: RecognitionConfig,
-    describe: dict | None = None,
-    progress: bool = True,
-    objective: nn.Module | None = None,
-    objective_lr: float | None = None,
-) -> dict:
-    """Fit one classifier (checkpoints in out_dir/checkpoints/<name>), restore its best held-out
-    epoch, evaluate held-out and test, and return a JSON-able summary. `objective` defaults to
-    cross-entropy (e.g. CenterLossObjective for cross-entropy + center loss)."""
-    splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
-    evaluator = ClassificationEvaluator(splits, data.augment, cfg.device, cfg.amp, cfg.channels_last)
-    out_dir = Path(cfg.out_dir) / "checkpoints" / name
-    fit_cfg = cfg.fit_config() if data.heldout.num_samples else cfg.fit_config(monitor="")  # no held-out: keep the last epoch
-    result: FitResult = fit(
-        model, data.train, data.augment, fit_cfg, objective=objective, objective_lr=objective_lr, evaluate=evaluator,
-        out_dir=out_dir, device=cfg.device, progress=progress, name=name, run_key=cfg.run_key(), resume=cfg.resume,
-    )
-    model.eval()
-    heldout = {"top1": None, "top5": None, "loss": None}  # no held-out split (heldout_fraction=0)
-    if data.heldout.num_samples:
-        heldout = classification_metrics(*run_split(model, data.heldout, data.augment, cfg.device, cfg.amp, cfg.channels_last))
-    test_logits, test_labels = run_split(model, data.test, data.augment, cfg.device, cfg.amp, cfg.channels_last)
-    test = classification_report(test_logits, test_labels, data.class_names)
-    summary = _summary(name, describe or describe_model(model), result, cfg, heldout, test)
-    if fit_cfg.budget_s > 0:
-        summary["budget"] = {"budget_s": cfg.budget_s, "steps": result.history[-1]["steps"] if result.history else 0,
-                             "budget_seconds_used": result.wall_seconds - result.eval_seconds}
-    return summary
-
-
-def reference_source(data: ClassificationData, per_class: int, seed: int = 0) -> BatchSource:
+def reference_source(data: ClassificationData, per_class: int) -> BatchSource:
     """A fixed part of train (at most `per_class` images per class) for nearest-class-mean evaluation."""
     labels = data.train.labels
     keep = _subset_indices(labels, 0, per_class)
@@ -241,27 +157,24 @@ class _FixedBatches:
         return len(self.batches)
 
 
-def train_triplet(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, dict]:
+def train_triplet(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, RunSummary]:
     """E1 (b): ResNet-18 + an L2-normalised embedding trained with the batch-hard triplet loss on
     P x K batches; classified by the nearest class mean of train embeddings. Returns (net, summary)."""
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(resnet18(data.num_classes, stem=cfg.stem), cfg.embedding_dim)
     sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
     train_pk = data.train.rebatched(sampler)
-    evaluator = NearestClassMeanEvaluator(reference_source(data, cfg.ncm_per_class), {"heldout": data.heldout, "test": data.test}, data.augment, data.num_classes, "euclidean", cfg.device, cfg.amp, cfg.channels_last)
-    result = fit(
-        net, train_pk, data.augment, cfg.fit_config(), objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator,
-        out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, progress=progress, name=name, run_key=cfg.run_key(), resume=cfg.resume,
-    )
+    evaluator = NearestClassMeanEvaluator(reference_source(data, cfg.ncm_per_class), {"heldout": data.heldout, "test": data.test}, data.augment, data.num_classes, "euclidean", Runtime.of(cfg))
+    result = train(name, net, train_pk, data.augment, cfg, progress=progress, objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator)
     net.eval()
     predictions = evaluator.predict(net)
     heldout = topk_accuracy(*predictions["heldout"], ks=(1, 5))
     test = classification_report(*predictions["test"], data.class_names, with_loss=False)
     describe = describe_model(net, stem=cfg.stem, embedding_dim=cfg.embedding_dim, loss=f"batch-hard triplet (margin {cfg.triplet_margin})", classifier="nearest class mean")
-    return net, _summary(name, describe, result, cfg, {"top1": heldout[1], "top5": heldout[5], "loss": None}, test)
+    return net, RunSummary.of(name, describe, result, cfg.out_dir, {"top1": heldout[1], "top5": heldout[5], "loss": None}, test)
 
 
-def train_center_loss(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, dict]:
+def train_center_loss(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, RunSummary]:
     """E1 (c): ResNet-18 trained with cross-entropy + center_weight * center loss on the pooled
     512-d features; the centers have their own learning rate. Returns (model, summary)."""
     model = build_model("resnet18", cfg, data.num_classes)
@@ -270,63 +183,31 @@ def train_center_loss(name: str, data: ClassificationData, cfg: RecognitionConfi
     return model, train_classifier(name, model, data, cfg, describe, progress, objective=objective, objective_lr=cfg.center_lr)
 
 
-def metrics_path(out_dir: str | Path, name: str) -> Path:
-    return Path(out_dir) / "metrics" / f"{name}.json"
-
-
-def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -> Path:
-    """Write out_dir/metrics/<name>.json with the resolved configuration and the run's provenance.
-
-    `complete` is False (and `partial` lists where) when any training record in the payload
-    (a FitResult.record()) is not complete: the report leaves such files out."""
-    path = metrics_path(cfg.out_dir, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_trainings(payload)
-    document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
-                "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device), **payload}
-    atomic_write_json(document, path)
-    return path
-
-
-def partial_trainings(payload, where: str = "") -> list[str]:
-    """Paths (e.g. "models.T2_resnet18") of the incomplete training records in a metrics payload."""
-    found = []
-    if isinstance(payload, dict):
-        if "epochs_planned" in payload and payload.get("complete") is False:  # a FitResult.record()
-            return [where]
-        for key, value in payload.items():
-            found += partial_trainings(value, f"{where}.{key}" if where else str(key))
-    elif isinstance(payload, list):
-        for i, value in enumerate(payload):
-            found += partial_trainings(value, f"{where}[{i}]")
-    return found
-
-
-def load_metrics(out_dir: str | Path, name: str) -> dict | None:
-    """A metrics JSON written by another notebook of the same run, or None when it is absent."""
-    path = metrics_path(out_dir, name)
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def select_best(runs: dict[str, dict], key: str = "top1") -> str:
+def select_best(runs: dict[str, RunSummary], key: str = "top1") -> str:
     """The name of the run with the highest held-out `key` (never the test split); ties: first."""
-    return max(runs, key=lambda name: runs[name]["heldout"][key])
+    return max(runs, key=lambda name: runs[name].heldout[key])
 
 
-def gap_to_t2(best: dict, t2_metrics: dict | None, cfg) -> dict:
+def select_t3(runs: dict[str, RunSummary], cfg: RecognitionConfig) -> T3Selection:
+    """T3's choice among its CUBS runs (held-out top-1), as T4 and the report read it."""
+    best = runs[select_best(runs)]
+    return T3Selection(criterion="held-out top-1", best=best.name, fashion=best.architecture["cubs"], checkpoint=best.checkpoint, stem=cfg.stem)
+
+
+def gap_to_t2(best: RunSummary, t2_metrics: dict | None, cfg: RecognitionConfig) -> dict:
     """Test top-1 of the selected CUBS model minus T2's, with a note when the two runs differ in data
     or recipe (then the gap is not a like-for-like comparison)."""
     if t2_metrics is None:
         return {"available": False, "summary": "T2's metrics are not in this output folder yet (run T2 first); no gap computed."}
-    t2_run = next(iter(t2_metrics["models"].values()))
-    gap = best["test"]["top1"] - t2_run["test"]["top1"]
+    t2_run = RunSummary.from_dict(next(iter(t2_metrics["models"].values())))
+    gap = best.test["top1"] - t2_run.test["top1"]
     keys = ("profile", "data_dir", "classes", "train_per_class", "image_size", "epochs", "batch_size", "lr", "stem", "seed")
     differs = [k for k in keys if t2_metrics["config"].get(k) != getattr(cfg, k)]
     verdict = "within" if gap >= -0.02 else "outside"
     summary = (
-        f"T2 ResNet-18 test top-1 {100 * t2_run['test']['top1']:.1f} %, selected CUBS model ({best['name']}) "
-        f"{100 * best['test']['top1']:.1f} %: gap {100 * gap:+.1f} points, {verdict} the allowed 2-point drop."
+        f"T2 ResNet-18 test top-1 {100 * t2_run.test['top1']:.1f} %, selected CUBS model ({best.name}) "
+        f"{100 * best.test['top1']:.1f} %: gap {100 * gap:+.1f} points, {verdict} the allowed 2-point drop."
     )
     if differs:
         summary += f" Note: T2 ran with different {', '.join(differs)}, so this is not a like-for-like comparison."
-    return {"available": True, "t2_test_top1": t2_run["test"]["top1"], "cubs_test_top1": best["test"]["top1"], "gap": gap, "within_2_points": gap >= -0.02, "config_differences": differs, "summary": summary}
+    return {"available": True, "t2_test_top1": t2_run.test["top1"], "cubs_test_top1": best.test["top1"], "gap": gap, "within_2_points": gap >= -0.02, "config_differences": differs, "summary": summary}

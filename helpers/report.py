@@ -11,7 +11,6 @@ needed) and written to <out>/report.pdf, plus report-1.png / report-2.png previe
 from __future__ import annotations
 
 import json
-import math
 import sys
 import textwrap
 from pathlib import Path
@@ -23,12 +22,14 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
-from helpers.plots import plot_curves, save_figure  # noqa: E402
+from helpers.experiment import T3Selection  # noqa: E402
+from helpers.pipeline import STEPS  # noqa: E402
+from helpers.plots import missing, pct, plot_curves, save_figure  # noqa: E402
 
 PAGE = (8.27, 11.69)  # A4, inches
 MARGIN = 0.55
 WIDTH = PAGE[0] - 2 * MARGIN
-NAMES = ("T1_custom_cnn", "T2_resnet18", "T3_cubs_resnet18", "T4_cars196_retrieval", "E1_metric_losses", "E2_stl10_layerwise")
+NAMES = tuple(step.name for step in STEPS)  # T1, T2, T3, T4, E1, E2
 
 
 class Page:
@@ -118,14 +119,6 @@ def load(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
     return metrics, refused
 
 
-def missing(value) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
-
-
-def pct(value) -> str:
-    return "n/a" if missing(value) else f"{100 * value:.1f}%"
-
-
 def num(value, digits: int = 3) -> str:
     return "n/a" if missing(value) else f"{value:.{digits}f}"
 
@@ -178,7 +171,7 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
         f"parameters, '{cfg2.get('stem')}' stem ({'3x3 stride-1 conv, no max-pool, for 64x64 input' if cfg2.get('stem') == 'small' else '7x7 stride-2 conv + max-pool, as torchvision'})."
         if r18 else "ResNet-18 (T2): not run."
     )
-    sel = (t3 or {}).get("selection", {})
+    selection = T3Selection.from_metrics(t3) if t3 else None
     cfg3 = (t3 or {}).get("config", {})
     page.text(
         "CUBS Block 1 (channel gate): g = GAP(X); q, k, v = Linear(C->N)(g); S = q k^T (N x N); column-wise softmax A; "
@@ -186,7 +179,7 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
         "convs C->1 over the HW positions; the same column-softmax similarity features, computed as fused attention (the HW x HW "
         "matrix is never stored); output X * sigmoid(f) per pixel. Both act on the residual branch F(x) of all 8 blocks, before "
         f"the shortcut addition, in three fashions: parallel, serial 1->2, serial 2->1 (N = {cfg3.get('cubs_width') or 'C'} here). "
-        + (f"Selected on held-out top-1: {sel.get('fashion')}. " if sel else "")
+        + (f"Selected on held-out top-1: {selection.fashion}. " if selection else "")
         + "Bonus variant: each gate becomes 1 + s(2 sigmoid(z) - 1) with a learnable scalar s = 0 at init, so every block starts as "
         "the identity (a plain sigmoid gate halves every residual branch at init)."
     )
@@ -200,7 +193,7 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
         if m.get("bonus"):
             runs[m["bonus"]["name"]] = m["bonus"]
         for name, r in runs.items():
-            mark = " *" if sel and name == sel.get("best") else ""
+            mark = " *" if selection and name == selection.best else ""
             rows.append([name + mark, f"{r['architecture']['parameters'] / 1e6:.2f} M", pct(r["heldout"]["top1"]), pct(r["test"]["top1"]),
                          pct(r["test"]["top5"]), num(r["test"]["loss"]), f"{r['best_epoch']}/{r['epochs_run']}", f"{r['images_per_s']:.0f}"])
     if rows:
@@ -232,8 +225,8 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
             "bf16 autocast and channels_last on CUDA."
         )
     page.image(report_curves(metrics, out), 2.55, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
-    if sel:
-        page.image(out / "figures" / "T3_classes.png", 1.9, f"Best and worst test classes of the selected CUBS model ({sel.get('best')}).")
+    if selection:
+        page.image(out / "figures" / "T3_classes.png", 1.9, f"Best and worst test classes of the selected CUBS model ({selection.best}).")
 
 
 def report_curves(metrics: dict, out: Path) -> Path:

@@ -1,10 +1,13 @@
-"""T4 building blocks: Cars-196 batch sources, backbone initialisation, the two training stages
-(98-way classifier, then a 512-d embedding trained with the multi-similarity loss on P x K batches)
-and the retrieval evaluation. The notebook only calls these."""
+"""T4 on Cars-196: batch sources, backbone initialisation (scratch, T3's checkpoint, ImageNet), the
+two training stages (98-way classifier, then a 512-d embedding trained with the multi-similarity
+loss and a miner on P x K batches, each stage with its own FitConfig and run key) and the
+retrieval evaluation. Built on the shared layer (helpers.experiment); T3's selection arrives as a
+`T3Selection` record, never through the recognition module."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,19 +16,19 @@ import torch
 import torch.nn as nn
 
 from helpers.config import RetrievalConfig
-from helpers.data import BatchAugment, Cars196, LoaderBatches, PKBatchSampler, TensorBatches, ToUint8Tensor, synthetic
+from helpers.data import BatchAugment, Cars196, PKBatchSampler, ToUint8Tensor
 from helpers.data.cache import decode_all
 from helpers.data.loaders import BatchSource
-from helpers.engine import FitResult, fit
-from helpers.evaluation import RetrievalEvaluator, run_split
+from helpers.engine import FitResult
+from helpers.evaluation import RetrievalEvaluator
+from helpers.experiment import T3Selection, batch_source, embed_split, locate_data, resolve_data_path, train
 from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
 from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
-from helpers.objectives import MetricObjective
 from helpers.models import EmbeddingNet, load_torchvision_resnet18, resnet18
-from helpers.runinfo import generated_data_dir
+from helpers.objectives import MetricObjective
+from helpers.runinfo import Runtime
 
-INITS = ("scratch", "tinyimagenet", "imagenet")
 KS = (1, 2, 4, 8)
 
 
@@ -44,39 +47,22 @@ class RetrievalData:
     info: dict = field(default_factory=dict)
 
 
-def cars_root(cfg: RetrievalConfig) -> tuple[Path, bool]:
-    """The Cars-196 folder to read: the generated one (created on first use) for the default data
-    folder, else the first of stanford_cars/ (devkit) or cars196/ (metric-learning) under data_dir,
-    or data_dir itself when it is a Cars-196 folder."""
-    data_dir = Path(cfg.data_dir)
-    if data_dir == generated_data_dir():
-        root = synthetic.generate("cars", data_dir, synthetic.CarsParams(seed=0))
-        return root, True
-    for candidate in (data_dir / "stanford_cars", data_dir / "cars196", data_dir):
-        if (candidate / "devkit").is_dir() or (candidate / "cars_annos.mat").is_file():
-            return candidate, (candidate / synthetic.STAMP).is_file()
-    return data_dir / "stanford_cars", False  # Cars196 raises the clear "not found" error
-
-
 def build_cars196(cfg: RetrievalConfig) -> RetrievalData:
     """Batch sources for a (resolved) retrieval config. Images are decoded, resized (shorter side to
     `resize`) and centre-cropped to resize x resize once per item; the random-resized crop to
     `image_size` and the flip run on whole batches on the device. data_path "cached"/"gpu" decode
     every image once into memory (CPU or GPU); "lazy" decodes per item in DataLoader workers."""
-    root, generated = cars_root(cfg)
+    root, generated = locate_data(cfg.data_dir, "cars")
     prep = ToUint8Tensor(resize=cfg.resize, crop=cfg.resize)
     train_set = Cars196(root, "train", bbox_crop=cfg.bbox_crop, transform=prep)
     test_set = Cars196(root, "test", bbox_crop=cfg.bbox_crop, transform=prep)
-    cuda = cfg.device.startswith("cuda")
-    path = cfg.data_path if cfg.data_path != "auto" else ("gpu" if cuda else "cached")
+    path = resolve_data_path(cfg.data_path, cfg.device)
     train_labels = np.asarray(train_set.targets)
     sampler = PKBatchSampler(train_labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
 
     def source(dataset, labels, batch_size, shuffle, batch_sampler=None, images=None):
-        common = dict(batch_size=batch_size, shuffle=shuffle, drop_last=shuffle, seed=cfg.seed, batch_sampler=batch_sampler)
-        if images is None:
-            return LoaderBatches(dataset, labels=labels, device=cfg.device, num_workers=cfg.num_workers, **common)
-        return TensorBatches(images, labels, device=cfg.device if path == "gpu" else "cpu", output_device=cfg.device, **common)
+        return batch_source(path, cfg.device, labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=cfg.seed, images=images,
+                            dataset=dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers)
 
     train_images = test_images = None
     if path in ("cached", "gpu"):
@@ -166,11 +152,6 @@ def ms_objective(cfg: RetrievalConfig, miner: str) -> MetricObjective:
     return MetricObjective(MultiSimilarityLoss(cfg.alpha, cfg.beta, cfg.lam, miner=get_miner(miner, **kwargs)))
 
 
-def embed_split(fn, source: BatchSource, augment: BatchAugment, cfg: RetrievalConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings (N, D) and labels of a whole split, eval transform, in order."""
-    return run_split(fn, source, augment, cfg.device, cfg.amp, cfg.channels_last)
-
-
 def retrieval_summary(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[str, float | int]:
     """Recall@1,2,4,8, MAP@R and Precision@1,2,4,8 (leave-one-out over the test classes, cosine),
     plus "queries" (evaluated) and "excluded_queries" (images whose class has no other test
@@ -182,8 +163,8 @@ def retrieval_summary(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[st
 def train_classifier_stage(model: nn.Module, data: RetrievalData, cfg: RetrievalConfig, name: str = "T4_classifier") -> FitResult:
     """Stage 1: cross-entropy on the 98 train classes. Test recall of the pooled features is
     recorded per epoch as a curve only; nothing is selected on it (the last epoch is used)."""
-    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last)
-    return fit(model, data.train, data.augment, cfg.classifier_fit_config(), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name, run_key=cfg.run_key(), resume=cfg.resume)
+    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, runtime=Runtime.of(cfg))
+    return train(name, model, data.train, data.augment, cfg, "classifier", evaluate=evaluator)
 
 
 def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str, name: str) -> tuple[nn.Module, FitResult]:
@@ -191,8 +172,8 @@ def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: Retriev
     embedding layer, trained whole with the multi-similarity loss and `miner` on P x K batches."""
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(copy.deepcopy(backbone), cfg.embedding_dim)
-    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, ks=KS, device=cfg.device, amp=cfg.amp, channels_last=cfg.channels_last)
-    result = fit(net, data.train_pk, data.augment, cfg.embedding_fit_config(), objective=ms_objective(cfg, miner), evaluate=evaluator, out_dir=Path(cfg.out_dir) / "checkpoints" / name, device=cfg.device, name=name, run_key=cfg.run_key(), resume=cfg.resume)
+    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, ks=KS, runtime=Runtime.of(cfg))
+    result = train(name, net, data.train_pk, data.augment, cfg, "embedding", objective=ms_objective(cfg, miner), evaluate=evaluator)
     return net, result
 
 
@@ -200,37 +181,41 @@ def apply_t3_selection(cfg: RetrievalConfig) -> tuple[RetrievalConfig, str]:
     """Fill what the configuration leaves to T3: the fashion T3 selected (fashion=""), its
     checkpoint (init "tinyimagenet"/"auto" without checkpoint) and init "auto" (tinyimagenet when
     T3's checkpoint exists, else scratch). Returns the concrete config and a sentence saying so."""
-    import dataclasses
-
-    from helpers.recognition import load_metrics
-
-    t3 = load_metrics(cfg.out_dir, "T3_cubs_resnet18")
-    selection = (t3 or {}).get("selection") or {}
+    selection = T3Selection.load(cfg.out_dir)
     notes = []
-    fashion = cfg.fashion or selection.get("fashion") or "serial12"
+    fashion = cfg.fashion or (selection.fashion if selection else "serial12")
     notes.append(f"fashion {fashion} " + ("(given)" if cfg.fashion else "(T3's held-out selection)" if selection else "(default: T3 has not run in this output folder)"))
-    checkpoint = cfg.checkpoint or selection.get("checkpoint", "")
+    checkpoint = cfg.checkpoint or (selection.checkpoint if selection else "")
     init = cfg.init
     if init == "auto":
         init = "tinyimagenet" if checkpoint and Path(checkpoint).is_file() else "scratch"
-    if init == "tinyimagenet" and t3 and not cfg.checkpoint:
-        t3_stem = selection.get("stem")
-        if t3_stem and t3_stem != cfg.stem:
-            notes.append(f"T3 used the {t3_stem} stem: the {cfg.stem} stem here starts from its own init")
+    if init == "tinyimagenet" and selection and not cfg.checkpoint and selection.stem != cfg.stem:
+        notes.append(f"T3 used the {selection.stem} stem: the {cfg.stem} stem here starts from its own init")
     notes.append(f"init {init}" + (f" from {checkpoint}" if init == "tinyimagenet" else ""))
     return dataclasses.replace(cfg, fashion=fashion, init=init, checkpoint=checkpoint), "; ".join(notes) + "."
 
 
-def embedding_run(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str) -> dict:
-    """One stage-2 run with `miner` from the stage-1 backbone: the trained net, its fit result,
-    its test embeddings and retrieval metrics."""
+@dataclass
+class EmbeddingRun:
+    """One stage-2 run: the trained net, its fit result, its test embeddings (N, D) and labels (N,)
+    on the CPU, and their retrieval metrics (`retrieval_summary`)."""
+
+    net: nn.Module
+    result: FitResult
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    metrics: dict
+
+
+def embedding_run(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str) -> EmbeddingRun:
+    """One stage-2 run with `miner` from the stage-1 backbone, evaluated on the test split."""
     net, result = train_embedding_stage(backbone, data, cfg, miner, f"T4_embedding_{miner}")
     net.eval()
     embeddings, labels = embed_split(net, data.test, data.augment, cfg)
-    return {"net": net, "result": result, "embeddings": embeddings.cpu(), "labels": labels.cpu(), "metrics": retrieval_summary(embeddings, labels)}
+    return EmbeddingRun(net, result, embeddings.cpu(), labels.cpu(), retrieval_summary(embeddings, labels))
 
 
-def grid_queries(labels, count: int, seed: int = 0) -> list[int]:
+def grid_queries(labels, count: int) -> list[int]:
     """`count` query indices from evenly spaced distinct classes (first image of each)."""
     labels = np.asarray(labels)
     classes = np.unique(labels)

@@ -1,4 +1,5 @@
-"""Where things live, and the provenance stamped into every metrics JSON."""
+"""Where things live (project, generated data, outputs), where they run (`resolve_device`,
+`Runtime`), and the provenance stamped into every metrics JSON."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import platform
 import subprocess
 import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -44,6 +47,35 @@ def resolve_device(device: str) -> str:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but no CUDA GPU is visible to PyTorch {torch.__version__}; use device='cpu' or 'auto'")
     return device
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how evaluation passes compute: the device, bf16 autocast (`amp`) and channels_last
+    memory (both on CUDA only). `Runtime.of(cfg)` reads them from a task configuration."""
+
+    device: str = "cpu"
+    amp: bool = True
+    channels_last: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "Runtime":
+        return cls(cfg.device, cfg.amp, getattr(cfg, "channels_last", False))  # E2's MLP has no channels_last setting
+
+    @property
+    def cuda(self) -> bool:
+        return str(self.device).startswith("cuda")
+
+    def autocast(self):
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.bfloat16) if (self.amp and self.cuda) else nullcontext()
+
+    def prepare(self, x):
+        """A (B, C, H, W) batch in channels_last memory when that is on (CUDA); anything else unchanged."""
+        import torch
+
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and self.cuda and x.dim() == 4 else x
 
 
 def peak_mem_mb(device="cpu") -> float:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers.budget import StepClock, measure_fit_step, measure_seconds_per_step, plan_steps
-from helpers.engine import FitConfig, LRSchedule, fit
+from helpers.engine import FitConfig, fit
+from helpers.optim import LRSchedule
 
 from test_engine import assert_same_run, interrupt_at, run, setup, toy_model
 
@@ -153,7 +154,8 @@ def test_replan_keeps_the_learning_rate_continuous():
 
 def test_budget_run_of_the_recognition_runner(tiny_root, tmp_path):
     from helpers.config import RecognitionConfig
-    from helpers.recognition import build_model, build_tiny_imagenet, train_classifier
+    from helpers.experiment import train_classifier
+    from helpers.recognition import build_model, build_tiny_imagenet
 
     cfg = RecognitionConfig.build(
         "T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), image_size=16, batch_size=8,
@@ -162,10 +164,10 @@ def test_budget_run_of_the_recognition_runner(tiny_root, tmp_path):
     data = build_tiny_imagenet(cfg)
     assert data.heldout.num_samples == 0  # every training image is used
     summary = train_classifier("budget", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
-    budget = summary["budget"]
-    assert budget["budget_s"] == 2.0 and budget["steps"] == summary["history"][-1]["steps"] >= 1
+    budget = summary.budget
+    assert budget["budget_s"] == 2.0 and budget["steps"] == summary.history[-1]["steps"] >= 1
     assert budget["budget_seconds_used"] > 0
-    assert summary["heldout"]["top1"] is None and 0 <= summary["test"]["top1"] <= 1
+    assert summary.heldout["top1"] is None and 0 <= summary.test["top1"] <= 1
 
 
 def test_a_budget_run_holds_its_peak_lr_until_planned():

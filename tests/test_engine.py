@@ -1,5 +1,6 @@
 import math
 import os
+import re
 import signal
 
 import numpy as np
@@ -7,8 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers.checkpoint import CHECKPOINT_FORMAT
 from helpers.data import BatchAugment, TensorBatches
-from helpers.engine import FitConfig, LRSchedule, TrainingDiverged, TrainingInterrupted, fit
+from helpers.engine import FitConfig, TrainingDiverged, TrainingInterrupted, fit
+from helpers.optim import EpochMonitor, LRSchedule
 from helpers.objectives import CrossEntropyObjective
 from helpers.evaluation import ClassificationEvaluator
 
@@ -41,10 +44,10 @@ def setup(tmp_path, epochs=4, **overrides):
     return train, augment, cfg, ClassificationEvaluator({"heldout": held}, augment)
 
 
-def run(tmp_path, name, model_seed=0, on_step=None, on_interrupt="raise", **overrides):
+def run(tmp_path, name, model_seed=0, on_step=None, on_interrupt="raise", resume=True, **overrides):
     train, augment, cfg, evaluator = setup(tmp_path, **overrides)
     model = toy_model(model_seed)
-    result = fit(model, train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / name, on_step=on_step, progress=False, on_interrupt=on_interrupt)
+    result = fit(model, train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / name, on_step=on_step, progress=False, on_interrupt=on_interrupt, resume=resume)
     return model, result
 
 
@@ -175,10 +178,101 @@ def test_schedules():
     _, step = factors(schedule="step", step_epochs=3, step_gamma=0.5)
     assert step[29] == 1.0 and step[30] == 0.5 and step[60] == 0.25
     plateau, _ = factors(schedule="plateau", plateau_patience=1, plateau_factor=0.1)
-    for value in (0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7):
-        plateau.epoch_end(value, higher_is_better=True)
+    monitor = EpochMonitor(higher_is_better=True)
+    for epoch, value in enumerate((0.5, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7), 1):
+        monitor.update(value, epoch)
+        plateau.epoch_end(monitor)
     assert math.isclose(plateau.factor(50), 0.01)
     with pytest.raises(ValueError, match="cosine, onecycle, step, plateau, constant"):
         FitConfig(schedule="linear")
     with pytest.raises(ValueError, match="sgd, adam, adamw"):
         FitConfig(optimizer="rmsprop")
+
+
+def test_a_checkpoint_of_another_format_is_refused_clearly(tmp_path):
+    run(tmp_path, "fmt", epochs=1)
+    path = tmp_path / "fmt" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["format"] == CHECKPOINT_FORMAT
+    # a format-1 file: the plateau schedule kept its own best, the monitor's state was not nested
+    old = {k: v for k, v in ckpt.items() if k != "monitor"} | {"format": 1, "best_value": 0.5, "best_epoch": 1, "bad_epochs": 0}
+    old["schedule"] = ckpt["schedule"] | {"best": 0.5, "bad_epochs": 0}
+    for stamp, says in [(1, "written in checkpoint format 1;"), (None, "written without a format number;")]:
+        torch.save({k: v for k, v in old.items() if k != "format"} | ({"format": stamp} if stamp else {}), path)
+        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} was {says} this version .* resumes format {CHECKPOINT_FORMAT} only\. Pass resume=False \(or use another out_dir\)"):
+            run(tmp_path, "fmt", epochs=1)
+    _, fresh = run(tmp_path, "fmt", epochs=1, resume=False)
+    assert fresh.resumed_from is None and torch.load(path, weights_only=False)["format"] == CHECKPOINT_FORMAT
+
+
+def early_stopping_reference(values, higher_is_better, patience):
+    """fit's early stopping before EpochMonitor: (best, best_epoch, stop) after each epoch."""
+    best, best_epoch, bad, out = None, None, 0, []
+    for epoch, value in enumerate(values, 1):
+        improved = value is not None and (best is None or (value > best if higher_is_better else value < best))
+        if improved:
+            best, best_epoch, bad = value, epoch, 0
+        elif value is not None:
+            bad += 1
+        out.append((best, best_epoch, patience > 0 and value is not None and bad >= patience))
+    return out
+
+
+def plateau_reference(values, higher_is_better, patience, factor):
+    """LRSchedule's plateau cuts before EpochMonitor (its own best and count, reset by each cut): the factor after each epoch."""
+    best, bad, scale, out = -math.inf, 0, 1.0, []
+    for value in values:
+        if value is not None:
+            score = value if higher_is_better else -value
+            if score > best:
+                best, bad = score, 0
+            else:
+                bad += 1
+                if bad > patience:
+                    scale *= factor
+                    bad = 0
+        out.append(scale)
+    return out
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_epoch_monitor_drives_early_stopping_and_plateau_cuts_as_before(higher_is_better):
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        # few distinct values: many ties; None: an epoch without evaluation (eval_every > 1)
+        values = [None if rng.random() < 0.15 else float(rng.choice([0.1, 0.2, 0.3, 0.4])) for _ in range(rng.integers(1, 25))]
+        patience, plateau_patience = int(rng.integers(0, 4)), int(rng.integers(0, 4))
+        schedule = LRSchedule(FitConfig(schedule="plateau", plateau_patience=plateau_patience, plateau_factor=0.5), steps_per_epoch=10)
+        monitor, got = EpochMonitor(higher_is_better), []
+        for epoch, value in enumerate(values, 1):
+            monitor.update(value, epoch)
+            schedule.epoch_end(monitor)
+            got.append((monitor.best, monitor.best_epoch, monitor.stalled(patience), schedule.plateau_factor))
+        expected = zip(early_stopping_reference(values, higher_is_better, patience), plateau_reference(values, higher_is_better, plateau_patience, 0.5))
+        assert got == [(*stopping, scale) for stopping, scale in expected], (values, patience, plateau_patience)
+    assert EpochMonitor.for_metric("heldout_loss").higher_is_better is False and EpochMonitor.for_metric("heldout_top1").higher_is_better
+
+
+def test_epoch_monitor_on_a_lower_is_better_metric_with_ties():
+    monitor = EpochMonitor.for_metric("heldout_loss")
+    schedule = LRSchedule(FitConfig(schedule="plateau", plateau_patience=1, plateau_factor=0.1), steps_per_epoch=10)
+    stalled = []
+    for epoch, value in enumerate([2.0, 1.5, 1.5, 1.6, 1.4, 1.4, None, 1.4, 1.4], 1):
+        monitor.update(value, epoch)
+        schedule.epoch_end(monitor)
+        stalled.append(monitor.stalled(patience=2))
+    assert (monitor.best, monitor.best_epoch, monitor.bad_epochs) == (1.4, 5, 3)
+    assert stalled == [False, False, False, True, False, False, False, True, True]
+    assert math.isclose(schedule.plateau_factor, 0.01)  # cut after epochs 4 and 8: two bad epochs each
+
+
+def test_plateau_run_resumed_mid_epoch_equals_uninterrupted(tmp_path):
+    options = {"epochs": 5, "schedule": "plateau", "plateau_patience": 0, "plateau_factor": 0.5, "patience": 3}
+    straight = run(tmp_path, "straight", **options)
+    assert straight[1].history[-1]["lr"] < 0.05, "the plateau schedule cut the LR"
+    run(tmp_path, "resumed", on_step=interrupt_at(2, 3), on_interrupt="return", **options)
+    resumed = run(tmp_path, "resumed", model_seed=99, **options)
+    assert resumed[1].resumed_from == {"epoch": 2, "step": 3}
+    assert_same_run(straight, resumed)
+    assert [h["lr"] for h in straight[1].history] == [h["lr"] for h in resumed[1].history]
+    assert (straight[1].best_epoch, straight[1].stopped_early) == (resumed[1].best_epoch, resumed[1].stopped_early)

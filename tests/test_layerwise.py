@@ -5,7 +5,6 @@ import torch
 from helpers.config import LayerwiseConfig
 from helpers.data import AugmentRNG, TensorBatches
 from helpers.data.transforms import FlatGray
-from helpers.engine import FitConfig
 from helpers.layerwise import LayerReconstruction, build_mlp, build_stl10, greedy_pretrain
 from helpers.models import MLP
 
@@ -23,19 +22,19 @@ def snapshot(model):
 def test_greedy_pretraining_trains_one_layer_at_a_time(tmp_path, monkeypatch):
     model = MLP(in_dim=64, hidden=(32, 24, 16, 12), num_classes=3)
     before = snapshot(model)
-    cfg = FitConfig(epochs=2, optimizer="adam", lr=1e-2, weight_decay=0.0, monitor="", seed=0)
+    cfg = LayerwiseConfig.build("E2", "smoke", device="cpu", out_dir=str(tmp_path), hidden=(32, 24, 16, 12), pretrain_epochs=2, pretrain_lr=1e-2)
     states = []
     import helpers.layerwise as layerwise
 
-    real_fit = layerwise.fit
+    real_train = layerwise.train
 
-    def recording_fit(model, *args, **kwargs):  # the state after each greedy step
-        result = real_fit(model, *args, **kwargs)
+    def recording_train(name, model, *args, **kwargs):  # the state after each greedy step
+        result = real_train(name, model, *args, **kwargs)
         states.append(snapshot(model))
         return result
 
-    monkeypatch.setattr(layerwise, "fit", recording_fit)
-    results = greedy_pretrain(model, small_source(), FlatGray(flip=False), cfg, tmp_path, progress=False)
+    monkeypatch.setattr(layerwise, "train", recording_train)
+    results = greedy_pretrain(model, small_source(), FlatGray(flip=False), cfg, progress=False)
     assert len(results) == len(states) == 4
     for step, state in enumerate(states):
         previous = before if step == 0 else states[step - 1]
@@ -47,6 +46,7 @@ def test_greedy_pretraining_trains_one_layer_at_a_time(tmp_path, monkeypatch):
         assert torch.equal(state["fc.weight"], before["fc.weight"]), "the classifier is not pretrained"
     assert all(p.requires_grad for p in model.parameters()), "everything is trainable again afterwards"
     assert all(r.history[-1]["train_loss"] < r.history[0]["train_loss"] * 1.5 for r in results)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [f"E2_pretrain_layer{i}" for i in range(4)]
 
 
 def test_reconstruction_objective_reads_frozen_codes():

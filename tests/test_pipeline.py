@@ -78,13 +78,14 @@ def test_real_steps_are_ordered_by_dependency():
 
 def test_report_is_two_pages_built_from_the_metrics(tiny_root, tmp_path):
     from helpers.config import RecognitionConfig
-    from helpers.recognition import build_model, build_tiny_imagenet, save_metrics, train_classifier
+    from helpers.experiment import save_metrics, train_classifier
+    from helpers.recognition import build_model, build_tiny_imagenet
 
     cfg = RecognitionConfig.build("T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16, train_per_class=0)
     data = build_tiny_imagenet(cfg)
     run = train_classifier("T2_resnet18", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
-    run["test"]["top1"] = 0.4321  # a value only the metrics file holds
-    save_metrics("T2_resnet18", {"models": {run["name"]: run}}, cfg, data.info)
+    run.test["top1"] = 0.4321  # a value only the metrics file holds
+    save_metrics("T2_resnet18", {"models": {run.name: run}}, cfg, data.info)
     pdf = report.build_report(tmp_path)
     assert pdf.read_bytes().count(b"/Type /Page\n") + pdf.read_bytes().count(b"/Type /Page ") == 2
     assert b"/Count 2" in pdf.read_bytes()

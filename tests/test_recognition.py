@@ -6,16 +6,15 @@ import torch
 
 from helpers.config import RecognitionConfig
 from helpers.objectives import CenterLossObjective
+from helpers.experiment import RunSummary, T3Selection, load_metrics, save_metrics, train_classifier
 from helpers.recognition import (
     _subset_indices,
     build_model,
     build_tiny_imagenet,
     gap_to_t2,
-    load_metrics,
-    save_metrics,
     select_best,
+    select_t3,
     train_center_loss,
-    train_classifier,
     train_triplet,
 )
 
@@ -67,15 +66,19 @@ def test_classifier_summary_metrics_json_and_selection(tiny_root, tmp_path):
     cfg = config(tiny_root, tmp_path)
     data = build_tiny_imagenet(cfg)
     run = train_classifier("T2_resnet18", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
-    assert run["epochs_run"] == 1 and run["best_epoch"] == 1 and 0 <= run["test"]["top1"] <= run["test"]["top5"] <= 1
-    assert len(run["test"]["per_class_accuracy"]) == 6 and len(run["test"]["confusion"]) == 6
-    path = save_metrics("T2_resnet18", {"models": {run["name"]: run}}, cfg, data.info)
+    assert run.epochs_run == 1 and run.best_epoch == 1 and 0 <= run.test["top1"] <= run.test["top5"] <= 1
+    assert len(run.test["per_class_accuracy"]) == 6 and len(run.test["confusion"]) == 6
+    path = save_metrics("T2_resnet18", {"models": {run.name: run}}, cfg, data.info)
     saved = load_metrics(cfg.out_dir, "T2_resnet18")
     assert path.name == "T2_resnet18.json" and saved["config"]["epochs"] == 1 and saved["run"]["torch"] == torch.__version__
     assert "commit" in saved["run"]["git"] and saved["run"]["device"] == "cpu"
-    other = {"heldout": {"top1": run["heldout"]["top1"] + 0.1}, "test": {"top1": 0.0}}
+    assert RunSummary.from_dict(saved["models"]["T2_resnet18"]) == RunSummary.from_dict(run.as_dict()), "the record survives JSON"
+    assert "budget" not in saved["models"]["T2_resnet18"], "only budget runs record a budget"
+    other = dataclasses.replace(run, name="b", heldout={"top1": run.heldout["top1"] + 0.1}, test={"top1": 0.0}, architecture={"cubs": "parallel"})
     assert select_best({"a": run, "b": other}) == "b", "selection reads held-out, not test"
-    gap = gap_to_t2({"name": "x", "test": {"top1": run["test"]["top1"] - 0.03}}, saved, cfg)
+    selection = select_t3({"a": run, "b": other}, cfg)
+    assert selection == T3Selection("held-out top-1", "b", "parallel", other.checkpoint, cfg.stem)
+    gap = gap_to_t2(dataclasses.replace(run, name="x", test={"top1": run.test["top1"] - 0.03}), saved, cfg)
     assert gap["available"] and not gap["within_2_points"] and gap["config_differences"] == []
     assert gap_to_t2(run, None, cfg)["available"] is False
 
@@ -84,10 +87,10 @@ def test_e1_triplet_and_center_runners(tiny_root, tmp_path):
     cfg = config(tiny_root, tmp_path, task="E1", pk_classes=3, pk_images=4, embedding_dim=8, ncm_per_class=5)
     data = build_tiny_imagenet(cfg)
     net, triplet = train_triplet("E1_triplet", data, cfg, progress=False)
-    assert triplet["test"]["loss"] is None and "heldout_top1" in triplet["history"][0] and triplet["history"][0]["train_top1"] is None
+    assert triplet.test["loss"] is None and "heldout_top1" in triplet.history[0] and triplet.history[0]["train_top1"] is None
     assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 8)
     model, center = train_center_loss("E1_center", data, cfg, progress=False)
-    assert center["architecture"]["loss"].startswith("cross-entropy +") and center["history"][0]["train_top1"] is not None
+    assert center.architecture["loss"].startswith("cross-entropy +") and center.history[0]["train_top1"] is not None
 
 
 def test_center_objective_needs_hard_labels():
@@ -108,8 +111,8 @@ def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_root, tmp_
     data = build_tiny_imagenet(cfg)
     assert data.info["test_images"] == 500 and data.info["generated"] is False
     run = train_classifier(kind, build_model(kind, cfg, data.num_classes), data, cfg, progress=False)
-    print(f"{kind}: test top-1 {run['test']['top1']:.3f}")
-    assert run["test"]["top1"] > 0.17, f"test top-1 {run['test']['top1']:.3f} (chance 0.10)"
+    print(f"{kind}: test top-1 {run.test['top1']:.3f}")
+    assert run.test["top1"] > 0.17, f"test top-1 {run.test['top1']:.3f} (chance 0.10)"
 
 
 def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_path):
@@ -125,5 +128,5 @@ def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_pat
         train_classifier("T2_resnet18", build_model("resnet18", longer, data.num_classes), data, longer, progress=False)
     afresh = dataclasses.replace(longer, resume=False)
     run = train_classifier("T2_resnet18", build_model("resnet18", afresh, data.num_classes), data, afresh, progress=False)
-    assert run["epochs_run"] == 2 and run["training"] == {
+    assert run.epochs_run == 2 and run.training == {
         "epochs_planned": 2, "epochs_done": 2, "interrupted": False, "stopped_early": False, "resumed_from": None, "complete": True}

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import numpy as np
@@ -44,11 +45,35 @@ def test_two_stages_and_every_miner_run(cars_devkit_root, tmp_path):
     assert "test_recall@1" in stage1.history[0] and "test_map@r" in stage1.history[0]
     for miner in ("none", "ms", "batch_hard", "semi_hard", "adaptive_ms", "xbm"):
         run = embedding_run(backbone, data, cfg, miner)
-        assert run["embeddings"].shape == (data.test.num_samples, 512)
-        assert torch.allclose(run["embeddings"].norm(dim=1), torch.ones(data.test.num_samples), atol=1e-4)
-        m = run["metrics"]
+        assert run.embeddings.shape == (data.test.num_samples, 512) and run.result.record()["complete"]
+        assert torch.allclose(run.embeddings.norm(dim=1), torch.ones(data.test.num_samples), atol=1e-4)
+        m = run.metrics
         assert m["recall@1"] <= m["recall@2"] <= m["recall@4"] <= m["recall@8"] and 0 <= m["map@r"] <= 1
     assert isinstance(backbone.fc, torch.nn.Linear), "stage 2 works on a copy: the classifier is untouched"
+
+
+def test_each_stage_resumes_unless_a_setting_it_reads_changed(cars_devkit_root, tmp_path):
+    """Stage 1 (classifier) and stage 2 (embedding) have their own run keys: a stage-2 setting such
+    as alpha leaves stage 1 resumable; a stage-1 setting invalidates both (stage 2 starts from it)."""
+    cfg = config(cars_devkit_root, tmp_path, fashion="serial12", init="scratch")
+    data = build_cars196(cfg)
+
+    def stage1(c):
+        return train_classifier_stage(build_backbone(c, c.fashion, data.num_train_classes)[0], data, c)
+
+    first = stage1(cfg)
+    assert first.resumed_from is None
+    embedding_run(first_backbone := build_backbone(cfg, cfg.fashion, 98)[0], data, cfg, "ms")
+    new_alpha = dataclasses.replace(cfg, alpha=3.0)
+    assert stage1(new_alpha).resumed_from == {"epoch": 1, "step": 0}, "stage 1 resumes after a stage-2 change"
+    with pytest.raises(ValueError, match="different configuration.*alpha"):
+        embedding_run(first_backbone, data, new_alpha, "ms")
+    new_lr = dataclasses.replace(cfg, cls_lr=0.01)
+    with pytest.raises(ValueError, match="different configuration.*cls_lr"):
+        stage1(new_lr)
+    with pytest.raises(ValueError, match="different configuration.*cls_lr"):
+        embedding_run(first_backbone, data, new_lr, "ms")
+    assert cfg.fit_config("embedding").warmup_epochs == 0.25 and cfg.fit_config("classifier").lr == cfg.cls_lr
 
 
 def test_xbm_objective_state_is_checkpointed():
@@ -89,7 +114,7 @@ def test_t3_selection_feeds_t4(tmp_path):
     ckpt.parent.mkdir(parents=True)
     torch.save({"model": resnet18(20, stem="imagenet", cubs="serial21").state_dict()}, ckpt)
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(json.dumps({"selection": {"fashion": "serial21", "checkpoint": str(ckpt), "stem": "imagenet"}}))
+    (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(json.dumps({"selection": {"criterion": "held-out top-1", "best": "T3_serial21", "fashion": "serial21", "checkpoint": str(ckpt), "stem": "imagenet"}}))
     concrete, note = apply_t3_selection(cfg)
     assert (concrete.fashion, concrete.init, concrete.checkpoint) == ("serial21", "tinyimagenet", str(ckpt)) and "held-out selection" in note
     model, report = build_backbone(concrete, concrete.fashion, 98)

@@ -8,7 +8,6 @@ import torch
 import torch.nn as nn
 
 DEFAULT_HIDDEN = (1024, 1200, 728, 512, 128)
-ALTERNATIVE_HIDDEN = (1024, 1000, 500, 256, 128, 64)
 
 
 class MLP(nn.Module):

@@ -1,0 +1,88 @@
+"""Checkpoint files of `fit`: `last.pt` (the whole training state, to resume) and `best.pt` (the
+best held-out weights), written atomically (helpers.atomic); the global RNG states they hold; and
+the check that a `last.pt` belongs to the run about to resume it (same format, configuration,
+run key and length).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from helpers.atomic import atomic_torch_save
+
+# 2: the plateau schedule reads the early-stopping monitor ("monitor") instead of keeping its own best
+CHECKPOINT_FORMAT = 2
+LAST, BEST = "last.pt", "best.pt"
+
+# FitConfig fields a resumed run may change: how often it reports (the length may not change:
+# the LR schedule depends on it, so a longer resumed run would equal neither run)
+_NOT_COMPARED = ("eval_every", "log_every")
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_last(out: Path, state: dict) -> None:
+    """Write the training state `state` as out/last.pt, stamped with CHECKPOINT_FORMAT."""
+    atomic_torch_save({"format": CHECKPOINT_FORMAT} | state, out / LAST)
+
+
+def load_last(out: Path, device: torch.device) -> dict:
+    """out/last.pt; a ValueError when it was written in another checkpoint format."""
+    path = out / LAST
+    state = torch.load(path, map_location=device, weights_only=False)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        written = "without a format number" if found is None else f"in checkpoint format {found!r}"
+        raise ValueError(
+            f"{path} was written {written}; this version of the training engine resumes format {CHECKPOINT_FORMAT} only. "
+            "Pass resume=False (or use another out_dir) to start afresh."
+        )
+    return state
+
+
+def save_best(out: Path, model: torch.nn.Module, epoch: int, monitor: str, value: float, config: dict) -> None:
+    atomic_torch_save({"model": model.state_dict(), "epoch": epoch, monitor: value, "config": config}, out / BEST)
+
+
+def load_best_weights(out: Path, device: torch.device) -> dict:
+    """The model state dict of out/best.pt."""
+    return torch.load(out / BEST, map_location=device, weights_only=False)["model"]
+
+
+def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per_epoch: int) -> None:
+    """Refuse (ValueError) to resume the checkpoint `state` read from `path` under the FitConfig
+    `cfg` and `run_key` when it was written with other settings or for another length."""
+    saved = {k: v for k, v in state["config"].items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"}
+    current = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
+    diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
+    if set(diff) == {"epochs"}:
+        planned = type(cfg)(**state["config"]).num_epochs(steps_per_epoch)
+        progress = "finished" if state["epoch"] >= planned else f"stopped after epoch {state['epoch']}"
+        raise ValueError(
+            f"{path} is a {saved['epochs']}-epoch run ({progress}); epochs is now {cfg.epochs}. "
+            f"Its LR schedule was planned for that length, so continuing it for {cfg.epochs} would equal neither run. "
+            f"Set epochs={saved['epochs']} to resume it, or pass resume=False (or another out_dir) to train {cfg.epochs} epochs afresh."
+        )
+    if diff:
+        raise ValueError(
+            f"{path} was written with a different configuration {diff} (saved, now). "
+            "Resume with the same settings, or pass resume=False / another out_dir to start afresh."
+        )

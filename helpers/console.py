@@ -1,0 +1,87 @@
+"""What `fit` shows while it trains: the progress bar and its postfix, the line printed after each
+epoch, the message of an interrupted run, and `StopRequest`, which defers a first Ctrl-C to the end
+of the current step.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a request honoured at the next step boundary, so an
+    interrupted run saves a consistent state; a second Ctrl-C interrupts at once."""
+
+    def __init__(self):
+        self.pending = self.forced = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.pending = True
+        print("\nCtrl-C: stopping after this step (press again to stop at once)...", flush=True)
+
+    def release(self) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
+
+
+def interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool) -> str:
+    where = f"in epoch {epoch + 1}/{planned} at step {step}" if not at_boundary else f"after epoch {done}/{planned}"
+    what = f"Training{' of ' + name if name else ''} was interrupted {where}"
+    if out is None:
+        return f"{what}; nothing was saved (no out_dir), so a rerun starts afresh."
+    if forced and not at_boundary:  # a second Ctrl-C does not wait for the step to end
+        if not (out / "last.pt").is_file():
+            return f"{what} at once; nothing was saved yet, so a rerun starts afresh."
+        saved = f"the previous checkpoint {out / 'last.pt'} is kept"
+    else:
+        saved = f"its state is saved in {out / 'last.pt'}"
+    return (
+        f"{what}; {saved}. Nothing after the training ran and no result was recorded: "
+        "rerun (with resume=True, the default) to continue from there."
+    )
+
+
+def postfix(sums, images: int, seconds: float) -> str:
+    """The progress bar's postfix from an epoch's running sums (`loss_sum`, `correct`, `seen`, `scored`)."""
+    loss = float(sums.loss_sum) / max(1, sums.seen)
+    acc = f" acc {100 * float(sums.correct) / sums.scored:.1f}%" if sums.scored else ""
+    return f"loss {loss:.3f}{acc} {images / max(seconds, 1e-9):.0f} img/s"
+
+
+def epoch_line(name: str, record: dict, num_epochs: int | str) -> str:
+    parts = [f"{name + ' ' if name else ''}epoch {record['epoch']}/{num_epochs}", f"loss {record['train_loss']:.4f}"]
+    if record.get("train_top1") is not None:
+        parts.append(f"train {100 * record['train_top1']:.1f}%")
+    for key, value in record.items():
+        if key.endswith(("_top1", "recall@1", "map@r")) and key != "train_top1" and isinstance(value, float):
+            parts.append(f"{key} {100 * value:.1f}%")
+    parts.append(f"lr {record['lr']:.3g}")
+    if record.get("images_per_s"):
+        parts.append(f"{record['images_per_s']:.0f} img/s")
+    parts.append(f"{record['train_seconds'] + record.get('eval_seconds', 0):.1f}s")
+    return "  ".join(parts)
+
+
+class ProgressBar:
+    """A tqdm bar (notebook-aware via tqdm.auto) that can jump to a step."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+    def update_to(self, step: int, postfix: str) -> None:
+        self.bar.update(step - self.bar.n)
+        self.bar.set_postfix_str(postfix, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,266 @@
+"""The shared experiment layer: what every task (T1-T4, E1, E2) needs, written once.
+
+- data: `locate_data` finds a dataset under `data_dir` (or generates the stand-in for the default
+  folder); `resolve_data_path` and `batch_source` turn arrays or datasets into batch sources;
+- runs: `Runtime.of(cfg)` (device, amp, channels_last: helpers.runinfo) for every evaluation
+  pass, `checkpoint_dir` and `train` (one `fit` call with its folder, run key and resume flag);
+- classifiers: `ClassificationData` and `train_classifier` (fit, restore the best held-out epoch,
+  evaluate, summarise), shared by the Tiny ImageNet tasks and E2;
+- results: typed records (`RunSummary`, `T3Selection`) and metrics I/O (`save_metrics`,
+  `load_metrics`); only `helpers` writes and reads them.
+
+Task modules (recognition, retrieval, layerwise) build on this and never import each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import Dataset
+
+from helpers.atomic import atomic_write_json
+from helpers.data import LoaderBatches, TensorBatches, synthetic
+from helpers.data.loaders import BatchSource
+from helpers.data.transforms import BatchAugment
+from helpers.engine import FitConfig, FitResult, fit
+from helpers.evaluation import ClassificationEvaluator, classification_metrics, classification_report, run_split
+from helpers.runinfo import Runtime, generated_data_dir, run_info
+
+# ------------------------------------------------------------------------------------ data
+
+# kind -> (generator params, folders tried under data_dir in order, the file or folder marking one)
+DATASETS = {
+    "tiny": (synthetic.TinyParams, ("tiny-imagenet-200", "."), "wnids.txt"),
+    "cars": (synthetic.CarsParams, ("stanford_cars", "cars196", "."), ("devkit", "cars_annos.mat")),
+    "stl10": (synthetic.STL10Params, ("stl10_binary", "."), "train_X.bin"),
+}
+
+
+def locate_data(data_dir: str | Path, kind: str) -> tuple[Path, bool]:
+    """(dataset root, generated) for "tiny", "cars" or "stl10" under `data_dir`.
+
+    The default generated-data folder gets the stand-in dataset, created on first use. Elsewhere
+    the first candidate folder holding the dataset's marker wins; when none does, the first
+    candidate is returned and the dataset class raises its clear "not found" error."""
+    params, candidates, markers = DATASETS[kind]
+    data_dir = Path(data_dir)
+    if data_dir == generated_data_dir():
+        return synthetic.generate(kind, data_dir, params(seed=0)), True
+    folders = [data_dir / c for c in candidates]
+    markers = (markers,) if isinstance(markers, str) else markers
+    root = next((f for f in folders if any((f / m).exists() for m in markers)), folders[0])
+    return root, (root / synthetic.STAMP).is_file()
+
+
+def resolve_data_path(data_path: str, device: str) -> str:
+    """"auto" -> "gpu" on CUDA, else "cached"; "gpu" without CUDA is an error that says what to use."""
+    cuda = str(device).startswith("cuda")
+    path = data_path if data_path != "auto" else ("gpu" if cuda else "cached")
+    if path == "gpu" and not cuda:
+        raise ValueError("data_path='gpu' needs device='cuda'; use 'cached' or 'lazy' on the CPU")
+    return path
+
+
+def batch_source(
+    path: str, device: str, labels: np.ndarray, batch_size: int, *, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
+    images: np.ndarray | None = None, dataset: Dataset | None = None, batch_sampler=None, num_workers: int = 0,
+) -> BatchSource:
+    """A batch source on data path `path`: "lazy" decodes `dataset` items in DataLoader workers;
+    "cached" / "gpu" gather batches from `images` (uint8 (N, H, W, 3)) held in CPU RAM / on the GPU."""
+    common = dict(batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, seed=seed, batch_sampler=batch_sampler)
+    if path == "lazy":
+        return LoaderBatches(dataset, labels=labels, device=device, num_workers=num_workers, **common)
+    return TensorBatches(images, labels, device=device if path == "gpu" else "cpu", output_device=device, **common)
+
+
+# ------------------------------------------------------------------------------------ runs
+
+
+def checkpoint_dir(out_dir: str | Path, name: str) -> Path:
+    """Where the run `name` keeps last.pt, best.pt and history.json."""
+    return Path(out_dir) / "checkpoints" / name
+
+
+def train(name: str, model: nn.Module, source: BatchSource, augment, cfg, stage: str = "train", *, fit_cfg: FitConfig | None = None, progress: bool = True, **fit_options) -> FitResult:
+    """One `fit` of `model` for the task configuration `cfg`: the stage's FitConfig (unless
+    `fit_cfg` is given) and run key, checkpoints in out_dir/checkpoints/<name>, cfg.resume."""
+    return fit(
+        model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
+        progress=progress, name=name, run_key=cfg.run_key(stage), resume=cfg.resume, **fit_options,
+    )
+
+
+def embed_split(fn: Callable[[torch.Tensor], torch.Tensor], source: BatchSource, augment, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs (N, ...) of `fn` (a model, `model.forward_features`, an encoder) and labels (N,) of a
+    whole split, eval transform, in order, with the runtime of `cfg`."""
+    return run_split(fn, source, augment, Runtime.of(cfg))
+
+
+def describe_model(model: nn.Module, **extra) -> dict:
+    """{"class", "parameters", **extra}: what a summary says about a model."""
+    return {"class": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()), **extra}
+
+
+# ------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class RunSummary:
+    """One trained model as the metrics files record it: how its training went and its held-out
+    and test scores (`heldout` / `test`: top1, top5, loss, ...; see evaluation.classification_report)."""
+
+    name: str
+    architecture: dict
+    best_epoch: int | None
+    epochs_run: int
+    training: dict  # FitResult.record(): epochs planned / done, complete, ...
+    train_seconds: float
+    fit_seconds: dict
+    images_per_s: float
+    checkpoint: str
+    heldout: dict
+    test: dict
+    history: list
+    budget: dict | None = None  # budget runs: {"budget_s", "steps", "budget_seconds_used"}
+
+    @classmethod
+    def of(cls, name: str, architecture: dict, result: FitResult, out_dir: str | Path, heldout: dict, test: dict) -> "RunSummary":
+        return cls(
+            name=name, architecture=architecture, best_epoch=result.best_epoch, epochs_run=len(result.history), training=result.record(),
+            train_seconds=result.train_seconds, fit_seconds={"wall": result.wall_seconds, "evaluation": result.eval_seconds},
+            images_per_s=result.images_per_s, checkpoint=str(checkpoint_dir(out_dir, name) / "best.pt"), heldout=heldout, test=test,
+            history=result.history,
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunSummary":
+        return cls(**{f.name: values.get(f.name) for f in dataclasses.fields(cls)})
+
+    def as_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        if values["budget"] is None:  # only budget runs record one
+            del values["budget"]
+        return values
+
+
+@dataclass(frozen=True)
+class T3Selection:
+    """The CUBS model T3 selected on held-out top-1, which T4 starts from."""
+
+    criterion: str
+    best: str  # the run's name
+    fashion: str
+    checkpoint: str  # its best.pt
+    stem: str
+
+    @classmethod
+    def load(cls, out_dir: str | Path) -> "T3Selection | None":
+        """The selection in T3's metrics under out_dir, or None when T3 has not run there."""
+        document = load_metrics(out_dir, "T3_cubs_resnet18")
+        return cls.from_metrics(document) if document else None
+
+    @classmethod
+    def from_metrics(cls, document: dict) -> "T3Selection | None":
+        values = document.get("selection")
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) if values else None
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def metrics_path(out_dir: str | Path, name: str) -> Path:
+    return Path(out_dir) / "metrics" / f"{name}.json"
+
+
+def as_json(value):
+    """`value` with every record (anything with `as_dict`) turned into plain JSON-able values."""
+    if hasattr(value, "as_dict"):
+        return as_json(value.as_dict())
+    if isinstance(value, dict):
+        return {k: as_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [as_json(v) for v in value]
+    return value
+
+
+def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -> Path:
+    """Write out_dir/metrics/<name>.json: the payload (records turned into plain values), the
+    resolved configuration and the run's provenance.
+
+    `complete` is False (and `partial` lists where) when any training record in the payload
+    (a FitResult.record()) is not complete: the report leaves such files out."""
+    path = metrics_path(cfg.out_dir, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = as_json(payload)
+    partial = partial_trainings(payload)
+    document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
+                "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device), **payload}
+    atomic_write_json(document, path)
+    return path
+
+
+def partial_trainings(payload, where: str = "") -> list[str]:
+    """Paths (e.g. "models.T2_resnet18") of the incomplete training records in a metrics payload."""
+    found = []
+    if isinstance(payload, dict):
+        if "epochs_planned" in payload and payload.get("complete") is False:  # a FitResult.record()
+            return [where]
+        for key, value in payload.items():
+            found += partial_trainings(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(payload, list):
+        for i, value in enumerate(payload):
+            found += partial_trainings(value, f"{where}[{i}]")
+    return found
+
+
+def load_metrics(out_dir: str | Path, name: str) -> dict | None:
+    """A metrics JSON written by another notebook of the same run, or None when it is absent."""
+    path = metrics_path(out_dir, name)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ------------------------------------------------------------------------------------ classifiers
+
+
+@dataclass
+class ClassificationData:
+    """Batch sources of one classification task plus what the notebooks print about them."""
+
+    train: BatchSource
+    heldout: BatchSource
+    test: BatchSource
+    augment: BatchAugment
+    num_classes: int
+    class_names: list[str]
+    info: dict = field(default_factory=dict)
+
+
+def train_classifier(
+    name: str, model: nn.Module, data: ClassificationData, cfg, describe: dict | None = None, progress: bool = True, **fit_options,
+) -> RunSummary:
+    """Fit one classifier (the "train" stage of `cfg`; checkpoints in out_dir/checkpoints/<name>),
+    restore its best held-out epoch, evaluate held-out and test, and summarise it. `fit_options`
+    go to `fit` (e.g. objective=CenterLossObjective(...), objective_lr=...)."""
+    runtime = Runtime.of(cfg)
+    splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
+    fit_cfg = cfg.fit_config("train")
+    if not data.heldout.num_samples:  # no held-out split: keep the last epoch
+        fit_cfg = dataclasses.replace(fit_cfg, monitor="")
+    result = train(name, model, data.train, data.augment, cfg, fit_cfg=fit_cfg, progress=progress, evaluate=ClassificationEvaluator(splits, data.augment, runtime), **fit_options)
+    model.eval()
+    heldout = {"top1": None, "top5": None, "loss": None}  # no held-out split (heldout_fraction=0)
+    if data.heldout.num_samples:
+        heldout = classification_metrics(*run_split(model, data.heldout, data.augment, runtime))
+    test = classification_report(*run_split(model, data.test, data.augment, runtime), data.class_names)
+    summary = RunSummary.of(name, describe or describe_model(model), result, cfg.out_dir, heldout, test)
+    if fit_cfg.budget_s > 0:
+        steps = result.history[-1]["steps"] if result.history else 0
+        summary.budget = {"budget_s": fit_cfg.budget_s, "steps": steps, "budget_seconds_used": result.wall_seconds - result.eval_seconds}
+    return summary
