@@ -17,11 +17,14 @@ from helpers.atomic import atomic_torch_save
 
 # 2: the plateau schedule reads the early-stopping monitor ("monitor") instead of keeping its own best
 CHECKPOINT_FORMAT = 2
-LAST, BEST = "last.pt", "best.pt"
+LAST, BEST, HISTORY = "last.pt", "best.pt", "history.json"  # the files of a run folder
 
-# FitConfig fields a resumed run may change: how often it reports (the length may not change:
-# the LR schedule depends on it, so a longer resumed run would equal neither run)
-_NOT_COMPARED = ("eval_every", "log_every")
+# FitConfig fields a resumed run may change: how often it reports progress, and how often it
+# evaluates when nothing is selected on the evaluations (a monitor reads only evaluated epochs, so
+# eval_every then changes the best checkpoint, early stopping and plateau cuts). The length may not
+# change: the LR schedule depends on it, so a longer resumed run would equal neither run.
+def _not_compared(config: dict) -> tuple[str, ...]:
+    return ("log_every",) if config.get("monitor") else ("log_every", "eval_every")
 
 
 def rng_state() -> dict:
@@ -45,10 +48,12 @@ def save_last(out: Path, state: dict) -> None:
 
 
 def load_last(out: Path, device: torch.device) -> dict:
-    """out/last.pt; a ValueError when it was written in another checkpoint format."""
+    """out/last.pt (a format-1 file is read as format 2); a ValueError for any other format."""
     path = out / LAST
     state = torch.load(path, map_location=device, weights_only=False)
     found = state.get("format") if isinstance(state, dict) else None
+    if found == 1 and {"best_value", "best_epoch", "bad_epochs", "schedule"} <= set(state):
+        return upgrade_format_1(state)
     if found != CHECKPOINT_FORMAT:
         written = "without a format number" if found is None else f"in checkpoint format {found!r}"
         raise ValueError(
@@ -56,6 +61,19 @@ def load_last(out: Path, device: torch.device) -> dict:
             "Pass resume=False (or use another out_dir) to start afresh."
         )
     return state
+
+
+def upgrade_format_1(state: dict) -> dict:
+    """A format-1 training state as format 2: the best value, its epoch and the epochs since it
+    move into "monitor"; the plateau schedule's own best and count go (it reads the monitor, whose
+    epochs-since-best give the same cuts)."""
+    upgraded = {k: v for k, v in state.items() if k not in ("best_value", "best_epoch", "bad_epochs")}
+    upgraded["format"] = CHECKPOINT_FORMAT
+    upgraded["monitor"] = {"best": state["best_value"], "best_epoch": state["best_epoch"], "bad_epochs": state["bad_epochs"]}
+    upgraded["schedule"] = {k: v for k, v in state["schedule"].items() if k not in ("best", "bad_epochs")}
+    for key in ("running", "augment_rng", "run_key", "budget_elapsed"):  # absent from the earliest format-1 files
+        upgraded.setdefault(key, None)
+    return upgraded
 
 
 def save_best(out: Path, model: torch.nn.Module, epoch: int, monitor: str, value: float, config: dict) -> None:
@@ -70,8 +88,8 @@ def load_best_weights(out: Path, device: torch.device) -> dict:
 def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per_epoch: int) -> None:
     """Refuse (ValueError) to resume the checkpoint `state` read from `path` under the FitConfig
     `cfg` and `run_key` when it was written with other settings or for another length."""
-    saved = {k: v for k, v in state["config"].items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"}
-    current = {k: v for k, v in asdict(cfg).items() if k not in _NOT_COMPARED} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
+    saved = {k: v for k, v in state["config"].items() if k not in _not_compared(state["config"])} | {f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"}
+    current = {k: v for k, v in asdict(cfg).items() if k not in _not_compared(asdict(cfg))} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
     diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if set(diff) == {"epochs"}:
         planned = type(cfg)(**state["config"]).num_epochs(steps_per_epoch)

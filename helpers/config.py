@@ -144,18 +144,19 @@ class Stage:
     """How one training stage reads its task configuration.
 
     `reads`: FitConfig field -> configuration field; `fixed`: FitConfig values set by the task (a
-    callable receives the configuration); `own`: further fields only this stage uses (e.g. the
-    loss); `after`: stages whose trained model this one starts from. FitConfig fields in neither
-    keep the engine's defaults."""
+    callable receives the configuration); `also_reads`: further fields only this stage uses (e.g.
+    its loss); `after`: stages whose trained model this one starts from. FitConfig fields in
+    neither keep the engine's defaults. Configuration fields that no stage declares (the data, the
+    architecture) belong to every stage's run key."""
 
     reads: dict
     fixed: dict = dataclasses.field(default_factory=dict)
-    own: tuple = ()
+    also_reads: tuple = ()
     after: tuple = ()
 
     def uses(self) -> set[str]:
         """The configuration fields this stage reads."""
-        return set(self.reads.values()) | set(self.own)
+        return set(self.reads.values()) | set(self.also_reads)
 
 
 def same_names(*names: str) -> dict:
@@ -233,7 +234,8 @@ class ConfigBase:
 
     # settings that may change between a run and its resumption (where things run, what is shown,
     # which runs a notebook makes: each run has its own checkpoint folder), as opposed to
-    # everything that defines a trained model
+    # everything that defines a trained model (eval_every: the engine compares it when a monitor
+    # selects on the evaluations)
     RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every")
 
     def fit_config(self, stage: str = "train") -> FitConfig:
@@ -257,6 +259,11 @@ class ConfigBase:
         return {k: v for k, v in self.as_dict().items() if k not in skip}
 
 
+CLASSIFIER_READS = same_names(
+    "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience",
+    "amp", "channels_last", "compile", "seed", "eval_every", "budget_s",
+)
+
 # T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
 # one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
 TINY_IMAGENET_PRESETS = {
@@ -278,7 +285,7 @@ class RecognitionConfig(ConfigBase):
     task: str
     profile: str = "smoke"
     # data
-    data_dir: str = ""  # the folder holding tiny-imagenet-200/ ("" = the profile's default)
+    data_dir: str = ""  # the folder holding tiny-imagenet-200/, or that folder ("" = the profile's default)
     out_dir: str = ""  # metrics/, figures/, checkpoints/ go here ("" = outputs/<profile>)
     device: str = "auto"
     resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
@@ -343,12 +350,12 @@ class RecognitionConfig(ConfigBase):
         },
     }
     STAGES = {
-        "train": Stage(
-            reads=same_names(
-                "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience",
-                "amp", "channels_last", "compile", "seed", "eval_every", "budget_s",
-            ),
-            fixed={"monitor": "heldout_top1"},
+        # T1-T3 and E1's cross-entropy model; E1's other two models add their loss's settings
+        "train": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1"}),
+        "center": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1"}, also_reads=("center_weight", "center_lr")),
+        "triplet": Stage(
+            reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1"},
+            also_reads=("embedding_dim", "triplet_margin", "pk_classes", "pk_images", "ncm_per_class"),
         ),
     }
 
@@ -447,7 +454,7 @@ class RetrievalConfig(ConfigBase):
             reads={"epochs": "emb_epochs", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
                    **same_names("amp", "channels_last", "compile", "seed")},
             fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": ""},
-            own=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
+            also_reads=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
             after=("classifier",),
         ),
     }
@@ -464,6 +471,10 @@ class RetrievalConfig(ConfigBase):
         if self.image_size > self.resize:
             return [f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}"]
         return []
+
+
+E2_CLASSIFIER_READS = same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "amp", "seed")
+E2_CLASSIFIER_FIXED = {"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5), "monitor": "heldout_top1", "channels_last": False}
 
 
 @dataclass(frozen=True)
@@ -507,14 +518,12 @@ class LayerwiseConfig(ConfigBase):
         "pretrain": Stage(
             reads={"epochs": "pretrain_epochs", "lr": "pretrain_lr", **same_names("amp", "seed")},
             fixed={"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.1, "monitor": "", "channels_last": False},
-            own=("use_unlabeled", "unlabeled_limit"),
+            also_reads=("use_unlabeled", "unlabeled_limit"),
         ),
-        # fine-tuning (from the pretrained layers) and the baseline: cross-entropy, best held-out epoch kept
-        "train": Stage(
-            reads=same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "amp", "seed"),
-            fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5), "monitor": "heldout_top1", "channels_last": False},
-            after=("pretrain",),
-        ),
+        # fine-tuning from the pretrained layers: cross-entropy, best held-out epoch kept
+        "train": Stage(reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",), after=("pretrain",)),
+        # the same MLP and recipe from its random init
+        "baseline": Stage(reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",)),
     }
 
     CHOICES = {"optimizer": OPTIMIZERS}

@@ -9,6 +9,8 @@ import signal
 import threading
 from pathlib import Path
 
+from helpers.checkpoint import LAST
+
 
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) into a request honoured at the next step boundary, so an
@@ -39,11 +41,11 @@ def interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, pla
     if out is None:
         return f"{what}; nothing was saved (no out_dir), so a rerun starts afresh."
     if forced and not at_boundary:  # a second Ctrl-C does not wait for the step to end
-        if not (out / "last.pt").is_file():
+        if not (out / LAST).is_file():
             return f"{what} at once; nothing was saved yet, so a rerun starts afresh."
-        saved = f"the previous checkpoint {out / 'last.pt'} is kept"
+        saved = f"the previous checkpoint {out / LAST} is kept"
     else:
-        saved = f"its state is saved in {out / 'last.pt'}"
+        saved = f"its state is saved in {out / LAST}"
     return (
         f"{what}; {saved}. Nothing after the training ran and no result was recorded: "
         "rerun (with resume=True, the default) to continue from there."

@@ -32,12 +32,13 @@ import torch.nn as nn
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.budget import BudgetClock
-from helpers.checkpoint import BEST, LAST, check_same_run, load_best_weights, load_last, rng_state, save_best, save_last, set_rng_state
+from helpers.checkpoint import BEST, HISTORY, LAST, check_same_run, load_best_weights, load_last, rng_state, save_best, save_last, set_rng_state
 from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_message, postfix
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
 from helpers.optim import OPTIMIZERS, SCHEDULES, UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
+from helpers.runinfo import Runtime
 
 
 class TrainingDiverged(FloatingPointError):
@@ -217,7 +218,7 @@ def fit(
 
 
 @dataclass
-class _Progress:
+class _EpochSums:
     """Running sums of one epoch, kept on the device until read."""
 
     loss_sum: torch.Tensor
@@ -228,7 +229,7 @@ class _Progress:
     seconds: float = 0.0
 
     @classmethod
-    def zeros(cls, device) -> "_Progress":
+    def zeros(cls, device) -> "_EpochSums":
         z = torch.zeros((), device=device, dtype=torch.float64)
         return cls(z.clone(), z.clone(), nonfinite=torch.zeros((), device=device, dtype=torch.bool))
 
@@ -247,7 +248,7 @@ class _Progress:
         return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen, "scored": self.scored, "seconds": self.seconds}
 
     @classmethod
-    def from_state(cls, state: dict, device) -> "_Progress":
+    def from_state(cls, state: dict, device) -> "_EpochSums":
         p = cls.zeros(device)
         p.loss_sum += state["loss_sum"]
         p.correct += state["correct"]
@@ -275,7 +276,7 @@ class _RunState:
     epoch: int = 0
     step: int = 0  # steps done within `epoch`
     history: list[dict] = field(default_factory=list)
-    sums: _Progress | None = None  # the running sums of `epoch`
+    sums: _EpochSums | None = None  # the running sums of `epoch`
     aug_rng: AugmentRNG | None = None  # and its augmentation draws
     at_boundary: bool = True  # last.pt already describes the current state
     stopped_early: bool = False
@@ -285,12 +286,8 @@ class _RunState:
     # set by start_session, after resuming:
     run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
     budget: BudgetClock | None = None
-    autocast: object = None
+    runtime: Runtime | None = None  # autocast and memory format of the training steps
     first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
 
     def num_epochs(self) -> int:  # a budget run's length changes as it is planned
         return -(-self.schedule.total // max(1, self.steps_per_epoch))
@@ -299,12 +296,12 @@ class _RunState:
         return "?" if self.schedule.total == UNPLANNED else str(self.num_epochs())
 
     def start_session(self) -> None:
-        """What this call adds once resumed: the model as trained, the budget clock (counting the earlier sessions), autocast."""
+        """What this call adds once resumed: the model as trained, the budget clock (counting the earlier sessions), the runtime."""
         cfg = self.cfg
         self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
         self.first_plan_step = max(self.schedule.warmup, 12)
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if (cfg.amp and self.cuda) else nullcontext()
+        self.runtime = Runtime(str(self.device), cfg.amp, cfg.channels_last)
 
     def checkpoint(self, epoch_done: bool = False) -> dict:
         """The whole state after `step` steps of `epoch` (with the epoch's running sums and
@@ -380,7 +377,7 @@ def _resume(run: _RunState) -> None:
     if run.step > 0:  # within an epoch: its sums and augmentation draws so far
         run.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.epoch), run.device)
         run.aug_rng.load_state(ckpt["augment_rng"])
-        run.sums = _Progress.from_state(ckpt["running"], run.device)
+        run.sums = _EpochSums.from_state(ckpt["running"], run.device)
 
 
 def _augment_seed(seed: int, epoch: int) -> int:
@@ -395,7 +392,7 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
     epoch_steps = min(steps_per_epoch, schedule.total - epoch * steps_per_epoch)  # the last may be short
     if run.step == 0:  # (a run resumed within this epoch continues its sums and draws)
         run.aug_rng = AugmentRNG(_augment_seed(cfg.seed, epoch), run.device)
-        run.sums = _Progress.zeros(run.device)
+        run.sums = _EpochSums.zeros(run.device)
     sums, aug_rng = run.sums, run.aug_rng
     run.model.train()
     run.objective.train()
@@ -409,9 +406,8 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
         for group, base in zip(optimizer.param_groups, run.base_lrs):
             group["lr"] = base * factor
         x, targets = run.augment.train(images, labels, aug_rng)
-        if cfg.channels_last and run.cuda and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with run.autocast:
+        x = run.runtime.prepare(x)
+        with run.runtime.autocast():
             loss, logits = run.objective(run.run_model, x, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -483,7 +479,7 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
         print(epoch_line(name, record, run.epochs_label()), flush=True)
     if run.out is not None:
         save_last(run.out, run.checkpoint(epoch_done=True))
-        atomic_write_json(run.history, run.out / "history.json")
+        atomic_write_json(run.history, run.out / HISTORY)
     run.epoch, run.step, run.at_boundary = epoch + 1, 0, True
     return stop
 

@@ -1,13 +1,15 @@
 """The shared experiment layer: what every task (T1-T4, E1, E2) needs, written once.
 
 - data: `locate_data` finds a dataset under `data_dir` (or generates the stand-in for the default
-  folder); `resolve_data_path` and `batch_source` turn arrays or datasets into batch sources;
+  folder); `resolve_data_path` picks the data path ("auto": gpu on CUDA, else cached) and
+  `batch_source` turns arrays or datasets into batch sources on it;
 - runs: `Runtime.of(cfg)` (device, amp, channels_last: helpers.runinfo) for every evaluation
-  pass, `checkpoint_dir` and `train` (one `fit` call with its folder, run key and resume flag);
+  pass, `checkpoint_dir` and `fit_stage` (one `fit` of a training stage: its FitConfig, run key,
+  checkpoint folder and resume flag);
 - classifiers: `ClassificationData` and `train_classifier` (fit, restore the best held-out epoch,
   evaluate, summarise), shared by the Tiny ImageNet tasks and E2;
 - results: typed records (`RunSummary`, `T3Selection`) and metrics I/O (`save_metrics`,
-  `load_metrics`); only `helpers` writes and reads them.
+  `load_metrics`): notebooks hold records, never build or parse the JSON themselves.
 
 Task modules (recognition, retrieval, layerwise) build on this and never import each other.
 """
@@ -15,6 +17,7 @@ Task modules (recognition, retrieval, layerwise) build on this and never import 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch.nn as nn
 from torch.utils.data import Dataset
 
 from helpers.atomic import atomic_write_json
+from helpers.checkpoint import BEST
 from helpers.data import LoaderBatches, TensorBatches, synthetic
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
@@ -88,13 +92,25 @@ def checkpoint_dir(out_dir: str | Path, name: str) -> Path:
     return Path(out_dir) / "checkpoints" / name
 
 
-def train(name: str, model: nn.Module, source: BatchSource, augment, cfg, stage: str = "train", *, fit_cfg: FitConfig | None = None, progress: bool = True, **fit_options) -> FitResult:
+def fit_stage(
+    name: str, model: nn.Module, source: BatchSource, augment, cfg, stage: str = "train", *, fit_cfg: FitConfig | None = None,
+    key_extra: dict | None = None, progress: bool = True, **fit_options,
+) -> FitResult:
     """One `fit` of `model` for the task configuration `cfg`: the stage's FitConfig (unless
-    `fit_cfg` is given) and run key, checkpoints in out_dir/checkpoints/<name>, cfg.resume."""
+    `fit_cfg` is given) and run key (plus `key_extra`: what else the run starts from, e.g. a
+    weights file's checksum), checkpoints in out_dir/checkpoints/<name>, cfg.resume."""
     return fit(
         model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
-        progress=progress, name=name, run_key=cfg.run_key(stage), resume=cfg.resume, **fit_options,
+        progress=progress, name=name, run_key=cfg.run_key(stage) | (key_extra or {}), resume=cfg.resume, **fit_options,
     )
+
+
+def file_sha1(path: str | Path) -> str:
+    digest = hashlib.sha1()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def embed_split(fn: Callable[[torch.Tensor], torch.Tensor], source: BatchSource, augment, cfg) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,13 +151,14 @@ class RunSummary:
         return cls(
             name=name, architecture=architecture, best_epoch=result.best_epoch, epochs_run=len(result.history), training=result.record(),
             train_seconds=result.train_seconds, fit_seconds={"wall": result.wall_seconds, "evaluation": result.eval_seconds},
-            images_per_s=result.images_per_s, checkpoint=str(checkpoint_dir(out_dir, name) / "best.pt"), heldout=heldout, test=test,
+            images_per_s=result.images_per_s, checkpoint=str(checkpoint_dir(out_dir, name) / BEST), heldout=heldout, test=test,
             history=result.history,
         )
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunSummary":
-        return cls(**{f.name: values.get(f.name) for f in dataclasses.fields(cls)})
+        """The record a metrics JSON holds (a KeyError names any missing field; budget is optional)."""
+        return cls(**{f.name: values.get(f.name) if f.name == "budget" else values[f.name] for f in dataclasses.fields(cls)})
 
     def as_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -243,17 +260,18 @@ class ClassificationData:
 
 
 def train_classifier(
-    name: str, model: nn.Module, data: ClassificationData, cfg, describe: dict | None = None, progress: bool = True, **fit_options,
+    name: str, model: nn.Module, data: ClassificationData, cfg, describe: dict | None = None, progress: bool = True, stage: str = "train",
+    **fit_options,
 ) -> RunSummary:
-    """Fit one classifier (the "train" stage of `cfg`; checkpoints in out_dir/checkpoints/<name>),
+    """Fit one classifier (training `stage` of `cfg`; checkpoints in out_dir/checkpoints/<name>),
     restore its best held-out epoch, evaluate held-out and test, and summarise it. `fit_options`
     go to `fit` (e.g. objective=CenterLossObjective(...), objective_lr=...)."""
     runtime = Runtime.of(cfg)
     splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
-    fit_cfg = cfg.fit_config("train")
+    fit_cfg = cfg.fit_config(stage)
     if not data.heldout.num_samples:  # no held-out split: keep the last epoch
         fit_cfg = dataclasses.replace(fit_cfg, monitor="")
-    result = train(name, model, data.train, data.augment, cfg, fit_cfg=fit_cfg, progress=progress, evaluate=ClassificationEvaluator(splits, data.augment, runtime), **fit_options)
+    result = fit_stage(name, model, data.train, data.augment, cfg, stage, fit_cfg=fit_cfg, progress=progress, evaluate=ClassificationEvaluator(splits, data.augment, runtime), **fit_options)
     model.eval()
     heldout = {"top1": None, "top5": None, "loss": None}  # no held-out split (heldout_fraction=0)
     if data.heldout.num_samples:

@@ -19,7 +19,7 @@ from helpers.data import STL10, stratified_split
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import FlatGray
 from helpers.engine import FitResult
-from helpers.experiment import ClassificationData, batch_source, locate_data, resolve_data_path, train
+from helpers.experiment import ClassificationData, batch_source, fit_stage, locate_data, resolve_data_path
 from helpers.models import MLP
 
 
@@ -60,7 +60,7 @@ def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: LayerwiseConf
         for i, layer in enumerate(model.layers):
             freeze_all_but(model, i)
             objective = LayerReconstruction(i, layer.out_features, layer.in_features)
-            results.append(train(f"{name}_layer{i}", model, source, augment, cfg, "pretrain", objective=objective, progress=progress))
+            results.append(fit_stage(f"{name}_layer{i}", model, source, augment, cfg, "pretrain", objective=objective, progress=progress))
     finally:
         freeze_all_but(model, None)
     return results

@@ -24,7 +24,7 @@ from helpers.experiment import (
     describe_model,
     locate_data,
     resolve_data_path,
-    train,
+    fit_stage,
     train_classifier,
 )
 from helpers.losses import TripletLoss
@@ -165,7 +165,7 @@ def train_triplet(name: str, data: ClassificationData, cfg: RecognitionConfig, p
     sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
     train_pk = data.train.rebatched(sampler)
     evaluator = NearestClassMeanEvaluator(reference_source(data, cfg.ncm_per_class), {"heldout": data.heldout, "test": data.test}, data.augment, data.num_classes, "euclidean", Runtime.of(cfg))
-    result = train(name, net, train_pk, data.augment, cfg, progress=progress, objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator)
+    result = fit_stage(name, net, train_pk, data.augment, cfg, "triplet", progress=progress, objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator)
     net.eval()
     predictions = evaluator.predict(net)
     heldout = topk_accuracy(*predictions["heldout"], ks=(1, 5))
@@ -180,7 +180,7 @@ def train_center_loss(name: str, data: ClassificationData, cfg: RecognitionConfi
     model = build_model("resnet18", cfg, data.num_classes)
     objective = CenterLossObjective(data.num_classes, model.num_features, cfg.center_weight, cfg.label_smoothing)
     describe = describe_model(model, stem=cfg.stem, loss=f"cross-entropy + {cfg.center_weight} x center loss")
-    return model, train_classifier(name, model, data, cfg, describe, progress, objective=objective, objective_lr=cfg.center_lr)
+    return model, train_classifier(name, model, data, cfg, describe, progress, stage="center", objective=objective, objective_lr=cfg.center_lr)
 
 
 def select_best(runs: dict[str, RunSummary], key: str = "top1") -> str:

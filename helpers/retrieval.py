@@ -21,7 +21,7 @@ from helpers.data.cache import decode_all
 from helpers.data.loaders import BatchSource
 from helpers.engine import FitResult
 from helpers.evaluation import RetrievalEvaluator
-from helpers.experiment import T3Selection, batch_source, embed_split, locate_data, resolve_data_path, train
+from helpers.experiment import T3Selection, batch_source, embed_split, file_sha1, fit_stage, locate_data, resolve_data_path
 from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
 from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
@@ -143,6 +143,13 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
     return model, report
 
 
+def init_weights_key(cfg: RetrievalConfig) -> dict:
+    """The checksum of the weights stage 1 starts from, for both stages' run keys: a rerun T3
+    rewrites its best.pt at the same path, and T4 must not resume runs begun from the old one."""
+    path = {"tinyimagenet": cfg.checkpoint, "imagenet": cfg.imagenet_weights}.get(cfg.init, "")
+    return {"init_weights_sha1": file_sha1(path)} if path else {}
+
+
 def ms_objective(cfg: RetrievalConfig, miner: str) -> MetricObjective:
     """The multi-similarity loss with a miner by name; "xbm" = MS miner + a cross-batch memory."""
     if miner == "xbm":
@@ -164,7 +171,7 @@ def train_classifier_stage(model: nn.Module, data: RetrievalData, cfg: Retrieval
     """Stage 1: cross-entropy on the 98 train classes. Test recall of the pooled features is
     recorded per epoch as a curve only; nothing is selected on it (the last epoch is used)."""
     evaluator = RetrievalEvaluator({"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, runtime=Runtime.of(cfg))
-    return train(name, model, data.train, data.augment, cfg, "classifier", evaluate=evaluator)
+    return fit_stage(name, model, data.train, data.augment, cfg, "classifier", key_extra=init_weights_key(cfg), evaluate=evaluator)
 
 
 def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str, name: str) -> tuple[nn.Module, FitResult]:
@@ -173,7 +180,7 @@ def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: Retriev
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(copy.deepcopy(backbone), cfg.embedding_dim)
     evaluator = RetrievalEvaluator({"test": data.test}, data.augment, ks=KS, runtime=Runtime.of(cfg))
-    result = train(name, net, data.train_pk, data.augment, cfg, "embedding", objective=ms_objective(cfg, miner), evaluate=evaluator)
+    result = fit_stage(name, net, data.train_pk, data.augment, cfg, "embedding", key_extra=init_weights_key(cfg), objective=ms_objective(cfg, miner), evaluate=evaluator)
     return net, result
 
 

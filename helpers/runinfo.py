@@ -51,8 +51,9 @@ def resolve_device(device: str) -> str:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where and how evaluation passes compute: the device, bf16 autocast (`amp`) and channels_last
-    memory (both on CUDA only). `Runtime.of(cfg)` reads them from a task configuration."""
+    """Where and how training steps and evaluation passes compute: the device, bf16 autocast
+    (`amp`) and channels_last memory (both on CUDA only). `Runtime.of(cfg)` reads them from a task
+    configuration."""
 
     device: str = "cpu"
     amp: bool = True

@@ -81,6 +81,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, epoch, step)
     assert_same_run(straight, resumed)
 
 
+def test_eval_every_may_change_on_resume_only_when_nothing_is_selected_on_the_evaluations(tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "monitored", epochs=2, on_step=interrupt_at(1, 1))
+    with pytest.raises(ValueError, match="different configuration.*eval_every"):
+        run(tmp_path, "monitored", epochs=2, eval_every=2)  # which epochs compete for best.pt would change
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "plain", epochs=2, monitor="", on_step=interrupt_at(1, 1))
+    _, resumed = run(tmp_path, "plain", epochs=2, monitor="", eval_every=2)
+    assert resumed.resumed_from == {"epoch": 1, "step": 1} and "heldout_top1" in resumed.history[-1]
+
+
 def test_interrupt_can_return_the_partial_result_instead(tmp_path, capsys):
     _, result = run(tmp_path, "r", on_step=interrupt_at(1, 2), on_interrupt="return")
     assert result.interrupted and len(result.history) == 1 and result.planned_epochs == 4
@@ -189,19 +200,31 @@ def test_schedules():
         FitConfig(optimizer="rmsprop")
 
 
-def test_a_checkpoint_of_another_format_is_refused_clearly(tmp_path):
-    run(tmp_path, "fmt", epochs=1)
-    path = tmp_path / "fmt" / "last.pt"
+def as_format_1(state: dict) -> dict:
+    """What the engine before format 2 wrote for the same training state."""
+    old = {k: v for k, v in state.items() if k != "monitor"} | {"format": 1}
+    monitor = state["monitor"]
+    old |= {"best_value": monitor["best"], "best_epoch": monitor["best_epoch"], "bad_epochs": monitor["bad_epochs"]}
+    old["schedule"] = state["schedule"] | {"best": -float("inf"), "bad_epochs": 0}  # its own plateau count, now unused
+    return old
+
+
+def test_a_format_1_checkpoint_resumes_exactly_and_unknown_formats_are_refused(tmp_path):
+    straight = run(tmp_path, "straight", schedule="plateau", plateau_patience=0, patience=3)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "old", schedule="plateau", plateau_patience=0, patience=3, on_step=interrupt_at(2, 1))
+    path = tmp_path / "old" / "last.pt"
     ckpt = torch.load(path, weights_only=False)
     assert ckpt["format"] == CHECKPOINT_FORMAT
-    # a format-1 file: the plateau schedule kept its own best, the monitor's state was not nested
-    old = {k: v for k, v in ckpt.items() if k != "monitor"} | {"format": 1, "best_value": 0.5, "best_epoch": 1, "bad_epochs": 0}
-    old["schedule"] = ckpt["schedule"] | {"best": 0.5, "bad_epochs": 0}
-    for stamp, says in [(1, "written in checkpoint format 1;"), (None, "written without a format number;")]:
-        torch.save({k: v for k, v in old.items() if k != "format"} | ({"format": stamp} if stamp else {}), path)
+    torch.save(as_format_1(ckpt), path)
+    resumed = run(tmp_path, "old", model_seed=99, schedule="plateau", plateau_patience=0, patience=3)
+    assert resumed[1].resumed_from == {"epoch": 2, "step": 1}
+    assert_same_run(straight, resumed)
+    for stamp, says in [(3, "written in checkpoint format 3;"), (None, "written without a format number;")]:
+        torch.save({k: v for k, v in ckpt.items() if k != "format"} | ({"format": stamp} if stamp else {}), path)
         with pytest.raises(ValueError, match=rf"{re.escape(str(path))} was {says} this version .* resumes format {CHECKPOINT_FORMAT} only\. Pass resume=False \(or use another out_dir\)"):
-            run(tmp_path, "fmt", epochs=1)
-    _, fresh = run(tmp_path, "fmt", epochs=1, resume=False)
+            run(tmp_path, "old", schedule="plateau", plateau_patience=0, patience=3)
+    _, fresh = run(tmp_path, "old", epochs=1, resume=False)
     assert fresh.resumed_from is None and torch.load(path, weights_only=False)["format"] == CHECKPOINT_FORMAT
 
 

@@ -108,9 +108,16 @@ def test_run_keys_hold_what_each_stage_reads():
     assert "emb_epochs" not in key["embedding"], "the engine compares the length itself"
     assert not {"device", "miner", "ablation", "out_dir"} & set(key["embedding"]), "runtime settings"
     e2 = LayerwiseConfig.build("E2", "smoke", device="cpu")
-    assert "use_unlabeled" in e2.run_key("pretrain") and "lr" not in e2.run_key("pretrain")
-    assert {"use_unlabeled", "pretrain_lr", "pretrain_epochs"} <= set(e2.run_key("train"))
+    assert "use_unlabeled" in e2.run_key("pretrain") and not {"lr", "dropout"} & set(e2.run_key("pretrain"))
+    assert {"use_unlabeled", "pretrain_lr", "pretrain_epochs", "dropout"} <= set(e2.run_key("train")), "fine-tuning starts from pretraining"
+    assert not {"use_unlabeled", "pretrain_lr", "pretrain_epochs"} & set(e2.run_key("baseline")) and "dropout" in e2.run_key("baseline")
+    assert e2.fit_config("baseline") == e2.fit_config("train")
     assert "channels_last" not in dataclasses.asdict(e2), "E2's MLP has no channels_last setting"
+    e1 = RecognitionConfig.build("E1", "smoke", device="cpu")
+    center, triplet, plain = (set(e1.run_key(stage)) for stage in ("center", "triplet", "train"))
+    assert {"center_weight", "center_lr"} <= center and not {"triplet_margin", "pk_classes", "embedding_dim"} & center
+    assert {"triplet_margin", "pk_classes", "pk_images", "embedding_dim", "ncm_per_class"} <= triplet and "center_weight" not in triplet
+    assert not {"center_weight", "triplet_margin", "pk_images"} & plain, "E1's loss settings do not block the cross-entropy run"
 
 
 def test_presets_are_literal_data():

@@ -26,14 +26,14 @@ def test_greedy_pretraining_trains_one_layer_at_a_time(tmp_path, monkeypatch):
     states = []
     import helpers.layerwise as layerwise
 
-    real_train = layerwise.train
+    real_fit_stage = layerwise.fit_stage
 
-    def recording_train(name, model, *args, **kwargs):  # the state after each greedy step
-        result = real_train(name, model, *args, **kwargs)
+    def recording_fit_stage(name, model, *args, **kwargs):  # the state after each greedy step
+        result = real_fit_stage(name, model, *args, **kwargs)
         states.append(snapshot(model))
         return result
 
-    monkeypatch.setattr(layerwise, "train", recording_train)
+    monkeypatch.setattr(layerwise, "fit_stage", recording_fit_stage)
     results = greedy_pretrain(model, small_source(), FlatGray(flip=False), cfg, progress=False)
     assert len(results) == len(states) == 4
     for step, state in enumerate(states):

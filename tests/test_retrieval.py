@@ -76,6 +76,25 @@ def test_each_stage_resumes_unless_a_setting_it_reads_changed(cars_devkit_root, 
     assert cfg.fit_config("embedding").warmup_epochs == 0.25 and cfg.fit_config("classifier").lr == cfg.cls_lr
 
 
+def test_stage_one_is_not_resumed_from_other_t3_weights_at_the_same_path(cars_devkit_root, tmp_path):
+    """A rerun of T3 rewrites its best.pt in place: T4's runs begun from the old file are refused."""
+    ckpt = tmp_path / "t3_best.pt"
+    torch.manual_seed(0)
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8).state_dict()}, ckpt)
+    cfg = config(cars_devkit_root, tmp_path, fashion="serial12", init="tinyimagenet", checkpoint=str(ckpt))
+    data = build_cars196(cfg)
+
+    def stage1():
+        return train_classifier_stage(build_backbone(cfg, cfg.fashion, data.num_train_classes)[0], data, cfg)
+
+    stage1()
+    assert stage1().resumed_from == {"epoch": 1, "step": 0}, "the same weights: resumed"
+    torch.manual_seed(1)
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8).state_dict()}, ckpt)
+    with pytest.raises(ValueError, match="different configuration.*init_weights_sha1"):
+        stage1()
+
+
 def test_xbm_objective_state_is_checkpointed():
     objective = ms_objective(RetrievalConfig.build("T4", "smoke", device="cpu", memory_size=16), "xbm")
     objective.train()
