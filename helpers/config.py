@@ -467,6 +467,11 @@ class RetrievalConfig(ConfigBase):
     def __post_init__(self):
         self._validate()
 
+    @property
+    def miner_runs(self) -> tuple[str, ...]:
+        """The stage-2 runs a T4 notebook makes: the main miner, then the rest of the ablation."""
+        return tuple(dict.fromkeys([self.miner, *self.ablation]))
+
     def _check(self) -> list[str]:
         if self.image_size > self.resize:
             return [f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}"]

@@ -273,6 +273,7 @@ class _RunState:
     steps_per_epoch: int
     out: Path | None
     run_key: dict | None
+    runtime: Runtime  # autocast and memory format of the training steps
     epoch: int = 0
     step: int = 0  # steps done within `epoch`
     history: list[dict] = field(default_factory=list)
@@ -286,7 +287,6 @@ class _RunState:
     # set by start_session, after resuming:
     run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
     budget: BudgetClock | None = None
-    runtime: Runtime | None = None  # autocast and memory format of the training steps
     first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
 
     def num_epochs(self) -> int:  # a budget run's length changes as it is planned
@@ -296,12 +296,11 @@ class _RunState:
         return "?" if self.schedule.total == UNPLANNED else str(self.num_epochs())
 
     def start_session(self) -> None:
-        """What this call adds once resumed: the model as trained, the budget clock (counting the earlier sessions), the runtime."""
+        """What this call adds once resumed: the model as trained and the budget clock (counting the earlier sessions)."""
         cfg = self.cfg
         self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
         self.first_plan_step = max(self.schedule.warmup, 12)
-        self.runtime = Runtime(str(self.device), cfg.amp, cfg.channels_last)
 
     def checkpoint(self, epoch_done: bool = False) -> dict:
         """The whole state after `step` steps of `epoch` (with the epoch's running sums and
@@ -339,8 +338,8 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
     objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
     model.to(device)
     objective.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    runtime = Runtime(str(device), cfg.amp, cfg.channels_last)
+    runtime.prepare_model(model)
     optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
     steps_per_epoch = len(train)
     out = Path(out_dir) if out_dir is not None else None
@@ -349,7 +348,7 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
         remove_stale_temporaries(out, recursive=False)  # left by a run killed mid-write
     return _RunState(
         cfg, model, objective, train, augment, device, optimizer, [g["lr"] for g in optimizer.param_groups],
-        LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key,
+        LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key, runtime,
     )
 
 

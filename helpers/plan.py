@@ -155,8 +155,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
     plan.jobs.append(Job("T4_classifier", cfg.cls_epochs * len(data.train), step, cfg.cls_epochs, embed))
     scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
-    miners = list(dict.fromkeys([cfg.miner, *cfg.ablation]))
-    for miner in miners:
+    for miner in cfg.miner_runs:
         plan.jobs.append(Job(f"T4_embedding_{miner}", cfg.emb_epochs * len(data.train_pk), step * scale, cfg.emb_epochs + 1, embed))
     plan.extra_seconds = embed  # the "before" embeddings
     return plan

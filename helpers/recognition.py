@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from helpers.config import RecognitionConfig
-from helpers.data import BatchAugment, CachedTinyImageNet, PKBatchSampler, TinyImageNet, ToUint8Tensor, stratified_split
+from helpers.data import BatchAugment, CachedTinyImageNet, PKBatchSampler, TinyImageNet, ToUint8Tensor, stratified_split, subset_indices
 from helpers.data.loaders import BatchSource
 from helpers.data.tinyimagenet import IMAGE_SIZE
 from helpers.evaluation import NearestClassMeanEvaluator, classification_report
@@ -34,19 +34,6 @@ from helpers.objectives import CenterLossObjective, MetricObjective
 from helpers.runinfo import Runtime
 
 
-def _subset_indices(labels: np.ndarray, classes: int, per_class: int) -> np.ndarray:
-    keep = np.arange(len(labels))
-    if classes:
-        keep = keep[labels[keep] < classes]
-    if per_class:
-        rank = np.zeros(len(keep), dtype=np.int64)
-        for c in np.unique(labels[keep]):  # per class, not per image
-            members = labels[keep] == c
-            rank[members] = np.arange(members.sum())
-        keep = keep[rank < per_class]
-    return keep
-
-
 def check_subset_fits(cfg: RecognitionConfig, train_labels: np.ndarray, root: Path) -> None:
     """`classes` and `train_per_class` against what the data has; a ValueError that states it."""
     counts = np.bincount(train_labels)
@@ -60,8 +47,8 @@ def check_subset_fits(cfg: RecognitionConfig, train_labels: np.ndarray, root: Pa
 def split_indices(train_labels: np.ndarray, test_labels: np.ndarray, cfg: RecognitionConfig) -> dict[str, np.ndarray]:
     """Indices of the train / held-out split of official train and of the test (official val) split,
     after the `classes` and `train_per_class` subsets; fixed by cfg.seed."""
-    keep = _subset_indices(train_labels, cfg.classes, cfg.train_per_class)
-    test_keep = _subset_indices(test_labels, cfg.classes, 0)
+    keep = subset_indices(train_labels, classes=cfg.classes, per_class=cfg.train_per_class)
+    test_keep = subset_indices(test_labels, classes=cfg.classes)
     train_rel, held_rel = stratified_split(train_labels[keep], cfg.heldout_fraction, cfg.seed)
     return {"train": keep[train_rel], "heldout": keep[held_rel], "test": test_keep}
 
@@ -134,7 +121,7 @@ def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) 
 def reference_source(data: ClassificationData, per_class: int) -> BatchSource:
     """A fixed part of train (at most `per_class` images per class) for nearest-class-mean evaluation."""
     labels = data.train.labels
-    keep = _subset_indices(labels, 0, per_class)
+    keep = subset_indices(labels, per_class=per_class)
     sampler = _FixedBatches([keep[i : i + 256] for i in range(0, len(keep), 256)])
     source = data.train.rebatched(sampler)
     source.num_samples, source.labels = len(keep), labels[keep]

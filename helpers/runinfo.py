@@ -72,6 +72,12 @@ class Runtime:
 
         return torch.autocast("cuda", dtype=torch.bfloat16) if (self.amp and self.cuda) else nullcontext()
 
+    def prepare_model(self, model):
+        """`model` with channels_last weights when that is on (CUDA); returns it."""
+        import torch
+
+        return model.to(memory_format=torch.channels_last) if self.channels_last and self.cuda else model
+
     def prepare(self, x):
         """A (B, C, H, W) batch in channels_last memory when that is on (CUDA); anything else unchanged."""
         import torch

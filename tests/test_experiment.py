@@ -96,6 +96,7 @@ def test_every_stage_builds_its_fit_config_from_the_fields_it_reads():
     assert t2.fit_config() == FitConfig(**{**dataclasses.asdict(FitConfig()), **{k: getattr(t2, k) for k in (
         "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience", "amp",
         "channels_last", "compile", "seed", "eval_every", "budget_s")}, "monitor": "heldout_top1"})
+    assert RetrievalConfig.build("T4", "smoke", device="cpu", miner="xbm", ablation=("ms", "xbm", "none")).miner_runs == ("xbm", "ms", "none")
     with pytest.raises(ValueError, match="stage='embedding' is not valid; choose one of train"):
         t2.fit_config("embedding")
 

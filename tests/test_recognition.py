@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from helpers.config import RecognitionConfig
+from helpers.data import subset_indices
 from helpers.objectives import CenterLossObjective
 from helpers.experiment import RunSummary, T3Selection, load_metrics, save_metrics, train_classifier
 from helpers.recognition import (
-    _subset_indices,
     build_model,
     build_tiny_imagenet,
     gap_to_t2,
@@ -42,9 +42,9 @@ def test_config_defaults_presets_and_errors(tmp_path):
 
 def test_subset_indices_first_classes_and_per_class_cap():
     labels = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2, 3])
-    assert _subset_indices(labels, 2, 0).tolist() == [0, 1, 3, 4, 6, 7]
-    assert _subset_indices(labels, 0, 2).tolist() == [0, 1, 2, 3, 4, 5, 9]
-    assert _subset_indices(labels, 2, 1).tolist() == [0, 1]
+    assert subset_indices(labels, 2, 0).tolist() == [0, 1, 3, 4, 6, 7]
+    assert subset_indices(labels, 0, 2).tolist() == [0, 1, 2, 3, 4, 5, 9]
+    assert subset_indices(labels, 2, 1).tolist() == [0, 1]
 
 
 @pytest.mark.parametrize("path", ["cached", "lazy"])

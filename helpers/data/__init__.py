@@ -6,7 +6,7 @@ from helpers.data.errors import DatasetError
 from helpers.data.images import ToUint8Tensor, load_rgb
 from helpers.data.loaders import LoaderBatches, TensorBatches, epoch_plan
 from helpers.data.samplers import PKBatchSampler
-from helpers.data.splits import stratified_split
+from helpers.data.splits import stratified_split, subset_indices
 from helpers.data.stl10 import STL10
 from helpers.data.tinyimagenet import TinyImageNet
 from helpers.data.transforms import AugmentRNG, BatchAugment
@@ -26,4 +26,5 @@ __all__ = [
     "epoch_plan",
     "load_rgb",
     "stratified_split",
+    "subset_indices",
 ]

@@ -1,4 +1,5 @@
-"""Seeded, stratified held-out split of a training set (model selection never looks at the test set)."""
+"""Index subsets of a labelled set: the first classes / the first images of each class, and the
+seeded, stratified held-out split of a training set (model selection never looks at the test set)."""
 
 from __future__ import annotations
 
@@ -26,3 +27,19 @@ def stratified_split(labels: Sequence[int], fraction: float = 0.05, seed: int = 
     mask = np.ones(len(labels), dtype=bool)
     mask[held_out] = False
     return np.flatnonzero(mask), held_out.astype(np.int64)
+
+
+def subset_indices(labels: Sequence[int], classes: int = 0, per_class: int = 0) -> np.ndarray:
+    """Indices (sorted) of the items of the first `classes` classes (labels < classes; 0 = all),
+    keeping at most the first `per_class` items of each class (0 = all). labels (N,)."""
+    labels = np.asarray(labels)
+    keep = np.arange(len(labels))
+    if classes:
+        keep = keep[labels[keep] < classes]
+    if per_class:
+        rank = np.zeros(len(keep), dtype=np.int64)
+        for c in np.unique(labels[keep]):  # per class, not per image
+            members = labels[keep] == c
+            rank[members] = np.arange(members.sum())
+        keep = keep[rank < per_class]
+    return keep
