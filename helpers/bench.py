@@ -8,8 +8,9 @@ batch_size, peak_mem_mb, ...}. Models are timed through the real engine (`fit`, 
 device-resident random data so the input pipeline is not what is measured); data paths deliver
 augmented batches with no model: "lazy" (per-item JPEG decode in DataLoader workers), "cached" (the
 decode-once uint8 array in RAM) and "gpu" (that array on the GPU; CUDA only). On CUDA every speed
-switch (bf16 autocast, channels_last, fused optimizer, torch.compile, CUDA graphs) is also timed
-on and off. "end_to_end" rows time training with its data pipeline, the project (cache + batch
+switch (precision bf16 / fp16 + GradScaler / fp32, channels_last, fused optimizer, torch.compile,
+CUDA graphs) is also timed against the defaults, and "memory" rows give each model's peak GPU memory
+at its full profile's batch and input size (T1-T3: 256 images of 64 px; T4: 128 of 224 px). "end_to_end" rows time training with its data pipeline, the project (cache + batch
 augmentation + `fit`) beside the peer a user would write (`helpers.peer`: PIL DataLoader,
 torchvision model, plain fp32 loop; on CUDA also its autocast version), on the same images, shapes
 and device; a "ratio" record per model gives project/peer. Ratios are only meaningful within one
@@ -34,7 +35,8 @@ from helpers.data.transforms import AugmentRNG
 from helpers.engine import FitConfig, fit
 from helpers.models import CustomCNN, resnet18
 from helpers.peer import PeerConfig, measure_peer_step, peer_loader, peer_resnet18
-from helpers.runinfo import peak_mem_mb, run_info
+from helpers.config import RetrievalConfig, TINY_IMAGENET_PRESETS
+from helpers.runinfo import choose_precision, peak_mem_mb, resolve_device, run_info
 
 MODELS = {
     "custom_cnn": lambda n, stem: CustomCNN(n),
@@ -45,8 +47,10 @@ MODELS = {
 }
 # (name, FitConfig overrides): each CUDA speed switch against the all-on default
 SWITCHES = (
-    ("all on", {}),
-    ("amp off", {"amp": False}),
+    ("all on", {}),  # precision "auto": bf16 on compute capability >= 8.0, fp16 + GradScaler below
+    ("bf16", {"precision": "bf16"}),
+    ("fp16 + GradScaler", {"precision": "fp16"}),
+    ("fp32", {"precision": "fp32"}),
     ("channels_last off", {"channels_last": False}),
     ("fused off", {"fused": False}),
     ("compile on", {"compile": True}),
@@ -70,8 +74,33 @@ def bench_model(name: str, device: torch.device, batch_size: int, image_size: in
         "what": "model", "name": name, "images_per_s": result.history[-1]["images_per_s"], "device": str(device),
         "batch_size": batch_size, "image_size": image_size, "stem": stem, "steps": steps,
         "peak_mem_mb": round(peak_mem_mb(device), 1), "parameters": sum(p.numel() for p in model.parameters()),
-        "switches": {k: cfg.__dict__[k] for k in ("amp", "channels_last", "fused", "compile", "compile_mode")},
+        "switches": {k: cfg.__dict__[k] for k in ("precision", "channels_last", "fused", "compile", "compile_mode")},
+        "precision_used": choose_precision(cfg.precision, str(device)).used,
     }
+
+
+def full_profile_shapes() -> dict[str, tuple[int, int, str]]:
+    """model -> (batch size, image size, stem) of the full profile that trains it."""
+    tiny = TINY_IMAGENET_PRESETS["full"]
+    t4 = RetrievalConfig.PRESETS["T4"]["full"]
+    shapes = {name: (tiny["batch_size"], tiny["image_size"], "small") for name in MODELS}
+    shapes["T4 cubs_serial12"] = (t4["batch_size"], t4["image_size"], RetrievalConfig.stem)  # T4's stage 1 (the fashion T3 picks; serial12 by default)
+    return shapes
+
+
+def bench_memory(device: torch.device, steps: int = 3) -> list[dict]:
+    """Peak GPU memory (and images/s) of each model at its full profile's batch and input size."""
+    records = []
+    for label, (batch, size, stem) in full_profile_shapes().items():
+        name = label.split()[-1]
+        classes = 98 if label.startswith("T4") else 200
+        try:
+            record = bench_model(name, device, batch, size, steps, stem=stem, num_classes=classes)
+        except torch.OutOfMemoryError:
+            record = {"name": name, "images_per_s": None, "peak_mem_mb": None, "error": "out of memory", "batch_size": batch, "image_size": size}
+        records.append(record | {"what": "memory", "name": label, "profile": "full"})
+        del record
+    return records
 
 
 def time_source(source, augment: BatchAugment, device: torch.device, epochs: int = 2) -> float:
@@ -191,6 +220,9 @@ def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, o
                 record["name"], record["variant"] = f"{name} [{label}]", label
                 records.append(record)
                 print(f"model {record['name']:34s} {record['images_per_s']:9.1f} img/s", flush=True)
+        for record in bench_memory(dev):
+            records.append(record)
+            print(f"memory {record['name']:20s} batch {record['batch_size']:4d} x {record['image_size']} px: peak {record['peak_mem_mb']} MiB", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir:
             root = Path(data_dir) / "tiny-imagenet-200"
@@ -223,13 +255,15 @@ def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, o
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Training throughput of each model and data path (writes JSON).")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
     parser.add_argument("--quick", action="store_true", help="small inputs and few steps (ends within ~3 minutes on 2 CPU cores)")
     parser.add_argument("--data-dir", default=None, help="folder holding tiny-imagenet-200/ (default: generated data)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA GPU is visible to PyTorch", file=sys.stderr)
+    try:
+        resolve_device(args.device)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     run(args.device, args.quick, args.data_dir, args.out)
     return 0

@@ -53,13 +53,26 @@ def load_last(out: Path, device: torch.device) -> dict:
     state = torch.load(path, map_location=device, weights_only=False)
     found = state.get("format") if isinstance(state, dict) else None
     if found == 1 and {"best_value", "best_epoch", "bad_epochs", "schedule"} <= set(state):
-        return upgrade_format_1(state)
+        return upgrade_amp(upgrade_format_1(state))
     if found != CHECKPOINT_FORMAT:
         written = "without a format number" if found is None else f"in checkpoint format {found!r}"
         raise ValueError(
             f"{path} was written {written}; this version of the training engine resumes format {CHECKPOINT_FORMAT} only. "
             "Pass resume=False (or use another out_dir) to start afresh."
         )
+    return upgrade_amp(state)
+
+
+def upgrade_amp(state: dict) -> dict:
+    """A training state written before `precision` replaced `amp` (bf16 autocast on CUDA, off
+    elsewhere): amp=True is precision "auto" (the same bf16 on an Ampere or newer GPU, and fp32 on
+    the CPU), amp=False is "fp32"; in the FitConfig and in the run key alike."""
+    for part in ("config", "run_key"):
+        settings = state.get(part)
+        if isinstance(settings, dict) and "amp" in settings and "precision" not in settings:
+            settings = dict(settings)
+            settings["precision"] = "auto" if settings.pop("amp") else "fp32"
+            state = state | {part: settings}
     return state
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 from helpers.engine import FitConfig, check_choice
 from helpers.optim import OPTIMIZERS, SCHEDULES
-from helpers.runinfo import default_out_dir, generated_data_dir, project_root, resolve_device
+from helpers.runinfo import PRECISIONS, default_out_dir, generated_data_dir, project_root, resolve_device
 
 PROFILES = ("smoke", "full")
 DATA_PATHS = ("auto", "lazy", "cached", "gpu")
@@ -261,7 +261,7 @@ class ConfigBase:
 
 CLASSIFIER_READS = same_names(
     "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience",
-    "amp", "channels_last", "compile", "seed", "eval_every", "budget_s",
+    "precision", "channels_last", "compile", "seed", "eval_every", "budget_s",
 )
 
 # T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
@@ -315,7 +315,7 @@ class RecognitionConfig(ConfigBase):
     patience: int = 0  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
     budget_s: float = 0.0  # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
     eval_every: int = 1  # evaluate held-out and test every N epochs (and after the last)
-    amp: bool = True
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
@@ -359,7 +359,7 @@ class RecognitionConfig(ConfigBase):
         ),
     }
 
-    CHOICES = {"data_path": DATA_PATHS, "crop": ("pad", "rrc"), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "stem": STEMS, "fashions": FASHIONS}
+    CHOICES = {"precision": PRECISIONS, "data_path": DATA_PATHS, "crop": ("pad", "rrc"), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "stem": STEMS, "fashions": FASHIONS}
 
     def __post_init__(self):
         self._validate()
@@ -393,9 +393,9 @@ class RetrievalConfig(ConfigBase):
     fashion: str = ""  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
     stem: str = "imagenet"
     cubs_width: int = 0  # N of CUBS Block 1 (0 = C)
-    init: str = "auto"  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision weights file) | auto
+    init: str = "auto"  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
     checkpoint: str = ""  # init="tinyimagenet": a T3 best.pt ("" = the one T3's metrics name)
-    imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth
+    imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth ("" = torchvision's download-once cache, $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)
     # stage 1: classifier
     cls_epochs: int = 3
     batch_size: int = 64
@@ -420,7 +420,7 @@ class RetrievalConfig(ConfigBase):
     memory_size: int = 2048  # "xbm": cross-batch memory size
     memory_warmup_steps: int = 0
     ablation: tuple = MINERS  # miners compared in the ablation table (each a stage-2 run from the same stage 1)
-    amp: bool = True
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
     seed: int = 0
@@ -446,13 +446,13 @@ class RetrievalConfig(ConfigBase):
         # stage 1: the 98-way classifier
         "classifier": Stage(
             reads={"epochs": "cls_epochs", "optimizer": "cls_optimizer", "lr": "cls_lr", **same_names(
-                "weight_decay", "warmup_epochs", "label_smoothing", "amp", "channels_last", "compile", "seed")},
+                "weight_decay", "warmup_epochs", "label_smoothing", "precision", "channels_last", "compile", "seed")},
             fixed={"schedule": "cosine", "monitor": ""},
         ),
         # stage 2: the embedding, from stage 1's backbone
         "embedding": Stage(
             reads={"epochs": "emb_epochs", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
-                   **same_names("amp", "channels_last", "compile", "seed")},
+                   **same_names("precision", "channels_last", "compile", "seed")},
             fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": ""},
             also_reads=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
             after=("classifier",),
@@ -460,7 +460,7 @@ class RetrievalConfig(ConfigBase):
     }
 
     CHOICES = {
-        "data_path": DATA_PATHS, "init": INITS, "stem": STEMS, "cls_optimizer": OPTIMIZERS, "emb_optimizer": OPTIMIZERS,
+        "precision": PRECISIONS, "data_path": DATA_PATHS, "init": INITS, "stem": STEMS, "cls_optimizer": OPTIMIZERS, "emb_optimizer": OPTIMIZERS,
         "miner": MINERS, "ablation": MINERS, "fashion": ("",) + FASHIONS,
     }
 
@@ -478,7 +478,7 @@ class RetrievalConfig(ConfigBase):
         return []
 
 
-E2_CLASSIFIER_READS = same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "amp", "seed")
+E2_CLASSIFIER_READS = same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "precision", "seed")
 E2_CLASSIFIER_FIXED = {"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5), "monitor": "heldout_top1", "channels_last": False}
 
 
@@ -508,7 +508,7 @@ class LayerwiseConfig(ConfigBase):
     dropout: float = 0.2
     label_smoothing: float = 0.0
     tsne_per_class: int = 500  # first N test images of each class in the X[3] t-SNE
-    amp: bool = True
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
     seed: int = 0
 
     PRESETS = {
@@ -521,7 +521,7 @@ class LayerwiseConfig(ConfigBase):
     STAGES = {
         # one greedy autoencoder step per layer: MSE, Adam, cosine to 10 % of the LR, no warm-up
         "pretrain": Stage(
-            reads={"epochs": "pretrain_epochs", "lr": "pretrain_lr", **same_names("amp", "seed")},
+            reads={"epochs": "pretrain_epochs", "lr": "pretrain_lr", **same_names("precision", "seed")},
             fixed={"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.1, "monitor": "", "channels_last": False},
             also_reads=("use_unlabeled", "unlabeled_limit"),
         ),
@@ -531,7 +531,7 @@ class LayerwiseConfig(ConfigBase):
         "baseline": Stage(reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",)),
     }
 
-    CHOICES = {"optimizer": OPTIMIZERS}
+    CHOICES = {"precision": PRECISIONS, "optimizer": OPTIMIZERS}
 
     def __post_init__(self):
         self._validate()

@@ -37,8 +37,9 @@ from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_me
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
+from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, optimizer_state_mb
 from helpers.optim import OPTIMIZERS, SCHEDULES, UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
-from helpers.runinfo import Runtime
+from helpers.runinfo import PRECISIONS, Runtime, choose_precision, notice
 
 
 class TrainingDiverged(FloatingPointError):
@@ -84,7 +85,7 @@ class FitConfig:
     monitor: str = "heldout_top1"  # metric for best checkpoint / early stopping / plateau; "" = none
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     restore_best: bool = True  # load the best held-out weights into the model at the end
-    amp: bool = True  # bf16 autocast (CUDA only)
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32 (helpers.runinfo.choose_precision; fp16 adds a gradient scaler)
     channels_last: bool = True  # (CUDA only)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
@@ -98,6 +99,7 @@ class FitConfig:
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("precision", self.precision, PRECISIONS)
         if self.epochs < 1:
             raise ValueError(f"epochs={self.epochs} must be >= 1")
         if self.lr <= 0:
@@ -273,7 +275,8 @@ class _RunState:
     steps_per_epoch: int
     out: Path | None
     run_key: dict | None
-    runtime: Runtime  # autocast and memory format of the training steps
+    runtime: Runtime  # precision (autocast) and memory format of the training steps
+    scaler: torch.amp.GradScaler | None  # fp16 only: its loss scale is part of the state
     epoch: int = 0
     step: int = 0  # steps done within `epoch`
     history: list[dict] = field(default_factory=list)
@@ -298,7 +301,7 @@ class _RunState:
     def start_session(self) -> None:
         """What this call adds once resumed: the model as trained and the budget clock (counting the earlier sessions)."""
         cfg = self.cfg
-        self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if wants_compile(cfg, self.device) else self.model
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
         self.first_plan_step = max(self.schedule.warmup, 12)
 
@@ -317,6 +320,7 @@ class _RunState:
             "running": None if epoch_done else self.sums.state(),
             "augment_rng": None if epoch_done else self.aug_rng.state(),
             "rng": rng_state(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "config": asdict(self.cfg),
             "run_key": self.run_key,
             "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
@@ -332,13 +336,21 @@ class _RunState:
         )
 
 
+def wants_compile(cfg: FitConfig, device: torch.device) -> bool:
+    """cfg.compile, except on MPS (torch.compile's Metal backend is a prototype): a notice there."""
+    if cfg.compile and device.type == "mps":
+        notice("compile=True: torch.compile is not used on MPS (its Metal backend is a prototype); training uncompiled")
+        return False
+    return cfg.compile
+
+
 def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key) -> _RunState:
     """Model and objective on `device`, the optimizer, schedule and monitor of a fresh run, and out_dir."""
     device = torch.device(device)
     objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
     model.to(device)
     objective.to(device)
-    runtime = Runtime(str(device), cfg.amp, cfg.channels_last)
+    runtime = Runtime(str(device), choose_precision(cfg.precision, str(device)).used, cfg.channels_last)
     runtime.prepare_model(model)
     optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
     steps_per_epoch = len(train)
@@ -349,6 +361,7 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
     return _RunState(
         cfg, model, objective, train, augment, device, optimizer, [g["lr"] for g in optimizer.param_groups],
         LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key, runtime,
+        runtime.grad_scaler(),
     )
 
 
@@ -373,6 +386,8 @@ def _resume(run: _RunState) -> None:
     run.budget_spent = ckpt["budget_elapsed"] or 0.0
     run.stopped_early = any(h.get("stopped_early") for h in run.history)  # a finished run is not continued
     set_rng_state(ckpt["rng"])
+    if run.scaler is not None and ckpt.get("scaler"):  # (a checkpoint of another precision has none: the scaler starts afresh)
+        run.scaler.load_state_dict(ckpt["scaler"])
     if run.step > 0:  # within an epoch: its sums and augmentation draws so far
         run.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.epoch), run.device)
         run.aug_rng.load_state(ckpt["augment_rng"])
@@ -406,13 +421,16 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
             group["lr"] = base * factor
         x, targets = run.augment.train(images, labels, aug_rng)
         x = run.runtime.prepare(x)
-        with run.runtime.autocast():
-            loss, logits = run.objective(run.run_model, x, targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        try:
+            with run.runtime.autocast():
+                loss, logits = run.objective(run.run_model, x, targets)
+            _optimizer_step(run, loss)
+            out_of_memory = False
+        except torch.OutOfMemoryError:
+            out_of_memory = True  # (handled outside the except: its traceback holds the failed step's tensors)
+        if out_of_memory:
+            loss = logits = None
+            raise _batch_does_not_fit(run, x, targets, name) from None
         sums.add(loss, logits, labels)
         run.step += 1
         if budget is not None:
@@ -435,6 +453,50 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
     sums.seconds += time.perf_counter() - tic
     if bar is not None:
         bar.close()
+
+
+def _optimizer_step(run: _RunState, loss: torch.Tensor) -> None:
+    """Backward and one optimizer step; with fp16 through the gradient scaler (gradients unscaled
+    before clipping; a step whose gradients overflowed is skipped and the scale lowered)."""
+    optimizer, clip = run.optimizer, run.cfg.grad_clip
+    optimizer.zero_grad(set_to_none=True)
+    if run.scaler is None:
+        loss.backward()
+        if clip > 0:
+            nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+        optimizer.step()
+        return
+    run.scaler.scale(loss).backward()
+    if clip > 0:
+        run.scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(run.model.parameters(), clip)
+    run.scaler.step(optimizer)
+    run.scaler.update()
+
+
+def _batch_does_not_fit(run: _RunState, x: torch.Tensor, targets: torch.Tensor, name: str) -> BatchDoesNotFit:
+    """The error for a step that ran out of device memory: on CUDA, after measuring one forward +
+    backward pass on a quarter of the batch (helpers.memory), with a batch size that fits."""
+    batch, memory, probe = x.shape[0], device_memory(run.device), None
+    if memory is not None:
+        run.optimizer.zero_grad(set_to_none=True)
+        memory.release()
+        n = max(1, batch // 4)
+        static = memory.allocated_mb()
+        try:
+            with run.runtime.autocast():
+                loss, _ = run.objective(run.run_model, x[:n], targets[:n])
+            loss.backward()
+            peak = memory.peak_mb()
+        except torch.OutOfMemoryError:
+            peak = memory.total_mb()  # a lower bound: not even a quarter fits
+        loss = None
+        run.optimizer.zero_grad(set_to_none=True)
+        probe = MemoryProbe(n, static, peak, memory.total_mb())
+        memory.release()
+    fits = fitting_batch_size(probe, batch, extra_static_mb=optimizer_state_mb(run.optimizer)) if probe else 0
+    where = f"{name or 'training'} (epoch {run.epoch + 1}, step {run.step + 1})"
+    return BatchDoesNotFit(advice(where, run.device.type.upper(), batch, run.base_lrs[0], probe, fits))
 
 
 def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:

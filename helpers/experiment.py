@@ -3,7 +3,7 @@
 - data: `locate_data` finds a dataset under `data_dir` (or generates the stand-in for the default
   folder); `resolve_data_path` picks the data path ("auto": gpu on CUDA, else cached) and
   `batch_source` turns arrays or datasets into batch sources on it;
-- runs: `Runtime.of(cfg)` (device, amp, channels_last: helpers.runinfo) for every evaluation
+- runs: `Runtime.of(cfg)` (device, precision, channels_last: helpers.runinfo) for every evaluation
   pass, `checkpoint_dir` and `fit_stage` (one `fit` of a training stage: its FitConfig, run key,
   checkpoint folder and resume flag);
 - classifiers: `ClassificationData` and `train_classifier` (fit, restore the best held-out epoch,
@@ -35,7 +35,7 @@ from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
 from helpers.engine import FitConfig, FitResult, fit
 from helpers.evaluation import ClassificationEvaluator, classification_metrics, classification_report, run_split
-from helpers.runinfo import Runtime, generated_data_dir, run_info
+from helpers.runinfo import Runtime, choose_precision, generated_data_dir, run_info
 
 # ------------------------------------------------------------------------------------ data
 
@@ -218,7 +218,7 @@ def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -
     payload = as_json(payload)
     partial = partial_trainings(payload)
     document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
-                "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device), **payload}
+                "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device, choose_precision(cfg.precision, cfg.device)), **payload}
     atomic_write_json(document, path)
     return path
 

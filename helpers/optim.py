@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
+from helpers.runinfo import notice
+
 if TYPE_CHECKING:
     from helpers.engine import FitConfig
 
@@ -125,6 +127,8 @@ class LRSchedule:
 def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
     """SGD / Adam / AdamW over parameter groups; no weight decay on biases and normalisation weights."""
     fused = {"fused": True} if cfg.fused and device.type == "cuda" else {}
+    if cfg.fused and device.type == "mps":
+        notice("fused=True: fused optimizer kernels are used on CUDA only; MPS uses PyTorch's default (foreach) optimizer")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, **fused)
     if cfg.optimizer == "adam":

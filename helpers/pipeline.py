@@ -35,7 +35,8 @@ from pathlib import Path
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.execution import KernelInterrupter, NotebookStopped, execute, write_html
-from helpers.runinfo import PACKAGE_DIR, project_root
+from helpers.engine import check_choice
+from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, project_root
 
 INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C
 
@@ -174,7 +175,8 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
     return plan
 
 
-def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print) -> dict:
+def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print,
+        precision: str | None = None) -> dict:
     """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool,
     "interrupted": bool}. OUT/pipeline.json is written whatever happens (Ctrl-C included)."""
     if profile not in PROFILES:
@@ -193,6 +195,9 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
         parameters["data_dir"] = str(Path(data_dir).resolve())
     if device:
         parameters["device"] = device
+    if precision:
+        check_choice("precision", precision, PRECISIONS)
+        parameters["precision"] = precision
     status: dict[str, dict] = {}
     plan = load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
@@ -285,7 +290,7 @@ def interrupted_line(summary: dict) -> str:
     stopped = next((name for name, s in steps.items() if s["status"] == "interrupted"), None)
     done = [name for name, s in steps.items() if s["status"] in ("ok", "up to date")]
     options = ["--profile", summary["profile"], "--out", summary["out"]] + (["--only", summary["only"]] if summary.get("only") else [])
-    for key in ("data_dir", "device"):
+    for key in ("data_dir", "device", "precision"):
         if key in summary["parameters"]:
             options += [f"--{key.replace('_', '-')}", summary["parameters"][key]]
     options += [] if summary.get("report_requested", True) else ["--no-report"]
@@ -306,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: outputs/<profile>)")
     parser.add_argument("--only", default=None, help="comma-separated notebooks, e.g. T1,T4 (default: all)")
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: each profile's)")
-    parser.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--device", default=None, choices=DEVICES)
+    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="every notebook's precision (default: auto, see the README's 'Where it runs')")
     parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
     parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
@@ -318,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             make_plan(args.profile, out, args.only, args.data_dir, args.device)
             return 0
-        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report)
+        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision)
     except (ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

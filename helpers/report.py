@@ -133,8 +133,9 @@ def provenance(metrics: dict[str, dict], out: Path) -> str:
     commits = sorted({(r["git"]["commit"] or "unknown")[:10] + ("+changes" if r["git"].get("dirty") else "") for r in runs})
     devices = sorted({r.get("gpu") or r["device"] for r in runs})
     when = max(r["time"] for r in runs)
+    precisions = sorted({precision_label(r.get("precision")) for r in runs})
     text = (
-        f"Profile: {', '.join(profiles)}. Data: {'; '.join(datasets)}. Device: {', '.join(devices)}. "
+        f"Profile: {', '.join(profiles)}. Data: {'; '.join(datasets)}. Device: {', '.join(devices)}. Precision: {'; '.join(precisions)}. "
         f"Commit: {', '.join(commits)}; torch {runs[0]['torch']}; latest run {when}. "
         f"Every number below is read from {out.name}/metrics/*.json."
     )
@@ -142,6 +143,13 @@ def provenance(metrics: dict[str, dict], out: Path) -> str:
         text += (" Smoke profile: small generated stand-in datasets and a few CPU epochs; these numbers show that the whole "
                  "pipeline runs end to end, not what the models reach on the real data (profile 'full').")
     return text
+
+
+def precision_label(precision: dict | None) -> str:
+    """"fp16 (auto: fp16 autocast with a gradient scaler (...))" from a metrics file's run.precision."""
+    if not precision:
+        return "not recorded"
+    return f"{precision['used']} ({precision['reason']})"
 
 
 def first_model(m: dict | None) -> dict | None:
@@ -176,7 +184,7 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
     page.text(
         "CUBS Block 1 (channel gate): g = GAP(X); q, k, v = Linear(C->N)(g); S = q k^T (N x N); column-wise softmax A; "
         "f_j = sum_i v_i A_ij; w = sigmoid(Linear(N->C)(f) + g); output X * w. CUBS Block 2 (spatial gate): q, k, v = three 1x1 "
-        "convs C->1 over the HW positions; the same column-softmax similarity features, computed as fused attention (the HW x HW "
+        "convs C->1 over the HW positions; the same column-softmax similarity features, computed as fused attention or, where no fused kernel applies, an exact chunked kernel (the HW x HW "
         "matrix is never stored); output X * sigmoid(f) per pixel. Both act on the residual branch F(x) of all 8 blocks, before "
         f"the shortcut addition, in three fashions: parallel, serial 1->2, serial 2->1 (N = {cfg3.get('cubs_width') or 'C'} here). "
         + (f"Selected on held-out top-1: {selection.fashion}. " if selection else "")
@@ -222,7 +230,8 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
             f"({cfg2['warmup_epochs']} epochs) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
             f"batches on the device: {crop} + horizontal flip{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
             f"{100 * cfg2['heldout_fraction']:.0f}% stratified held-out part of train; atomic best/last checkpoints with exact resume; "
-            "bf16 autocast and channels_last on CUDA."
+            f"Precision {cfg2.get('precision', 'auto')} (auto: bf16 autocast on GPUs with native bf16, fp16 with a gradient scaler on "
+            "older ones, fp32 on CPU and MPS) and channels_last on CUDA."
         )
     page.image(report_curves(metrics, out), 2.55, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
     if selection:

@@ -10,10 +10,12 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torchvision
 
 from helpers.config import RetrievalConfig
 from helpers.data import BatchAugment, Cars196, PKBatchSampler, ToUint8Tensor
@@ -30,6 +32,8 @@ from helpers.objectives import MetricObjective
 from helpers.runinfo import Runtime
 
 KS = (1, 2, 4, 8)
+# init="imagenet" without a weights path: torchvision's ResNet-18 ImageNet-1k weights (acc@1 69.8%)
+IMAGENET_WEIGHTS = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
 
 
 @dataclass
@@ -119,7 +123,9 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
 
     init "scratch": random; "tinyimagenet": the T3 checkpoint `cfg.checkpoint` (our own weights;
     a stem that does not match is left at init and reported); "imagenet": torchvision's ImageNet
-    ResNet-18 weights from the file `cfg.imagenet_weights` (pretrained: labelled as such)."""
+    ResNet-18 weights (IMAGENET1K_V1) from the file `cfg.imagenet_weights`, or when that is "" from
+    torchvision's download cache, downloaded once (`imagenet_weights_file`); pretrained: labelled as
+    such, with the file used under "weights"."""
     torch.manual_seed(cfg.seed)
     model = resnet18(num_classes, stem=cfg.stem, cubs=fashion, cubs_width=cfg.cubs_width or None)
     report = {"init": cfg.init}
@@ -132,21 +138,60 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
         state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
         report.update(load_backbone(model, state.get("model", state)), checkpoint=cfg.checkpoint)
     elif cfg.init == "imagenet":
-        if not cfg.imagenet_weights or not Path(cfg.imagenet_weights).is_file():
+        weights = imagenet_weights_file(cfg.imagenet_weights)
+        loaded = load_torchvision_resnet18(model, weights)
+        report.update(loaded=len(loaded["loaded"]), kept_init=loaded["missing"], weights=str(weights), pretrained="ImageNet-1k (torchvision)")
+    return model, report
+
+
+def imagenet_cache_file() -> Path:
+    """Where torchvision's download-once cache keeps `IMAGENET_WEIGHTS`: torch.hub's checkpoint
+    folder + the file name of the weights' URL, i.e. $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth
+    (TORCH_HOME defaults to $XDG_CACHE_HOME/torch, i.e. ~/.cache/torch). Resolved at each call, as
+    torch.hub does (torch.hub.set_dir overrides the hub folder)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(IMAGENET_WEIGHTS.url).path).name
+
+
+def imagenet_weights_file(path: str = "", progress: bool = True) -> Path:
+    """The file init="imagenet" starts from, for both `build_backbone` and `init_weights_key`.
+
+    `path` given: that file (it must exist). `path` "": torchvision's cached copy of
+    `IMAGENET_WEIGHTS` (`imagenet_cache_file()`), downloaded first when absent through torchvision's
+    weights API (torch.hub: SHA-256 prefix of the URL's file name checked on download, written to a
+    temporary file and moved into place only when complete). A file already in the cache is used as
+    is. Raises ValueError, saying where to put the file, when the download fails (e.g. offline)."""
+    if path:
+        if not Path(path).is_file():
             raise ValueError(
                 f"init='imagenet' needs torchvision's resnet18 ImageNet weights as a file; imagenet_weights="
-                f"{cfg.imagenet_weights!r} does not exist. Download resnet18-f37072fd.pth (torchvision) where you "
-                "have internet and pass its path."
+                f"{path!r} does not exist. Pass the path of {imagenet_cache_file().name} (torchvision), or leave "
+                f"imagenet_weights empty to use torchvision's download cache ({imagenet_cache_file()})."
             )
-        loaded = load_torchvision_resnet18(model, cfg.imagenet_weights)
-        report.update(loaded=len(loaded["loaded"]), kept_init=loaded["missing"], weights=cfg.imagenet_weights, pretrained="ImageNet-1k (torchvision)")
-    return model, report
+        return Path(path)
+    cached = imagenet_cache_file()
+    if not cached.is_file():
+        try:
+            IMAGENET_WEIGHTS.get_state_dict(progress=progress, check_hash=True, map_location="cpu", weights_only=True)
+        except (OSError, RuntimeError) as error:  # URLError, HTTPError, timeouts: OSError; a wrong hash: RuntimeError
+            raise ValueError(
+                f"init='imagenet': downloading torchvision's ResNet-18 ImageNet weights from {IMAGENET_WEIGHTS.url} "
+                f"failed ({error}). Without internet, copy that file (downloaded elsewhere) to {cached} "
+                "(torchvision's cache: $TORCH_HOME/hub/checkpoints), or pass imagenet_weights=<path of the file>."
+            ) from None
+    return cached
 
 
 def init_weights_key(cfg: RetrievalConfig) -> dict:
     """The checksum of the weights stage 1 starts from, for both stages' run keys: a rerun T3
-    rewrites its best.pt at the same path, and T4 must not resume runs begun from the old one."""
-    path = {"tinyimagenet": cfg.checkpoint, "imagenet": cfg.imagenet_weights}.get(cfg.init, "")
+    rewrites its best.pt at the same path, and T4 must not resume runs begun from the old one.
+    init "imagenet": the file `imagenet_weights_file` names (the cached download unless a path is
+    given; fetched first if absent, so the checksum is always of the file actually loaded)."""
+    if cfg.init == "tinyimagenet":
+        path = cfg.checkpoint
+    elif cfg.init == "imagenet":
+        path = imagenet_weights_file(cfg.imagenet_weights)
+    else:
+        return {}
     return {"init_weights_sha1": file_sha1(path)} if path else {}
 
 

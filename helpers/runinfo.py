@@ -35,42 +35,132 @@ def default_out_dir(profile: str) -> Path:
     return Path(os.environ.get("HELPERS_OUT_DIR") or project_root() / "outputs" / profile).resolve()
 
 
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_NOTICED: set[str] = set()
+
+
+def notice(message: str) -> None:
+    """Print a one-line notice once per process (to stderr): what a device cannot do and what is done instead."""
+    if message not in _NOTICED:
+        _NOTICED.add(message)
+        print(f"note: {message}", file=sys.stderr, flush=True)
+
+
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when available else "cpu"; "cuda" without a GPU is an error that says so."""
+    """"auto" -> "cuda" when available, else "mps" (Apple silicon), else "cpu"; "cuda" or "mps"
+    without that device is an error that says so."""
     import torch
 
-    valid = ("auto", "cpu", "cuda")
-    if device not in valid and not str(device).startswith("cuda:"):
-        raise ValueError(f"device={device!r} is not valid; choose one of {', '.join(valid)}")
+    if device not in DEVICES and not str(device).startswith("cuda:"):
+        raise ValueError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} but no CUDA GPU is visible to PyTorch {torch.__version__}; use device='cpu' or 'auto'")
+    if device == "mps" and not mps:
+        raise ValueError(f"device='mps' but Apple's Metal backend is not available to PyTorch {torch.__version__} here; use device='cpu' or 'auto'")
     return device
 
 
 @dataclass(frozen=True)
+class Precision:
+    """The arithmetic of the training steps and evaluation passes: `setting` as asked ("auto",
+    "bf16", "fp16", "fp32"), `used` ("bf16" / "fp16": autocast to that dtype, fp16 with a gradient
+    scaler in training; "fp32": no autocast) and the `reason` for it (metrics JSON, report)."""
+
+    setting: str
+    used: str
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"setting": self.setting, "used": self.used, "reason": self.reason}
+
+
+def _autocast_works(device_type: str, used: str) -> bool:
+    """Whether torch.autocast(device_type, that dtype) stays enabled (it disables itself with a
+    warning for a dtype the backend lacks, e.g. bf16 on MPS before macOS 14)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return bool(torch.autocast(device_type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[used]))._enabled)
+        except (RuntimeError, ValueError):
+            return False
+
+
+def choose_precision(setting: str, device: str, capability: tuple[int, int] | None = None) -> Precision:
+    """The precision `setting` resolves to on `device`. "auto": bf16 on a CUDA GPU with native
+    bf16 (compute capability >= 8.0), fp16 with a gradient scaler on an older one (e.g. Colab's T4,
+    7.5), fp32 on the CPU and MPS. An explicit setting is used as asked where the backend has it;
+    one it lacks falls back to fp32 with a notice. `capability` (major, minor) defaults to the
+    device's own (tests pass one)."""
+    import torch
+
+    if setting not in PRECISIONS:
+        raise ValueError(f"precision={setting!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    device_type = torch.device(device).type
+    if device_type == "cuda" and capability is None:
+        capability = torch.cuda.get_device_capability(torch.device(device))
+    cc = f"compute capability {capability[0]}.{capability[1]}" if device_type == "cuda" else ""
+    if setting == "fp32":
+        return Precision(setting, "fp32", "fp32 as asked")
+    if setting == "auto":
+        if device_type != "cuda":
+            return Precision(setting, "fp32", f"auto: fp32 on {device_type} (autocast is used on CUDA GPUs only)")
+        if capability >= (8, 0):
+            return Precision(setting, "bf16", f"auto: bf16 autocast, native on this GPU ({cc} >= 8.0)")
+        return Precision(setting, "fp16", f"auto: fp16 autocast with a gradient scaler ({cc} < 8.0 has no native bf16)")
+    reason = f"{setting} as asked" + (" (a gradient scaler keeps small fp16 gradients)" if setting == "fp16" else "")
+    if setting == "bf16" and device_type == "cuda" and capability < (8, 0):
+        notice(f"precision='bf16' on a GPU without native bf16 ({cc}): it runs, slowly; precision='auto' would use fp16 with a gradient scaler")
+        reason += f", emulated on this GPU ({cc} < 8.0)"
+    if not _autocast_works(device_type, setting):
+        notice(f"precision={setting!r}: autocast to {setting} is not available on {device_type} here; training in fp32")
+        return Precision(setting, "fp32", f"{setting} asked, unavailable on {device_type}: fp32")
+    return Precision(setting, setting, reason)
+
+
+@dataclass(frozen=True)
 class Runtime:
-    """Where and how training steps and evaluation passes compute: the device, bf16 autocast
-    (`amp`) and channels_last memory (both on CUDA only). `Runtime.of(cfg)` reads them from a task
-    configuration."""
+    """Where and how training steps and evaluation passes compute: the device, the precision used
+    ("bf16" / "fp16": autocast to it; "fp32": none; see `choose_precision`) and channels_last
+    memory (CUDA only). `Runtime.of(cfg)` reads them from a task configuration."""
 
     device: str = "cpu"
-    amp: bool = True
+    precision: str = "fp32"
     channels_last: bool = False
 
     @classmethod
     def of(cls, cfg) -> "Runtime":
-        return cls(cfg.device, cfg.amp, getattr(cfg, "channels_last", False))  # E2's MLP has no channels_last setting
+        used = choose_precision(cfg.precision, cfg.device).used
+        return cls(cfg.device, used, getattr(cfg, "channels_last", False))  # E2's MLP has no channels_last setting
 
     @property
     def cuda(self) -> bool:
         return str(self.device).startswith("cuda")
 
+    @property
+    def device_type(self) -> str:
+        return str(self.device).split(":")[0]
+
     def autocast(self):
         import torch
 
-        return torch.autocast("cuda", dtype=torch.bfloat16) if (self.amp and self.cuda) else nullcontext()
+        if self.precision == "fp32":
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def grad_scaler(self):
+        """A gradient scaler for fp16 training (None otherwise): it multiplies the loss so small
+        fp16 gradients do not flush to zero, and skips steps whose gradients overflowed."""
+        import torch
+
+        return torch.amp.GradScaler(self.device_type) if self.precision == "fp16" else None
 
     def prepare_model(self, model):
         """`model` with channels_last weights when that is on (CUDA); returns it."""
@@ -114,8 +204,9 @@ def git_commit(root: Path | None = None) -> dict:
         return {"commit": None, "dirty": None}
 
 
-def run_info(device: str = "cpu") -> dict:
-    """Git commit, library versions and the device, so each reported number can be traced and rerun."""
+def run_info(device: str = "cpu", precision: Precision | None = None) -> dict:
+    """Git commit, library versions, the device and the precision used (with its reason), so each
+    reported number can be traced and rerun."""
     import torch
     import torchvision
 
@@ -131,4 +222,7 @@ def run_info(device: str = "cpu") -> dict:
     }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    if precision is not None:
+        info["precision"] = precision.as_dict()
     return info

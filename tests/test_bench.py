@@ -39,3 +39,16 @@ def test_cuda_request_without_a_gpu_is_a_clear_error(tmp_path, capsys):
         pytest.skip("a GPU is present")
     assert bench.main(["--device", "cuda", "--out", str(tmp_path / "x.json")]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_memory_rows_use_each_models_full_profile_batch(monkeypatch):
+    import torch
+
+    shapes = bench.full_profile_shapes()
+    assert shapes["resnet18"] == (256, 64, "small") and shapes["T4 cubs_serial12"] == (128, 224, "imagenet"), "the full presets' batch and input size"
+    assert set(shapes) == set(bench.MODELS) | {"T4 cubs_serial12"}
+    monkeypatch.setattr(bench, "full_profile_shapes", lambda: {"resnet18": (4, 16, "small"), "T4 cubs_serial12": (2, 32, "imagenet")})
+    rows = bench.bench_memory(torch.device("cpu"), steps=1)
+    assert [(r["what"], r["name"], r["batch_size"], r["image_size"], r["stem"]) for r in rows] == [
+        ("memory", "resnet18", 4, 16, "small"), ("memory", "T4 cubs_serial12", 2, 32, "imagenet")]
+    assert all(r["peak_mem_mb"] > 0 and r["precision_used"] == "fp32" and r["switches"]["precision"] == "auto" for r in rows)

@@ -25,7 +25,8 @@ def build(task, **params):
     ("T2", {"heldout_fraction": 1.0}, "heldout_fraction=1.0 is not valid; expected a finite number in [0, 1)"),
     ("T2", {"budget_s": float("inf")}, "budget_s=inf is not valid; expected a finite number >= 0"),
     ("T2", {"lr": _resolve_type("inf")}, "lr=inf is not valid; expected a finite number > 0"),
-    ("T2", {"amp": "maybe"}, "amp='maybe' is not valid; expected True or False"),
+    ("T2", {"resume": "maybe"}, "resume='maybe' is not valid; expected True or False"),
+    ("T2", {"precision": "fp8"}, "precision='fp8' is not valid; choose one of auto, bf16, fp16, fp32"),
     ("T2", {"stem": 3}, "stem=3 is not valid; choose one of small, imagenet"),
     ("T2", {"fashions": "diagonal"}, "fashions='diagonal' is not valid; choose items from parallel, serial12, serial21"),
     ("T4", {"pk_images": 1}, "pk_images=1 is not valid; expected a whole number >= 2"),
@@ -44,18 +45,18 @@ def test_bad_values_name_the_parameter_the_value_and_what_is_allowed(task, param
 
 def test_every_problem_in_one_message():
     with pytest.raises(ValueError) as info:
-        build("T2", epochs=0, lr="fast", amp="maybe")
+        build("T2", epochs=0, lr="fast", channels_last="maybe")
     assert str(info.value).splitlines() == [
         "3 invalid parameters:",
         "  epochs=0 is not valid; expected a whole number >= 1",
         "  lr='fast' is not valid; expected a finite number > 0",
-        "  amp='maybe' is not valid; expected True or False",
+        "  channels_last='maybe' is not valid; expected True or False",
     ]
 
 
 def test_values_are_coerced_to_their_types():
-    cfg = build("T2", epochs=3.0, lr=1, batch_size="32", amp="false")
-    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.amp) == (3, 1.0, 32, False)
+    cfg = build("T2", epochs=3.0, lr=1, batch_size="32", resume="false")
+    assert (cfg.epochs, cfg.lr, cfg.batch_size, cfg.resume) == (3, 1.0, 32, False)
     assert type(cfg.epochs) is int and type(cfg.lr) is float
 
 

@@ -44,7 +44,7 @@ def test_no_task_module_imports_another():
 
 LAYERS = {  # the README's layout: a module imports only its own layer and those above it
     "runinfo": 0, "atomic": 0, "data": 0, "models": 0, "objectives": 0, "losses": 0, "miners": 0, "metrics": 0,
-    "engine": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1,
+    "engine": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1, "memory": 1,
     "config": 2, "experiment": 2, "recognition": 2, "retrieval": 2, "layerwise": 2,
     "plots": 3, "report": 3, "pipeline": 3, "execution": 3, "plan": 3, "bench": 3, "peer": 3, "proof": 3,
 }
@@ -94,7 +94,7 @@ def test_every_stage_builds_its_fit_config_from_the_fields_it_reads():
     assert (train.monitor, train.warmup_epochs, train.channels_last) == ("heldout_top1", 1.0, False)
     t2 = RecognitionConfig.build("T2", "smoke", device="cpu", momentum=0.8, budget_s=5.0)
     assert t2.fit_config() == FitConfig(**{**dataclasses.asdict(FitConfig()), **{k: getattr(t2, k) for k in (
-        "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience", "amp",
+        "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience", "precision",
         "channels_last", "compile", "seed", "eval_every", "budget_s")}, "monitor": "heldout_top1"})
     assert RetrievalConfig.build("T4", "smoke", device="cpu", miner="xbm", ablation=("ms", "xbm", "none")).miner_runs == ("xbm", "ms", "none")
     with pytest.raises(ValueError, match="stage='embedding' is not valid; choose one of train"):
@@ -176,10 +176,10 @@ def test_gpu_data_path_without_cuda_is_refused_for_cars(cars_devkit_root, tmp_pa
 
 
 def test_runtime_of_each_task():
-    assert Runtime.of(RecognitionConfig.build("T2", "smoke", device="cpu", amp=False)) == Runtime("cpu", False, True)
-    assert Runtime.of(LayerwiseConfig.build("E2", "smoke", device="cpu")) == Runtime("cpu", True, False)
+    assert Runtime.of(RecognitionConfig.build("T2", "smoke", device="cpu", precision="fp16")) == Runtime("cpu", "fp16", True)
+    assert Runtime.of(LayerwiseConfig.build("E2", "smoke", device="cpu")) == Runtime("cpu", "fp32", False), "auto is fp32 on the CPU"
     x = torch.zeros(2, 3, 4, 4)
-    assert Runtime("cpu", True, True).prepare(x) is x, "channels_last and autocast act on CUDA only"
+    assert Runtime("cpu", "fp32", True).prepare(x) is x, "channels_last acts on CUDA only"
 
 
 def test_records_round_trip_through_the_metrics_json(tmp_path):

@@ -1,5 +1,7 @@
 import dataclasses
+import hashlib
 import json
+import urllib.error
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from helpers.retrieval import (
     build_cars196,
     embedding_run,
     grid_queries,
+    imagenet_cache_file,
+    init_weights_key,
     load_backbone,
     ms_objective,
     train_classifier_stage,
@@ -112,17 +116,75 @@ def test_load_backbone_reports_what_kept_its_init():
     assert not torch.equal(target.conv1.weight[:, :, :3, :3], source.conv1.weight)
 
 
-def test_init_options(tmp_path):
+def imagenet_config(**kw):
+    return RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet", cubs_width=8, **kw)
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    """(home, seen): an empty TORCH_HOME (torch.hub reads it at each call) where any download fails
+    at once, so a test never reaches the network while torch.hub's own download code runs; `seen`:
+    the cache folder's files when the download started (torch.hub's .partial file)."""
+    home = tmp_path / "torch_home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)  # in case something called torch.hub.set_dir
+    seen = []
+
+    def offline(*args, **kwargs):
+        seen.extend(p.name for p in (home / "hub" / "checkpoints").iterdir())
+        raise urllib.error.URLError("no network in tests")
+
+    monkeypatch.setattr(torch.hub, "urlopen", offline)
+    return home, seen
+
+
+def test_init_options(tmp_path, torch_home):  # torch_home: a test that tried a download fails
     weights = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), weights)
-    cfg = RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet", imagenet_weights=str(weights), cubs_width=8)
+    cfg = imagenet_config(imagenet_weights=str(weights))
     model, report = build_backbone(cfg, "serial12", 98)
-    assert report["pretrained"].startswith("ImageNet") and report["loaded"] == 120
+    assert report["pretrained"].startswith("ImageNet") and report["loaded"] == 120 and report["weights"] == str(weights)
     assert torch.equal(model.layer2[0].conv1.weight, torch.load(weights)["layer2.0.conv1.weight"])
-    with pytest.raises(ValueError, match="imagenet_weights"):
-        build_backbone(RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet"), "serial12", 98)
+    assert init_weights_key(cfg) == {"init_weights_sha1": hashlib.sha1(weights.read_bytes()).hexdigest()}
+    missing = str(tmp_path / "none.pth")
+    with pytest.raises(ValueError, match=r"imagenet_weights='.*none\.pth' does not exist"):
+        build_backbone(imagenet_config(imagenet_weights=missing), "serial12", 98)
     with pytest.raises(ValueError, match="Run T3 first"):
         build_backbone(RetrievalConfig.build("T4", "smoke", device="cpu", init="tinyimagenet", checkpoint=str(tmp_path / "none.pt")), "serial12", 98)
+
+
+def test_imagenet_weights_come_from_torchvisions_cache(torch_home):
+    """init="imagenet" without a path: the file torchvision's weights API keeps under
+    $TORCH_HOME/hub/checkpoints, loaded by name; the run key is that file's SHA-1."""
+    home, _ = torch_home
+    cached = home / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    assert imagenet_cache_file() == cached
+    torch.manual_seed(3)
+    state = torchvision.models.resnet18().state_dict()
+    state["bn1.running_mean"].normal_()  # not the init value our model would keep
+    cached.parent.mkdir(parents=True)
+    torch.save(state, cached)
+    cfg = imagenet_config()
+    model, report = build_backbone(cfg, "serial12", 98)
+    assert report["weights"] == str(cached) and report["pretrained"] == "ImageNet-1k (torchvision)" and report["loaded"] == 120
+    assert torch.equal(model.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
+    assert torch.equal(model.bn1.running_mean, state["bn1.running_mean"])
+    assert init_weights_key(cfg) == {"init_weights_sha1": hashlib.sha1(cached.read_bytes()).hexdigest()}
+
+
+def test_imagenet_weights_offline_without_cache_say_where_to_put_the_file(torch_home):
+    home, seen = torch_home
+    cache_dir = home / "hub" / "checkpoints"
+    expected = str(cache_dir / "resnet18-f37072fd.pth")
+    for call in (lambda cfg: build_backbone(cfg, "serial12", 98), init_weights_key):
+        with pytest.raises(ValueError) as caught:
+            call(imagenet_config())
+        message = str(caught.value)
+        assert "https://download.pytorch.org/models/resnet18-f37072fd.pth failed" in message and "no network in tests" in message
+        assert f"to {expected} " in message and "imagenet_weights=<path" in message
+        assert caught.value.__cause__ is None and caught.value.__suppress_context__, "one message, no traceback chain"
+        assert seen and seen[-1].startswith("resnet18-f37072fd.pth.") and seen[-1].endswith(".partial"), "torch.hub's download ran"
+        assert list(cache_dir.iterdir()) == [], "no partial download left in the cache"
 
 
 def test_t3_selection_feeds_t4(tmp_path):

@@ -1,0 +1,103 @@
+"""What to do when a batch does not fit in the accelerator's memory.
+
+When a training step runs out of GPU memory, `fit` frees what the failed step held, measures one
+forward + backward pass on a quarter of the batch (memory before it: the model, its gradients and
+optimizer state; its peak on top of that: the activations, which grow linearly with the batch)
+and raises `BatchDoesNotFit` with the measured numbers and a batch size that fits with 10 % to
+spare. The learning rate in that advice is scaled linearly with the batch (lr x new / old, the
+"linear scaling rule" of Goyal et al. 2017), which keeps the per-image step size of SGD-style
+recipes; Adam-style recipes are less sensitive, so the advice is a starting point, not a promise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+HEADROOM = 0.9  # plan for 90 % of the device's memory (the allocator's fragmentation, other kernels' workspaces)
+MIB = 2**20
+
+
+class BatchDoesNotFit(MemoryError):
+    """A training batch needed more accelerator memory than there is; the message says what fits."""
+
+
+@dataclass(frozen=True)
+class MemoryProbe:
+    """One forward + backward pass on `batch` images: `static_mb` allocated before it (weights,
+    gradients, optimizer state), `peak_mb` at its peak; `total_mb` the device's memory."""
+
+    batch: int
+    static_mb: float
+    peak_mb: float
+    total_mb: float
+
+    @property
+    def per_image_mb(self) -> float:
+        return max(self.peak_mb - self.static_mb, 0.0) / max(1, self.batch)
+
+
+def fitting_batch_size(probe: MemoryProbe, batch_size: int, headroom: float = HEADROOM, extra_static_mb: float = 0.0) -> int:
+    """The largest batch below `batch_size` whose predicted peak (static + per image x batch, plus
+    `extra_static_mb` not yet allocated, e.g. optimizer state created by the first step) stays
+    within `headroom` of the device: a multiple of 8 when that is at least 8; 0 when none fits."""
+    room = probe.total_mb * headroom - probe.static_mb - extra_static_mb
+    if room <= 0:
+        return 0
+    fits = int(room // probe.per_image_mb) if probe.per_image_mb > 0 else batch_size - 1
+    fits = min(fits, batch_size - 1)  # it did not fit at batch_size, whatever the estimate says
+    return fits - fits % 8 if fits >= 8 else max(fits, 0)
+
+
+def advice(name: str, device: str, batch_size: int, lr: float, probe: MemoryProbe | None, fits: int) -> str:
+    """The message of BatchDoesNotFit."""
+    where = f"{name}: out of {device} memory at batch_size={batch_size}"
+    if probe is None:
+        half = max(1, batch_size // 2)
+        return (f"{where}. Try batch_size={half} with lr={lr * half / batch_size:.4g} (the learning rate scaled linearly with the "
+                "batch). The checkpoints of finished epochs, if any, are kept.")
+    measured = (f"The device has {probe.total_mb / 1024:.1f} GiB; the model, its gradients and optimizer state take "
+                f"{probe.static_mb / 1024:.2f} GiB and each image about {probe.per_image_mb:.1f} MiB more "
+                f"(measured on a batch of {probe.batch}: peak {probe.peak_mb / 1024:.2f} GiB)")
+    if fits < 1:
+        return f"{where}. {measured}: not even one image fits. Lower image_size or use a smaller model."
+    return (f"{where}. {measured}. A batch that fits: batch_size={fits} with lr={lr * fits / batch_size:.4g} "
+            f"(the learning rate scaled linearly with the batch: lr x {fits}/{batch_size}). "
+            "The checkpoints of finished epochs, if any, are kept.")
+
+
+class CudaMemory:
+    """The CUDA allocator's counters in MiB (tests substitute a fake with the same methods)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def release(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    def allocated_mb(self) -> float:
+        return torch.cuda.memory_allocated(self.device) / MIB
+
+    def peak_mb(self) -> float:
+        return torch.cuda.max_memory_allocated(self.device) / MIB
+
+    def total_mb(self) -> float:
+        return torch.cuda.get_device_properties(self.device).total_memory / MIB
+
+
+def device_memory(device: torch.device):
+    """The memory counters of `device`, or None where PyTorch has none to read (CPU, MPS)."""
+    return CudaMemory(device) if device.type == "cuda" else None
+
+
+def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
+    """Memory the optimizer's state will take once its first step creates it (0 once it exists):
+    one buffer per parameter for SGD with momentum, two for Adam / AdamW."""
+    if any(optimizer.state.values()):
+        return 0.0
+    buffers = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 1 if optimizer.defaults.get("momentum") else 0
+    params = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    return buffers * params / MIB

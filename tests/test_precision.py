@@ -1,0 +1,261 @@
+"""Where training runs and in what arithmetic: device choice (CUDA, MPS, CPU), the precision
+decision per device (capabilities mocked), the fp16 gradient-scaler path on the CPU with exact
+resume, what MPS cannot do, and the advice when a batch does not fit in memory (memory mocked)."""
+
+import pytest
+import torch
+
+from helpers import runinfo
+from helpers.checkpoint import upgrade_amp
+from helpers.config import RecognitionConfig
+from helpers.data import LoaderBatches
+from helpers.engine import FitConfig, TrainingInterrupted, fit
+from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, fitting_batch_size, optimizer_state_mb
+from helpers.optim import build_optimizer
+from helpers.runinfo import Runtime, choose_precision, resolve_device
+from tests.test_engine import assert_same_run, interrupt_at, run, setup, toy_model
+
+
+@pytest.fixture(autouse=True)
+def fresh_notices(monkeypatch):
+    monkeypatch.setattr(runinfo, "_NOTICED", set())
+
+
+# ------------------------------------------------------------------------------------ devices
+
+
+@pytest.mark.parametrize("cuda,mps,expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == expected
+
+
+def test_mps_is_accepted_where_it_exists_and_refused_clearly_where_not(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == "mps"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device='mps' but Apple's Metal backend is not available"):
+        resolve_device("mps")
+    with pytest.raises(ValueError, match="device='tpu' is not valid; choose one of auto, cpu, cuda, mps"):
+        resolve_device("tpu")
+
+
+# ------------------------------------------------------------------------------------ precision
+
+
+@pytest.mark.parametrize("device,capability,used,says", [
+    ("cuda", (9, 0), "bf16", "native on this GPU (compute capability 9.0 >= 8.0)"),  # H100
+    ("cuda", (8, 0), "bf16", "compute capability 8.0 >= 8.0"),  # A100
+    ("cuda", (8, 6), "bf16", "8.6"),  # RTX 30xx
+    ("cuda", (7, 5), "fp16", "fp16 autocast with a gradient scaler (compute capability 7.5 < 8.0 has no native bf16)"),  # Colab's T4
+    ("cuda", (6, 0), "fp16", "6.0 < 8.0"),  # P100
+    ("cpu", None, "fp32", "auto: fp32 on cpu"),
+    ("mps", None, "fp32", "auto: fp32 on mps"),
+])
+def test_auto_precision_per_device(device, capability, used, says):
+    choice = choose_precision("auto", device, capability)
+    assert (choice.setting, choice.used) == ("auto", used) and says in choice.reason
+
+
+def test_the_device_capability_is_read_when_not_given(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    assert choose_precision("auto", "cuda:0").used == "fp16"
+
+
+def test_explicit_precisions_are_used_as_asked_or_degrade_with_a_notice(monkeypatch, capsys):
+    assert choose_precision("fp32", "cuda", (9, 0)).used == "fp32"
+    assert choose_precision("fp16", "cpu").used == "fp16" and choose_precision("bf16", "cpu").used == "bf16"
+    monkeypatch.setattr(runinfo, "_autocast_works", lambda device_type, used: True)
+    emulated = choose_precision("bf16", "cuda", (7, 5))
+    assert emulated.used == "bf16" and "emulated on this GPU (compute capability 7.5 < 8.0)" in emulated.reason
+    assert "precision='bf16' on a GPU without native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(runinfo, "_autocast_works", lambda device_type, used: False)  # e.g. bf16 on MPS before macOS 14
+    fallback = choose_precision("bf16", "mps")
+    assert fallback.used == "fp32" and "unavailable on mps" in fallback.reason
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "autocast to bf16 is not available on mps here; training in fp32" in err
+    choose_precision("bf16", "mps")
+    assert capsys.readouterr().err == "", "a notice is shown once per process"
+    with pytest.raises(ValueError, match="precision='fp8' is not valid; choose one of auto, bf16, fp16, fp32"):
+        choose_precision("fp8", "cpu")
+    with pytest.raises(ValueError, match="precision='half' is not valid"):
+        FitConfig(precision="half")
+
+
+def test_runtime_autocast_and_scaler_follow_the_precision():
+    x, w = torch.randn(4, 8), torch.randn(8, 2)
+    for precision, dtype in [("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)]:
+        runtime = Runtime("cpu", precision)
+        with runtime.autocast():
+            assert (x @ w).dtype == dtype, precision
+        assert (runtime.grad_scaler() is not None) == (precision == "fp16")
+    cfg = RecognitionConfig.build("T2", "smoke", device="cpu")
+    assert cfg.precision == "auto" and Runtime.of(cfg).precision == "fp32", "auto is fp32 on the CPU (the smoke metrics stay as they were)"
+
+
+def test_evaluation_follows_the_precision(monkeypatch):
+    from helpers.data import BatchAugment, TensorBatches
+    from helpers.evaluation import run_split
+
+    images = torch.randint(0, 256, (8, 8, 8, 3), dtype=torch.uint8)
+    source = TensorBatches(images, torch.zeros(8, dtype=torch.long), batch_size=4)
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 3))
+    model.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    run_split(model, source, BatchAugment(crop="none", flip=False), Runtime("cpu", "bf16"))
+    run_split(model, source, BatchAugment(crop="none", flip=False), Runtime("cpu", "fp32"))
+    assert seen == [torch.bfloat16] * 2 + [torch.float32] * 2
+
+
+# ------------------------------------------------------------------------------------ fp16 + GradScaler
+
+
+def test_fp16_training_uses_a_gradient_scaler_that_is_checkpointed(tmp_path):
+    model, result = run(tmp_path, "fp16", precision="fp16", epochs=3)
+    assert all(map(torch.isfinite, (torch.tensor(h["train_loss"]) for h in result.history)))
+    assert result.history[-1]["heldout_top1"] > 0.5, "the toy problem is learned in fp16 too"
+    ckpt = torch.load(tmp_path / "fp16" / "last.pt", weights_only=False)
+    assert ckpt["scaler"]["scale"] > 0 and "_growth_tracker" in ckpt["scaler"]
+    fp32 = run(tmp_path, "fp32", precision="fp32", epochs=3)
+    assert torch.load(tmp_path / "fp32" / "last.pt", weights_only=False)["scaler"] is None
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fp32[0].state_dict().values())), "fp16 really ran"
+
+
+def start_scaler_at(monkeypatch, scale: float) -> None:
+    original = torch.amp.GradScaler.__init__
+    monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, *a, **k: original(self, *a, **(k | {"init_scale": scale})))
+
+
+@pytest.mark.parametrize("epoch,step", [(0, 3), (1, 4)])
+def test_fp16_run_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, epoch, step):
+    start_scaler_at(monkeypatch, 2.0**30)  # its first steps overflow and are skipped: the scale's state matters on resume
+    straight = run(tmp_path, "straight", precision="fp16", epochs=3, grad_clip=1.0)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "resumed", precision="fp16", epochs=3, grad_clip=1.0, on_step=interrupt_at(epoch, step))
+    resumed = run(tmp_path, "resumed", model_seed=99, precision="fp16", epochs=3, grad_clip=1.0)
+    assert resumed[1].resumed_from == {"epoch": epoch, "step": step}
+    assert_same_run(straight, resumed)
+
+
+def test_the_scaler_skips_steps_whose_fp16_gradients_overflow(tmp_path, monkeypatch):
+    # an initial scale of 2**40 overflows fp16 gradients: the scaler halves it and skips those steps
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, precision="fp16")
+    model = toy_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    start_scaler_at(monkeypatch, 2.0**40)
+    fit(model, train, augment, cfg, out_dir=tmp_path / "overflow", progress=False)
+    scale = torch.load(tmp_path / "overflow" / "last.pt", weights_only=False)["scaler"]["scale"]
+    assert scale < 2.0**40, "overflowing steps lowered the scale"
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values() if v.is_floating_point())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "later steps trained"
+
+
+def test_checkpoints_written_with_amp_resume_under_precision():
+    state = {"config": {"amp": True, "lr": 0.1}, "run_key": {"amp": False, "seed": 0}}
+    upgraded = upgrade_amp(state)
+    assert upgraded["config"] == {"lr": 0.1, "precision": "auto"} and upgraded["run_key"] == {"seed": 0, "precision": "fp32"}
+    assert state["config"] == {"amp": True, "lr": 0.1}, "the loaded dict is not changed in place"
+
+
+# ------------------------------------------------------------------------------------ MPS
+
+
+def test_what_mps_cannot_do_degrades_with_a_one_line_notice(capsys):
+    from helpers.engine import wants_compile
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    optimizer = build_optimizer([{"params": params}], FitConfig(optimizer="adam", fused=True), torch.device("mps"))
+    assert not optimizer.defaults.get("fused")
+    assert "fused optimizer kernels are used on CUDA only" in capsys.readouterr().err
+    assert not wants_compile(FitConfig(compile=True), torch.device("mps"))
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torch.compile is not used on MPS" in err
+    assert wants_compile(FitConfig(compile=True), torch.device("cpu")) and not wants_compile(FitConfig(), torch.device("mps"))
+    images, labels = torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    loader = LoaderBatches(torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2), labels), batch_size=2, device="mps", labels=labels.tolist())
+    assert loader.loader.pin_memory is False, "pinned memory is for CUDA copies only"
+
+
+# ------------------------------------------------------------------------------------ out of memory
+
+
+def test_fitting_batch_size_from_a_probe():
+    probe = MemoryProbe(batch=64, static_mb=1000, peak_mb=1000 + 64 * 20, total_mb=16000)
+    assert probe.per_image_mb == 20
+    assert fitting_batch_size(probe, 1024) == 8 * int((16000 * 0.9 - 1000) / 20 // 8)  # 670 -> 664
+    assert fitting_batch_size(probe, 256) == 255 - 255 % 8, "never the batch size that failed"
+    assert fitting_batch_size(probe, 1024, extra_static_mb=400) == 648
+    assert fitting_batch_size(MemoryProbe(1, 1000, 15000, 16000), 4) == 0
+    assert fitting_batch_size(MemoryProbe(4, 1000, 1040, 16000), 6) == 5, "below 8 no rounding"
+    text = advice("T2_resnet18", "CUDA", 1024, 0.4, probe, 664)
+    assert "batch_size=664 with lr=0.2594 (the learning rate scaled linearly with the batch: lr x 664/1024)" in text
+    assert "each image about 20.0 MiB" in text and "peak 2.23 GiB" in text
+    assert "not even one image fits" in advice("x", "CUDA", 4, 0.1, MemoryProbe(1, 1000, 15000, 16000), 0)
+    assert "Try batch_size=16 with lr=0.05" in advice("x", "MPS", 32, 0.1, None, 0)
+
+
+def test_optimizer_state_not_yet_created_is_counted():
+    params = [torch.nn.Parameter(torch.zeros(2**18))]  # 1 MiB of fp32
+    assert optimizer_state_mb(torch.optim.Adam(params)) == 2.0
+    assert optimizer_state_mb(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == 1.0
+    assert optimizer_state_mb(torch.optim.SGD(params, lr=0.1)) == 0.0
+    optimizer = torch.optim.Adam(params)
+    params[0].grad = torch.zeros_like(params[0])
+    optimizer.step()
+    assert optimizer_state_mb(optimizer) == 0.0
+
+
+class FakeMemory:
+    """A 1 GiB device: 100 MiB of weights, 4 MiB per image; a batch above 64 images runs out."""
+
+    def __init__(self):
+        self.peak = self.now = 100.0
+        self.released = 0
+
+    def release(self):
+        self.released += 1
+        self.peak = self.now
+
+    def allocated_mb(self):
+        return self.now
+
+    def peak_mb(self):
+        return self.peak
+
+    def total_mb(self):
+        return 1024.0
+
+    def use(self, batch):
+        if self.now + 4 * batch > 1024:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.peak = max(self.peak, self.now + 4 * batch)
+
+
+def test_out_of_memory_in_a_step_gives_one_clear_message_with_a_batch_that_fits(tmp_path, monkeypatch):
+    import helpers.engine as engine
+    from helpers.objectives import CrossEntropyObjective
+
+    memory = FakeMemory()
+    monkeypatch.setattr(engine, "device_memory", lambda device: memory)
+
+    class Hungry(CrossEntropyObjective):
+        def forward(self, model, x, targets):
+            memory.use(x.shape[0])
+            return super().forward(model, x, targets)
+
+    images = torch.randint(0, 256, (512, 8, 8, 3), dtype=torch.uint8)
+    from helpers.data import BatchAugment, TensorBatches
+
+    train = TensorBatches(images, torch.randint(0, 4, (512,)), batch_size=256, shuffle=True, drop_last=True)
+    model = toy_model()
+    with pytest.raises(BatchDoesNotFit) as info:
+        fit(model, train, BatchAugment(crop="none", flip=False), FitConfig(epochs=1, lr=0.2, monitor=""), objective=Hungry(),
+            out_dir=tmp_path / "oom", progress=False, name="T2_resnet18")
+    message = str(info.value)
+    # probe: 64 images -> 4 MiB each; (0.9 * 1024 - 100 - the SGD momentum buffers (a few KiB)) / 4 -> 205 -> 200
+    assert message.startswith("T2_resnet18 (epoch 1, step 1): out of CPU memory at batch_size=256."), "(the CUDA counters are mocked on the CPU)"
+    assert "each image about 4.0 MiB more (measured on a batch of 64" in message
+    assert "batch_size=200 with lr=0.1562 (the learning rate scaled linearly" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__, "no raw CUDA traceback chained"
+    assert not (tmp_path / "oom" / "last.pt").exists(), "nothing partial is saved"
