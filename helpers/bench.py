@@ -33,6 +33,7 @@ from helpers.budget import StepClock
 from helpers.data import BatchAugment, CachedTinyImageNet, LoaderBatches, TensorBatches, TinyImageNet, ToUint8Tensor, synthetic
 from helpers.data.transforms import AugmentRNG
 from helpers.engine import FitConfig, fit
+from helpers.memory import BatchDoesNotFit
 from helpers.models import CustomCNN, resnet18
 from helpers.peer import PeerConfig, measure_peer_step, peer_loader, peer_resnet18
 from helpers.config import RetrievalConfig, TINY_IMAGENET_PRESETS
@@ -96,8 +97,8 @@ def bench_memory(device: torch.device, steps: int = 3) -> list[dict]:
         classes = 98 if label.startswith("T4") else 200
         try:
             record = bench_model(name, device, batch, size, steps, stem=stem, num_classes=classes)
-        except torch.OutOfMemoryError:
-            record = {"name": name, "images_per_s": None, "peak_mem_mb": None, "error": "out of memory", "batch_size": batch, "image_size": size}
+        except BatchDoesNotFit as error:
+            record = {"name": name, "images_per_s": None, "peak_mem_mb": None, "error": str(error), "batch_size": batch, "image_size": size, "stem": stem}
         records.append(record | {"what": "memory", "name": label, "profile": "full"})
         del record
     return records
@@ -213,7 +214,7 @@ def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, o
     for name in models:
         records.append(bench_model(name, dev, batch_size, image_size, steps, stem="small"))
         print(f"model {name:14s} {records[-1]['images_per_s']:9.1f} img/s", flush=True)
-    if not cpu:
+    if dev.type == "cuda":  # (the switches and memory counters are CUDA's)
         for label, switches in SWITCHES:
             for name in ("resnet18", "cubs_serial21"):
                 record = bench_model(name, dev, batch_size, image_size, steps, stem="small", **switches)

@@ -37,7 +37,7 @@ from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_me
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
-from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, optimizer_state_mb
+from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, is_out_of_memory, optimizer_state_mb
 from helpers.optim import OPTIMIZERS, SCHEDULES, UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
 from helpers.runinfo import PRECISIONS, Runtime, choose_precision, notice
 
@@ -321,6 +321,7 @@ class _RunState:
             "augment_rng": None if epoch_done else self.aug_rng.state(),
             "rng": rng_state(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "precision": self.runtime.precision,
             "config": asdict(self.cfg),
             "run_key": self.run_key,
             "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
@@ -386,6 +387,9 @@ def _resume(run: _RunState) -> None:
     run.budget_spent = ckpt["budget_elapsed"] or 0.0
     run.stopped_early = any(h.get("stopped_early") for h in run.history)  # a finished run is not continued
     set_rng_state(ckpt["rng"])
+    if ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
+        notice(f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
+               "(precision 'auto' on another GPU): the resumed run will not equal an uninterrupted one exactly")
     if run.scaler is not None and ckpt.get("scaler"):  # (a checkpoint of another precision has none: the scaler starts afresh)
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.step > 0:  # within an epoch: its sums and augmentation draws so far
@@ -426,11 +430,15 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
                 loss, logits = run.objective(run.run_model, x, targets)
             _optimizer_step(run, loss)
             out_of_memory = False
-        except torch.OutOfMemoryError:
+        except RuntimeError as exc:  # CUDA: torch.cuda.OutOfMemoryError; MPS: a RuntimeError saying so
+            if not is_out_of_memory(exc):
+                raise
             out_of_memory = True  # (handled outside the except: its traceback holds the failed step's tensors)
         if out_of_memory:
-            loss = logits = None
-            raise _batch_does_not_fit(run, x, targets, name) from None
+            loss = logits = images = None
+            error = _batch_does_not_fit(run, x, targets, name)
+            x = targets = None  # (a notebook keeps the traceback's frames: hold no batch there)
+            raise error from None
         sums.add(loss, logits, labels)
         run.step += 1
         if budget is not None:
@@ -476,23 +484,26 @@ def _optimizer_step(run: _RunState, loss: torch.Tensor) -> None:
 
 def _batch_does_not_fit(run: _RunState, x: torch.Tensor, targets: torch.Tensor, name: str) -> BatchDoesNotFit:
     """The error for a step that ran out of device memory: on CUDA, after measuring one forward +
-    backward pass on a quarter of the batch (helpers.memory), with a batch size that fits."""
+    backward pass on a quarter of the batch (a sixteenth, ... when that does not fit either;
+    helpers.memory), with a batch size that fits."""
     batch, memory, probe = x.shape[0], device_memory(run.device), None
-    if memory is not None:
+    n = batch
+    while memory is not None and probe is None and n > 1:
+        n = max(1, n // 4)
         run.optimizer.zero_grad(set_to_none=True)
         memory.release()
-        n = max(1, batch // 4)
         static = memory.allocated_mb()
         try:
             with run.runtime.autocast():
                 loss, _ = run.objective(run.run_model, x[:n], targets[:n])
             loss.backward()
-            peak = memory.peak_mb()
-        except torch.OutOfMemoryError:
-            peak = memory.total_mb()  # a lower bound: not even a quarter fits
+            probe = MemoryProbe(n, static, memory.peak_mb(), memory.total_mb())
+        except RuntimeError as exc:
+            if not is_out_of_memory(exc):
+                raise
         loss = None
+    if memory is not None:
         run.optimizer.zero_grad(set_to_none=True)
-        probe = MemoryProbe(n, static, peak, memory.total_mb())
         memory.release()
     fits = fitting_batch_size(probe, batch, extra_static_mb=optimizer_state_mb(run.optimizer)) if probe else 0
     where = f"{name or 'training'} (epoch {run.epoch + 1}, step {run.step + 1})"

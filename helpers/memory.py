@@ -11,12 +11,19 @@ recipes; Adam-style recipes are less sensitive, so the advice is a starting poin
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import torch
 
 HEADROOM = 0.9  # plan for 90 % of the device's memory (the allocator's fragmentation, other kernels' workspaces)
 MIB = 2**20
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether `error` is PyTorch running out of device memory (CUDA raises
+    torch.cuda.OutOfMemoryError; MPS a RuntimeError saying "MPS backend out of memory")."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
 
 
 class BatchDoesNotFit(MemoryError):
@@ -26,7 +33,8 @@ class BatchDoesNotFit(MemoryError):
 @dataclass(frozen=True)
 class MemoryProbe:
     """One forward + backward pass on `batch` images: `static_mb` allocated before it (weights,
-    gradients, optimizer state), `peak_mb` at its peak; `total_mb` the device's memory."""
+    optimizer state, the failed batch), `peak_mb` at its peak (activations and gradients on top);
+    `total_mb` the device memory this process can have (free + what it holds)."""
 
     batch: int
     static_mb: float
@@ -52,19 +60,20 @@ def fitting_batch_size(probe: MemoryProbe, batch_size: int, headroom: float = HE
 
 def advice(name: str, device: str, batch_size: int, lr: float, probe: MemoryProbe | None, fits: int) -> str:
     """The message of BatchDoesNotFit."""
-    where = f"{name}: out of {device} memory at batch_size={batch_size}"
+    where = f"{name}: out of {device} memory at a batch of {batch_size} images"
+    setting = "batch_size (or pk_classes x pk_images for P x K batches)"
+    kept = "The checkpoints of finished epochs, if any, are kept."
     if probe is None:
         half = max(1, batch_size // 2)
-        return (f"{where}. Try batch_size={half} with lr={lr * half / batch_size:.4g} (the learning rate scaled linearly with the "
-                "batch). The checkpoints of finished epochs, if any, are kept.")
-    measured = (f"The device has {probe.total_mb / 1024:.1f} GiB; the model, its gradients and optimizer state take "
+        return (f"{where} (not measured on this device). Try {setting} = {half} with the learning rate scaled linearly "
+                f"with the batch: {lr:.4g} x {half}/{batch_size} = {lr * half / batch_size:.4g}. {kept}")
+    measured = (f"This process can use {probe.total_mb / 1024:.1f} GiB; the model, optimizer state and batch take "
                 f"{probe.static_mb / 1024:.2f} GiB and each image about {probe.per_image_mb:.1f} MiB more "
-                f"(measured on a batch of {probe.batch}: peak {probe.peak_mb / 1024:.2f} GiB)")
+                f"(measured on {probe.batch} images: peak {probe.peak_mb / 1024:.2f} GiB)")
     if fits < 1:
         return f"{where}. {measured}: not even one image fits. Lower image_size or use a smaller model."
-    return (f"{where}. {measured}. A batch that fits: batch_size={fits} with lr={lr * fits / batch_size:.4g} "
-            f"(the learning rate scaled linearly with the batch: lr x {fits}/{batch_size}). "
-            "The checkpoints of finished epochs, if any, are kept.")
+    return (f"{where}. {measured}. A batch that fits: {setting} = {fits}, with the learning rate scaled linearly "
+            f"with the batch: {lr:.4g} x {fits}/{batch_size} = {lr * fits / batch_size:.4g}. {kept}")
 
 
 class CudaMemory:
@@ -74,6 +83,7 @@ class CudaMemory:
         self.device = device
 
     def release(self) -> None:
+        gc.collect()  # (reference cycles may still hold the failed step's tensors)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -85,7 +95,8 @@ class CudaMemory:
         return torch.cuda.max_memory_allocated(self.device) / MIB
 
     def total_mb(self) -> float:
-        return torch.cuda.get_device_properties(self.device).total_memory / MIB
+        free, _ = torch.cuda.mem_get_info(self.device)  # (other processes and the CUDA context excluded)
+        return (free + torch.cuda.memory_reserved(self.device)) / MIB
 
 
 def device_memory(device: torch.device):

@@ -93,6 +93,25 @@ def _autocast_works(device_type: str, used: str) -> bool:
             return False
 
 
+def _grad_scaler_works(device_type: str) -> bool:
+    """Whether a gradient scaler can unscale and step on this device (fp16 training needs one);
+    on MPS it fails before PyTorch 2.8 (a float64 cast Metal lacks)."""
+    if device_type in ("cpu", "cuda"):
+        return True
+    import torch
+
+    try:
+        param = torch.nn.Parameter(torch.ones(1, device=device_type))
+        optimizer = torch.optim.SGD([param], lr=0.0)
+        scaler = torch.amp.GradScaler(device_type)
+        scaler.scale((param * 2).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "no fp16 training here"
+        return False
+
+
 def choose_precision(setting: str, device: str, capability: tuple[int, int] | None = None) -> Precision:
     """The precision `setting` resolves to on `device`. "auto": bf16 on a CUDA GPU with native
     bf16 (compute capability >= 8.0), fp16 with a gradient scaler on an older one (e.g. Colab's T4,
@@ -119,8 +138,9 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
     if setting == "bf16" and device_type == "cuda" and capability < (8, 0):
         notice(f"precision='bf16' on a GPU without native bf16 ({cc}): it runs, slowly; precision='auto' would use fp16 with a gradient scaler")
         reason += f", emulated on this GPU ({cc} < 8.0)"
-    if not _autocast_works(device_type, setting):
-        notice(f"precision={setting!r}: autocast to {setting} is not available on {device_type} here; training in fp32")
+    if not _autocast_works(device_type, setting) or (setting == "fp16" and not _grad_scaler_works(device_type)):
+        what = f"autocast to {setting}" if setting == "bf16" or not _autocast_works(device_type, setting) else "the fp16 gradient scaler"
+        notice(f"precision={setting!r}: {what} is not available on {device_type} with PyTorch {torch.__version__}; training in fp32")
         return Precision(setting, "fp32", f"{setting} asked, unavailable on {device_type}: fp32")
     return Precision(setting, setting, reason)
 

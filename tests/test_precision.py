@@ -70,11 +70,13 @@ def test_explicit_precisions_are_used_as_asked_or_degrade_with_a_notice(monkeypa
     emulated = choose_precision("bf16", "cuda", (7, 5))
     assert emulated.used == "bf16" and "emulated on this GPU (compute capability 7.5 < 8.0)" in emulated.reason
     assert "precision='bf16' on a GPU without native bf16" in capsys.readouterr().err
+    monkeypatch.setattr(runinfo, "_grad_scaler_works", lambda device_type: False)  # MPS before PyTorch 2.8
+    assert choose_precision("fp16", "mps").used == "fp32" and "the fp16 gradient scaler is not available on mps" in capsys.readouterr().err
     monkeypatch.setattr(runinfo, "_autocast_works", lambda device_type, used: False)  # e.g. bf16 on MPS before macOS 14
     fallback = choose_precision("bf16", "mps")
     assert fallback.used == "fp32" and "unavailable on mps" in fallback.reason
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "autocast to bf16 is not available on mps here; training in fp32" in err
+    assert err.count("\n") == 1 and "autocast to bf16 is not available on mps with PyTorch" in err and err.endswith("training in fp32\n")
     choose_precision("bf16", "mps")
     assert capsys.readouterr().err == "", "a notice is shown once per process"
     with pytest.raises(ValueError, match="precision='fp8' is not valid; choose one of auto, bf16, fp16, fp32"):
@@ -151,6 +153,18 @@ def test_the_scaler_skips_steps_whose_fp16_gradients_overflow(tmp_path, monkeypa
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items()), "later steps trained"
 
 
+def test_resuming_in_another_precision_says_so(tmp_path, capsys):
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "moved", epochs=2, on_step=interrupt_at(0, 2))
+    path = tmp_path / "moved" / "last.pt"
+    state = torch.load(path, weights_only=False)
+    assert state["precision"] == "fp32"
+    torch.save(state | {"precision": "bf16"}, path)  # as if written by precision "auto" on an A100
+    capsys.readouterr()
+    run(tmp_path, "moved", epochs=2)
+    assert "was trained in bf16 and continues in fp32" in capsys.readouterr().err
+
+
 def test_checkpoints_written_with_amp_resume_under_precision():
     state = {"config": {"amp": True, "lr": 0.1}, "run_key": {"amp": False, "seed": 0}}
     upgraded = upgrade_amp(state)
@@ -189,10 +203,11 @@ def test_fitting_batch_size_from_a_probe():
     assert fitting_batch_size(MemoryProbe(1, 1000, 15000, 16000), 4) == 0
     assert fitting_batch_size(MemoryProbe(4, 1000, 1040, 16000), 6) == 5, "below 8 no rounding"
     text = advice("T2_resnet18", "CUDA", 1024, 0.4, probe, 664)
-    assert "batch_size=664 with lr=0.2594 (the learning rate scaled linearly with the batch: lr x 664/1024)" in text
+    assert "A batch that fits: batch_size (or pk_classes x pk_images for P x K batches) = 664, with the learning rate scaled " \
+        "linearly with the batch: 0.4 x 664/1024 = 0.2594." in text
     assert "each image about 20.0 MiB" in text and "peak 2.23 GiB" in text
     assert "not even one image fits" in advice("x", "CUDA", 4, 0.1, MemoryProbe(1, 1000, 15000, 16000), 0)
-    assert "Try batch_size=16 with lr=0.05" in advice("x", "MPS", 32, 0.1, None, 0)
+    assert "(not measured on this device). Try batch_size (or pk_classes x pk_images for P x K batches) = 16" in advice("x", "MPS", 32, 0.1, None, 0)
 
 
 def test_optimizer_state_not_yet_created_is_counted():
@@ -207,10 +222,11 @@ def test_optimizer_state_not_yet_created_is_counted():
 
 
 class FakeMemory:
-    """A 1 GiB device: 100 MiB of weights, 4 MiB per image; a batch above 64 images runs out."""
+    """A 1 GiB device: 100 MiB of weights, `per_image` MiB per image."""
 
-    def __init__(self):
+    def __init__(self, per_image=4.0):
         self.peak = self.now = 100.0
+        self.per_image = per_image
         self.released = 0
 
     def release(self):
@@ -227,35 +243,50 @@ class FakeMemory:
         return 1024.0
 
     def use(self, batch):
-        if self.now + 4 * batch > 1024:
+        if self.now + self.per_image * batch > 1024:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        self.peak = max(self.peak, self.now + 4 * batch)
+        self.peak = max(self.peak, self.now + self.per_image * batch)
 
 
-def test_out_of_memory_in_a_step_gives_one_clear_message_with_a_batch_that_fits(tmp_path, monkeypatch):
+def fit_out_of_memory(tmp_path, memory, batch_size, error=torch.OutOfMemoryError):
     import helpers.engine as engine
+    from helpers.data import BatchAugment, TensorBatches
     from helpers.objectives import CrossEntropyObjective
-
-    memory = FakeMemory()
-    monkeypatch.setattr(engine, "device_memory", lambda device: memory)
 
     class Hungry(CrossEntropyObjective):
         def forward(self, model, x, targets):
-            memory.use(x.shape[0])
+            try:
+                memory.use(x.shape[0])
+            except torch.OutOfMemoryError as exc:
+                raise error(str(exc)) from None
             return super().forward(model, x, targets)
 
-    images = torch.randint(0, 256, (512, 8, 8, 3), dtype=torch.uint8)
-    from helpers.data import BatchAugment, TensorBatches
-
-    train = TensorBatches(images, torch.randint(0, 4, (512,)), batch_size=256, shuffle=True, drop_last=True)
-    model = toy_model()
-    with pytest.raises(BatchDoesNotFit) as info:
-        fit(model, train, BatchAugment(crop="none", flip=False), FitConfig(epochs=1, lr=0.2, monitor=""), objective=Hungry(),
-            out_dir=tmp_path / "oom", progress=False, name="T2_resnet18")
-    message = str(info.value)
-    # probe: 64 images -> 4 MiB each; (0.9 * 1024 - 100 - the SGD momentum buffers (a few KiB)) / 4 -> 205 -> 200
-    assert message.startswith("T2_resnet18 (epoch 1, step 1): out of CPU memory at batch_size=256."), "(the CUDA counters are mocked on the CPU)"
-    assert "each image about 4.0 MiB more (measured on a batch of 64" in message
-    assert "batch_size=200 with lr=0.1562 (the learning rate scaled linearly" in message
+    images = torch.randint(0, 256, (2 * batch_size, 8, 8, 3), dtype=torch.uint8)
+    train = TensorBatches(images, torch.randint(0, 4, (2 * batch_size,)), batch_size=batch_size, shuffle=True, drop_last=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine, "device_memory", lambda device: memory)
+        with pytest.raises(BatchDoesNotFit) as info:
+            fit(toy_model(), train, BatchAugment(crop="none", flip=False), FitConfig(epochs=1, lr=0.2, monitor=""), objective=Hungry(),
+                out_dir=tmp_path / "oom", progress=False, name="T2_resnet18")
     assert info.value.__cause__ is None and info.value.__suppress_context__, "no raw CUDA traceback chained"
     assert not (tmp_path / "oom" / "last.pt").exists(), "nothing partial is saved"
+    return str(info.value)
+
+
+def test_out_of_memory_in_a_step_gives_one_clear_message_with_a_batch_that_fits(tmp_path):
+    message = fit_out_of_memory(tmp_path, FakeMemory(per_image=4.0), 256)
+    # probe: 64 images -> 4 MiB each; (0.9 * 1024 - 100 - the SGD momentum buffers (a few KiB)) / 4 -> 205 -> 200
+    assert message.startswith("T2_resnet18 (epoch 1, step 1): out of CPU memory at a batch of 256 images."), "(the CUDA counters are mocked on the CPU)"
+    assert "each image about 4.0 MiB more (measured on 64 images" in message
+    assert "= 200, with the learning rate scaled linearly with the batch: 0.2 x 200/256 = 0.1562." in message
+
+
+def test_a_probe_that_runs_out_of_memory_too_is_repeated_smaller(tmp_path):
+    # 16 MiB per image: 128 images (a quarter of 512) do not fit, 32 do -> (921.6 - 100) / 16 = 51 -> 48
+    message = fit_out_of_memory(tmp_path, FakeMemory(per_image=16.0), 512)
+    assert "measured on 32 images" in message and "= 48, with the learning rate" in message
+
+
+def test_mps_out_of_memory_is_recognised_too(tmp_path):
+    message = fit_out_of_memory(tmp_path, FakeMemory(per_image=16.0), 512, error=lambda text: RuntimeError("MPS backend out of memory (MPS allocated: 8 GiB)"))
+    assert "measured on 32 images" in message
