@@ -80,27 +80,25 @@ def bench_model(name: str, device: torch.device, batch_size: int, image_size: in
     }
 
 
-def full_profile_shapes() -> dict[str, tuple[int, int, str]]:
-    """model -> (batch size, image size, stem) of the full profile that trains it."""
+def full_profile_shapes() -> dict[str, tuple[str, int, int, str, int]]:
+    """row label -> (model, batch size, image size, stem, classes) of the full profile that trains it."""
     tiny = TINY_IMAGENET_PRESETS["full"]
     t4 = RetrievalConfig.PRESETS["T4"]["full"]
-    shapes = {name: (tiny["batch_size"], tiny["image_size"], "small") for name in MODELS}
-    shapes["T4 cubs_serial12"] = (t4["batch_size"], t4["image_size"], RetrievalConfig.stem)  # T4's stage 1 (the fashion T3 picks; serial12 by default)
+    shapes = {name: (name, tiny["batch_size"], tiny["image_size"], "small", 200) for name in MODELS}
+    # T4's stage 1: the 98-way classifier in the fashion T3 picks (serial12 without T3's metrics)
+    shapes["T4 cubs_serial12"] = ("cubs_serial12", t4["batch_size"], t4["image_size"], RetrievalConfig.stem, 98)
     return shapes
 
 
 def bench_memory(device: torch.device, steps: int = 3) -> list[dict]:
     """Peak GPU memory (and images/s) of each model at its full profile's batch and input size."""
     records = []
-    for label, (batch, size, stem) in full_profile_shapes().items():
-        name = label.split()[-1]
-        classes = 98 if label.startswith("T4") else 200
+    for label, (name, batch, size, stem, classes) in full_profile_shapes().items():
         try:
             record = bench_model(name, device, batch, size, steps, stem=stem, num_classes=classes)
         except BatchDoesNotFit as error:
             record = {"name": name, "images_per_s": None, "peak_mem_mb": None, "error": str(error), "batch_size": batch, "image_size": size, "stem": stem}
         records.append(record | {"what": "memory", "name": label, "profile": "full"})
-        del record
     return records
 
 

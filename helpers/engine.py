@@ -39,7 +39,7 @@ from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
 from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, is_out_of_memory, optimizer_state_mb
 from helpers.optim import OPTIMIZERS, SCHEDULES, UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
-from helpers.runinfo import PRECISIONS, Runtime, choose_precision, notice
+from helpers.runinfo import PRECISIONS, Runtime, notice
 
 
 class TrainingDiverged(FloatingPointError):
@@ -351,7 +351,7 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
     objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
     model.to(device)
     objective.to(device)
-    runtime = Runtime(str(device), choose_precision(cfg.precision, str(device)).used, cfg.channels_last)
+    runtime = Runtime.resolve(device, cfg.precision, cfg.channels_last)
     runtime.prepare_model(model)
     optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
     steps_per_epoch = len(train)

@@ -1,9 +1,9 @@
 """What to do when a batch does not fit in the accelerator's memory.
 
 When a training step runs out of GPU memory, `fit` frees what the failed step held, measures one
-forward + backward pass on a quarter of the batch (memory before it: the model, its gradients and
-optimizer state; its peak on top of that: the activations, which grow linearly with the batch)
-and raises `BatchDoesNotFit` with the measured numbers and a batch size that fits with 10 % to
+forward + backward pass on a quarter of the batch, smaller again when that does not fit either
+(memory before it: the model, optimizer state and the batch; its peak on top of that: activations
+and gradients, the part that grows linearly with the batch) and raises `BatchDoesNotFit` with the measured numbers and a batch size that fits with 10 % to
 spare. The learning rate in that advice is scaled linearly with the batch (lr x new / old, the
 "linear scaling rule" of Goyal et al. 2017), which keeps the per-image step size of SGD-style
 recipes; Adam-style recipes are less sensitive, so the advice is a starting point, not a promise.

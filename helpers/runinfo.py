@@ -138,9 +138,10 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
     if setting == "bf16" and device_type == "cuda" and capability < (8, 0):
         notice(f"precision='bf16' on a GPU without native bf16 ({cc}): it runs, slowly; precision='auto' would use fp16 with a gradient scaler")
         reason += f", emulated on this GPU ({cc} < 8.0)"
-    if not _autocast_works(device_type, setting) or (setting == "fp16" and not _grad_scaler_works(device_type)):
-        what = f"autocast to {setting}" if setting == "bf16" or not _autocast_works(device_type, setting) else "the fp16 gradient scaler"
-        notice(f"precision={setting!r}: {what} is not available on {device_type} with PyTorch {torch.__version__}; training in fp32")
+    missing = (f"autocast to {setting}" if not _autocast_works(device_type, setting)
+               else "the fp16 gradient scaler" if setting == "fp16" and not _grad_scaler_works(device_type) else None)
+    if missing:
+        notice(f"precision={setting!r}: {missing} is not available on {device_type} with PyTorch {torch.__version__}; training in fp32")
         return Precision(setting, "fp32", f"{setting} asked, unavailable on {device_type}: fp32")
     return Precision(setting, setting, reason)
 
@@ -156,9 +157,13 @@ class Runtime:
     channels_last: bool = False
 
     @classmethod
+    def resolve(cls, device: str, precision: str, channels_last: bool) -> "Runtime":
+        """The Runtime of a precision setting ("auto", ...) on `device` (see `choose_precision`)."""
+        return cls(str(device), choose_precision(precision, str(device)).used, channels_last)
+
+    @classmethod
     def of(cls, cfg) -> "Runtime":
-        used = choose_precision(cfg.precision, cfg.device).used
-        return cls(cfg.device, used, getattr(cfg, "channels_last", False))  # E2's MLP has no channels_last setting
+        return cls.resolve(cfg.device, cfg.precision, getattr(cfg, "channels_last", False))  # E2's MLP has no channels_last setting
 
     @property
     def cuda(self) -> bool:

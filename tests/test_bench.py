@@ -45,9 +45,10 @@ def test_memory_rows_use_each_models_full_profile_batch(monkeypatch):
     import torch
 
     shapes = bench.full_profile_shapes()
-    assert shapes["resnet18"] == (256, 64, "small") and shapes["T4 cubs_serial12"] == (128, 224, "imagenet"), "the full presets' batch and input size"
+    assert shapes["resnet18"] == ("resnet18", 256, 64, "small", 200), "the full preset's batch and input size"
+    assert shapes["T4 cubs_serial12"] == ("cubs_serial12", 128, 224, "imagenet", 98)
     assert set(shapes) == set(bench.MODELS) | {"T4 cubs_serial12"}
-    monkeypatch.setattr(bench, "full_profile_shapes", lambda: {"resnet18": (4, 16, "small"), "T4 cubs_serial12": (2, 32, "imagenet")})
+    monkeypatch.setattr(bench, "full_profile_shapes", lambda: {"resnet18": ("resnet18", 4, 16, "small", 200), "T4 cubs_serial12": ("cubs_serial12", 2, 32, "imagenet", 98)})
     rows = bench.bench_memory(torch.device("cpu"), steps=1)
     assert [(r["what"], r["name"], r["batch_size"], r["image_size"], r["stem"]) for r in rows] == [
         ("memory", "resnet18", 4, 16, "small"), ("memory", "T4 cubs_serial12", 2, 32, "imagenet")]
