@@ -7,7 +7,7 @@ run key and length).
 from __future__ import annotations
 
 import random
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -101,7 +101,9 @@ def load_best_weights(out: Path, device: torch.device) -> dict:
 def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per_epoch: int) -> None:
     """Refuse (ValueError) to resume the checkpoint `state` read from `path` under the FitConfig
     `cfg` and `run_key` when it was written with other settings or for another length."""
-    saved = {k: v for k, v in state["config"].items() if k not in _not_compared(state["config"])} | {f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"}
+    # (a field added since the checkpoint was written counts as its default)
+    saved_config = {f.name: f.default for f in fields(cfg)} | state["config"]
+    saved = {k: v for k, v in saved_config.items() if k not in _not_compared(saved_config)} | {f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"}
     current = {k: v for k, v in asdict(cfg).items() if k not in _not_compared(asdict(cfg))} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
     diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if set(diff) == {"epochs"}:

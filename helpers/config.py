@@ -69,7 +69,7 @@ RANGES = {
     "pk_classes": AT_LEAST_2, "pk_images": AT_LEAST_2,  # P >= 2: negatives need another class; K >= 2: positives
     "alpha": POSITIVE, "beta": POSITIVE, "lam": Range(-1, 1), "epsilon": NON_NEGATIVE,
     "memory_size": AT_LEAST_1, "memory_warmup_steps": NON_NEGATIVE, "unlabeled_limit": NON_NEGATIVE,
-    "tsne_points": AT_LEAST_1, "tsne_per_class": AT_LEAST_1, "grid_queries": AT_LEAST_1,
+    "tsne_points": AT_LEAST_1, "tsne_per_class": AT_LEAST_1, "grid_queries": AT_LEAST_1, "gpus": AT_LEAST_1,
 }
 ITEM_TYPES = {"hidden": int}  # element types of list parameters (others hold names)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -236,7 +236,8 @@ class ConfigBase:
     # which runs a notebook makes: each run has its own checkpoint folder), as opposed to
     # everything that defines a trained model (eval_every: the engine compares it when a monitor
     # selects on the evaluations)
-    RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every")
+    # (gpus and sync_bn: the engine compares the number of processes itself, see engine._resume)
+    RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every", "gpus", "sync_bn")
 
     def fit_config(self, stage: str = "train") -> FitConfig:
         """The engine's FitConfig for one training stage (see Stage)."""
@@ -257,6 +258,27 @@ class ConfigBase:
             if name != stage and name not in spec.after:
                 skip |= other.uses() - spec.uses()
         return {k: v for k, v in self.as_dict().items() if k not in skip}
+
+
+def several_gpus_sync_bn(cfg) -> bool:
+    """The engine's sync_bn: only with several GPUs (one process has nothing to synchronise)."""
+    return cfg.sync_bn and cfg.gpus > 1
+
+
+def gpus_problems(cfg, batch_size: int, pk_classes: int | None) -> list[str]:
+    """With gpus > 1 the global batches must split evenly (P x K batches into whole classes), and a
+    time budget cannot be shared out."""
+    n = cfg.gpus
+    if n <= 1:
+        return []
+    problems = []
+    if batch_size % n:
+        problems.append(f"batch_size={batch_size} is the global batch and must split evenly over gpus={n}; use a multiple of {n}")
+    if pk_classes is not None and pk_classes % n:
+        problems.append(f"pk_classes={pk_classes}: each of the gpus={n} GPUs gets whole classes of a P x K batch; use a multiple of {n}")
+    if getattr(cfg, "budget_s", 0) > 0:
+        problems.append(f"budget_s={cfg.budget_s} cannot be combined with gpus={n} (a budget is planned from one process's step times); give epochs")
+    return problems
 
 
 CLASSIFIER_READS = same_names(
@@ -318,6 +340,8 @@ class RecognitionConfig(ConfigBase):
     precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
+    gpus: int = 1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size is the global batch
+    sync_bn: bool = False  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
     seed: int = 0
     # models
     stem: str = "small"  # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
@@ -351,10 +375,10 @@ class RecognitionConfig(ConfigBase):
     }
     STAGES = {
         # T1-T3 and E1's cross-entropy model; E1's other two models add their loss's settings
-        "train": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1"}),
-        "center": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1"}, also_reads=("center_weight", "center_lr")),
+        "train": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn}),
+        "center": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn}, also_reads=("center_weight", "center_lr")),
         "triplet": Stage(
-            reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1"},
+            reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn},
             also_reads=("embedding_dim", "triplet_margin", "pk_classes", "pk_images", "ncm_per_class"),
         ),
     }
@@ -365,7 +389,8 @@ class RecognitionConfig(ConfigBase):
         self._validate()
 
     def _check(self) -> list[str]:
-        return [] if self.fashions else [f"fashions={self.fashions!r} is not valid; name at least one of {', '.join(FASHIONS)}"]
+        problems = [] if self.fashions else [f"fashions={self.fashions!r} is not valid; name at least one of {', '.join(FASHIONS)}"]
+        return problems + gpus_problems(self, batch_size=self.batch_size, pk_classes=self.pk_classes if self.task == "E1" else None)
 
 
 MINERS = ("none", "ms", "batch_hard", "semi_hard", "adaptive_ms", "xbm")
@@ -423,6 +448,8 @@ class RetrievalConfig(ConfigBase):
     precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
+    gpus: int = 1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
+    sync_bn: bool = True  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
     seed: int = 0
     tsne_points: int = 2000  # at most this many test embeddings in each t-SNE
     grid_queries: int = 3  # queries shown with their nearest / farthest 10
@@ -447,13 +474,13 @@ class RetrievalConfig(ConfigBase):
         "classifier": Stage(
             reads={"epochs": "cls_epochs", "optimizer": "cls_optimizer", "lr": "cls_lr", **same_names(
                 "weight_decay", "warmup_epochs", "label_smoothing", "precision", "channels_last", "compile", "seed")},
-            fixed={"schedule": "cosine", "monitor": ""},
+            fixed={"schedule": "cosine", "monitor": "", "sync_bn": several_gpus_sync_bn},
         ),
         # stage 2: the embedding, from stage 1's backbone
         "embedding": Stage(
             reads={"epochs": "emb_epochs", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
                    **same_names("precision", "channels_last", "compile", "seed")},
-            fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": ""},
+            fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": "", "sync_bn": several_gpus_sync_bn},
             also_reads=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
             after=("classifier",),
         ),
@@ -473,9 +500,10 @@ class RetrievalConfig(ConfigBase):
         return tuple(dict.fromkeys([self.miner, *self.ablation]))
 
     def _check(self) -> list[str]:
+        problems = gpus_problems(self, batch_size=self.batch_size, pk_classes=self.pk_classes)
         if self.image_size > self.resize:
-            return [f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}"]
-        return []
+            problems.append(f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}")
+        return problems
 
 
 E2_CLASSIFIER_READS = same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "precision", "seed")

@@ -14,25 +14,35 @@ from helpers.checkpoint import LAST
 
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) into a request honoured at the next step boundary, so an
-    interrupted run saves a consistent state; a second Ctrl-C interrupts at once."""
+    interrupted run saves a consistent state; a second Ctrl-C interrupts at once.
 
-    def __init__(self):
+    `several=True` (a rank under torchrun): SIGTERM is a request too, and further signals never
+    force: torchrun passes the launcher's signal on to every rank (a terminal's Ctrl-C reaches
+    them twice), and all ranks must stop at the same step to save one consistent checkpoint
+    (torchrun kills what has not stopped 30 s later)."""
+
+    def __init__(self, several: bool = False):
         self.pending = self.forced = False
-        self.previous = None
+        self.several = several
+        self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in (signal.SIGINT, signal.SIGTERM) if several else (signal.SIGINT,):
+                self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if self.pending:
+            if self.several:
+                return
             self.forced = True
             raise KeyboardInterrupt
         self.pending = True
-        print("\nCtrl-C: stopping after this step (press again to stop at once)...", flush=True)
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{what}: stopping after this step" + ("" if self.several else " (press again to stop at once)") + "...", flush=True)
 
     def release(self) -> None:
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
-            self.previous = None
+        for sig, previous in self.previous.items():
+            signal.signal(sig, previous)
+        self.previous = {}
 
 
 def interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool) -> str:

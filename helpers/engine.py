@@ -14,6 +14,12 @@ A run has `epochs` epochs, exactly `max_steps` steps, or a time budget `budget_s
 measures its own steps and plans its length (helpers.budget), and the schedule still anneals.
 In the hot loop nothing is read back to the host except every `log_every` steps.
 
+Under torchrun (helpers.distributed) the same loop runs on every rank: model and objective in one
+DistributedDataParallel module (SyncBatchNorm with `sync_bn` on CUDA), each rank on its part of
+every global batch, evaluation gathered over the ranks, a Ctrl-C / SIGTERM honoured by all ranks
+at the same step (agreed every `log_every` steps), and only rank 0 writing files; last.pt then
+holds every rank's RNG and augmentation state, so a resumed run equals an uninterrupted one.
+
 The optimizer, schedule and monitor live in helpers.optim, checkpoint files in helpers.checkpoint,
 the progress display and the Ctrl-C deferral in helpers.console.
 """
@@ -21,6 +27,7 @@ the progress display and the Ctrl-C deferral in helpers.console.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +42,7 @@ from helpers.budget import BudgetClock
 from helpers.checkpoint import BEST, HISTORY, LAST, check_same_run, load_best_weights, load_last, rng_state, save_best, save_last, set_rng_state
 from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_message, postfix
 from helpers.data.loaders import BatchSource
+from helpers import distributed
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
 from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, is_out_of_memory, optimizer_state_mb
@@ -90,6 +98,7 @@ class FitConfig:
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     fused: bool = True  # fused optimizer kernels (CUDA only)
+    sync_bn: bool = False  # several GPUs: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     log_every: int = 25  # steps between host reads of the running loss (progress bar, NaN check)
     seed: int = 0
     max_steps: int = 0  # > 0: train exactly this many steps (the schedule spans them; epochs is then derived)
@@ -167,6 +176,7 @@ def fit(
     name: str = "",
     run_key: dict | None = None,
     on_interrupt: str = "raise",
+    load_only: bool = False,
 ) -> FitResult:
     """Train `model` on `train` for `cfg.epochs` epochs (or exactly `cfg.max_steps` optimizer steps);
     returns the history and the best epoch.
@@ -180,20 +190,25 @@ def fit(
     partial result with `result.interrupted` set). `on_step(epoch, step)` is called after every step.
     `run_key` (e.g. the notebook's whole configuration) is stored in the checkpoint; a checkpoint
     written under another key (other data, model or settings) is never resumed silently.
+    `load_only=True`: the run was trained elsewhere (by torchrun, helpers.distributed.launch): load
+    its finished last.pt / best.pt and history, train nothing (a RuntimeError if it is not finished).
     """
     check_choice("on_interrupt", on_interrupt, ("raise", "return"))
     called_at = time.perf_counter()
     run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
-    if run.out is not None and resume and (run.out / LAST).is_file():
+    run.called_at = called_at
+    if run.out is not None and (resume or load_only) and (run.out / LAST).is_file():
         _resume(run)
+    if load_only:
+        return _loaded_result(run)
     run.start_session()
-    stop_request = StopRequest()
+    stop_request = StopRequest(distributed.is_distributed())
     interrupted = False
     try:
         while not run.stopped_early and run.epoch < run.num_epochs():
             _train_epoch(run, on_step, stop_request, progress, name)
             stop = _end_epoch(run, evaluate, progress, name)
-            if stop_request.pending:
+            if distributed.any_rank(stop_request.pending, device=run.device)[0] if distributed.is_distributed() else stop_request.pending:
                 raise KeyboardInterrupt
             run.stopped_early = stop
     except KeyboardInterrupt:
@@ -201,7 +216,7 @@ def fit(
         # A first Ctrl-C is deferred to the end of the current step (see StopRequest), so the
         # state here is consistent; a second, forced one may land mid-step: keep the last checkpoint.
         if run.out is not None and not run.at_boundary and not stop_request.forced:
-            save_last(run.out, run.checkpoint())
+            _save_last(run, run.checkpoint())
     finally:
         stop_request.release()
     result = run.result(interrupted, wall_seconds=time.perf_counter() - called_at)
@@ -211,6 +226,7 @@ def fit(
             raise TrainingInterrupted(message, result)
         print(message, flush=True)
         return result
+    distributed.barrier()  # rank 0's best.pt is complete before any rank reads it
     if cfg.restore_best and run.out is not None and run.monitor.best_epoch is not None and (run.out / BEST).is_file():
         model.load_state_dict(load_best_weights(run.out, run.device))
     return result
@@ -287,8 +303,11 @@ class _RunState:
     resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued
     budget_spent: float = 0.0  # training seconds of the sessions before this one
     eval_seconds: float = 0.0
+    called_at: float = 0.0  # perf_counter() when this `fit` call began
+    session: dict | None = None  # a loaded run: what last.pt says of the session that wrote it
     # set by start_session, after resuming:
     run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
+    train_step: Callable | None = None  # (x, targets) -> (loss, logits): the objective on run_model, in DDP under torchrun
     budget: BudgetClock | None = None
     first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
 
@@ -302,6 +321,12 @@ class _RunState:
         """What this call adds once resumed: the model as trained and the budget clock (counting the earlier sessions)."""
         cfg = self.cfg
         self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if wants_compile(cfg, self.device) else self.model
+        self.train_step = _TrainingStep(self.model, self.objective, self.run_model)
+        if distributed.is_distributed():
+            # (CPU batches are channels_last views, the CPU model is not: DDP only warns of slower bucket copies)
+            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+            self.train_step = nn.parallel.DistributedDataParallel(
+                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
         self.first_plan_step = max(self.schedule.warmup, 12)
 
@@ -320,11 +345,17 @@ class _RunState:
             "running": None if epoch_done else self.sums.state(),
             "augment_rng": None if epoch_done else self.aug_rng.state(),
             "rng": rng_state(),
+            "world_size": distributed.world_size(),
+            # several processes: every rank's own part of the above (rank 0's is also at the top level)
+            "ranks": distributed.gather_objects({k: state for k, state in (
+                ("running", None if epoch_done else self.sums.state()), ("augment_rng", None if epoch_done else self.aug_rng.state()),
+                ("rng", rng_state()))}) if distributed.is_distributed() else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "precision": self.runtime.precision,
             "config": asdict(self.cfg),
             "run_key": self.run_key,
             "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
+            "session": {"resumed_from": self.resumed_from, "wall_seconds": time.perf_counter() - self.called_at, "eval_seconds": self.eval_seconds},
         }
 
     def result(self, interrupted: bool, wall_seconds: float) -> FitResult:
@@ -345,10 +376,28 @@ def wants_compile(cfg: FitConfig, device: torch.device) -> bool:
     return cfg.compile
 
 
+class _TrainingStep(nn.Module):
+    """objective(model, x, targets) as one module: DistributedDataParallel wraps it, so the model's
+    and the objective's parameters (e.g. center-loss centers) are averaged over the ranks alike,
+    whatever methods of the model the objective calls."""
+
+    def __init__(self, model: nn.Module, objective: nn.Module, run_model: nn.Module):
+        super().__init__()
+        self.model, self.objective = model, objective
+        self.__dict__["run_model"] = run_model  # (the compiled model: the same parameters, not a second submodule)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor):
+        return self.objective(self.run_model, x, targets)
+
+
 def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key) -> _RunState:
     """Model and objective on `device`, the optimizer, schedule and monitor of a fresh run, and out_dir."""
     device = torch.device(device)
     objective = objective if objective is not None else CrossEntropyObjective(cfg.label_smoothing)
+    if distributed.is_distributed():
+        _check_distributed(cfg, train, device)
+        if cfg.sync_bn and device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # (in place below the root module)
     model.to(device)
     objective.to(device)
     runtime = Runtime.resolve(device, cfg.precision, cfg.channels_last)
@@ -356,14 +405,58 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
     optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
     steps_per_epoch = len(train)
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
+    if out is not None and distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out, recursive=False)  # left by a run killed mid-write
+    distributed.barrier()
     return _RunState(
         cfg, model, objective, train, augment, device, optimizer, [g["lr"] for g in optimizer.param_groups],
         LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key, runtime,
         runtime.grad_scaler(),
     )
+
+
+def _loaded_result(run: _RunState) -> FitResult:
+    """The result of a finished run trained by another process (fit(load_only=True)), with the
+    best weights restored as after training."""
+    finished = run.out is not None and (run.out / LAST).is_file() and (run.stopped_early or run.epoch >= run.num_epochs())
+    if not finished:
+        where = run.out / LAST if run.out is not None else "(no out_dir)"
+        raise RuntimeError(f"{where}: the run trained by torchrun did not finish (epoch {run.epoch} of {run.num_epochs()}); its output above says why")
+    session = run.session or {}
+    run.resumed_from = session.get("resumed_from")
+    if run.cfg.restore_best and run.monitor.best_epoch is not None and (run.out / BEST).is_file():
+        run.model.load_state_dict(load_best_weights(run.out, run.device))
+    result = run.result(False, wall_seconds=session.get("wall_seconds", 0.0))
+    result.eval_seconds = session.get("eval_seconds", 0.0)
+    return result
+
+
+def _check_distributed(cfg: FitConfig, train: BatchSource, device: torch.device) -> None:
+    """What several processes need: equal local batches, and no budget run (its plan is per process)."""
+    if cfg.budget_s > 0:
+        raise ValueError(f"budget_s={cfg.budget_s}: a time budget is planned from one process's step times; with several GPUs give epochs (or max_steps) instead")
+    sampler = getattr(train, "batch_sampler", None)
+    if sampler is not None and hasattr(sampler, "p"):
+        distributed.check_shardable(sampler.p * sampler.k, "the P x K batch", classes=sampler.p)
+    elif getattr(train, "drop_last", False):
+        distributed.check_shardable(train.batch_size)
+    else:
+        raise ValueError("with several GPUs the training batches must all be full (drop_last), so every GPU gets as many images")
+    if cfg.sync_bn and device.type != "cuda":
+        notice("sync_bn=True: SyncBatchNorm needs CUDA; on the CPU each process normalises with its own batch statistics")
+
+
+def _save_last(run: _RunState, state: dict) -> None:
+    """Rank 0 writes last.pt (every rank has taken part in `run.checkpoint()`)."""
+    if distributed.is_main():
+        save_last(run.out, state)
+
+
+def _rank_state(ckpt: dict) -> dict:
+    """This rank's RNG, augmentation draws and running sums from a checkpoint."""
+    ranks = ckpt.get("ranks")
+    return ranks[distributed.rank()] if ranks and len(ranks) == distributed.world_size() else ckpt
 
 
 def _resume(run: _RunState) -> None:
@@ -385,8 +478,21 @@ def _resume(run: _RunState) -> None:
     run.epoch, run.step, run.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
     run.resumed_from = {"epoch": run.epoch, "step": run.step}
     run.budget_spent = ckpt["budget_elapsed"] or 0.0
+    run.session = ckpt.get("session")
     run.stopped_early = any(h.get("stopped_early") for h in run.history)  # a finished run is not continued
-    set_rng_state(ckpt["rng"])
+    saved_world, world = ckpt.get("world_size", 1), distributed.world_size()
+    finished = run.stopped_early or run.epoch >= run.num_epochs()
+    if saved_world != world and not finished:
+        if run.step > 0:
+            raise ValueError(
+                f"{run.out / LAST} was stopped within epoch {run.epoch + 1} of a run on {saved_world} process(es); every process "
+                f"saved its own position and random state, so it can only continue on {saved_world} (gpus={saved_world}). "
+                "Or pass resume=False / another out_dir to start afresh."
+            )
+        notice(f"{run.out / LAST} was trained on {saved_world} process(es) and continues on {world}: the batches are the same, "
+               "but batch-norm statistics and augmentation draws are not, so it will not equal an uninterrupted run exactly")
+    own = _rank_state(ckpt)
+    set_rng_state(own["rng"])
     if ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
         notice(f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
                "(precision 'auto' on another GPU): the resumed run will not equal an uninterrupted one exactly")
@@ -394,12 +500,13 @@ def _resume(run: _RunState) -> None:
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.step > 0:  # within an epoch: its sums and augmentation draws so far
         run.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.epoch), run.device)
-        run.aug_rng.load_state(ckpt["augment_rng"])
-        run.sums = _EpochSums.from_state(ckpt["running"], run.device)
+        run.aug_rng.load_state(own["augment_rng"])
+        run.sums = _EpochSums.from_state(own["running"], run.device)
 
 
 def _augment_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**62)
+    """The augmentation seed of an epoch (each rank of several draws its own numbers)."""
+    return (seed * 1_000_003 + epoch * 7919 + 17 + distributed.rank() * 104_729) % (2**62)
 
 
 def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: bool, name: str) -> None:
@@ -414,6 +521,8 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
     sums, aug_rng = run.sums, run.aug_rng
     run.model.train()
     run.objective.train()
+    progress = progress and distributed.is_main()
+    several = distributed.is_distributed()
     bar = ProgressBar(epoch_steps, run.step, f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip()) if progress else None
     tic = time.perf_counter()
     seen_at_tic = sums.seen
@@ -427,7 +536,7 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
         x = run.runtime.prepare(x)
         try:
             with run.runtime.autocast():
-                loss, logits = run.objective(run.run_model, x, targets)
+                loss, logits = run.train_step(x, targets)
             _optimizer_step(run, loss)
             out_of_memory = False
         except RuntimeError as exc:  # CUDA: torch.cuda.OutOfMemoryError; MPS: a RuntimeError saying so
@@ -446,17 +555,21 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
             if global_step + 1 >= run.first_plan_step and schedule.total == UNPLANNED and (total := budget.plan(global_step + 1)) is not None:
                 schedule.replan(global_step + 1, total)
         if run.step % cfg.log_every == 0 or run.step == epoch_steps:
-            if bool(sums.nonfinite):
+            # (several processes stop together: they agree on a Ctrl-C / SIGTERM and on divergence here)
+            stop, nonfinite = distributed.any_rank(stop_request.pending, sums.nonfinite, device=run.device) if several else (False, bool(sums.nonfinite))
+            if nonfinite:
                 raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
             if bar is not None:
                 bar.update_to(run.step, postfix(sums, sums.seen - seen_at_tic, time.perf_counter() - tic))
+            if stop:
+                raise KeyboardInterrupt
         if on_step is not None:
             on_step(epoch, run.step)
-        if stop_request.pending:
+        if stop_request.pending and not several:
             raise KeyboardInterrupt
         if epoch * steps_per_epoch + run.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
             break
-    if bool(sums.nonfinite):
+    if (distributed.any_rank(sums.nonfinite, device=run.device)[0] if several else bool(sums.nonfinite)):
         raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
     sums.seconds += time.perf_counter() - tic
     if bar is not None:
@@ -515,14 +628,18 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     best weights, cut a plateau's LR, write last.pt and history.json; True to stop early."""
     cfg, schedule, sums, epoch = run.cfg, run.schedule, run.sums, run.epoch
     steps_done = epoch * run.steps_per_epoch + run.step
+    loss_sum, correct, seen, scored = sums.loss_sum, sums.correct, sums.seen, sums.scored
+    if distributed.is_distributed():  # the epoch's sums over all ranks
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.double(), *torch.tensor([seen, scored], dtype=torch.float64, device=run.device)]))
+        loss_sum, correct, seen, scored = totals[0], totals[1], int(totals[2]), int(totals[3])
     record = {
         "epoch": epoch + 1,
         "lr": run.base_lrs[0] * schedule.factor(max(0, steps_done - 1)),
         "steps": steps_done,
-        "train_loss": float(sums.loss_sum) / max(1, sums.seen),
-        "train_top1": float(sums.correct) / sums.scored if sums.scored else None,
+        "train_loss": float(loss_sum) / max(1, seen),
+        "train_top1": float(correct) / scored if scored else None,
         "train_seconds": sums.seconds,
-        "images_per_s": sums.seen / sums.seconds if sums.seconds > 0 else None,
+        "images_per_s": seen / sums.seconds if sums.seconds > 0 else None,
     }
     if run.budget is not None and (total := run.budget.plan(steps_done)) is not None:
         if steps_done < schedule.total:  # (a finished run stays finished)
@@ -539,7 +656,7 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     value = record.get(cfg.monitor) if cfg.monitor else None
     if cfg.monitor and evaluating and value is None:
         raise ValueError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
-    if run.monitor.update(value, epoch + 1) and run.out is not None:
+    if run.monitor.update(value, epoch + 1) and run.out is not None and distributed.is_main():
         save_best(run.out, run.model, epoch + 1, cfg.monitor, value, asdict(cfg))
     schedule.epoch_end(run.monitor)
     stop = run.monitor.stalled(cfg.patience) and epoch + 1 < run.num_epochs()
@@ -547,11 +664,12 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     if stop:
         record["stopped_early"] = True
     run.history.append(record)
-    if progress:
+    if progress and distributed.is_main():
         print(epoch_line(name, record, run.epochs_label()), flush=True)
     if run.out is not None:
-        save_last(run.out, run.checkpoint(epoch_done=True))
-        atomic_write_json(run.history, run.out / HISTORY)
+        _save_last(run, run.checkpoint(epoch_done=True))
+        if distributed.is_main():
+            atomic_write_json(run.history, run.out / HISTORY)
     run.epoch, run.step, run.at_boundary = epoch + 1, 0, True
     return stop
 

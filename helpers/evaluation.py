@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from helpers.data.loaders import BatchSource
+from helpers.distributed import gather_in_order, is_distributed, shard_positions, world_size
 from helpers.data.transforms import BatchAugment
 from helpers.metrics import confusion_matrix, most_confused_pairs, nearest_class_mean_predict, per_class_accuracy, retrieval_metrics, topk_accuracy
 from helpers.runinfo import Runtime
@@ -27,15 +28,24 @@ def run_split(
     """Apply `fn` (a model, or e.g. `model.forward_features`) to every batch of `source` in order,
     eval transform, under `runtime` (autocast, memory format).
 
-    Returns (outputs float32 (N, ...), labels (N,)), both on the device.
+    Returns (outputs float32 (N, ...), labels (N,)), both on the device. Under torchrun each rank
+    runs its part of every batch and the parts are gathered back into the original order, so
+    every rank returns the whole split.
     """
+    positions = None
+    if is_distributed():
+        positions = shard_positions(source.global_plan(0))
+        if source.num_samples and sum(len(b) // world_size() for b in source.global_plan(0)) == 0:
+            raise ValueError(f"an evaluation split of {source.num_samples} items in batches smaller than the {world_size()} GPUs leaves some GPU nothing to do; use fewer GPUs")
     outputs, labels = [], []
     for images, y in source.epoch(0):
         x = runtime.prepare(augment.eval(images))
         with runtime.autocast():
             outputs.append(fn(x).float())
         labels.append(y)
-    return torch.cat(outputs), torch.cat(labels)
+    if positions is None:
+        return torch.cat(outputs), torch.cat(labels)
+    return gather_in_order(torch.cat(outputs), positions), gather_in_order(torch.cat(labels), positions)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

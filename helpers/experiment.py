@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from helpers import distributed
 from helpers.atomic import atomic_write_json
 from helpers.checkpoint import BEST
 from helpers.data import LoaderBatches, TensorBatches, synthetic
@@ -98,10 +99,19 @@ def fit_stage(
 ) -> FitResult:
     """One `fit` of `model` for the task configuration `cfg`: the stage's FitConfig (unless
     `fit_cfg` is given) and run key (plus `key_extra`: what else the run starts from, e.g. a
-    weights file's checksum), checkpoints in out_dir/checkpoints/<name>, cfg.resume."""
+    weights file's checksum), checkpoints in out_dir/checkpoints/<name>, cfg.resume.
+
+    With cfg.gpus > 1 outside torchrun (a notebook, the pipeline): the first such call trains the
+    whole task under torchrun (`helpers.train.train_on_gpus`, once per configuration), and every
+    call then loads its finished run (fit(load_only=True)) and continues as after training."""
+    several = getattr(cfg, "gpus", 1) > 1 and not distributed.is_distributed()
+    if several:
+        from helpers.train import train_on_gpus  # (helpers.train runs the tasks, which import this module)
+
+        train_on_gpus(cfg)
     return fit(
         model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
-        progress=progress, name=name, run_key=cfg.run_key(stage) | (key_extra or {}), resume=cfg.resume, **fit_options,
+        progress=progress, name=name, run_key=cfg.run_key(stage) | (key_extra or {}), resume=cfg.resume, load_only=several, **fit_options,
     )
 
 
@@ -214,6 +224,8 @@ def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -
     `complete` is False (and `partial` lists where) when any training record in the payload
     (a FitResult.record()) is not complete: the report leaves such files out."""
     path = metrics_path(cfg.out_dir, name)
+    if not distributed.is_main():  # under torchrun rank 0 writes
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = as_json(payload)
     partial = partial_trainings(payload)

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers.distributed import gather, gather_with_grad
 from helpers.losses import CenterLoss
 
 
@@ -27,14 +28,18 @@ class CrossEntropyObjective(nn.Module):
 
 
 class MetricObjective(nn.Module):
-    """loss = metric_loss(model(x), labels) for an embedding model; no logits (no train accuracy)."""
+    """loss = metric_loss(model(x), labels) for an embedding model; no logits (no train accuracy).
+
+    Under torchrun the loss (its miner, its cross-batch memory) sees the whole global batch: the
+    embeddings of every rank, gathered with the local ones keeping their gradient."""
 
     def __init__(self, loss: nn.Module):
         super().__init__()
         self.loss = loss
 
     def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor):
-        return self.loss(model(images), _hard(targets, "a metric loss")), None
+        labels = _hard(targets, "a metric loss")
+        return self.loss(gather_with_grad(model(images)), gather(labels)), None
 
 
 class CenterLossObjective(nn.Module):

@@ -118,6 +118,11 @@ def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) 
     raise ValueError(f"model kind {kind!r} is not valid; choose one of custom_cnn, resnet18")
 
 
+def describe_cubs(model: nn.Module, cfg: RecognitionConfig, fashion: str, variant: str) -> dict:
+    """What T3's summaries say about a ResNet-18 + CUBS model (`variant` "plain" or "scaled")."""
+    return describe_model(model, stem=cfg.stem, cubs=fashion, cubs_variant=variant, cubs_width=cfg.cubs_width or "C")
+
+
 def reference_source(data: ClassificationData, per_class: int) -> BatchSource:
     """A fixed part of train (at most `per_class` images per class) for nearest-class-mean evaluation."""
     labels = data.train.labels

@@ -267,6 +267,23 @@ def embedding_run(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig
     return EmbeddingRun(net, result, embeddings.cpu(), labels.cpu(), retrieval_summary(embeddings, labels))
 
 
+def t4_payload(cfg: RetrievalConfig, t3_note: str, init_report: dict, before: dict, classifier: FitResult, runs: dict[str, EmbeddingRun]) -> dict:
+    """What T4's metrics JSON holds besides the configuration: the initialisation, retrieval before
+    (pooled classifier features) and after stage 2 (the main miner), the ablation, every history and
+    training record."""
+    return {
+        "t3": t3_note,
+        "init": {k: v for k, v in init_report.items() if k != "kept_init"} | {"kept_init": init_report.get("kept_init", [])},
+        "before": before,
+        "after": runs[cfg.miner].metrics,
+        "miner": cfg.miner,
+        "ablation": {m: r.metrics for m, r in runs.items()},
+        "histories": {"classifier": classifier.history, **{m: r.result.history for m, r in runs.items()}},
+        "training": {"classifier": classifier.record(), **{m: r.result.record() for m, r in runs.items()}},
+        "train_seconds": classifier.train_seconds + sum(r.result.train_seconds for r in runs.values()),
+    }
+
+
 def grid_queries(labels, count: int) -> list[int]:
     """`count` query indices from evenly spaced distinct classes (first image of each)."""
     labels = np.asarray(labels)

@@ -9,7 +9,8 @@ device, in an order fixed by (seed, epoch), and can start an epoch at batch `sta
   workers, prefetch), for data that does not fit or is not cached.
 
 Both draw batch indices from the same `epoch_plan`, so for one seed they visit the same images in
-the same order.
+the same order. Under torchrun each rank yields its contiguous part of every batch
+(`helpers.distributed.shard`): `batch_size` is the global batch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Iterator, Protocol, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from helpers.distributed import shard
 
 
 class BatchSource(Protocol):
@@ -93,11 +96,14 @@ class TensorBatches:
         """The same data (not copied) in the batches of `batch_sampler` (e.g. a PKBatchSampler)."""
         return TensorBatches(self.images, self.labels, self.batch_size, True, True, self.seed, self.device, batch_sampler, self.output_device)
 
+    def global_plan(self, epoch: int) -> list[np.ndarray]:
+        """The index arrays of the epoch's (global, unsharded) batches."""
+        return epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
         copy = self.output_device != self.device
         pin = copy and self.output_device.type == "cuda"
-        plan = plan[start:]
+        plan = [b for b in map(shard, self.global_plan(epoch)[start:]) if len(b)]  # (a rank's part of a short last batch may be empty)
         if not plan:
             return
         # one upload of the epoch's order, then slices: no per-batch host-to-device copy
@@ -168,8 +174,11 @@ class LoaderBatches:
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last, self.batch_sampler)
 
+    def global_plan(self, epoch: int) -> list[np.ndarray]:
+        """The index arrays of the epoch's (global, unsharded) batches."""
+        return epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        plan = epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
-        self._plan.plan = plan[start:]
+        self._plan.plan = [b for b in map(shard, self.global_plan(epoch)[start:]) if len(b)]  # (a rank's part of a short last batch may be empty)
         for images, labels in self.loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
