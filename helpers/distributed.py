@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 # tests run the several-process path on the CPU (gloo); users ask for GPUs
 CPU_PROCESSES_SWITCH = "HELPERS_ALLOW_CPU_PROCESSES"
+_HOST_GROUP = None  # a gloo group for host-side agreement (a stop request) that never waits for the GPU
 
 
 def is_distributed() -> bool:
@@ -69,6 +70,8 @@ def setup(device: str) -> str:
             )
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        global _HOST_GROUP
+        _HOST_GROUP = dist.new_group(backend="gloo")
         return f"cuda:{local}"
     if str(device) == "mps":
         raise ValueError("several processes need CUDA GPUs (NCCL) or the CPU (gloo); MPS has no distributed backend: use gpus=1")
@@ -77,8 +80,10 @@ def setup(device: str) -> str:
 
 
 def teardown() -> None:
+    global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _HOST_GROUP = None
 
 
 def barrier() -> None:
@@ -186,6 +191,16 @@ def any_rank(*flags: torch.Tensor | bool, device="cpu") -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
+def agree(flag: bool) -> bool:
+    """True on every rank when `flag` is true on some rank: a host-side collective (gloo), so
+    calling it after every step costs no GPU synchronisation."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_HOST_GROUP)
+    return bool(value[0])
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (picklable objects; [obj] in one process)."""
     if not is_distributed():
@@ -215,14 +230,13 @@ def check_gpus(gpus: int, device: str) -> None:
     """gpus > 1 needs that many CUDA GPUs (the CPU only with the test switch)."""
     if gpus <= 1:
         return
-    if str(device).startswith("cuda"):
-        have = torch.cuda.device_count()
-        if gpus > have:
-            raise ValueError(f"gpus={gpus}, but this machine has {have} CUDA GPU(s); use gpus={have} or fewer")
-        return
     if str(device) == "cpu" and os.environ.get(CPU_PROCESSES_SWITCH) == "1":
         return
-    raise ValueError(f"gpus={gpus} needs CUDA GPUs (device is {device!r}); use gpus=1 here")
+    have = torch.cuda.device_count()
+    if not str(device).startswith(("cuda", "auto")) or have == 0:
+        raise ValueError(f"gpus={gpus} needs CUDA GPUs (device {device!r}, {have} CUDA GPU(s) here); use gpus=1")
+    if gpus > have:
+        raise ValueError(f"gpus={gpus}, but this machine has {have} CUDA GPU(s); use gpus={have} or fewer")
 
 
 def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:

@@ -17,7 +17,7 @@ In the hot loop nothing is read back to the host except every `log_every` steps.
 Under torchrun (helpers.distributed) the same loop runs on every rank: model and objective in one
 DistributedDataParallel module (SyncBatchNorm with `sync_bn` on CUDA), each rank on its part of
 every global batch, evaluation gathered over the ranks, a Ctrl-C / SIGTERM honoured by all ranks
-at the same step (agreed every `log_every` steps), and only rank 0 writing files; last.pt then
+at the same step (agreed after every step), and only rank 0 writing files; last.pt then
 holds every rank's RNG and augmentation state, so a resumed run equals an uninterrupted one.
 
 The optimizer, schedule and monitor live in helpers.optim, checkpoint files in helpers.checkpoint,
@@ -208,7 +208,7 @@ def fit(
         while not run.stopped_early and run.epoch < run.num_epochs():
             _train_epoch(run, on_step, stop_request, progress, name)
             stop = _end_epoch(run, evaluate, progress, name)
-            if distributed.any_rank(stop_request.pending, device=run.device)[0] if distributed.is_distributed() else stop_request.pending:
+            if distributed.agree(stop_request.pending):
                 raise KeyboardInterrupt
             run.stopped_early = stop
     except KeyboardInterrupt:
@@ -555,17 +555,14 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
             if global_step + 1 >= run.first_plan_step and schedule.total == UNPLANNED and (total := budget.plan(global_step + 1)) is not None:
                 schedule.replan(global_step + 1, total)
         if run.step % cfg.log_every == 0 or run.step == epoch_steps:
-            # (several processes stop together: they agree on a Ctrl-C / SIGTERM and on divergence here)
-            stop, nonfinite = distributed.any_rank(stop_request.pending, sums.nonfinite, device=run.device) if several else (False, bool(sums.nonfinite))
-            if nonfinite:
+            # (several processes agree on divergence, so that they stop together)
+            if distributed.any_rank(sums.nonfinite, device=run.device)[0] if several else bool(sums.nonfinite):
                 raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
             if bar is not None:
                 bar.update_to(run.step, postfix(sums, sums.seen - seen_at_tic, time.perf_counter() - tic))
-            if stop:
-                raise KeyboardInterrupt
         if on_step is not None:
             on_step(epoch, run.step)
-        if stop_request.pending and not several:
+        if distributed.agree(stop_request.pending) if several else stop_request.pending:  # every rank stops after the same step
             raise KeyboardInterrupt
         if epoch * steps_per_epoch + run.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
             break

@@ -106,13 +106,31 @@ def fit_stage(
     call then loads its finished run (fit(load_only=True)) and continues as after training."""
     several = getattr(cfg, "gpus", 1) > 1 and not distributed.is_distributed()
     if several:
-        from helpers.train import train_on_gpus  # (helpers.train runs the tasks, which import this module)
-
         train_on_gpus(cfg)
     return fit(
         model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
         progress=progress, name=name, run_key=cfg.run_key(stage) | (key_extra or {}), resume=cfg.resume, load_only=several, **fit_options,
     )
+
+
+_TRAINED: set[str] = set()  # configurations trained under torchrun from this process
+
+
+def train_on_gpus(cfg) -> None:
+    """Train the whole task of `cfg` on cfg.gpus GPUs: `python -m helpers.train <task> --config
+    <cfg as JSON>` under torchrun (once per configuration in this process), its output streamed
+    here; fit(load_only=True) then loads each finished run."""
+    key = json.dumps(cfg.as_dict(), sort_keys=True, default=str)
+    if key in _TRAINED:
+        return
+    distributed.check_gpus(cfg.gpus, cfg.device)
+    path = checkpoint_dir(cfg.out_dir, f"{cfg.task}_torchrun_config.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(cfg.as_dict(), path)
+    print(f"Training {cfg.task} on {cfg.gpus} {'GPUs' if str(cfg.device).startswith('cuda') else 'processes'} under torchrun "
+          f"(global batch {cfg.batch_size}); configuration in {path}", flush=True)
+    distributed.launch(cfg.gpus, [cfg.task, "--config", str(path)])
+    _TRAINED.add(key)
 
 
 def file_sha1(path: str | Path) -> str:

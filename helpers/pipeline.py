@@ -5,6 +5,7 @@ HTML, the metrics JSON and figures it writes, and the two-page report built from
     python -m helpers.pipeline --profile full --out outputs/full --data-dir data --device cuda
     python -m helpers.pipeline --profile smoke --out outputs/smoke --only T1,T4 --resume
     python -m helpers.pipeline --profile full --data-dir data --device cuda --plan   # predicted wall time only
+    python -m helpers.pipeline --profile full --data-dir data --device cuda --gpus 4   # training under torchrun (README: Several GPUs)
 
 Notebooks run in dependency order (T2 before T3 before T4: T3 reads T2's metrics, T4 reads T3's
 selection and checkpoint). A failing notebook is reported with its failing cell (an OS error such
@@ -126,6 +127,10 @@ def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, html_
     executed = out / "notebooks" / f"{step.name}.ipynb"
     metrics = out / "metrics" / f"{step.name}.json"
     metrics.unlink(missing_ok=True)  # a failed run must not leave an older run's metrics behind
+    import papermill
+
+    declared = papermill.inspect_notebook(str(notebooks_dir / f"{step.name}.ipynb"))
+    parameters = {k: v for k, v in parameters.items() if k in declared or k != "gpus"}  # (E2 trains on one GPU)
     try:
         execute(notebooks_dir / f"{step.name}.ipynb", executed, parameters, notebooks_dir, interrupter)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
@@ -176,7 +181,7 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
 
 
 def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print,
-        precision: str | None = None) -> dict:
+        precision: str | None = None, gpus: int = 1) -> dict:
     """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool,
     "interrupted": bool}. OUT/pipeline.json is written whatever happens (Ctrl-C included)."""
     if profile not in PROFILES:
@@ -198,6 +203,13 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     if precision:
         check_choice("precision", precision, PRECISIONS)
         parameters["precision"] = precision
+    if gpus != 1:
+        from helpers.distributed import check_gpus
+
+        if gpus < 1:
+            raise ValueError(f"--gpus {gpus} is not valid; use 1 or more")
+        check_gpus(gpus, device or "cuda")
+        parameters["gpus"] = gpus
     status: dict[str, dict] = {}
     plan = load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
@@ -290,7 +302,7 @@ def interrupted_line(summary: dict) -> str:
     stopped = next((name for name, s in steps.items() if s["status"] == "interrupted"), None)
     done = [name for name, s in steps.items() if s["status"] in ("ok", "up to date")]
     options = ["--profile", summary["profile"], "--out", summary["out"]] + (["--only", summary["only"]] if summary.get("only") else [])
-    for key in ("data_dir", "device", "precision"):
+    for key in ("data_dir", "device", "precision", "gpus"):
         if key in summary["parameters"]:
             options += [f"--{key.replace('_', '-')}", summary["parameters"][key]]
     options += [] if summary.get("report_requested", True) else ["--no-report"]
@@ -313,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: each profile's)")
     parser.add_argument("--device", default=None, choices=DEVICES)
     parser.add_argument("--precision", default=None, choices=PRECISIONS, help="every notebook's precision (default: auto, see the README's 'Where it runs')")
+    parser.add_argument("--gpus", type=int, default=1, help="train T1-T4 and E1 on this many GPUs of this machine (torchrun; batch sizes are global)")
     parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
     parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
@@ -324,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             make_plan(args.profile, out, args.only, args.data_dir, args.device)
             return 0
-        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision)
+        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision, gpus=args.gpus)
     except (ValueError, DatasetError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

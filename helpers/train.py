@@ -8,8 +8,8 @@ Under torchrun every rank runs it (helpers.distributed); rank 0 writes:
     torchrun --standalone --nproc_per_node=4 -m helpers.train T2 --profile full
     python -m helpers.train T2 --profile full --gpus 4      # the same: starts torchrun itself
 
-A notebook or the pipeline with gpus > 1 calls `train_on_gpus(cfg)` (through
-`helpers.experiment.fit_stage`), which runs this under torchrun with the notebook's resolved
+A notebook or the pipeline with gpus > 1 calls `helpers.experiment.train_on_gpus(cfg)` (through
+`fit_stage`), which runs this under torchrun with the notebook's resolved
 configuration (`--config FILE`) and then loads the finished runs.
 """
 
@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 
 from helpers import distributed
-from helpers.atomic import atomic_write_json
 from helpers.config import RecognitionConfig, RetrievalConfig
 from helpers.engine import TrainingInterrupted
-from helpers.experiment import describe_model, embed_split, load_metrics, save_metrics, train_classifier
+from helpers.experiment import describe_model, embed_split, load_metrics, save_metrics, train_classifier, train_on_gpus
 
 TASKS = {"T1": "T1_custom_cnn", "T2": "T2_resnet18", "T3": "T3_cubs_resnet18", "E1": "E1_metric_losses", "T4": "T4_cars196_retrieval"}
 USAGE = (
@@ -123,25 +122,6 @@ def run_task(cfg) -> Path:
 
 
 # ------------------------------------------------------------------------------------ launching
-
-_TRAINED: set[str] = set()  # configurations trained by torchrun from this process
-
-
-def train_on_gpus(cfg) -> None:
-    """Train the whole task of `cfg` on cfg.gpus GPUs under torchrun (once per configuration in this
-    process), streaming its output; the finished runs are then loaded by fit(load_only=True)."""
-    key = json.dumps(cfg.as_dict(), sort_keys=True, default=str)
-    if key in _TRAINED:
-        return
-    distributed.check_gpus(cfg.gpus, cfg.device)
-    path = Path(cfg.out_dir) / "checkpoints" / f"{cfg.task}_torchrun_config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cfg.as_dict(), path)
-    print(f"Training {cfg.task} on {cfg.gpus} {'GPUs' if str(cfg.device).startswith('cuda') else 'processes'} under torchrun "
-          f"(global batch {cfg.batch_size}); configuration in {path}", flush=True)
-    distributed.launch(cfg.gpus, [cfg.task, "--config", str(path)])
-    _TRAINED.add(key)
-
 
 def parse_args(argv: list[str]) -> tuple[str, str, str | None, dict]:
     """(task, profile, config file or None, {parameter: value string}) from the command line."""
