@@ -201,6 +201,15 @@ def agree(flag: bool) -> bool:
     return bool(value[0])
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank: each rank's last training
+    forward updated its own from its part of the batch, and evaluation and checkpoints must all
+    describe rank 0's model."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...] (picklable objects; [obj] in one process)."""
     if not is_distributed():

@@ -641,6 +641,7 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     if run.budget is not None and (total := run.budget.plan(steps_done)) is not None:
         if steps_done < schedule.total:  # (a finished run stays finished)
             schedule.replan(steps_done, total)
+    distributed.broadcast_buffers(run.model)  # (every rank evaluates and saves rank 0's model)
     evaluating = evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == run.num_epochs())
     if evaluating:
         run.model.eval()

@@ -42,7 +42,9 @@ _NOTICED: set[str] = set()
 
 def notice(message: str) -> None:
     """Print a one-line notice once per process (to stderr): what a device cannot do and what is done instead."""
-    if message not in _NOTICED:
+    from helpers.distributed import is_main
+
+    if message not in _NOTICED and is_main():  # (under torchrun: once, by rank 0)
         _NOTICED.add(message)
         print(f"note: {message}", file=sys.stderr, flush=True)
 

@@ -46,6 +46,37 @@ def case_train() -> dict:
     return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "train_loss": [h["train_loss"] for h in result.history]}
 
 
+def case_batchnorm() -> dict:
+    """(b) A model with BatchNorm trained 2 epochs and evaluated after each: its last held-out
+    metrics as recorded during training, and its final weights (rank 0's, as checkpointed)."""
+    images, labels = images_and_labels(96, 5, seed=6)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double()
+    source = TensorBatches(images, labels, batch_size=16, shuffle=True, drop_last=True, seed=3)
+    heldout = TensorBatches(images[:37], labels[:37], batch_size=8)
+    augment = BatchAugment(crop="none", flip=False)
+    cfg = FitConfig(epochs=2, lr=0.2, monitor="", precision="fp32", channels_last=False)
+    evaluate = ClassificationEvaluator({"heldout": heldout}, augment)
+    result = fit(nn.Sequential(_Double(), model), source, augment, cfg, progress=False, evaluate=evaluate)
+    return {"record": {k: v for k, v in result.history[-1].items() if k.startswith("heldout")},
+            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return x.double()
+
+
+def batchnorm_model_evaluation(weights: dict) -> dict:
+    """The single-process evaluation of case_batchnorm's model with `weights`."""
+    images, labels = images_and_labels(96, 5, seed=6)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double()
+    model.load_state_dict(weights)
+    model.eval()
+    with torch.no_grad():
+        return ClassificationEvaluator({"heldout": TensorBatches(images[:37], labels[:37], batch_size=8)}, BatchAugment(crop="none", flip=False))(nn.Sequential(_Double(), model))
+
+
 def case_evaluate() -> dict:
     """(b) Per-epoch evaluators on 101 items in batches of 16 (uneven last batch), one source
     shuffled: their metrics and the raw outputs of run_split."""
@@ -96,7 +127,7 @@ def case_metric_loss() -> dict:
     return out
 
 
-CASES = {"train": case_train, "evaluate": case_evaluate, "metric_loss": case_metric_loss}
+CASES = {"train": case_train, "evaluate": case_evaluate, "batchnorm": case_batchnorm, "metric_loss": case_metric_loss}
 
 
 def train_and_interrupt(at_step: int, argv: list[str]) -> int:

@@ -80,6 +80,14 @@ def test_b_distributed_evaluation_equals_one_process_exactly(two_ranks):
         assert torch.equal(found["outputs"], single["outputs"])
 
 
+def test_b_evaluation_during_training_is_of_the_checkpointed_batchnorm_statistics(two_ranks):
+    """Each rank's last training step updates its own BatchNorm running statistics; evaluation and
+    checkpoints must use rank 0's on every rank (else a rank evaluates its part with other statistics)."""
+    rank0, rank1 = two_ranks["batchnorm"]
+    assert all(torch.equal(rank0["weights"][k], rank1["weights"][k]) for k in rank0["weights"])
+    assert rank0["record"] == rank1["record"] == ddp_worker.batchnorm_model_evaluation(rank0["weights"])
+
+
 def test_c_gathered_metric_loss_has_the_single_process_gradient(two_ranks):
     single = ddp_worker.case_metric_loss()
     for found in two_ranks["metric_loss"]:
