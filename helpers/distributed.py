@@ -80,8 +80,15 @@ def setup(device: str) -> str:
 
 
 def teardown() -> None:
+    """Leave the process group, all ranks together (a rank destroying its gloo connections while
+    another still writes its results was seen to abort once)."""
     global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # another rank is already gone (it failed): nothing to wait for
+                pass
         dist.destroy_process_group()
     _HOST_GROUP = None
 

@@ -37,8 +37,11 @@ def torchrun(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 def two_ranks(tmp_path_factory) -> dict:
     """What tests/ddp_worker.py found on 2 ranks: {case: [rank 0's result, rank 1's]}."""
     path = tmp_path_factory.mktemp("ddp") / "found.pt"
-    done = torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(path)])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for attempt in range(2):  # (one run of the full suite saw rank 1 abort in gloo's C++ with no Python error: retried once)
+        done = torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(path)])
+        if done.returncode == 0 or "terminate called" not in done.stderr:
+            break
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     found = torch.load(path, weights_only=False)
     assert found["world_size"] == 2
     return found
