@@ -34,8 +34,9 @@ def run_split(
     """
     positions = None
     if is_distributed():
-        positions = shard_positions(source.global_plan(0))
-        if source.num_samples and sum(len(b) // world_size() for b in source.global_plan(0)) == 0:
+        plan = source.global_plan(0)
+        positions = shard_positions(plan)
+        if source.num_samples and sum(len(b) // world_size() for b in plan) == 0:
             raise ValueError(f"an evaluation split of {source.num_samples} items in batches smaller than the {world_size()} GPUs leaves some GPU nothing to do; use fewer GPUs")
     outputs, labels = [], []
     for images, y in source.epoch(0):

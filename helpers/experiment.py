@@ -102,7 +102,7 @@ def fit_stage(
     weights file's checksum), checkpoints in out_dir/checkpoints/<name>, cfg.resume.
 
     With cfg.gpus > 1 outside torchrun (a notebook, the pipeline): the first such call trains the
-    whole task under torchrun (`helpers.train.train_on_gpus`, once per configuration), and every
+    whole task under torchrun (`train_on_gpus`: `python -m helpers.train`, once per configuration), and every
     call then loads its finished run (fit(load_only=True)) and continues as after training."""
     several = getattr(cfg, "gpus", 1) > 1 and not distributed.is_distributed()
     if several:

@@ -57,7 +57,20 @@ def num_batches(num_samples: int, batch_size: int, drop_last: bool, batch_sample
     return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 
 
-class TensorBatches:
+class _PlannedBatches:
+    """What both batch sources share: the epoch's global plan and this rank's part of it."""
+
+    def global_plan(self, epoch: int) -> list[np.ndarray]:
+        """The index arrays of the epoch's (global, unsharded) batches."""
+        return epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
+
+    def local_plan(self, epoch: int, start: int = 0) -> list[np.ndarray]:
+        """This rank's part of every batch from batch `start` on (all of it in one process); a
+        rank's empty part of a short last batch is left out."""
+        return [b for b in map(shard, self.global_plan(epoch)[start:]) if len(b)]
+
+
+class TensorBatches(_PlannedBatches):
     """Batches gathered from an in-memory uint8 array (N, H, W, 3) held on `device`.
 
     The array stays NHWC; a gathered batch is returned as a (B, 3, H, W) view, which is already
@@ -96,14 +109,10 @@ class TensorBatches:
         """The same data (not copied) in the batches of `batch_sampler` (e.g. a PKBatchSampler)."""
         return TensorBatches(self.images, self.labels, self.batch_size, True, True, self.seed, self.device, batch_sampler, self.output_device)
 
-    def global_plan(self, epoch: int) -> list[np.ndarray]:
-        """The index arrays of the epoch's (global, unsharded) batches."""
-        return epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         copy = self.output_device != self.device
         pin = copy and self.output_device.type == "cuda"
-        plan = [b for b in map(shard, self.global_plan(epoch)[start:]) if len(b)]  # (a rank's part of a short last batch may be empty)
+        plan = self.local_plan(epoch, start)
         if not plan:
             return
         # one upload of the epoch's order, then slices: no per-batch host-to-device copy
@@ -133,7 +142,7 @@ class _PlanSampler:
         return len(self.plan)
 
 
-class LoaderBatches:
+class LoaderBatches(_PlannedBatches):
     """Batches decoded item by item by a `DataLoader` over `dataset`, whose items are
     (uint8 tensor (3, H, W), label): use `ToUint8Tensor` as the dataset transform."""
 
@@ -174,11 +183,7 @@ class LoaderBatches:
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last, self.batch_sampler)
 
-    def global_plan(self, epoch: int) -> list[np.ndarray]:
-        """The index arrays of the epoch's (global, unsharded) batches."""
-        return epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
-
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self._plan.plan = [b for b in map(shard, self.global_plan(epoch)[start:]) if len(b)]  # (a rank's part of a short last batch may be empty)
+        self._plan.plan = self.local_plan(epoch, start)  # (a rank's part of a short last batch may be empty)
         for images, labels in self.loader:
             yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
