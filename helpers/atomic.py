@@ -14,6 +14,8 @@ import re
 from pathlib import Path
 from typing import IO, Callable
 
+from helpers.errors import ProjectError
+
 _TEMPORARY = re.compile(r"^\..+\.tmp(\d+)$")
 
 
@@ -21,9 +23,12 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], verify: Callable[[Path], None] | None = None,
+                 keep_previous: Path | None = None) -> None:
     """Call `write(handle)` on a temporary file next to `path`, then rename it to `path`.
 
+    `verify(temporary path)` (e.g. read it back) runs before the rename and may raise to keep the
+    old file; `keep_previous`: the old `path` is moved there first, so one earlier version stays.
     Any failure removes the temporary file (`path` keeps its old content); an OSError (disk full,
     permissions) is raised again as an OSError of the same errno whose message names `path`, and a
     Ctrl-C stays a KeyboardInterrupt."""
@@ -34,9 +39,15 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if verify is not None:
+            verify(tmp)
+        if keep_previous is not None and path.is_file():
+            os.replace(path, keep_previous)  # (a crash before the next line leaves only the previous: loaders fall back to it)
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, ProjectError):  # (e.g. a file that did not read back: already says what happened)
+            raise
         if not isinstance(exc, KeyboardInterrupt) and _caused_by_interrupt(exc):
             raise KeyboardInterrupt from exc  # torch's writer turns a Ctrl-C into "unexpected pos"
         failure = _as_os_error(exc)
@@ -62,10 +73,10 @@ def _as_os_error(exc: BaseException) -> OSError | None:
     return cause if isinstance(cause, OSError) else None
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
+def atomic_torch_save(obj, path: str | Path, verify: Callable[[Path], None] | None = None, keep_previous: Path | None = None) -> None:
     import torch
 
-    atomic_write(path, lambda handle: torch.save(obj, handle))
+    atomic_write(path, lambda handle: torch.save(obj, handle), verify, keep_previous)
 
 
 def atomic_write_json(obj, path: str | Path) -> None:

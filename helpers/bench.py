@@ -59,6 +59,30 @@ SWITCHES = (
 )
 
 
+def check_output_file(path: str | Path) -> Path:
+    """`path` once a file is sure to be writable there (its folder created if need be); a ValueError
+    of one line naming the path otherwise. Called before any work, so a long run is never lost to
+    an --out that is a folder, lies under a file, or is not writable."""
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise ValueError(f"cannot write {path}: it is a folder; choose another --out")
+    for folder in out.parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"cannot write {path}: {folder} is a file, not a folder; choose another --out")
+            break
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"cannot write {path}: {exc.strerror or exc} in {out.parent}; choose another --out") from None
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ValueError(f"cannot write {path}: it is not writable; choose another --out")
+    return out
+
+
 def bench_model(name: str, device: torch.device, batch_size: int, image_size: int, steps: int, stem: str, num_classes: int = 200, **switches) -> dict:
     """Training images/s of one model through `fit` (epoch 2 of 2; epoch 1 warms up / compiles)."""
     torch.manual_seed(0)
@@ -261,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         resolve_device(args.device)
+        check_output_file(args.out)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

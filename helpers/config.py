@@ -4,7 +4,7 @@ Each notebook's `parameters` cell holds plain values, `None` meaning "the profil
 next cell calls e.g. `RecognitionConfig.build("T1", profile=profile, epochs=epochs, ...)`, which
 starts from the dataclass defaults, applies the profile preset (`PRESETS`, literal data: `smoke`:
 generated data, CPU, about a minute; `full`: the real dataset with the recipe recommended for one
-CUDA GPU), then every parameter that is not None. Unknown names or values raise ValueError listing
+CUDA GPU), then every parameter that is not None. Unknown names or values raise SettingsError (a ValueError) listing
 the valid ones.
 
 Each training stage of a task (`STAGES`: "train"; T4: "classifier" and "embedding"; E2: "pretrain"
@@ -24,7 +24,8 @@ from typing import NamedTuple
 
 from helpers.engine import FitConfig, check_choice
 from helpers.optim import OPTIMIZERS, SCHEDULES
-from helpers.runinfo import PRECISIONS, default_out_dir, generated_data_dir, project_root, resolve_device
+from helpers.runinfo import PRECISIONS, default_data_dir, default_out_dir, launch_dir, resolve_device
+from helpers.errors import SettingsError
 
 PROFILES = ("smoke", "full")
 DATA_PATHS = ("auto", "lazy", "cached", "gpu")
@@ -173,7 +174,7 @@ class ConfigBase:
 
     def _validate(self) -> None:
         """Coerce every field to its annotated type and check its range and choices; raise one
-        ValueError listing every problem (parameter, value, what is allowed)."""
+        SettingsError listing every problem (parameter, value, what is allowed)."""
         problems = []
         for f in fields(self):
             value = getattr(self, f.name)
@@ -200,7 +201,7 @@ class ConfigBase:
         if not problems:
             problems = self._check()
         if problems:
-            raise ValueError(problems[0] if len(problems) == 1 else f"{len(problems)} invalid parameters:\n  " + "\n  ".join(problems))
+            raise SettingsError(problems[0] if len(problems) == 1 else f"{len(problems)} invalid parameters:\n  " + "\n  ".join(problems))
 
     def _check(self) -> list[str]:
         """Rules between parameters (each subclass its own)."""
@@ -214,7 +215,7 @@ class ConfigBase:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}")
+            raise SettingsError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}")
         values = dict(cls.PRESETS[task][profile])
         values.update({k: v for k, v in params.items() if v is not None})
         return cls(task=task, profile=profile, **values).resolved()
@@ -222,11 +223,8 @@ class ConfigBase:
     def resolved(self):
         """A copy with data_dir, out_dir and device made concrete. Defaults: smoke reads generated
         data (created on first use), full reads <project>/data; results go to outputs/<profile>."""
-        if self.data_dir:
-            data_dir = Path(self.data_dir).expanduser().resolve()
-        else:
-            data_dir = generated_data_dir() if self.profile == "smoke" else (project_root() / "data").resolve()
-        out_dir = Path(self.out_dir).expanduser().resolve() if self.out_dir else default_out_dir(self.profile)
+        data_dir = (launch_dir() / Path(self.data_dir).expanduser()).resolve() if self.data_dir else default_data_dir(self.profile)
+        out_dir = (launch_dir() / Path(self.out_dir).expanduser()).resolve() if self.out_dir else default_out_dir(self.profile)
         return dataclasses.replace(self, data_dir=str(data_dir), out_dir=str(out_dir), device=resolve_device(self.device))
 
     def as_dict(self) -> dict:
@@ -237,6 +235,7 @@ class ConfigBase:
     # everything that defines a trained model (eval_every: the engine compares it when a monitor
     # selects on the evaluations)
     # (gpus and sync_bn: the engine compares the number of processes itself, see engine._resume)
+    RESOLVED_BY_TASK: tuple = ()  # fields the task fills in when it runs (their saved values are not the parameters)
     RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every", "gpus", "sync_bn")
 
     def fit_config(self, stage: str = "train") -> FitConfig:
@@ -485,6 +484,8 @@ class RetrievalConfig(ConfigBase):
             after=("classifier",),
         ),
     }
+
+    RESOLVED_BY_TASK = ("fashion", "init", "checkpoint")  # from T3's metrics (retrieval.apply_t3_selection)
 
     CHOICES = {
         "precision": PRECISIONS, "data_path": DATA_PATHS, "init": INITS, "stem": STEMS, "cls_optimizer": OPTIMIZERS, "emb_optimizer": OPTIMIZERS,

@@ -13,20 +13,23 @@ from helpers.checkpoint import LAST
 
 
 class StopRequest:
-    """Turns the first Ctrl-C (SIGINT) into a request honoured at the next step boundary, so an
-    interrupted run saves a consistent state; a second Ctrl-C interrupts at once.
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (Slurm's time limit, `docker stop`, `kill`, a
+    Jupyter kernel being shut down) into a request honoured at the next step boundary, so an
+    interrupted run saves a consistent state; a second signal interrupts at once. `signum` is the
+    first signal (an entry point exits with 128 + it: 130 for Ctrl-C, 143 for SIGTERM).
 
-    `several=True` (a rank under torchrun): SIGTERM is a request too, and further signals never
-    force: torchrun passes the launcher's signal on to every rank (a terminal's Ctrl-C reaches
-    them twice), and all ranks must stop at the same step to save one consistent checkpoint
-    (torchrun kills what has not stopped 30 s later)."""
+    `several=True` (a rank under torchrun): further signals never force: torchrun passes the
+    launcher's signal on to every rank (a terminal's Ctrl-C reaches them twice), and all ranks must
+    stop at the same step to save one consistent checkpoint (torchrun kills what has not stopped
+    30 s later)."""
 
     def __init__(self, several: bool = False):
         self.pending = self.forced = False
+        self.signum = 0
         self.several = several
         self.previous = {}
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM) if several else (signal.SIGINT,):
+            for sig in (signal.SIGINT, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
@@ -35,14 +38,50 @@ class StopRequest:
                 return
             self.forced = True
             raise KeyboardInterrupt
-        self.pending = True
+        self.pending, self.signum = True, signum
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{what}: stopping after this step" + ("" if self.several else " (press again to stop at once)") + "...", flush=True)
+        print(f"\n{what}: stopping after this step" + ("" if self.several else " (again: stop at once)") + "...", flush=True)
 
     def release(self) -> None:
         for sig, previous in self.previous.items():
             signal.signal(sig, previous)
         self.previous = {}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while no training step runs: handled as Ctrl-C is (nothing partial is written; the
+    entry point says so in one line and exits with 143)."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
+def exit_status(stop: KeyboardInterrupt) -> int:
+    """128 + the signal that stopped a run: 143 for SIGTERM, 130 for Ctrl-C."""
+    signum = getattr(stop, "signum", 0) or (signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT)
+    return 128 + int(signum)
+
+
+class TerminateAsInterrupt:
+    """`with TerminateAsInterrupt():` an entry point's SIGTERM (Slurm's time limit, `docker stop`,
+    `kill`) raises Terminated, a KeyboardInterrupt, wherever no training step runs (a training's
+    StopRequest takes the signal over while it runs). `.received` says whether one came."""
+
+    def __enter__(self):
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received = False
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+        _raise_terminated(signum, frame)
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from helpers.errors import SettingsError
 
 # tests run the several-process path on the CPU (gloo); users ask for GPUs
 CPU_PROCESSES_SWITCH = "HELPERS_ALLOW_CPU_PROCESSES"
@@ -64,7 +65,7 @@ def setup(device: str) -> str:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if str(device).startswith("cuda"):
         if local >= torch.cuda.device_count():
-            raise ValueError(
+            raise SettingsError(
                 f"torchrun started {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on this node but it has "
                 f"{torch.cuda.device_count()} CUDA GPU(s): use --nproc_per_node={torch.cuda.device_count()} (gpus={torch.cuda.device_count()})"
             )
@@ -74,7 +75,7 @@ def setup(device: str) -> str:
         _HOST_GROUP = dist.new_group(backend="gloo")
         return f"cuda:{local}"
     if str(device) == "mps":
-        raise ValueError("several processes need CUDA GPUs (NCCL) or the CPU (gloo); MPS has no distributed backend: use gpus=1")
+        raise SettingsError("several processes need CUDA GPUs (NCCL) or the CPU (gloo); MPS has no distributed backend: use gpus=1")
     dist.init_process_group("gloo")
     return device
 
@@ -122,9 +123,9 @@ def check_shardable(batch_size: int, what: str = "batch_size", classes: int | No
     gradients), and a P x K batch into whole classes (classes=P)."""
     n = world_size()
     if batch_size % n:
-        raise ValueError(f"{what}={batch_size} is the global batch and must split evenly over {n} GPUs; use a multiple of {n}")
+        raise SettingsError(f"{what}={batch_size} is the global batch and must split evenly over {n} GPUs; use a multiple of {n}")
     if classes is not None and classes % n:
-        raise ValueError(f"pk_classes={classes}: every GPU gets whole classes of a P x K batch, so P must be a multiple of {n} GPUs")
+        raise SettingsError(f"pk_classes={classes}: every GPU gets whole classes of a P x K batch, so P must be a multiple of {n} GPUs")
 
 
 def all_gather_padded(x: torch.Tensor) -> list[torch.Tensor]:
@@ -250,9 +251,9 @@ def check_gpus(gpus: int, device: str) -> None:
         return
     have = torch.cuda.device_count()
     if not str(device).startswith(("cuda", "auto")) or have == 0:
-        raise ValueError(f"gpus={gpus} needs CUDA GPUs (device {device!r}, {have} CUDA GPU(s) here); use gpus=1")
+        raise SettingsError(f"gpus={gpus} needs CUDA GPUs (device {device!r}, {have} CUDA GPU(s) here); use gpus=1")
     if gpus > have:
-        raise ValueError(f"gpus={gpus}, but this machine has {have} CUDA GPU(s); use gpus={have} or fewer")
+        raise SettingsError(f"gpus={gpus}, but this machine has {have} CUDA GPU(s); use gpus={have} or fewer")
 
 
 def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:

@@ -39,7 +39,11 @@ import torch.nn as nn
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.budget import BudgetClock
-from helpers.checkpoint import BEST, HISTORY, LAST, check_same_run, load_best_weights, load_last, rng_state, save_best, save_last, set_rng_state
+from helpers.checkpoint import (
+    BEST, HISTORY, LAST, check_same_run, claim_run, drop_previous, has_checkpoint, load_best, load_best_weights, load_last, new_run_id, rng_state,
+    save_best, save_last, set_rng_state,
+)
+from helpers.lock import FolderLock
 from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_message, postfix
 from helpers.data.loaders import BatchSource
 from helpers import distributed
@@ -47,6 +51,7 @@ from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
 from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, is_out_of_memory, optimizer_state_mb
 from helpers.optim import OPTIMIZERS, SCHEDULES, UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
+from helpers.errors import SettingsError
 from helpers.runinfo import PRECISIONS, Runtime, notice
 
 
@@ -55,20 +60,21 @@ class TrainingDiverged(FloatingPointError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C (SIGINT) stopped a training after its state was saved; `.result` holds the partial run.
+    """Ctrl-C (SIGINT) or SIGTERM stopped a training after its state was saved; `.result` holds the
+    partial run, `.signum` the signal (exit status 128 + it).
 
     A KeyboardInterrupt, so nothing after the training runs (a notebook stops at this cell, a script
     exits) and no partial result can be reported as a finished one."""
 
-    def __init__(self, message: str, result: "FitResult"):
+    def __init__(self, message: str, result: "FitResult", signum: int = 2):
         super().__init__(message)
-        self.result = result
+        self.result, self.signum = result, signum
 
 
 def check_choice(name: str, value, valid) -> None:
-    """Raise ValueError naming the valid values when `value` is not one of them."""
+    """Raise SettingsError (a ValueError) naming the valid values when `value` is not one of them."""
     if value not in valid:
-        raise ValueError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
+        raise SettingsError(f"{name}={value!r} is not valid; choose one of {', '.join(map(str, valid))}")
 
 
 @dataclass(frozen=True)
@@ -110,15 +116,15 @@ class FitConfig:
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("precision", self.precision, PRECISIONS)
         if self.epochs < 1:
-            raise ValueError(f"epochs={self.epochs} must be >= 1")
+            raise SettingsError(f"epochs={self.epochs} must be >= 1")
         if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
+            raise SettingsError(f"lr={self.lr} must be > 0")
         if self.eval_every < 1:
-            raise ValueError(f"eval_every={self.eval_every} must be >= 1")
+            raise SettingsError(f"eval_every={self.eval_every} must be >= 1")
         if self.max_steps < 0:
-            raise ValueError(f"max_steps={self.max_steps} must be >= 0 (0 = epochs x steps per epoch)")
+            raise SettingsError(f"max_steps={self.max_steps} must be >= 0 (0 = epochs x steps per epoch)")
         if self.budget_s < 0 or (self.budget_s > 0 and self.max_steps > 0):
-            raise ValueError(f"budget_s={self.budget_s} must be >= 0, and cannot be combined with max_steps={self.max_steps}")
+            raise SettingsError(f"budget_s={self.budget_s} must be >= 0, and cannot be combined with max_steps={self.max_steps}")
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run: max_steps when set, else epochs x steps_per_epoch."""
@@ -140,6 +146,7 @@ class FitResult:
     planned_epochs: int = 0  # the run's length (a budget run: as planned at its end)
     resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued, else None
     out_dir: Path | None = None
+    run_id: str = ""  # the run's identity: made when it starts afresh, kept by every resume (in last.pt, best.pt, run.json)
     train_seconds: float = 0.0  # time in the training loops only
     wall_seconds: float = 0.0  # the whole call (this session's part of it when resumed)
     eval_seconds: float = 0.0  # evaluation passes within the wall time
@@ -150,6 +157,7 @@ class FitResult:
             "epochs_planned": self.planned_epochs, "epochs_done": len(self.history), "interrupted": self.interrupted,
             "stopped_early": self.stopped_early, "resumed_from": self.resumed_from,
             "complete": not self.interrupted and (self.stopped_early or len(self.history) >= self.planned_epochs),
+            "run_id": self.run_id, "run_dir": str(self.out_dir) if self.out_dir is not None else None,
         }
 
     @property
@@ -186,21 +194,38 @@ def fit(
     and the plateau schedule (held-out only: never the test split). With `out_dir`, checkpoints
     `last.pt` / `best.pt` and `history.json` are written there and an existing `last.pt` is resumed
     (unless `resume=False`); a checkpoint of another length (`epochs`, `max_steps`) or format is refused.
-    Ctrl-C saves `last.pt` and raises TrainingInterrupted (`on_interrupt="return"`: returns the
-    partial result with `result.interrupted` set). `on_step(epoch, step)` is called after every step.
-    `run_key` (e.g. the notebook's whole configuration) is stored in the checkpoint; a checkpoint
-    written under another key (other data, model or settings) is never resumed silently.
+    Ctrl-C or SIGTERM saves `last.pt` and raises TrainingInterrupted (`on_interrupt="return"`: returns the
+    partial result with `result.interrupted` set). The run holds a lock on `out_dir` while it runs: a
+    second run into the same folder is refused (FolderInUse) instead of mixing its files with this one's. `on_step(epoch, step)` is called after every step.
+    `run_key` (e.g. the notebook's whole configuration and its data's fingerprint) is stored in the
+    checkpoint; a checkpoint written under another key (other data, model or settings) is never
+    resumed silently. An unreadable last.pt falls back to last.prev.pt; other damage is a CheckpointError.
     `load_only=True`: the run was trained elsewhere (by torchrun, helpers.distributed.launch): load
     its finished last.pt / best.pt and history, train nothing (a RuntimeError if it is not finished).
     """
     check_choice("on_interrupt", on_interrupt, ("raise", "return"))
     called_at = time.perf_counter()
-    run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
-    run.called_at = called_at
-    if run.out is not None and (resume or load_only) and (run.out / LAST).is_file():
-        _resume(run)
-    if load_only:
-        return _loaded_result(run)
+    with run_lock(out_dir):  # (rank 0 of several: the others share its folder)
+        run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
+        run.called_at = called_at
+        if run.out is not None and (resume or load_only) and has_checkpoint(run.out):
+            _resume(run)
+        if load_only:
+            return _loaded_result(run)
+        if run.out is not None and distributed.is_main():
+            claim_run(run.out, run.run_id)
+        return _train(run, cfg, model, evaluate, on_step, progress, name, on_interrupt, called_at)
+
+
+def run_lock(out_dir) -> FolderLock | nullcontext:
+    """The lock a run holds on its checkpoint folder while it trains (none without one, and on ranks other than 0)."""
+    if out_dir is None or not distributed.is_main():
+        return nullcontext()
+    return FolderLock(out_dir, what="run", remedy="pass another out_dir (each run folder holds one run)")
+
+
+def _train(run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress, name, on_interrupt, called_at) -> FitResult:
+    """The epochs of a prepared (and maybe resumed) run, Ctrl-C / SIGTERM handling, the best weights restored."""
     run.start_session()
     stop_request = StopRequest(distributed.is_distributed())
     interrupted = False
@@ -223,12 +248,14 @@ def fit(
     if interrupted:
         message = interrupted_message(name, run.epoch, run.step, run.at_boundary, result.planned_epochs, len(run.history), run.out, stop_request.forced)
         if on_interrupt == "raise":
-            raise TrainingInterrupted(message, result)
+            raise TrainingInterrupted(message, result, stop_request.signum or 2)
         print(message, flush=True)
         return result
     distributed.barrier()  # rank 0's best.pt is complete before any rank reads it
-    if cfg.restore_best and run.out is not None and run.monitor.best_epoch is not None and (run.out / BEST).is_file():
-        model.load_state_dict(load_best_weights(run.out, run.device))
+    if cfg.restore_best and run.out is not None and run.monitor.best_epoch is not None:
+        model.load_state_dict(load_best_weights(run.out, run.device, run.run_id))
+    if run.out is not None and distributed.is_main() and result.record()["complete"]:
+        drop_previous(run.out)
     return result
 
 
@@ -293,6 +320,7 @@ class _RunState:
     run_key: dict | None
     runtime: Runtime  # precision (autocast) and memory format of the training steps
     scaler: torch.amp.GradScaler | None  # fp16 only: its loss scale is part of the state
+    run_id: str = field(default_factory=new_run_id)  # a resumed run keeps its checkpoint's
     epoch: int = 0
     step: int = 0  # steps done within `epoch`
     history: list[dict] = field(default_factory=list)
@@ -354,6 +382,7 @@ class _RunState:
             "precision": self.runtime.precision,
             "config": asdict(self.cfg),
             "run_key": self.run_key,
+            "run_id": self.run_id,
             "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
             "session": {"resumed_from": self.resumed_from, "wall_seconds": time.perf_counter() - self.called_at, "eval_seconds": self.eval_seconds},
         }
@@ -363,7 +392,7 @@ class _RunState:
             history=self.history, monitor=self.cfg.monitor, best_epoch=self.monitor.best_epoch, best_value=self.monitor.best,
             interrupted=interrupted, stopped_early=self.stopped_early,
             planned_epochs=self.num_epochs() if self.schedule.total != UNPLANNED else self.cfg.epochs,
-            resumed_from=self.resumed_from, out_dir=self.out, train_seconds=sum(h["train_seconds"] for h in self.history),
+            resumed_from=self.resumed_from, out_dir=self.out, run_id=self.run_id, train_seconds=sum(h["train_seconds"] for h in self.history),
             wall_seconds=wall_seconds, eval_seconds=self.eval_seconds,
         )
 
@@ -419,14 +448,14 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
 def _loaded_result(run: _RunState) -> FitResult:
     """The result of a finished run trained by another process (fit(load_only=True)), with the
     best weights restored as after training."""
-    finished = run.out is not None and (run.out / LAST).is_file() and (run.stopped_early or run.epoch >= run.num_epochs())
+    finished = run.out is not None and has_checkpoint(run.out) and (run.stopped_early or run.epoch >= run.num_epochs())
     if not finished:
         where = run.out / LAST if run.out is not None else "(no out_dir)"
         raise RuntimeError(f"{where}: the run trained by torchrun did not finish (epoch {run.epoch} of {run.num_epochs()}); its output above says why")
     session = run.session or {}
     run.resumed_from = session.get("resumed_from")
-    if run.cfg.restore_best and run.monitor.best_epoch is not None and (run.out / BEST).is_file():
-        run.model.load_state_dict(load_best_weights(run.out, run.device))
+    if run.cfg.restore_best and run.monitor.best_epoch is not None:
+        run.model.load_state_dict(load_best_weights(run.out, run.device, run.run_id))
     result = run.result(False, wall_seconds=session.get("wall_seconds", 0.0))
     result.eval_seconds = session.get("eval_seconds", 0.0)
     return result
@@ -435,14 +464,14 @@ def _loaded_result(run: _RunState) -> FitResult:
 def _check_distributed(cfg: FitConfig, train: BatchSource, device: torch.device) -> None:
     """What several processes need: equal local batches, and no budget run (its plan is per process)."""
     if cfg.budget_s > 0:
-        raise ValueError(f"budget_s={cfg.budget_s}: a time budget is planned from one process's step times; with several GPUs give epochs (or max_steps) instead")
+        raise SettingsError(f"budget_s={cfg.budget_s}: a time budget is planned from one process's step times; with several GPUs give epochs (or max_steps) instead")
     sampler = getattr(train, "batch_sampler", None)
     if sampler is not None and hasattr(sampler, "p"):
         distributed.check_shardable(sampler.p * sampler.k, "the P x K batch", classes=sampler.p)
     elif getattr(train, "drop_last", False):
         distributed.check_shardable(train.batch_size)
     else:
-        raise ValueError("with several GPUs the training batches must all be full (drop_last), so every GPU gets as many images")
+        raise SettingsError("with several GPUs the training batches must all be full (drop_last), so every GPU gets as many images")
     if cfg.sync_bn and device.type != "cuda":
         notice("sync_bn=True: SyncBatchNorm needs CUDA; on the CPU each process normalises with its own batch statistics")
 
@@ -468,10 +497,13 @@ def _resume(run: _RunState) -> None:
         run.model.load_state_dict(ckpt["model"])
         run.objective.load_state_dict(ckpt["objective"])
     except RuntimeError as exc:
-        raise ValueError(
+        raise SettingsError(
             f"{run.out / LAST} holds a different model ({str(exc).splitlines()[0]}). "
             "Pass resume=False or use another out_dir to start afresh."
         ) from None
+    run.run_id = ckpt.get("run_id") or run.run_id
+    if run.cfg.restore_best and ckpt["monitor"].get("best_epoch") is not None and distributed.is_main():
+        load_best(run.out / BEST, "cpu", run.run_id)  # (now, not after the training: its best weights must still be there)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.schedule.load_state_dict(ckpt["schedule"])
     run.monitor.load_state_dict(ckpt["monitor"])
@@ -484,7 +516,7 @@ def _resume(run: _RunState) -> None:
     finished = run.stopped_early or run.epoch >= run.num_epochs()
     if saved_world != world and not finished:
         if run.step > 0:
-            raise ValueError(
+            raise SettingsError(
                 f"{run.out / LAST} was stopped within epoch {run.epoch + 1} of a run on {saved_world} process(es); every process "
                 f"saved its own position and random state, so it can only continue on {saved_world} (gpus={saved_world}). "
                 "Or pass resume=False / another out_dir to start afresh."
@@ -653,9 +685,9 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
         run.eval_seconds += record["eval_seconds"]
     value = record.get(cfg.monitor) if cfg.monitor else None
     if cfg.monitor and evaluating and value is None:
-        raise ValueError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
+        raise SettingsError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
     if run.monitor.update(value, epoch + 1) and run.out is not None and distributed.is_main():
-        save_best(run.out, run.model, epoch + 1, cfg.monitor, value, asdict(cfg))
+        save_best(run.out, run.model, epoch + 1, cfg.monitor, value, asdict(cfg), run.run_id, run.run_key)
     schedule.epoch_end(run.monitor)
     stop = run.monitor.stalled(cfg.patience) and epoch + 1 < run.num_epochs()
     record["best_epoch"] = run.monitor.best_epoch

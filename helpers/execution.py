@@ -28,6 +28,7 @@ class KernelInterrupter:
 
     def __init__(self, log):
         self.log = log
+        self.signum = 0  # the first signal received: SIGINT (Ctrl-C) or SIGTERM, each handled as a press
         self.presses = self.forwarded = 0
         self.running = ""  # the notebook being executed, "" between notebooks
         self.cell_running = False  # between sending a cell and its reply
@@ -44,11 +45,13 @@ class KernelInterrupter:
         return self.forwarded >= 3
 
     def __call__(self, signum, frame):
+        self.signum = self.signum or signum
         if not self.running:
             raise KeyboardInterrupt
         self.presses += 1
         if self.presses == 1:
-            self.log(f"\n[pipeline] Ctrl-C: asking {self.running} to save its state and stop (Ctrl-C again: stop at once)")
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            self.log(f"\n[pipeline] {what}: asking {self.running} to save its state and stop (again: stop at once)")
         self.forward()
 
     def forward(self) -> None:

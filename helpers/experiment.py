@@ -30,11 +30,13 @@ from torch.utils.data import Dataset
 
 from helpers import distributed
 from helpers.atomic import atomic_write_json
-from helpers.checkpoint import BEST
+from helpers.checkpoint import BEST, run_owner
 from helpers.data import LoaderBatches, TensorBatches, synthetic
+from helpers.data.fingerprint import tree_fingerprint
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
 from helpers.engine import FitConfig, FitResult, fit
+from helpers.errors import MetricsError, SettingsError
 from helpers.evaluation import ClassificationEvaluator, classification_metrics, classification_report, run_split
 from helpers.runinfo import Runtime, choose_precision, generated_data_dir, run_info
 
@@ -48,20 +50,37 @@ DATASETS = {
 }
 
 
+TASK_DATA = {"T1": "tiny", "T2": "tiny", "T3": "tiny", "E1": "tiny", "T4": "cars", "E2": "stl10"}  # task -> its dataset
+_FINGERPRINTS: dict[tuple[str, str], str] = {}  # (kind, data_dir) -> the fingerprint when last located
+
+
 def locate_data(data_dir: str | Path, kind: str) -> tuple[Path, bool]:
     """(dataset root, generated) for "tiny", "cars" or "stl10" under `data_dir`.
 
     The default generated-data folder gets the stand-in dataset, created on first use. Elsewhere
     the first candidate folder holding the dataset's marker wins; when none does, the first
-    candidate is returned and the dataset class raises its clear "not found" error."""
+    candidate is returned and the dataset class raises its clear "not found" error. The root's
+    fingerprint (file list and sizes) is taken now: `data_fingerprint` reads it."""
     params, candidates, markers = DATASETS[kind]
     data_dir = Path(data_dir)
     if data_dir == generated_data_dir():
-        return synthetic.generate(kind, data_dir, params(seed=0)), True
-    folders = [data_dir / c for c in candidates]
-    markers = (markers,) if isinstance(markers, str) else markers
-    root = next((f for f in folders if any((f / m).exists() for m in markers)), folders[0])
-    return root, (root / synthetic.STAMP).is_file()
+        root, generated = synthetic.generate(kind, data_dir, params(seed=0)), True
+    else:
+        folders = [data_dir / c for c in candidates]
+        markers = (markers,) if isinstance(markers, str) else markers
+        root = next((f for f in folders if any((f / m).exists() for m in markers)), folders[0])
+        generated = (root / synthetic.STAMP).is_file()
+    _FINGERPRINTS[(kind, str(data_dir))] = tree_fingerprint(root)
+    return root, generated
+
+
+def data_fingerprint(cfg) -> str:
+    """The fingerprint of the dataset of task `cfg.task` under cfg.data_dir, as taken when this
+    process last located it (building the task's data does); taken now if it never did."""
+    kind = TASK_DATA[cfg.task]
+    if (kind, str(Path(cfg.data_dir))) not in _FINGERPRINTS:
+        locate_data(cfg.data_dir, kind)
+    return _FINGERPRINTS[(kind, str(Path(cfg.data_dir)))]
 
 
 def resolve_data_path(data_path: str, device: str) -> str:
@@ -69,7 +88,7 @@ def resolve_data_path(data_path: str, device: str) -> str:
     cuda = str(device).startswith("cuda")
     path = data_path if data_path != "auto" else ("gpu" if cuda else "cached")
     if path == "gpu" and not cuda:
-        raise ValueError("data_path='gpu' needs device='cuda'; use 'cached' or 'lazy' on the CPU")
+        raise SettingsError("data_path='gpu' needs device='cuda'; use 'cached' or 'lazy' on the CPU")
     return path
 
 
@@ -98,8 +117,8 @@ def fit_stage(
     key_extra: dict | None = None, progress: bool = True, **fit_options,
 ) -> FitResult:
     """One `fit` of `model` for the task configuration `cfg`: the stage's FitConfig (unless
-    `fit_cfg` is given) and run key (plus `key_extra`: what else the run starts from, e.g. a
-    weights file's checksum), checkpoints in out_dir/checkpoints/<name>, cfg.resume.
+    `fit_cfg` is given) and run key (with the data's fingerprint, plus `key_extra`: what else the run
+    starts from, e.g. a weights file's checksum), checkpoints in out_dir/checkpoints/<name>, cfg.resume.
 
     With cfg.gpus > 1 outside torchrun (a notebook, the pipeline): the first such call trains the
     whole task under torchrun (`train_on_gpus`: `python -m helpers.train`, once per configuration), and every
@@ -109,7 +128,8 @@ def fit_stage(
         train_on_gpus(cfg)
     return fit(
         model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
-        progress=progress, name=name, run_key=cfg.run_key(stage) | (key_extra or {}), resume=cfg.resume, load_only=several, **fit_options,
+        progress=progress, name=name, run_key=cfg.run_key(stage) | {"data_fingerprint": data_fingerprint(cfg)} | (key_extra or {}),
+        resume=cfg.resume, load_only=several, **fit_options,
     )
 
 
@@ -179,7 +199,7 @@ class RunSummary:
         return cls(
             name=name, architecture=architecture, best_epoch=result.best_epoch, epochs_run=len(result.history), training=result.record(),
             train_seconds=result.train_seconds, fit_seconds={"wall": result.wall_seconds, "evaluation": result.eval_seconds},
-            images_per_s=result.images_per_s, checkpoint=str(checkpoint_dir(out_dir, name) / BEST), heldout=heldout, test=test,
+            images_per_s=result.images_per_s, checkpoint=str(checkpoint_dir(".", name) / BEST), heldout=heldout, test=test,
             history=result.history,
         )
 
@@ -202,8 +222,9 @@ class T3Selection:
     criterion: str
     best: str  # the run's name
     fashion: str
-    checkpoint: str  # its best.pt
+    checkpoint: str  # its best.pt, relative to the output folder (older metrics: an absolute path)
     stem: str
+    run_id: str = ""  # the run that wrote that best.pt ("" in older metrics: not checked)
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "T3Selection | None":
@@ -214,7 +235,21 @@ class T3Selection:
     @classmethod
     def from_metrics(cls, document: dict) -> "T3Selection | None":
         values = document.get("selection")
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)}) if values else None
+        return cls(**{f.name: values.get(f.name, "") if f.name == "run_id" else values[f.name] for f in dataclasses.fields(cls)}) if values else None
+
+    def checkpoint_in(self, out_dir: str | Path) -> Path:
+        """T3's best.pt in the output folder `out_dir` (which may have been moved or copied since
+        T3 ran): a relative path resolves against it, and so does an absolute one's part from
+        "checkpoints/" on, when that exists there."""
+        path = Path(self.checkpoint)
+        if not path.is_absolute():
+            return Path(out_dir) / path
+        parts = path.parts
+        if "checkpoints" in parts:
+            moved = Path(out_dir).joinpath(*parts[len(parts) - 1 - parts[::-1].index("checkpoints"):])
+            if moved.is_file() or not path.is_file():
+                return moved
+        return path
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,11 +281,43 @@ def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = as_json(payload)
+    check_runs_current(payload, path, cfg.out_dir)
     partial = partial_trainings(payload)
     document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
                 "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device, choose_precision(cfg.precision, cfg.device)), **payload}
     atomic_write_json(document, path)
     return path
+
+
+def training_records(payload, where: str = "") -> list[tuple[str, dict]]:
+    """(path, record) of every training record (a FitResult.record()) in a metrics payload."""
+    if isinstance(payload, dict):
+        if "epochs_planned" in payload and "complete" in payload:
+            return [(where, payload)]
+        return [found for key, value in payload.items() for found in training_records(value, f"{where}.{key}" if where else str(key))]
+    if isinstance(payload, list):
+        return [found for i, value in enumerate(payload) for found in training_records(value, f"{where}[{i}]")]
+    return []
+
+
+def check_runs_current(payload: dict, path: Path, out_dir: str | Path) -> None:
+    """Metrics are written only by the run that trained them: refuse (MetricsError) when a training
+    record's checkpoint folder now belongs to another run (e.g. a second notebook or pipeline
+    trained into the same folder meanwhile). Records' run folders are then stored relative to out_dir."""
+    for where, record in training_records(payload):
+        if not record.get("run_dir"):
+            continue
+        run_dir = Path(record["run_dir"])
+        owner = run_owner(run_dir)
+        if owner is not None and record.get("run_id") and owner.get("run_id") != record["run_id"]:
+            raise MetricsError(
+                f"{path} was not written: {run_dir} now holds another run (pid {owner.get('pid')} on {owner.get('host')}, "
+                f"started {owner.get('started')}) than the one this process trained ({where}); rerun to train and report one run"
+            )
+        try:
+            record["run_dir"] = str(run_dir.relative_to(Path(out_dir)))
+        except ValueError:
+            pass
 
 
 def partial_trainings(payload, where: str = "") -> list[str]:
@@ -268,9 +335,18 @@ def partial_trainings(payload, where: str = "") -> list[str]:
 
 
 def load_metrics(out_dir: str | Path, name: str) -> dict | None:
-    """A metrics JSON written by another notebook of the same run, or None when it is absent."""
+    """A metrics JSON written by another notebook of the same run, or None when it is absent; a
+    MetricsError naming the file when it is unreadable or not a metrics object."""
     path = metrics_path(out_dir, name)
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MetricsError(f"{path} is unreadable ({type(exc).__name__}: {exc}); rerun {name} to write it again, or delete it") from None
+    if not isinstance(document, dict):
+        raise MetricsError(f"{path} is not a metrics file of this project (it holds a JSON {type(document).__name__}); rerun {name} to write it again, or delete it")
+    return document
 
 
 # ------------------------------------------------------------------------------------ classifiers

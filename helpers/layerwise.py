@@ -19,7 +19,7 @@ from helpers.data import STL10, stratified_split
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import FlatGray
 from helpers.engine import FitResult
-from helpers.experiment import ClassificationData, batch_source, fit_stage, locate_data, resolve_data_path
+from helpers.experiment import ClassificationData, batch_source, data_fingerprint, fit_stage, locate_data, resolve_data_path
 from helpers.models import MLP
 
 
@@ -102,6 +102,7 @@ def build_stl10(cfg: LayerwiseConfig) -> tuple[ClassificationData, BatchSource]:
         "test_images": len(test),
         "unlabeled_images_for_pretraining": unlabeled_count,
         "input": "96x96 grayscale, flattened to 9216 values in [0, 1]",
+        "fingerprint": data_fingerprint(cfg),
     }
     data = ClassificationData(sources["train"], sources["heldout"], sources["test"], FlatGray(cfg.flip), 10, list(train_set.class_names), info)
     return data, pretrain

@@ -10,11 +10,14 @@ HTML, the metrics JSON and figures it writes, and the two-page report built from
 Notebooks run in dependency order (T2 before T3 before T4: T3 reads T2's metrics, T4 reads T3's
 selection and checkpoint). A failing notebook is reported with its failing cell (an OS error such
 as a full disk with the path it could not write); what does not depend on it still runs; the exit
-status is then non-zero and OUT/pipeline.json is written whatever happens. Ctrl-C asks the running
-notebook to save its training state and stop (a second Ctrl-C stops it at once), marks it
-`interrupted`, runs nothing more and exits with status 130; `--resume` then continues it.
+status is then non-zero and OUT/pipeline.json is written whatever happens. Ctrl-C or SIGTERM (Slurm's
+time limit, `docker stop`) asks the running notebook to save its training state and stop (a second
+one stops it at once), marks it `interrupted`, runs nothing more and exits with status 130 (143 for
+SIGTERM); `--resume` then continues it. The pipeline holds a lock on OUT while it runs: a second
+pipeline into the same folder is refused with one line naming the first.
 `--resume` skips a notebook whose executed copy, HTML and complete metrics are all newer than its
-inputs (the notebook, the helpers package, the metrics of the notebooks it depends on). `--plan` measures a few training steps of every model
+inputs (the notebook, the helpers package, the metrics of the notebooks it depends on), and whose
+metrics record the configuration and data this run would use (else it reruns, saying what changed). `--plan` measures a few training steps of every model
 on the device and predicts each notebook's wall time (helpers.plan) without running anything; it
 writes OUT/plan.json, and a later run of the same profile records each notebook's prediction
 beside its measured time in pipeline.json.
@@ -23,6 +26,7 @@ beside its measured time in pipeline.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -35,17 +39,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
+from helpers.errors import OutputError, ProjectError, SettingsError
 from helpers.execution import KernelInterrupter, NotebookStopped, execute, write_html
-from helpers.engine import check_choice
-from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, project_root
+from helpers.lock import PIPELINE_LOCK, FolderLock
+from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, absolute_env_paths, default_data_dir, project_root
 
 INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C
+TERMINATED_EXIT = 143  # ... and by SIGTERM
 
 
 @dataclass(frozen=True)
 class Step:
     name: str  # notebook stem = metrics file stem
     needs: tuple[str, ...] = ()
+
+    @property
+    def task(self) -> str:
+        return self.name.split("_")[0]
 
 
 STEPS = (
@@ -68,7 +78,7 @@ def select_steps(only: str | None) -> list[Step]:
     for w in wanted:
         matches = [s for s in STEPS if s.name == w or s.name.split("_")[0] == w]
         if not matches:
-            raise ValueError(f"--only: {w!r} names no notebook; valid: {', '.join(s.name.split('_')[0] for s in STEPS)}")
+            raise SettingsError(f"--only: {w!r} names no notebook; valid: {', '.join(s.name.split('_')[0] for s in STEPS)}")
         chosen += matches
     return [s for s in STEPS if s in chosen]
 
@@ -83,22 +93,60 @@ def newest_input(notebook: Path, out: Path, step: Step) -> float:
     return max([notebook.stat().st_mtime, package] + [d.stat().st_mtime for d in deps if d.is_file()])
 
 
-def is_complete(out: Path, step: Step, notebook: Path, profile: str) -> bool:
-    """All outputs present, newer than every input, produced by this profile, the metrics not
-    partial and the executed notebook free of errors."""
+def is_complete(out: Path, step: Step, notebook: Path, profile: str, parameters: dict | None = None) -> bool:
+    """Whether --resume may keep a notebook's outputs (see stale_reason)."""
+    return not stale_reason(out, step, notebook, profile, parameters)
+
+
+def stale_reason(out: Path, step: Step, notebook: Path, profile: str, parameters: dict | None = None) -> str:
+    """Why a notebook's outputs cannot be kept ("" when they can): all outputs present, newer than
+    every input, produced by this profile, the metrics not partial, the executed notebook free of
+    errors and, given the pipeline's `parameters`, the metrics' configuration and data fingerprint
+    the same as this run's."""
     paths = outputs_of(out, step)
     if not all(p.is_file() for p in paths):
-        return False
+        return "outputs missing"
     try:
         metrics = json.loads(paths[2].read_text())
         executed = json.loads(paths[0].read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return "outputs unreadable"
+    if not isinstance(metrics, dict) or not isinstance(executed, dict):
+        return "outputs unreadable"
     if metrics.get("profile") != profile or metrics.get("complete") is False:
-        return False
+        return "metrics of another profile or partial"
     if executed.get("metadata", {}).get("papermill", {}).get("exception"):
-        return False
-    return min(p.stat().st_mtime for p in paths) > newest_input(notebook, out, step)
+        return "the notebook raised an error"
+    if min(p.stat().st_mtime for p in paths) <= newest_input(notebook, out, step):
+        return "inputs changed since"
+    return configuration_changes(step, metrics, parameters) if parameters is not None else ""
+
+
+def configuration_changes(step: Step, metrics: dict, parameters: dict) -> str:
+    """What differs between the configuration and data a notebook's metrics record and what the
+    notebook would use now with the pipeline's `parameters` ("" when nothing does)."""
+    from helpers.config import LayerwiseConfig, RecognitionConfig, RetrievalConfig
+    from helpers.experiment import TASK_DATA, data_fingerprint
+
+    if step.task not in TASK_DATA:
+        return ""
+    cls = {"T4": RetrievalConfig, "E2": LayerwiseConfig}.get(step.task, RecognitionConfig)
+    names = {f.name for f in dataclasses.fields(cls)} - {"task", "profile"}
+    cfg = cls.build(step.task, parameters["profile"], **{k: v for k, v in parameters.items() if k in names})
+    saved = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
+    changes = [
+        f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.as_dict().items()
+        if k not in ("resume", *cls.RESOLVED_BY_TASK) and _plain(saved.get(k)) != _plain(v)
+    ]
+    recorded = (metrics.get("data") or {}).get("fingerprint") if isinstance(metrics.get("data"), dict) else None
+    if recorded != data_fingerprint(cfg):
+        changes.append(f"the data under {cfg.data_dir} (file list and sizes)")
+    return ("changed: " + "; ".join(changes)) if changes else ""
+
+
+def _plain(value):
+    """A configuration value as its JSON form (tuples are lists there)."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 INTERRUPT_NAMES = ("TrainingInterrupted", "KeyboardInterrupt")
@@ -170,9 +218,8 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
     from helpers.plan import format_plan, plan_pipeline
 
     if profile not in PROFILES:
-        raise ValueError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
-    out = Path(out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+        raise SettingsError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
+    out = check_output_folder(Path(out))
     plan = plan_pipeline(profile, [s.name for s in select_steps(only)], data_dir, device, out)
     atomic_write_json(plan, out / "plan.json")
     log(format_plan(plan))
@@ -183,13 +230,42 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
 def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print,
         precision: str | None = None, gpus: int = 1) -> dict:
     """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool,
-    "interrupted": bool}. OUT/pipeline.json is written whatever happens (Ctrl-C included)."""
+    "interrupted": bool, "signal": "SIGINT" / "SIGTERM" when one stopped it}. OUT/pipeline.json is
+    written whatever happens (Ctrl-C and SIGTERM included). Everything a user can get wrong (the
+    profile, OUT, the device, the precision) is checked before any notebook starts; OUT is locked
+    while the pipeline runs (FolderInUse for a second one)."""
     if profile not in PROFILES:
-        raise ValueError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
+        raise SettingsError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
     steps = select_steps(only)
-    out = Path(out).resolve()
-    for sub in ("notebooks", "metrics", "figures"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out = check_output_folder(Path(out))
+    if device:
+        from helpers.runinfo import resolve_device
+
+        resolve_device(device)  # e.g. --device cuda without a GPU: say so now, not in every kernel
+    if precision and precision not in PRECISIONS:
+        raise SettingsError(f"--precision {precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    with FolderLock(out, PIPELINE_LOCK, what="pipeline", remedy="use another --out"):
+        return _run(profile, out, steps, data_dir, device, resume, report, log, precision, gpus, only)
+
+
+def check_output_folder(out: Path) -> Path:
+    """`out` made absolute and created, with its subfolders; an OutputError (one line) when it is a
+    file, lies under one, or cannot be written."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"--out {out} is a file, not a folder; choose a folder for the pipeline's outputs")
+    try:
+        for sub in ("notebooks", "metrics", "figures"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(f"--out {out} cannot be written ({exc.strerror or exc}); choose a writable folder") from None
+    return out
+
+
+def _run(profile, out: Path, steps, data_dir, device, resume, report, log, precision, gpus, only) -> dict:
     stale = remove_stale_temporaries(out)
     if stale:
         log(f"[pipeline] removed {len(stale)} temporary file(s) left by a killed run, e.g. {stale[0]}")
@@ -201,13 +277,12 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     if device:
         parameters["device"] = device
     if precision:
-        check_choice("precision", precision, PRECISIONS)
         parameters["precision"] = precision
     if gpus != 1:
         from helpers.distributed import check_gpus
 
         if gpus < 1:
-            raise ValueError(f"--gpus {gpus} is not valid; use 1 or more")
+            raise SettingsError(f"--gpus {gpus} is not valid; use 1 or more")
         check_gpus(gpus, device or "cuda")
         parameters["gpus"] = gpus
     status: dict[str, dict] = {}
@@ -219,6 +294,7 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     (out / "pipeline.json").unlink(missing_ok=True)  # if it cannot be written at the end, no older one may look current
     interrupter = KernelInterrupter(log) if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg") else None
     previous_handler = signal.signal(signal.SIGINT, interrupter) if interrupter is not None else None
+    previous_term = signal.signal(signal.SIGTERM, interrupter) if interrupter is not None else None
     html_pool = ThreadPoolExecutor(max_workers=1)  # the HTML of one notebook renders while the next runs
     html_pool.futures = {}
     current = None  # what runs in this process when a Ctrl-C raises here
@@ -230,9 +306,11 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
             current = step.name
             if broken:
                 result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
-            elif resume and is_complete(out, step, notebook, profile):
-                result = {"status": "up to date", "message": "outputs newer than inputs"}
+            elif resume and not (why := stale_reason(out, step, notebook, profile, parameters)):
+                result = {"status": "up to date", "message": "outputs newer than inputs, same configuration and data"}
             else:
+                if resume and why.startswith("changed"):
+                    log(f"[pipeline] {step.name}: rerunning, {why}")
                 log(f"[pipeline] running {step.name} ...")
                 state, message = run_step(step, out, parameters, notebooks_dir, html_pool, interrupter)
                 result = {"status": state, "message": message}
@@ -267,6 +345,9 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGINT, previous_handler)
+            signal.signal(signal.SIGTERM, previous_term)
+        if interrupter is not None and interrupter.signum and summary["interrupted"]:
+            summary["signal"] = signal.Signals(interrupter.signum).name
         try:  # (futures, not Thread.join: a join interrupted by Ctrl-C never waits again)
             wait(html_pool.futures.values())  # an HTML file is written whole or not at all
         except KeyboardInterrupt:
@@ -297,7 +378,7 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
 
 
 def interrupted_line(summary: dict) -> str:
-    """The one line a Ctrl-C ends with: what was saved, how to go on (a command to paste)."""
+    """The one line a Ctrl-C or SIGTERM ends with: what was saved, how to go on (a command to paste)."""
     steps = summary["steps"]
     stopped = next((name for name, s in steps.items() if s["status"] == "interrupted"), None)
     done = [name for name, s in steps.items() if s["status"] in ("ok", "up to date")]
@@ -330,20 +411,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
     parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
     args = parser.parse_args(argv)
+    absolute_env_paths()  # (relative HELPERS_* folders mean the user's directory, not the kernels' notebooks/)
     out = args.out or str(project_root() / "outputs" / args.profile)
-    from helpers.data.errors import DatasetError
-
     try:
         if args.plan:
             make_plan(args.profile, out, args.only, args.data_dir, args.device)
             return 0
         summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision, gpus=args.gpus)
-    except (ValueError, DatasetError) as exc:
+    except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if summary["interrupted"]:
         print(interrupted_line(summary), flush=True)
-        return INTERRUPTED_EXIT
+        return TERMINATED_EXIT if summary.get("signal") == "SIGTERM" else INTERRUPTED_EXIT
     if summary.get("plan"):
         print(f"[pipeline] predicted {summary['plan']['predicted_seconds']} s for the notebooks run, measured {summary['plan']['measured_seconds']} s")
     failed = {k: v for k, v in summary["steps"].items() if v["status"] not in ("ok", "up to date")}
@@ -352,8 +432,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # before the pipeline's own handler was in place
-        print("[pipeline] interrupted before any notebook ran; nothing was changed.", file=sys.stderr)
-        sys.exit(INTERRUPTED_EXIT)
+    from helpers.console import TerminateAsInterrupt, exit_status
+
+    with TerminateAsInterrupt():
+        try:
+            sys.exit(main())
+        except KeyboardInterrupt as stop:  # before the pipeline's own handler was in place
+            print("[pipeline] interrupted before any notebook ran; nothing was changed.", file=sys.stderr)
+            sys.exit(exit_status(stop))

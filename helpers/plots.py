@@ -32,15 +32,19 @@ def plot_curves(histories: dict[str, list[dict]], curves=CURVES, title: str = ""
     one line per model. histories: {model name: fit history (list of per-epoch dicts)}."""
     present = [c for c in curves if any(h.get(c[0]) is not None for hist in histories.values() for h in hist)]
     fig, axes = plt.subplots(1, len(present), figsize=(3.6 * len(present), 3.0), squeeze=False)
-    for ax, (key, label, percent) in zip(axes[0], present):
-        for name, history in histories.items():
-            points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
-            if points:
-                epochs, values = zip(*points)
-                ax.plot(epochs, [100 * v for v in values] if percent else values, marker="o", ms=3, label=name)
-        ax.set_xlabel("epoch")
-        ax.set_title(label, fontsize=10)
-        ax.grid(alpha=0.3)
+    try:
+        for ax, (key, label, percent) in zip(axes[0], present):
+            for name, history in histories.items():
+                points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
+                if points:
+                    epochs, values = zip(*points)
+                    ax.plot(epochs, [100 * v for v in values] if percent else values, marker="o", ms=3, label=name)
+            ax.set_xlabel("epoch")
+            ax.set_title(label, fontsize=10)
+            ax.grid(alpha=0.3)
+    except BaseException:  # histories of another shape: no half-drawn figure stays open
+        plt.close(fig)
+        raise
     axes[0][0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -41,6 +41,7 @@ import torch
 
 from helpers.data.errors import DatasetError
 from helpers.atomic import atomic_write_json
+from helpers.bench import check_output_file
 from helpers.runinfo import Runtime, peak_mem_mb, run_info
 
 WHO = ("project", "peer")
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         who = [w.strip() for w in args.who.split(",") if w.strip()]
         if not who or any(w not in WHO for w in who):
             raise ValueError(f"--who {args.who!r}: choose from {', '.join(WHO)}")
+        if not args.plan:  # (a plan writes nothing)
+            for path in (args.out, Path(args.out).with_suffix(".md"), Path(args.out).with_suffix(".png")):
+                check_output_file(path)
         return drive(args, argv, who)
     except (DatasetError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from helpers.experiment import (
     RunSummary,
     T3Selection,
     batch_source,
+    data_fingerprint,
     describe_model,
     locate_data,
     resolve_data_path,
@@ -32,16 +33,17 @@ from helpers.metrics import topk_accuracy
 from helpers.models import CustomCNN, EmbeddingNet, resnet18
 from helpers.objectives import CenterLossObjective, MetricObjective
 from helpers.runinfo import Runtime
+from helpers.errors import SettingsError
 
 
 def check_subset_fits(cfg: RecognitionConfig, train_labels: np.ndarray, root: Path) -> None:
     """`classes` and `train_per_class` against what the data has; a ValueError that states it."""
     counts = np.bincount(train_labels)
     if cfg.classes > len(counts):
-        raise ValueError(f"classes={cfg.classes} is not valid: the data at {root} has {len(counts)} classes; use 1 to {len(counts)} (0 = all)")
+        raise SettingsError(f"classes={cfg.classes} is not valid: the data at {root} has {len(counts)} classes; use 1 to {len(counts)} (0 = all)")
     most = counts[: cfg.classes or len(counts)].max()
     if cfg.train_per_class > most:
-        raise ValueError(f"train_per_class={cfg.train_per_class} is not valid: the data at {root} has at most {most} training images per class; use 1 to {most} (0 = all)")
+        raise SettingsError(f"train_per_class={cfg.train_per_class} is not valid: the data at {root} has at most {most} training images per class; use 1 to {most} (0 = all)")
 
 
 def split_indices(train_labels: np.ndarray, test_labels: np.ndarray, cfg: RecognitionConfig) -> dict[str, np.ndarray]:
@@ -102,6 +104,7 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         "heldout_images": len(splits["heldout"]),
         "test_images": len(splits["test"]),
         "image_size": cfg.image_size,
+        "fingerprint": data_fingerprint(cfg),
     }
     return ClassificationData(sources["train"], sources["heldout"], sources["test"], augment, num_classes, list(train_set.class_names[:num_classes]), info)
 
@@ -115,7 +118,7 @@ def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) 
         if options.get("cubs"):
             options.setdefault("cubs_width", cfg.cubs_width or None)
         return resnet18(num_classes, stem=cfg.stem, **options)
-    raise ValueError(f"model kind {kind!r} is not valid; choose one of custom_cnn, resnet18")
+    raise SettingsError(f"model kind {kind!r} is not valid; choose one of custom_cnn, resnet18")
 
 
 def describe_cubs(model: nn.Module, cfg: RecognitionConfig, fashion: str, variant: str) -> dict:
@@ -183,7 +186,8 @@ def select_best(runs: dict[str, RunSummary], key: str = "top1") -> str:
 def select_t3(runs: dict[str, RunSummary], cfg: RecognitionConfig) -> T3Selection:
     """T3's choice among its CUBS runs (held-out top-1), as T4 and the report read it."""
     best = runs[select_best(runs)]
-    return T3Selection(criterion="held-out top-1", best=best.name, fashion=best.architecture["cubs"], checkpoint=best.checkpoint, stem=cfg.stem)
+    return T3Selection(criterion="held-out top-1", best=best.name, fashion=best.architecture["cubs"], checkpoint=best.checkpoint, stem=cfg.stem,
+                       run_id=best.training.get("run_id") or "")
 
 
 def gap_to_t2(best: RunSummary, t2_metrics: dict | None, cfg: RecognitionConfig) -> dict:

@@ -23,7 +23,9 @@ from helpers.data.cache import decode_all
 from helpers.data.loaders import BatchSource
 from helpers.engine import FitResult
 from helpers.evaluation import RetrievalEvaluator
-from helpers.experiment import T3Selection, batch_source, embed_split, file_sha1, fit_stage, locate_data, resolve_data_path
+from helpers.checkpoint import load_best
+from helpers.errors import CheckpointError, SettingsError
+from helpers.experiment import T3Selection, batch_source, data_fingerprint, embed_split, file_sha1, fit_stage, locate_data, metrics_path, resolve_data_path
 from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
 from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
@@ -94,6 +96,7 @@ def build_cars196(cfg: RetrievalConfig) -> RetrievalData:
             "image_size": cfg.image_size,
             "resize": cfg.resize,
             "bbox_crop": cfg.bbox_crop,
+            "fingerprint": data_fingerprint(cfg),
         },
     )
     return data
@@ -131,12 +134,12 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
     report = {"init": cfg.init}
     if cfg.init == "tinyimagenet":
         if not cfg.checkpoint or not Path(cfg.checkpoint).is_file():
-            raise ValueError(
+            raise SettingsError(
                 f"init='tinyimagenet' needs a T3 checkpoint; checkpoint={cfg.checkpoint!r} does not exist. "
                 "Run T3 first (its metrics name the selected checkpoint) or pass checkpoint=<path to best.pt>."
             )
-        state = torch.load(cfg.checkpoint, map_location="cpu", weights_only=False)
-        report.update(load_backbone(model, state.get("model", state)), checkpoint=cfg.checkpoint)
+        state = load_best(Path(cfg.checkpoint), "cpu", remedy="pass another checkpoint, or rerun T3")
+        report.update(load_backbone(model, state["model"]), checkpoint=cfg.checkpoint)
     elif cfg.init == "imagenet":
         weights = imagenet_weights_file(cfg.imagenet_weights)
         loaded = load_torchvision_resnet18(model, weights)
@@ -162,7 +165,7 @@ def imagenet_weights_file(path: str = "", progress: bool = True) -> Path:
     is. Raises ValueError, saying where to put the file, when the download fails (e.g. offline)."""
     if path:
         if not Path(path).is_file():
-            raise ValueError(
+            raise SettingsError(
                 f"init='imagenet' needs torchvision's resnet18 ImageNet weights as a file; imagenet_weights="
                 f"{path!r} does not exist. Pass the path of {imagenet_cache_file().name} (torchvision), or leave "
                 f"imagenet_weights empty to use torchvision's download cache ({imagenet_cache_file()})."
@@ -173,7 +176,7 @@ def imagenet_weights_file(path: str = "", progress: bool = True) -> Path:
         try:
             IMAGENET_WEIGHTS.get_state_dict(progress=progress, check_hash=True, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as error:  # URLError, HTTPError, timeouts: OSError; a wrong hash: RuntimeError
-            raise ValueError(
+            raise SettingsError(
                 f"init='imagenet': downloading torchvision's ResNet-18 ImageNet weights from {IMAGENET_WEIGHTS.url} "
                 f"failed ({error}). Without internet, copy that file (downloaded elsewhere) to {cached} "
                 "(torchvision's cache: $TORCH_HOME/hub/checkpoints), or pass imagenet_weights=<path of the file>."
@@ -231,20 +234,37 @@ def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: Retriev
 
 def apply_t3_selection(cfg: RetrievalConfig) -> tuple[RetrievalConfig, str]:
     """Fill what the configuration leaves to T3: the fashion T3 selected (fashion=""), its
-    checkpoint (init "tinyimagenet"/"auto" without checkpoint) and init "auto" (tinyimagenet when
-    T3's checkpoint exists, else scratch). Returns the concrete config and a sentence saying so."""
+    checkpoint (init "tinyimagenet"/"auto" without checkpoint), resolved in cfg.out_dir (the output
+    folder may have been moved or copied), and init "auto": tinyimagenet when T3 has run in this
+    output folder, else scratch. A SettingsError when T3's metrics name a checkpoint that is missing
+    or was rewritten by another run (never a silent start from scratch). Returns the concrete config
+    and a sentence saying so."""
     selection = T3Selection.load(cfg.out_dir)
     notes = []
     fashion = cfg.fashion or (selection.fashion if selection else "serial12")
     notes.append(f"fashion {fashion} " + ("(given)" if cfg.fashion else "(T3's held-out selection)" if selection else "(default: T3 has not run in this output folder)"))
-    checkpoint = cfg.checkpoint or (selection.checkpoint if selection else "")
+    from_t3 = selection is not None and not cfg.checkpoint and cfg.init in ("auto", "tinyimagenet")
+    checkpoint = cfg.checkpoint or (str(selection.checkpoint_in(cfg.out_dir)) if selection else "")
+    if from_t3:
+        check_t3_checkpoint(Path(checkpoint), selection, metrics_path(cfg.out_dir, "T3_cubs_resnet18"))
     init = cfg.init
     if init == "auto":
-        init = "tinyimagenet" if checkpoint and Path(checkpoint).is_file() else "scratch"
+        init = "tinyimagenet" if from_t3 or (checkpoint and Path(checkpoint).is_file()) else "scratch"
     if init == "tinyimagenet" and selection and not cfg.checkpoint and selection.stem != cfg.stem:
         notes.append(f"T3 used the {selection.stem} stem: the {cfg.stem} stem here starts from its own init")
     notes.append(f"init {init}" + (f" from {checkpoint}" if init == "tinyimagenet" else ""))
     return dataclasses.replace(cfg, fashion=fashion, init=init, checkpoint=checkpoint), "; ".join(notes) + "."
+
+
+def check_t3_checkpoint(path: Path, selection: T3Selection, metrics: Path) -> None:
+    """T3's selected best.pt is there and is the one T3's metrics describe, else a SettingsError saying what to do."""
+    remedy = "rerun T3 into this output folder, or pass init='scratch' or init='imagenet' (or checkpoint=<a best.pt>) explicitly"
+    if not path.is_file():
+        raise SettingsError(f"T3's metrics ({metrics}) name the checkpoint {path}, which is missing; {remedy}")
+    try:
+        load_best(path, "cpu", selection.run_id or None, remedy=remedy)
+    except CheckpointError as exc:
+        raise SettingsError(f"T3's metrics ({metrics}) name {exc}") from None
 
 
 @dataclass

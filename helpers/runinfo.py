@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+from helpers.errors import SettingsError
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,21 +19,52 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 def project_root() -> Path:
     """The repository root (holding pyproject.toml) for an editable install; else the working directory."""
     if os.environ.get("HELPERS_PROJECT_ROOT"):
-        return Path(os.environ["HELPERS_PROJECT_ROOT"]).resolve()
+        return env_path("HELPERS_PROJECT_ROOT")
     candidate = PACKAGE_DIR.parent
     if (candidate / "pyproject.toml").is_file():
         return candidate
     return Path.cwd().resolve()
 
 
+PATH_VARIABLES = ("HELPERS_DATA_DIR", "HELPERS_OUT_DIR", "HELPERS_CACHE_DIR", "HELPERS_PROJECT_ROOT")
+
+
+def launch_dir() -> Path:
+    """The directory relative paths resolve against: $HELPERS_LAUNCH_DIR, which the pipeline sets
+    to the directory it was run from before its kernels start (they run in notebooks/), else the
+    working directory (a shell command's, or a notebook's own folder in Jupyter)."""
+    value = os.environ.get("HELPERS_LAUNCH_DIR")
+    return Path(value) if value and os.path.isabs(value) else Path.cwd()
+
+
+def env_path(name: str) -> Path | None:
+    """The folder an environment variable names, a relative value resolved against `launch_dir()`; None when unset."""
+    value = os.environ.get(name)
+    return (launch_dir() / Path(value).expanduser()).resolve() if value else None
+
+
+def absolute_env_paths() -> None:
+    """Make the HELPERS_* path variables absolute (against the directory the command was run from)
+    before kernels and subprocesses, which run elsewhere, inherit them."""
+    for name in PATH_VARIABLES:
+        if os.environ.get(name):
+            os.environ[name] = str(env_path(name))
+    os.environ.setdefault("HELPERS_LAUNCH_DIR", str(Path.cwd()))
+
+
 def generated_data_dir() -> Path:
     """Where generated data lives: $HELPERS_DATA_DIR, else <project>/data/generated."""
-    return Path(os.environ.get("HELPERS_DATA_DIR") or project_root() / "data" / "generated").resolve()
+    return env_path("HELPERS_DATA_DIR") or (project_root() / "data" / "generated").resolve()
+
+
+def default_data_dir(profile: str) -> Path:
+    """Where a profile reads its datasets by default: smoke the generated ones, full <project>/data."""
+    return generated_data_dir() if profile == "smoke" else (project_root() / "data").resolve()
 
 
 def default_out_dir(profile: str) -> Path:
     """Where a profile's results go: $HELPERS_OUT_DIR, else <project>/outputs/<profile>."""
-    return Path(os.environ.get("HELPERS_OUT_DIR") or project_root() / "outputs" / profile).resolve()
+    return env_path("HELPERS_OUT_DIR") or (project_root() / "outputs" / profile).resolve()
 
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -55,14 +87,14 @@ def resolve_device(device: str) -> str:
     import torch
 
     if device not in DEVICES and not str(device).startswith("cuda:"):
-        raise ValueError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
+        raise SettingsError(f"device={device!r} is not valid; choose one of {', '.join(DEVICES)} (or cuda:N)")
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA GPU is visible to PyTorch {torch.__version__}; use device='cpu' or 'auto'")
+        raise SettingsError(f"device={device!r} but no CUDA GPU is visible to PyTorch {torch.__version__}; use device='cpu' or 'auto'")
     if device == "mps" and not mps:
-        raise ValueError(f"device='mps' but Apple's Metal backend is not available to PyTorch {torch.__version__} here; use device='cpu' or 'auto'")
+        raise SettingsError(f"device='mps' but Apple's Metal backend is not available to PyTorch {torch.__version__} here; use device='cpu' or 'auto'")
     return device
 
 
@@ -123,7 +155,7 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
     import torch
 
     if setting not in PRECISIONS:
-        raise ValueError(f"precision={setting!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+        raise SettingsError(f"precision={setting!r} is not valid; choose one of {', '.join(PRECISIONS)}")
     device_type = torch.device(device).type
     if device_type == "cuda" and capability is None:
         capability = torch.cuda.get_device_capability(torch.device(device))

@@ -22,7 +22,10 @@ from pathlib import Path
 
 from helpers import distributed
 from helpers.config import RecognitionConfig, RetrievalConfig
+from helpers.console import TerminateAsInterrupt, exit_status
 from helpers.engine import TrainingInterrupted
+from helpers.errors import ProjectError, SettingsError
+from helpers.runinfo import absolute_env_paths
 from helpers.experiment import describe_model, embed_split, load_metrics, save_metrics, train_classifier, train_on_gpus
 
 TASKS = {"T1": "T1_custom_cnn", "T2": "T2_resnet18", "T3": "T3_cubs_resnet18", "E1": "E1_metric_losses", "T4": "T4_cars196_retrieval"}
@@ -139,38 +142,58 @@ def parse_args(argv: list[str]) -> tuple[str, str, str | None, dict]:
 def build_config(task: str, profile: str, config_file: str | None, params: dict):
     cls = config_class(task)
     if config_file:  # a notebook's resolved configuration (+ overrides)
-        values = json.loads(Path(config_file).read_text()) | params
+        values = read_config_file(Path(config_file)) | params
         if values.get("task") != task:
-            raise ValueError(f"{config_file} is a configuration of {values.get('task')}, not {task}")
+            raise SettingsError(f"{config_file} is a configuration of {values.get('task')}, not {task}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(f"unknown parameter(s) {', '.join(unknown)} in {config_file}")
+            raise SettingsError(f"unknown parameter(s) {', '.join(unknown)} in {config_file}")
         return cls(**values).resolved()
     return cls.build(task, profile, **params)
 
 
+def read_config_file(path: Path) -> dict:
+    """A configuration written by a notebook (checkpoints/<task>_torchrun_config.json); a SettingsError naming it otherwise."""
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SettingsError(f"--config {path}: no such file; give the <task>_torchrun_config.json a notebook wrote under out_dir/checkpoints") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SettingsError(f"--config {path} is not readable JSON ({type(exc).__name__}: {exc})") from None
+    if not isinstance(values, dict):
+        raise SettingsError(f"--config {path} holds a JSON {type(values).__name__}, not a configuration object ({{\"task\": ..., ...}})")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     task, profile, config_file, params = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = build_config(task, profile, config_file, params)
-        if distributed.launched_by_torchrun():
-            device = distributed.setup(cfg.device)
-            cfg = dataclasses.replace(cfg, device=device, gpus=distributed.world_size())
-        elif cfg.gpus > 1:  # start torchrun on this module
-            train_on_gpus(cfg)
-            return 0
-        path = run_task(cfg)
-        if distributed.is_main():
-            print(f"metrics written to {path}", flush=True)
-    except ValueError as error:  # a setting or the data: one line that says what to change
-        print(f"helpers.train {task}: {error}", file=sys.stderr, flush=True)
-        return 2
-    except TrainingInterrupted as stop:
-        print(stop, file=sys.stderr, flush=True)
-        return 130
-    finally:
-        distributed.teardown()
+    absolute_env_paths()
+    with TerminateAsInterrupt() as terminate:
+        try:
+            cfg = build_config(task, profile, config_file, params)
+            if distributed.launched_by_torchrun():
+                device = distributed.setup(cfg.device)
+                cfg = dataclasses.replace(cfg, device=device, gpus=distributed.world_size())
+            elif cfg.gpus > 1:  # start torchrun on this module
+                train_on_gpus(cfg)
+                return 0
+            path = run_task(cfg)
+            if distributed.is_main():
+                print(f"metrics written to {path}", flush=True)
+        except ProjectError as error:  # a setting, the data, a folder or a file: one line that says what to change
+            print(f"helpers.train {task}: {error}", file=sys.stderr, flush=True)
+            return 2
+        except TrainingInterrupted as stop:
+            print(stop, file=sys.stderr, flush=True)
+            return exit_status(stop)
+        except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM outside a training step
+            what = str(stop) or "stopped by Ctrl-C"
+            print(f"helpers.train {task}: {what}; no metrics were written, checkpoints written before are kept: rerun to continue",
+                  file=sys.stderr, flush=True)
+            return 143 if terminate.received else exit_status(stop)
+        finally:
+            distributed.teardown()
     return 0
 
 

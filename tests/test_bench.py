@@ -53,3 +53,35 @@ def test_memory_rows_use_each_models_full_profile_batch(monkeypatch):
     assert [(r["what"], r["name"], r["batch_size"], r["image_size"], r["stem"]) for r in rows] == [
         ("memory", "resnet18", 4, 16, "small"), ("memory", "T4 cubs_serial12", 2, 32, "imagenet")]
     assert all(r["peak_mem_mb"] > 0 and r["precision_used"] == "fp32" and r["switches"]["precision"] == "auto" for r in rows)
+
+
+def test_an_unusable_out_is_refused_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    def measured(*args, **kwargs):
+        pytest.fail("the benchmark ran with an --out it cannot write")
+
+    monkeypatch.setattr(bench, "run", measured)
+    (tmp_path / "a_file").write_text("")
+    for out, problem in ((tmp_path, "it is a folder"), (tmp_path / "a_file" / "bench.json", "a_file is a file, not a folder")):
+        assert bench.main(["--device", "cpu", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: cannot write {out}: ") and problem in err
+
+
+def test_the_out_check_really_writes_and_creates_the_folder(tmp_path, monkeypatch):
+    import os
+    import tempfile
+
+    import pytest
+
+    out = tmp_path / "new" / "deeper" / "bench.json"
+    assert bench.check_output_file(str(out)) == out
+    assert out.parent.is_dir() and os.listdir(out.parent) == [], "the folder is made, the probe removed"
+
+    def refused(*args, **kwargs):  # what a read-only folder does (root ignores permission bits)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    with pytest.raises(ValueError, match=r"cannot write .*bench.json: Permission denied in .*deeper; choose another --out"):
+        bench.check_output_file(out)

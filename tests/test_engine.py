@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from helpers.checkpoint import CHECKPOINT_FORMAT
+from helpers.errors import CheckpointError
 from helpers.data import BatchAugment, TensorBatches
 from helpers.engine import FitConfig, TrainingDiverged, TrainingInterrupted, fit
 from helpers.optim import EpochMonitor, LRSchedule
@@ -222,7 +223,7 @@ def test_a_format_1_checkpoint_resumes_exactly_and_unknown_formats_are_refused(t
     assert_same_run(straight, resumed)
     for stamp, says in [(3, "written in checkpoint format 3;"), (None, "written without a format number;")]:
         torch.save({k: v for k, v in ckpt.items() if k != "format"} | ({"format": stamp} if stamp else {}), path)
-        with pytest.raises(ValueError, match=rf"{re.escape(str(path))} was {says} this version .* resumes format {CHECKPOINT_FORMAT} only\. Pass resume=False \(or use another out_dir\)"):
+        with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} was {says} this version .* resumes format {CHECKPOINT_FORMAT} only: delete that folder or pass resume=False"):
             run(tmp_path, "old", schedule="plateau", plateau_patience=0, patience=3)
     _, fresh = run(tmp_path, "old", epochs=1, resume=False)
     assert fresh.resumed_from is None and torch.load(path, weights_only=False)["format"] == CHECKPOINT_FORMAT

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -160,16 +161,15 @@ def training_project(tmp_path, monkeypatch):
     return root
 
 
-def press_ctrl_c_when(marker: Path, timeout: float = 60.0):
-    """SIGINT to this process (as a terminal's Ctrl-C) once `marker` exists."""
-    import signal
+def press_ctrl_c_when(marker: Path, timeout: float = 60.0, signum: int = signal.SIGINT):
+    """SIGINT to this process (as a terminal's Ctrl-C; or `signum`) once `marker` exists."""
     import threading
 
     def wait_and_press():
         deadline = time.time() + timeout
         while not marker.exists() and time.time() < deadline:
             time.sleep(0.05)
-        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signum)
 
     thread = threading.Thread(target=wait_and_press, daemon=True)
     thread.start()
@@ -202,6 +202,22 @@ def test_ctrl_c_saves_the_training_marks_it_interrupted_and_resume_continues_it(
     record = json.loads((out / "metrics" / "B_train.json").read_text())["training"]
     assert record["complete"] and record["epochs_done"] == 3 and record["resumed_from"] is not None, "continued, not restarted"
     assert pipeline.run("smoke", out, resume=True, report=False, log=lambda *a: None)["steps"]["B_train"]["status"] == "up to date"
+
+
+def test_sigterm_is_handled_as_ctrl_c_and_exits_143(training_project, tmp_path, capfd):
+    """Slurm's time limit, `docker stop`, `kill`: the training saves, the notebook is interrupted,
+    pipeline.json says so, one line, exit status 143."""
+    out = tmp_path / "out"
+    press_ctrl_c_when(out / "training_started", signum=signal.SIGTERM)
+    code = pipeline.main(["--profile", "smoke", "--out", str(out), "--no-report"])
+    captured = capfd.readouterr()
+    assert code == pipeline.TERMINATED_EXIT == 143, captured.out + captured.err
+    assert "[pipeline] SIGTERM: asking B_train to save its state and stop" in captured.out
+    last = [line for line in captured.out.splitlines() if line.strip()][-1]
+    assert last.startswith("[pipeline] interrupted: B_train saved its training state") and "Traceback" not in captured.err, captured.out
+    summary = json.loads((out / "pipeline.json").read_text())
+    assert summary["interrupted"] and summary["signal"] == "SIGTERM" and summary["steps"]["B_train"]["status"] == "interrupted", summary
+    assert (out / "checkpoints" / "B_train" / "last.pt").is_file() and not (out / "metrics" / "B_train.json").exists()
 
 
 def test_disk_full_in_a_notebook_names_the_path_removes_the_temporary_and_the_rest_runs(fake_project, tmp_path):

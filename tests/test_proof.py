@@ -88,3 +88,19 @@ def test_proof_on_the_real_mini_archive(tmp_path):
     assert document["meta"]["run"]["torch"] and document["meta"]["plan"]["total_seconds"] > 0
     assert "| project | 2 |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_an_unusable_out_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    def work(*args, **kwargs):
+        pytest.fail("the proof started with an --out it cannot write")
+
+    for name in ("drive", "tiny_imagenet_root", "plan"):
+        monkeypatch.setattr(proof, name, work)
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "table.md").mkdir()
+    cases = ((tmp_path, str(tmp_path)), (tmp_path / "a_file" / "p.json", "a_file is a file, not a folder"),
+             (tmp_path / "table.json", f"{tmp_path / 'table.md'}: it is a folder"))
+    for out, problem in cases:
+        assert proof.main(["--data-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: cannot write ") and problem in err

@@ -4,6 +4,8 @@ The cache file name carries a fingerprint of the source files (relative path, si
 is reused while the source is unchanged and rebuilt when anything changes. Each file is written
 atomically and the `<stem>.json` sidecar last, so its presence marks a complete cache; on open
 every file is checked against the sidecar and a damaged cache is rebuilt with a one-line notice.
+The cache lives beside the data (`<root>-cache`) unless `cache_dir` or $HELPERS_CACHE_DIR names
+another place, or the data folder is read-only: then in the user cache (`resolve_cache_dir`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -20,9 +23,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from helpers.atomic import atomic_save_npy, atomic_write_json, remove_stale_temporaries
+from helpers.data.errors import DatasetError
 from helpers.data.images import ToUint8Tensor, apply_transforms
 from helpers.data.tinyimagenet import IMAGE_SIZE, TinyImageNet
+from helpers.runinfo import notice
 
+CACHE_ENV = "HELPERS_CACHE_DIR"  # where decode caches go instead of beside the data
 CACHE_FORMAT = 2  # sidecar layout version: a cache written by another version is rebuilt
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
@@ -37,7 +43,71 @@ def source_fingerprint(root: Path, samples: list[tuple[str, int]]) -> str:
 
 
 def default_cache_dir(root: Path) -> Path:
+    """The cache folder beside the data: `<root.parent>/<root.name>-cache`."""
     return root.parent / f"{root.name}-cache"
+
+
+def cache_subfolder(root: Path) -> str:
+    """One dataset's folder inside a shared cache: `<root name>-<hash of its absolute path>`, so two
+    datasets of the same name never share (and overwrite) one cache."""
+    resolved = Path(root).resolve()
+    return f"{resolved.name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:10]}"
+
+
+def user_cache_dir() -> Path:
+    """This user's cache folder: `$XDG_CACHE_HOME/helpers`, else `~/.cache/helpers`."""
+    base = os.environ.get("XDG_CACHE_HOME")
+    return (Path(base) if base else Path.home() / ".cache") / "helpers"
+
+
+def is_writable_dir(folder: Path) -> bool:
+    """Whether `folder` can be created and written to, found by doing it (a probe file): os.access
+    misjudges read-only mounts and network drives, and says yes to root on any of them."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
+
+
+def resolve_cache_dir(root: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """The (created) folder for the decode cache of the dataset at `root`: `cache_dir` when given;
+    else `$HELPERS_CACHE_DIR/<cache_subfolder>`; else `default_cache_dir` beside the data when it can
+    be written; else `user_cache_dir()/<cache_subfolder>`, with a one-line notice."""
+    root = Path(root).absolute()
+    if cache_dir is not None:
+        return created_cache_dir(Path(cache_dir), "the cache_dir argument")
+    if os.environ.get(CACHE_ENV):
+        chosen = Path(os.environ[CACHE_ENV]).expanduser().resolve() / cache_subfolder(root)
+        return created_cache_dir(chosen, CACHE_ENV)
+    beside = default_cache_dir(root)
+    if is_writable_dir(beside):
+        return beside
+    fallback = user_cache_dir() / cache_subfolder(root)
+    if not is_writable_dir(fallback):
+        raise DatasetError(
+            f"Cannot write the decode cache of {root}: neither {beside} (beside the data) nor {fallback} "
+            f"(the user cache) is writable. Set {CACHE_ENV} to a writable folder."
+        )
+    notice(
+        f"the data folder {root.parent} is read-only, so the decode cache of {root.name} goes to "
+        f"{fallback} (set {CACHE_ENV} to choose the place)"
+    )
+    return fallback
+
+
+def created_cache_dir(folder: Path, chosen_by: str) -> Path:
+    """`folder`, created; DatasetError naming it when it cannot be."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DatasetError(
+            f"Cannot create the cache folder {folder} (set by {chosen_by}): {exc.strerror or exc}. Choose a writable folder."
+        ) from None
+    return folder
 
 
 def decode_all(dataset: Dataset, num_workers: int = 0, batch_size: int = 256, progress: bool = False) -> np.ndarray:
@@ -140,8 +210,7 @@ class CachedTinyImageNet(Dataset):
         self.root, self.split = source.root, split
         self.classes, self.class_names, self.samples = source.classes, source.class_names, source.samples
         self.transform, self.target_transform = transform, target_transform
-        cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(self.root)
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_dir = resolve_cache_dir(self.root, cache_dir)
         remove_stale_temporaries(cache_dir, recursive=False)
         fingerprint = source_fingerprint(self.root, source.samples)
         stem = f"tinyimagenet-{split}-{fingerprint[:16]}"

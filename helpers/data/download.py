@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from helpers.data.errors import DatasetError
+from helpers.data.images import is_macos_metadata
 
 __all__ = [
     "CARS_DEVKIT_DIR",
@@ -525,9 +526,13 @@ def _image_count_problems(folder: Path, label: str, expected: int) -> list[str]:
 
 
 def _count_images(folder: Path) -> int:
-    """Number of .jpg/.jpeg files (any case) directly inside ``folder``."""
+    """Number of .jpg/.jpeg files (any case) directly inside ``folder``; macOS ``._*`` companions are not images."""
     with os.scandir(folder) as entries:
-        return sum(1 for e in entries if e.name.lower().endswith(_IMAGE_SUFFIXES) and e.is_file())
+        return sum(
+            1
+            for e in entries
+            if e.name.lower().endswith(_IMAGE_SUFFIXES) and not is_macos_metadata(e.name) and e.is_file()
+        )
 
 
 def _nonempty_lines(path: Path) -> list[str]:
@@ -626,6 +631,7 @@ def _fetch_dataset(
         if not problems:
             return root
         _log.info("%s is incomplete (%s); it will be replaced", root, _summarize(problems))
+    _check_data_dir(data_dir, write=True)
     archive = data_dir / _archive_name(url, source.folder)
     downloaded_now = not archive.exists()
     download_file(url, archive, md5=md5, timeout=timeout, progress=progress)
@@ -638,6 +644,27 @@ def _fetch_dataset(
     if not keep_archive:
         archive.unlink(missing_ok=True)
     return root
+
+
+def _check_data_dir(data_dir: Path, write: bool = False) -> None:
+    """DatasetError when ``data_dir`` is a file, or (``write``) when it cannot be created or written to."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetError(
+            f"The data folder {data_dir} is a file, not a folder: pass a folder as --data-dir "
+            "(it is created when missing)."
+        )
+    if not write:
+        return
+    try:  # a real write: os.access misjudges read-only mounts, ACLs and network drives
+        data_dir.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=data_dir)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise DatasetError(
+            f"Cannot write to the data folder {data_dir} ({exc.strerror or exc}): pass a writable "
+            "folder as --data-dir."
+        ) from exc
 
 
 def _install_verified(archive: Path, source: _Source, data_dir: Path, url: str, progress: bool) -> None:
@@ -693,6 +720,7 @@ def prepare_cars196(
     required.
     """
     data_dir = Path(data_dir)
+    _check_data_dir(data_dir)
     if not overwrite and (installed := _installed_cars(data_dir)) is not None:
         if source is not None:
             _log.info("Cars-196 is already installed at %s; pass overwrite=True to replace it", installed)
@@ -705,6 +733,7 @@ def prepare_cars196(
     source = Path(source).expanduser()
     if not source.exists():
         raise DatasetError(f"Cars-196 source {source} does not exist. {_CARS_HELP}")
+    _check_data_dir(data_dir, write=True)
     if source.is_dir():
         layout, base = _find_cars_layout(source, source)
         return _install_cars(base, layout, data_dir, move=False)

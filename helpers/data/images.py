@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,12 @@ from PIL import Image, UnidentifiedImageError
 
 from helpers.data.errors import DatasetError
 from helpers.data.synthetic import STAMP
+
+
+def is_macos_metadata(name: str) -> bool:
+    """True for the files macOS leaves beside real ones (AppleDouble `._*` resource forks, `.DS_Store`)
+    when it copies to FAT/exFAT/network drives or packs a zip or tar: never dataset images."""
+    return name.startswith("._") or name == ".DS_Store"
 
 
 def load_rgb(path: str | Path) -> Image.Image:
@@ -22,6 +29,13 @@ def load_rgb(path: str | Path) -> Image.Image:
         raise DatasetError(
             f"Image file not found: {path}. The dataset folder is incomplete; "
             + repair_advice(path, "re-extract or re-download it.")
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning when warnings are errors
+        found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
+        size = f"{int(found.group(1)):,} pixels, over PIL's limit of {int(found.group(2)):,}" if found else "over PIL's limit"
+        raise DatasetError(
+            f"Image {path} is too large to decode safely ({size}; a decompression-bomb guard): "
+            "it is not a normal dataset image; remove it or resize it."
         ) from None
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as exc:
         raise DatasetError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import numpy as np
+from helpers.errors import SettingsError
 from torch.utils.data import Sampler
 
 
@@ -30,11 +31,11 @@ class PKBatchSampler(Sampler[list[int]]):
         drop_small_classes: bool = False,
     ):
         if p < 1 or k < 1:
-            raise ValueError(f"PKBatchSampler: P (pk_classes) and K (pk_images) must be >= 1, got P={p}, K={k}")
+            raise SettingsError(f"PKBatchSampler: P (pk_classes) and K (pk_images) must be >= 1, got P={p}, K={k}")
         labels = np.asarray(labels)
         classes, counts = np.unique(labels, return_counts=True)
         if len(classes) == 0:
-            raise ValueError("PKBatchSampler: no labels: the training split is empty")
+            raise SettingsError("PKBatchSampler: no labels: the training split is empty")
         keep = counts >= k
         self.classes = classes[keep]
         _check_pk(counts, p, k, drop_small_classes, example=classes[counts.argmin()])
@@ -87,23 +88,23 @@ def _check_pk(counts: np.ndarray, p: int, k: int, drop_small_classes: bool, exam
             f"is impossible: {num_classes - qualifying} of the {num_classes} classes have fewer (e.g. class {example} has {smallest})")
         drop_hint = (f", or pass drop_small_classes=True to use only the {qualifying} classes with >= K images" if qualifying >= p
                      else f", or to at most {k_fit}{lower_p_too} with drop_small_classes=True" if k_fit > smallest else "")
-        raise ValueError(
+        raise SettingsError(
             f"PKBatchSampler: K={k} images per class (pk_images) {problem}; {data}. "
             f"Lower pk_images to at most {smallest}{lower_p_too}{drop_hint}."
         )
     if qualifying == 0:
-        raise ValueError(
+        raise SettingsError(
             f"PKBatchSampler: K={k} images per class (pk_images) is more than any class has; {data}. "
             f"Lower pk_images to at most {k_fit}{lower_p_too}."
         )
     if p > num_classes:
-        raise ValueError(
+        raise SettingsError(
             f"PKBatchSampler: P={p} classes per batch (pk_classes) is more classes than there are: {data}. "
             f"Lower pk_classes to at most {qualifying}"
             + (f" (or to at most {num_classes} with pk_images <= {smallest})." if qualifying < num_classes else ".")
         )
     if p > qualifying:
-        raise ValueError(
+        raise SettingsError(
             f"PKBatchSampler: P={p} classes per batch (pk_classes), but drop_small_classes=True left {qualifying} "
             f"of the {num_classes} classes: {data}. Lower pk_classes to at most {qualifying}, or pk_images to at most {k_fit} "
             f"({int((counts >= k_fit).sum())} classes have >= {k_fit} images)."

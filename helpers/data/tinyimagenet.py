@@ -15,7 +15,7 @@ from typing import Callable
 from torch.utils.data import Dataset
 
 from helpers.data.errors import DatasetError
-from helpers.data.images import apply_transforms, load_rgb
+from helpers.data.images import apply_transforms, is_macos_metadata, load_rgb
 
 SPLITS = ("train", "val", "test")
 IMAGE_SIZE = 64  # every image is 64 x 64; a source file of another size is resized to it when decoded
@@ -33,9 +33,9 @@ def natural_key(name: str) -> list:
 
 
 def list_images(folder: Path) -> list[str]:
-    """Image file names in `folder`, naturally sorted."""
+    """Image file names in `folder`, naturally sorted; macOS `._*` companions are not images."""
     with os.scandir(folder) as entries:
-        names = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        names = [e.name for e in entries if e.name.lower().endswith(IMAGE_EXTENSIONS) and not is_macos_metadata(e.name)]
     return sorted(names, key=natural_key)
 
 

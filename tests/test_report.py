@@ -1,0 +1,100 @@
+"""helpers.report: built from whatever metrics are complete, never a stale PDF, a real command line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from helpers import report
+from helpers.runinfo import choose_precision, run_info
+
+FIXTURE = Path(__file__).parent / "fixtures" / "smoke_metrics_baseline.json"
+
+
+def write_metrics(out: Path) -> dict:
+    """The smoke pipeline's six metrics documents (the recorded baseline) under out/metrics, with the
+    provenance stamp and timings the baseline leaves out put back as save_metrics writes them."""
+    documents = json.loads(FIXTURE.read_text())["metrics"]
+    stamp = run_info("cpu", choose_precision("auto", "cpu"))
+    (out / "metrics").mkdir(parents=True)
+    for name, document in documents.items():
+        document["run"] = stamp
+        for record in list(document.get("models", {}).values()) + ([document["bonus"]] if document.get("bonus") else []):
+            record.update(train_seconds=1.0, fit_seconds={"wall": 1.2, "evaluation": 0.2}, images_per_s=321.0)
+        (out / "metrics" / f"{name}.json").write_text(json.dumps(document))
+    return documents
+
+
+def edit(out: Path, name: str, change) -> None:
+    path = out / "metrics" / f"{name}.json"
+    document = json.loads(path.read_text())
+    change(document)
+    path.write_text(json.dumps(document))
+
+
+def texts(out: Path) -> tuple[str, str]:
+    return tuple(" ".join(page.content) for page in report.compose(out))
+
+
+def test_a_section_whose_metrics_lack_a_key_is_named_and_the_rest_is_built(tmp_path, monkeypatch, capsys):
+    write_metrics(tmp_path)
+    edit(tmp_path, "T4_cars196_retrieval", lambda d: d.pop("ablation"))
+    edit(tmp_path, "E2_stl10_layerwise", lambda d: d.update(models=[]))  # a list where an object belongs
+    laid_out = []
+    monkeypatch.setattr(report, "lay_out", lambda out, lay_out=report.lay_out: laid_out.append(lay_out(out)) or laid_out[-1])
+    pdf = report.build_report(tmp_path)
+    assert pdf.is_file() and b"/Count 2" in pdf.read_bytes()
+    assert (tmp_path / "report-1.png").is_file() and (tmp_path / "report-2.png").is_file()
+    assert "leaves out T4_cars196_retrieval: its metrics lack 'ablation'" in capsys.readouterr().err
+    page1, page2 = (" ".join(page.content) for page in laid_out[0][0])
+    assert "T4_cars196_retrieval: left out, its metrics lack 'ablation'" in page1
+    assert "E2_stl10_layerwise: left out, its metrics do not have the expected form (AttributeError" in page1
+    assert "T4: left out (its metrics lack 'ablation')." in page2 and "R@1" not in page2, "no half of the T4 section"
+    assert "Custom CNN (T1, our own design" in page1 and "T3_serial12 *" in page1 and "One engine for every model" in page1
+    assert "E1, ResNet-18 on Tiny ImageNet with three losses" in page2 and "E2, MLP" not in page2
+
+
+def test_every_notebook_complete_gives_the_whole_report(tmp_path):
+    write_metrics(tmp_path)
+    pages, left_out = report.lay_out(tmp_path)
+    page1, page2 = (" ".join(page.content) for page in pages)
+    assert left_out == {} and "Left out" not in page1 and ": left out" not in page1 + page2
+    assert "after: MS loss + ms miner" in page2 and "xbm | " in page2 and "E2, MLP" in page2
+
+
+def test_a_failed_build_removes_the_old_report(tmp_path, monkeypatch):
+    write_metrics(tmp_path)
+    old = report.report_files(tmp_path)
+    for path in old:
+        path.write_bytes(b"an older report")
+
+    def full_disk(self, figure=None, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report.PdfPages, "savefig", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        report.build_report(tmp_path)
+    assert not any(path.exists() for path in old), "no older report may look current"
+
+
+def test_a_metrics_file_that_is_not_an_object_is_refused_by_name(tmp_path):
+    write_metrics(tmp_path)
+    (tmp_path / "metrics" / "T2_resnet18.json").write_text("[]")
+    metrics, refused = report.load(tmp_path)
+    assert refused == {"T2_resnet18": "unreadable (not a metrics object)"} and "T2_resnet18" not in metrics
+    page1, _ = texts(tmp_path)
+    assert "Left out, not finished: T2_resnet18 (unreadable (not a metrics object))" in page1
+    assert "ResNet-18 (T2): left out (unreadable (not a metrics object))." in page1
+
+
+def test_command_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as done:
+        report.main(["--help"])
+    assert done.value.code == 0 and "OUT" in capsys.readouterr().out
+    for folder, problem in ((tmp_path / "missing", "does not exist"), (tmp_path, "has no metrics/ folder")):
+        assert report.main([str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and problem in err and str(folder) in err
+    write_metrics(tmp_path)
+    assert report.main([str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "report.pdf")
