@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -60,3 +62,15 @@ def real_tiny_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def real_cars_root(tmp_path_factory) -> Path:
     return _extract_shared(tmp_path_factory, "stanford-cars-mini.zip", "stanford_cars")
+
+
+@pytest.fixture(scope="session")
+def smoke_out(tmp_path_factory) -> Path:
+    """The output folder of one smoke pipeline run (all six notebooks and the report) per test run.
+    It is the folder nbval's notebook kernels use (see the root conftest), so `--nbval-lax notebooks`
+    resumes these finished runs instead of training them again."""
+    out = Path(os.environ.get("HELPERS_TEST_OUTPUTS") or tmp_path_factory.mktemp("smoke"))
+    command = [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(out)]
+    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    return out

@@ -83,7 +83,7 @@ def test_proof_on_the_real_mini_archive(tmp_path):
         assert KEYS <= set(r)
         assert r["train_images"] == 4 * 40 and r["eval_images"] == 4 * 50  # the same images on both sides
         assert 0 <= r["test_top1"] <= r["test_top5"] <= 1
-        assert r["train_seconds"] < 4 * 1.5 and r["steps"] >= 1 and r["curve"]
+        assert r["train_seconds"] > 0 and r["steps"] >= 1 and r["curve"]  # (whether a budget is kept: test_budget, with a controlled clock)
     assert set(document["summary"]) == {"project", "peer", "verdict"}
     assert document["meta"]["run"]["torch"] and document["meta"]["plan"]["total_seconds"] > 0
     assert "| project | 2 |" in out.with_suffix(".md").read_text()

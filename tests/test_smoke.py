@@ -1,0 +1,87 @@
+"""The smoke pipeline as a whole, run once per test run (`smoke_out`): it learned (ranges that hold
+on any CPU, with room to spare), the same seed gives identical metrics, and --resume keeps what is
+current and reruns what changed. Comparing two commits' smoke metrics on one machine, for a
+refactor, is scripts/compare_smoke.py, outside the suite."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+# what cannot repeat between two runs of the same configuration
+VARYING = {"train_seconds", "images_per_s", "eval_seconds", "fit_seconds", "budget_seconds_used", "seconds", "run", "run_id", "wall_seconds"}
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "metrics").glob("*.json"))}
+
+
+def canonical(value, out: Path):
+    """A metrics document without what varies between runs, the output folder written as <out>."""
+    if isinstance(value, dict):
+        return {k: canonical(v, out) for k, v in value.items() if k not in VARYING}
+    if isinstance(value, list):
+        return [canonical(v, out) for v in value]
+    if isinstance(value, str):
+        return value.replace(str(out), "<out>")
+    return value
+
+
+def models_of(document: dict) -> list[dict]:
+    runs = list((document.get("models") or {}).values())
+    return runs + ([document["bonus"]] if document.get("bonus") else [])
+
+
+def test_the_smoke_pipeline_completes_and_learned(smoke_out):
+    summary = json.loads((smoke_out / "pipeline.json").read_text())
+    assert summary["ok"] and (smoke_out / "report.pdf").is_file(), summary["steps"]
+    documents = metrics(smoke_out)
+    assert set(documents) == {step.name for step in pipeline.STEPS} and all(d["complete"] for d in documents.values())
+    for name, document in documents.items():
+        for run in models_of(document):
+            first, last = run["history"][0]["train_loss"], run["history"][-1]["train_loss"]
+            assert last < first, f"{name}/{run['name']}: the training loss did not fall ({first:.4f} -> {last:.4f})"
+    chance = 1 / documents["T1_custom_cnn"]["data"]["num_classes"]
+    for name in ("T1_custom_cnn", "T3_cubs_resnet18", "E1_metric_losses"):  # the best model of each, on the test split
+        best = max(run["test"]["top1"] for run in models_of(documents[name]))
+        assert best >= 1.5 * chance, f"{name}: best test top-1 {best:.3f} is not above chance ({chance:.3f})"
+    e2 = documents["E2_stl10_layerwise"]
+    assert max(run["test"]["top1"] for run in models_of(e2)) >= 1.3 * 0.1, "E2 (10 classes) learned nothing"
+    t4 = documents["T4_cars196_retrieval"]
+    per_class = t4["data"]["test_images"] / t4["data"]["test_classes"]
+    chance_recall = (per_class - 1) / (t4["data"]["test_images"] - 1)  # a random neighbour of the same class
+    assert t4["after"]["recall@1"] >= 2 * chance_recall, (t4["after"], chance_recall)
+    assert t4["after"]["queries"] == t4["data"]["test_images"]
+
+
+def test_the_same_seed_gives_identical_metrics(smoke_out, tmp_path):
+    """T1 and E1 (cross-entropy, triplet and center loss) again from scratch, in another folder:
+    every metric, history value and configuration field is the same."""
+    again = tmp_path / "again"
+    command = [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(again), "--only", "T1,E1", "--no-report"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    first, second = metrics(smoke_out), metrics(again)
+    for name in ("T1_custom_cnn", "E1_metric_losses"):
+        assert canonical(first[name], smoke_out) == canonical(second[name], again), f"{name} differs between two runs of the same seed"
+
+
+def test_resume_keeps_what_is_current_and_reruns_what_changed(smoke_out, tmp_path):
+    notebooks = ROOT / "notebooks"
+    same = {"profile": "smoke", "out_dir": str(smoke_out), "resume": True}
+    for step in pipeline.STEPS:
+        assert pipeline.stale_reason(smoke_out, step, notebooks / f"{step.name}.ipynb", "smoke", same) == "", step.name
+    t1 = pipeline.STEPS[0]
+    other_data = pipeline.stale_reason(smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"data_dir": str(tmp_path)})
+    assert other_data.startswith("changed: data_dir") and f"-> '{tmp_path}'" in other_data and "the data under" in other_data, other_data
+    fp32 = pipeline.stale_reason(smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"precision": "fp32"})
+    assert fp32 == "changed: precision 'auto' -> 'fp32'", fp32
