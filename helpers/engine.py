@@ -210,6 +210,7 @@ def fit(
         run.called_at = called_at
         if run.out is not None and (resume or load_only) and has_checkpoint(run.out):
             _resume(run)
+        run.run_id = distributed.broadcast_object(run.run_id)  # (every rank names the run as rank 0 does)
         if load_only:
             return _loaded_result(run)
         if run.out is not None and distributed.is_main():

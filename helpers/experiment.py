@@ -281,7 +281,7 @@ def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = as_json(payload)
-    check_runs_current(payload, path, cfg.out_dir)
+    check_runs_current(payload, path)
     partial = partial_trainings(payload)
     document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
                 "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device, choose_precision(cfg.precision, cfg.device)), **payload}
@@ -300,10 +300,10 @@ def training_records(payload, where: str = "") -> list[tuple[str, dict]]:
     return []
 
 
-def check_runs_current(payload: dict, path: Path, out_dir: str | Path) -> None:
+def check_runs_current(payload: dict, path: Path) -> None:
     """Metrics are written only by the run that trained them: refuse (MetricsError) when a training
     record's checkpoint folder now belongs to another run (e.g. a second notebook or pipeline
-    trained into the same folder meanwhile). Records' run folders are then stored relative to out_dir."""
+    trained into the same folder meanwhile)."""
     for where, record in training_records(payload):
         if not record.get("run_dir"):
             continue
@@ -314,10 +314,6 @@ def check_runs_current(payload: dict, path: Path, out_dir: str | Path) -> None:
                 f"{path} was not written: {run_dir} now holds another run (pid {owner.get('pid')} on {owner.get('host')}, "
                 f"started {owner.get('started')}) than the one this process trained ({where}); rerun to train and report one run"
             )
-        try:
-            record["run_dir"] = str(run_dir.relative_to(Path(out_dir)))
-        except ValueError:
-            pass
 
 
 def partial_trainings(payload, where: str = "") -> list[str]:

@@ -95,7 +95,7 @@ def test_t2_notebook_rejects_bad_parameters_before_loading_data(tmp_path):
             kernel_name="python3", progress_bar=False, cwd=str(project_root() / "notebooks"),
         )
     error = info.value
-    assert error.ename == "ValueError" and "epochs='three' is not valid" in error.evalue and "lr='fast' is not valid" in error.evalue
+    assert error.ename == "SettingsError" and "epochs='three' is not valid" in error.evalue and "lr='fast' is not valid" in error.evalue
     assert "RecognitionConfig.build" in error.source, "the configuration cell, before any data cell"
 
 

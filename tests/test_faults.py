@@ -129,7 +129,7 @@ def test_two_processes_on_one_folder_then_sigterm_then_resume(tiny_root, tmp_pat
     record = metrics["models"]["T1_custom_cnn"]
     assert metrics["complete"] and metrics["config"]["width"] == 16, "A's run, not B's"
     assert record["training"]["resumed_from"]["epoch"] == done_before and record["training"]["epochs_done"] == 12
-    assert record["training"]["run_dir"] == "checkpoints/T1_custom_cnn"
+    assert record["training"]["run_dir"] == str(run_dir)
     assert not (run_dir / PREVIOUS).exists(), "a finished run keeps no fallback copy"
 
 

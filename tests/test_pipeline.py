@@ -309,7 +309,7 @@ def test_report_leaves_out_partial_metrics_and_says_so(tmp_path):
     assert metrics == {} and set(refused) == {"T1_custom_cnn", "T2_resnet18"}
     page1 = " ".join(report.compose(tmp_path)[0].content)
     assert "Left out, not finished: T1_custom_cnn (unreadable (JSONDecodeError)); T2_resnet18 (partial results of models.T2_resnet18)" in page1
-    assert "ResNet-18 (T2): not run" in page1 and report.pct(float("nan")) == "n/a"
+    assert "ResNet-18 (T2): left out" in page1 and report.pct(float("nan")) == "n/a"
 
 
 def test_ctrl_c_while_the_kernel_starts_stops_the_notebook_before_its_first_cell(fake_project, tmp_path, capfd):

@@ -64,14 +64,15 @@ def test_the_smoke_pipeline_completes_and_learned(smoke_out):
 
 
 def test_the_same_seed_gives_identical_metrics(smoke_out, tmp_path):
-    """T1 and E1 (cross-entropy, triplet and center loss) again from scratch, in another folder:
-    every metric, history value and configuration field is the same."""
+    """T1 again from scratch, in another folder: every metric, history value and configuration
+    field is the same. (The engine's resume-exactness tests and the center loss's repeated-backward
+    test cover the other losses without another minute of training here.)"""
     again = tmp_path / "again"
-    command = [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(again), "--only", "T1,E1", "--no-report"]
+    command = [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(again), "--only", "T1", "--no-report"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first, second = metrics(smoke_out), metrics(again)
-    for name in ("T1_custom_cnn", "E1_metric_losses"):
+    for name in ("T1_custom_cnn",):
         assert canonical(first[name], smoke_out) == canonical(second[name], again), f"{name} differs between two runs of the same seed"
 
 
