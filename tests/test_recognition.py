@@ -77,7 +77,8 @@ def test_classifier_summary_metrics_json_and_selection(tiny_root, tmp_path):
     other = dataclasses.replace(run, name="b", heldout={"top1": run.heldout["top1"] + 0.1}, test={"top1": 0.0}, architecture={"cubs": "parallel"})
     assert select_best({"a": run, "b": other}) == "b", "selection reads held-out, not test"
     selection = select_t3({"a": run, "b": other}, cfg)
-    assert selection == T3Selection("held-out top-1", "b", "parallel", other.checkpoint, cfg.stem)
+    assert selection == T3Selection("held-out top-1", "b", "parallel", other.checkpoint, cfg.stem, run.training["run_id"])
+    assert other.checkpoint == "checkpoints/T2_resnet18/best.pt", "relative to the output folder: T4 finds it in a moved copy"
     gap = gap_to_t2(dataclasses.replace(run, name="x", test={"top1": run.test["top1"] - 0.03}), saved, cfg)
     assert gap["available"] and not gap["within_2_points"] and gap["config_differences"] == []
     assert gap_to_t2(run, None, cfg)["available"] is False
