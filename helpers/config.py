@@ -569,3 +569,8 @@ class LayerwiseConfig(ConfigBase):
         if len(self.hidden) < 4:
             return [f"hidden={self.hidden} is not valid; give at least 4 layer sizes (the t-SNE shows layer X[3])"]
         return []
+
+
+def config_class(task: str):
+    """The configuration class of a task (T1-T3 and E1: RecognitionConfig; T4: RetrievalConfig; E2: LayerwiseConfig)."""
+    return {"T4": RetrievalConfig, "E2": LayerwiseConfig}.get(task, RecognitionConfig)

@@ -26,6 +26,7 @@ the progress display and the Ctrl-C deferral in helpers.console.
 
 from __future__ import annotations
 
+import signal
 import time
 import warnings
 from contextlib import nullcontext
@@ -66,7 +67,7 @@ class TrainingInterrupted(KeyboardInterrupt):
     A KeyboardInterrupt, so nothing after the training runs (a notebook stops at this cell, a script
     exits) and no partial result can be reported as a finished one."""
 
-    def __init__(self, message: str, result: "FitResult", signum: int = 2):
+    def __init__(self, message: str, result: "FitResult", signum: int = signal.SIGINT):
         super().__init__(message)
         self.result, self.signum = result, signum
 
@@ -249,7 +250,7 @@ def _train(run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress,
     if interrupted:
         message = interrupted_message(name, run.epoch, run.step, run.at_boundary, result.planned_epochs, len(run.history), run.out, stop_request.forced)
         if on_interrupt == "raise":
-            raise TrainingInterrupted(message, result, stop_request.signum or 2)
+            raise TrainingInterrupted(message, result, stop_request.signum or signal.SIGINT)
         print(message, flush=True)
         return result
     distributed.barrier()  # rank 0's best.pt is complete before any rank reads it

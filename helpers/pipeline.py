@@ -125,12 +125,12 @@ def stale_reason(out: Path, step: Step, notebook: Path, profile: str, parameters
 def configuration_changes(step: Step, metrics: dict, parameters: dict) -> str:
     """What differs between the configuration and data a notebook's metrics record and what the
     notebook would use now with the pipeline's `parameters` ("" when nothing does)."""
-    from helpers.config import LayerwiseConfig, RecognitionConfig, RetrievalConfig
+    from helpers.config import config_class
     from helpers.experiment import TASK_DATA, data_fingerprint
 
     if step.task not in TASK_DATA:
         return ""
-    cls = {"T4": RetrievalConfig, "E2": LayerwiseConfig}.get(step.task, RecognitionConfig)
+    cls = config_class(step.task)
     names = {f.name for f in dataclasses.fields(cls)} - {"task", "profile"}
     cfg = cls.build(step.task, parameters["profile"], **{k: v for k, v in parameters.items() if k in names})
     saved = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}

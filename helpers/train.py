@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from helpers import distributed
-from helpers.config import RecognitionConfig, RetrievalConfig
+from helpers.config import RecognitionConfig, RetrievalConfig, config_class
 from helpers.console import TerminateAsInterrupt, exit_status
 from helpers.engine import TrainingInterrupted
 from helpers.errors import ProjectError, SettingsError
@@ -33,10 +33,6 @@ USAGE = (
     "usage: python -m helpers.train TASK [--profile smoke|full] [--config FILE] [--<parameter> <value> ...]\n"
     f"  TASK: {', '.join(TASKS)}; parameters as in the task's notebook (e.g. --epochs 30 --batch_size 512 --gpus 4)"
 )
-
-
-def config_class(task: str):
-    return RetrievalConfig if task == "T4" else RecognitionConfig
 
 
 # ------------------------------------------------------------------------------------ the tasks
