@@ -114,13 +114,28 @@ class StepClock:
         return (self.last - self.first) / (self.steps - self.warmup)
 
 
-def measure_seconds_per_step(step: Callable[[], None], warmup: int = 5, steps: int = 15, device: torch.device | str = "cpu") -> float:
-    """Seconds per call of `step` after `warmup` calls (e.g. one training step of a plain loop)."""
-    clock = StepClock(warmup, device)
-    for _ in range(warmup + steps):
+def measure_seconds_per_step(
+    step: Callable[[], None], warmup: int = 5, steps: int = 15, device: torch.device | str = "cpu", max_seconds: float = 0.0
+) -> float:
+    """Seconds per call of `step` after `warmup` calls (e.g. one training step of a plain loop).
+
+    max_seconds > 0 keeps the measurement in proportion to a short budget: the warm-up ends after
+    half of it, and the measurement after all of it once at least two steps were timed."""
+    clock = StepClock(0, device)
+    start, first, timed = clock._now(), None, 0
+    for done in range(1, warmup + steps + 1):
         step()
-        clock()
-    return clock.seconds_per_step
+        now = clock._now()
+        if first is None:
+            if done >= warmup or (max_seconds > 0 and now - start >= max_seconds / 2):
+                first = now
+            continue
+        timed += 1
+        if max_seconds > 0 and timed >= 2 and now - start >= max_seconds:
+            break
+    if not timed:
+        raise RuntimeError(f"measure_seconds_per_step timed no step (warmup={warmup}, steps={steps})")
+    return (now - first) / timed
 
 
 def measure_fit_step(

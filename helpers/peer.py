@@ -207,9 +207,12 @@ def peer_evaluate(model: nn.Module, loader: DataLoader, device: torch.device | s
     return {"top1": correct1 / max(1, total), "top5": correct5 / max(1, total)}
 
 
-def measure_peer_step(model: nn.Module, loader: DataLoader, cfg: PeerConfig, device: torch.device | str, warmup: int = 5, steps: int = 15) -> float:
-    """Seconds per training step of the peer loop (data loading included), on a copy of `model`."""
+def measure_peer_step(
+    model: nn.Module, loader: DataLoader, cfg: PeerConfig, device: torch.device | str, warmup: int = 5, steps: int = 15, max_seconds: float = 0.0
+) -> float:
+    """Seconds per training step of the peer loop (data loading, and the workers' start at every
+    epoch, included), on a copy of `model`; `max_seconds` as in `measure_seconds_per_step`."""
     trainer = PeerTrainer(copy.deepcopy(model), cfg, device, warmup + steps + 1)
     trainer.model.train()
     batches = itertools.chain.from_iterable(loader for _ in itertools.count())  # epoch after epoch
-    return measure_seconds_per_step(lambda: trainer.step(*next(batches)), warmup, steps, device)
+    return measure_seconds_per_step(lambda: trainer.step(*next(batches)), warmup, steps, device, max_seconds)

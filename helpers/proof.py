@@ -171,9 +171,12 @@ def run_peer(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> 
     # A OneCycle loop must fix its length first: a pilot of 150 steps on a copy of the model gives the
     # first plan (not charged to the budget), and peer_train corrects it at every epoch end as the
     # project's engine does. Without the correction the peer's training time ranged over 212-266 s
-    # for a 240 s budget on this machine (its speed drifts), and its accuracy with it.
+    # for a 240 s budget on this machine (its speed drifts), and its accuracy with it. The pilot
+    # stops early after a tenth of the budget (at least 5 s, at most the budget): on a few images an
+    # epoch is one step, and each step then pays the workers' start (0.4 s of fork on a 2-core CPU).
     tic = time.perf_counter()
-    seconds_per_step = measure_peer_step(model, train_loader, peer_cfg, device, warmup=50, steps=100)
+    pilot_seconds = max(min(5.0, args.budget_s), 0.1 * args.budget_s)
+    seconds_per_step = measure_peer_step(model, train_loader, peer_cfg, device, warmup=50, steps=100, max_seconds=pilot_seconds)
     planning = time.perf_counter() - tic
     steps = plan_steps(args.budget_s, seconds_per_step)
     if device.type == "cuda":

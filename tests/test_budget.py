@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from helpers import budget
 from helpers.budget import StepClock, measure_fit_step, measure_seconds_per_step, plan_steps
 from helpers.engine import FitConfig, fit
 from helpers.optim import LRSchedule
@@ -35,6 +36,27 @@ def test_step_clock_measures_after_the_warmup():
     assert 0.009 < seconds < 0.045, "the slow first calls (0.05 s) are left out"  # (room for a loaded machine)
     with pytest.raises(RuntimeError, match="needs more"):
         StepClock(4).seconds_per_step
+
+
+def test_a_pilot_with_max_seconds_stays_in_proportion(monkeypatch):
+    """With max_seconds the warm-up ends after half of it and the measurement after all of it (at
+    least two timed steps); a controlled clock: every step takes 1 s."""
+    now = [0.0]
+    monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+    calls = []
+
+    def step():
+        now[0] += 1.0
+        calls.append(1)
+
+    assert measure_seconds_per_step(step, warmup=50, steps=100, max_seconds=10) == pytest.approx(1.0)
+    assert len(calls) == 10  # 5 warm-up steps (half of 10 s), then timed steps up to 10 s
+    calls.clear()
+    assert measure_seconds_per_step(step, warmup=50, steps=100, max_seconds=1) == pytest.approx(1.0)
+    assert len(calls) == 3  # the warm-up ends after one step; two steps are always timed
+    calls.clear()
+    measure_seconds_per_step(step, warmup=3, steps=4)
+    assert len(calls) == 7  # without max_seconds: exactly warmup + steps
 
 
 def test_max_steps_runs_exactly_that_many_steps_and_anneals(tmp_path):

@@ -110,25 +110,21 @@ def history(out: Path, name: str = "T2_resnet18") -> list[dict]:
     return [{k: v for k, v in h.items() if k not in TIMING} for h in json.loads((out / "checkpoints" / name / "history.json").read_text())]
 
 
-def test_torchrun_t2_smoke_writes_the_notebook_layout(tmp_path):
-    """The issue's check: torchrun --standalone --nproc_per_node=2 -m helpers.train T2 --profile smoke --device cpu."""
-    done = torchrun(["-m", "helpers.train", "T2", "--profile", "smoke", "--device", "cpu", "--out_dir", str(tmp_path)])
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    document = json.loads((tmp_path / "metrics" / "T2_resnet18.json").read_text())
-    assert document["complete"] and document["config"]["gpus"] == 2 and document["task"] == "T2"
-    run = document["models"]["T2_resnet18"]
-    assert set(run) >= {"name", "architecture", "training", "heldout", "test", "history", "checkpoint"}
-    assert run["training"]["complete"] and run["training"]["epochs_done"] == 3
-    assert (tmp_path / "checkpoints" / "T2_resnet18" / "best.pt").is_file()
-    assert done.stdout.count("metrics written to") == 1  # rank 0 alone writes and reports
-    last = torch.load(tmp_path / "checkpoints" / "T2_resnet18" / "last.pt", weights_only=False)
-    assert last["world_size"] == 2 and len(last["ranks"]) == 2
-
-
 def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Also the issue's check of the layout: torchrun --standalone --nproc_per_node=2 -m helpers.train
+    T2 --profile smoke --device cpu writes what the notebook writes, from rank 0 alone."""
     common = ["-m", "helpers.train", "T2", "--profile", "smoke", "--device", "cpu", "--epochs", "2"]
     whole = torchrun(common + ["--out_dir", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-3000:]
+    document = json.loads((tmp_path / "whole" / "metrics" / "T2_resnet18.json").read_text())
+    assert document["complete"] and document["config"]["gpus"] == 2 and document["task"] == "T2"
+    run = document["models"]["T2_resnet18"]
+    assert set(run) >= {"name", "architecture", "training", "heldout", "test", "history", "checkpoint"}
+    assert run["training"]["complete"] and run["training"]["epochs_done"] == 2
+    assert (tmp_path / "whole" / "checkpoints" / "T2_resnet18" / "best.pt").is_file()
+    assert whole.stdout.count("metrics written to") == 1  # rank 0 alone writes and reports
+    last = torch.load(tmp_path / "whole" / "checkpoints" / "T2_resnet18" / "last.pt", weights_only=False)
+    assert last["world_size"] == 2 and len(last["ranks"]) == 2
 
     out = tmp_path / "stopped"  # Ctrl-C to the launcher after step 9 of 14: within epoch 2 (7 steps each)
     stopped = torchrun([str(ROOT / "tests" / "ddp_worker.py"), "--interrupt-at", "9", *common[2:], "--out_dir", str(out)])

@@ -104,7 +104,7 @@ def test_proof_on_the_real_mini_archive(tmp_path):
         pytest.skip(f"{source} not present")
     archive = four_class_archive(source, tmp_path / "tiny-imagenet-200-mini-4.zip")
     out = tmp_path / "proof.json"
-    argv = ["--data-dir", str(archive), "--budget-s", "4", "--image-size", "16", "--classes", "4", "--train-per-class", "40",
+    argv = ["--data-dir", str(archive), "--budget-s", "2", "--image-size", "16", "--classes", "4", "--train-per-class", "40",
             "--seeds", "2", "--eval-every", "1", "--out", str(out)]
     assert proof.main(argv) == 0
     document = json.loads(out.read_text())
