@@ -1,0 +1,133 @@
+"""Split a wall-time budget for the whole pipeline across its notebooks and their trainings.
+
+The planner (helpers.plan) measures, for each notebook, the time it needs whatever its budget
+(data preparation, the kernel start and imports, t-SNE, figures: `fixed_seconds`) and, for each
+training, its step time and evaluation pass time. This module is the arithmetic on those numbers:
+
+    budget = planning + report + sum(fixed) + sum over trainings of (train_j + evals_j x eval_j)
+
+Every training gets the same fraction r of the work its profile asks of it (train_j = r x epochs_j
+x steps_per_epoch_j x seconds_per_step_j): the profile's proportions between notebooks and between
+the runs of a notebook are kept. An evaluated training runs r x epochs_j epochs and evaluates after
+each of them and once more at the end, so the evaluation time grows with r; the largest r that fits
+is found by bisection. The smallest budget is the one that gives every training one whole epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from helpers.errors import SettingsError
+
+
+class BudgetTooSmall(SettingsError):
+    """A budget that cannot give every training one evaluated epoch."""
+
+
+@dataclass(frozen=True)
+class Training:
+    """One training of a notebook, as the planner measured it. `parameter` is the notebook
+    parameter that carries its budget (e.g. "budget_s", or T4's "cls_budget_s")."""
+
+    name: str
+    parameter: str
+    epochs: int  # what the profile asks for
+    steps_per_epoch: int
+    seconds_per_step: float
+    seconds_per_eval: float = 0.0  # one evaluation pass (0: the training is not evaluated)
+    eval_every: int = 1
+
+    @property
+    def work(self) -> float:
+        """Training seconds of the profile's whole schedule."""
+        return self.epochs * self.steps_per_epoch * self.seconds_per_step
+
+    def eval_passes(self, fraction: float) -> int:
+        if self.seconds_per_eval <= 0:
+            return 0
+        epochs = max(1, math.floor(fraction * self.epochs))
+        return math.ceil(epochs / self.eval_every) + 1
+
+    def seconds(self, fraction: float) -> float:
+        return fraction * self.work + self.eval_passes(fraction) * self.seconds_per_eval
+
+
+@dataclass(frozen=True)
+class NotebookWork:
+    name: str
+    fixed_seconds: float  # data, kernel start and imports, t-SNE, figures: whatever the budget
+    trainings: tuple[Training, ...] = field(default_factory=tuple)
+
+    def seconds(self, fraction: float) -> float:
+        return self.fixed_seconds + sum(t.seconds(fraction) for t in self.trainings)
+
+
+def total_seconds(notebooks: list[NotebookWork], fraction: float, reserved_s: float) -> float:
+    return reserved_s + sum(n.seconds(fraction) for n in notebooks)
+
+
+def smallest_fraction(notebooks: list[NotebookWork]) -> float:
+    """The fraction of the profile's work that gives every training one whole epoch."""
+    return max((1.0 / t.epochs for n in notebooks for t in n.trainings), default=0.0)
+
+
+def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: float = 0.0) -> dict:
+    """{"fraction", "notebooks": {name: {"share", "planned_seconds", "training_seconds",
+    "parameters": {parameter: seconds per training}}}, "planned_seconds"}.
+
+    `reserved_s` is what is spent outside the notebooks (planning so far, the report). Raises
+    BudgetTooSmall, naming the smallest budget that would work, when one epoch of every training
+    does not fit."""
+    if budget_s <= 0:
+        raise SettingsError(f"--budget {budget_s:g} s is not valid; give a positive time such as 90m")
+    low = smallest_fraction(notebooks)
+    need = total_seconds(notebooks, low, reserved_s)
+    if need > budget_s:
+        raise BudgetTooSmall(
+            f"--budget {format_seconds(budget_s)} is too small for one evaluated epoch of every training "
+            f"(that needs {format_seconds(need)} on this device, planning included); give at least --budget {math.ceil(need / 60)}m, "
+            "or fewer notebooks with --only"
+        )
+    high = max(low, 1.0)
+    while total_seconds(notebooks, high, reserved_s) < budget_s:
+        high *= 2
+    for _ in range(60):  # the total grows with the fraction (in steps where an evaluation is added)
+        middle = (low + high) / 2
+        low, high = (middle, high) if total_seconds(notebooks, middle, reserved_s) <= budget_s else (low, middle)
+    fraction = low
+    out = {}
+    for n in notebooks:
+        parameters: dict[str, list[float]] = {}
+        for t in n.trainings:
+            parameters.setdefault(t.parameter, []).append(fraction * t.work)
+        planned = n.seconds(fraction)
+        out[n.name] = {
+            "share": round(planned / budget_s, 4), "planned_seconds": round(planned, 1),
+            "training_seconds": round(sum(fraction * t.work for t in n.trainings), 1),
+            "parameters": {p: round(sum(v) / len(v), 1) for p, v in parameters.items()},
+        }
+    return {"fraction": fraction, "notebooks": out, "planned_seconds": round(total_seconds(notebooks, fraction, reserved_s), 1)}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds of "90m", "1.5h", "300s" or "300" (seconds); SettingsError otherwise."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    value = str(text).strip().lower()
+    scale = units.get(value[-1:], None)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1)
+    except ValueError:
+        seconds = -1.0
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise SettingsError(f"--budget {text!r} is not valid; give a positive time with a unit s, m or h, e.g. 90m or 1h")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.2f} h"

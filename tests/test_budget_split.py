@@ -1,0 +1,72 @@
+"""helpers.budget_split: the split of a pipeline budget, on mocked step and evaluation times."""
+
+import math
+
+import pytest
+
+from helpers.budget_split import BudgetTooSmall, NotebookWork, Training, parse_duration, smallest_fraction, split_budget, total_seconds
+from helpers.errors import SettingsError
+
+
+def notebooks():
+    """Two notebooks: A trains one model (10 epochs x 100 steps x 0.1 s = 100 s of work, evaluated
+    in 2 s), B two (30 epochs x 10 steps x 1 s = 300 s each; one not evaluated)."""
+    a = NotebookWork("A", fixed_seconds=20.0, trainings=(Training("A_model", "budget_s", 10, 100, 0.1, seconds_per_eval=2.0),))
+    b = NotebookWork("B", fixed_seconds=40.0, trainings=(
+        Training("B_classifier", "cls_budget_s", 30, 10, 1.0, seconds_per_eval=1.0),
+        Training("B_pretrain", "pretrain_budget_s", 30, 10, 1.0),
+    ))
+    return [a, b]
+
+
+def test_the_split_keeps_the_profiles_proportions_and_fills_the_budget():
+    books = notebooks()
+    plan = split_budget(books, budget_s=600.0, reserved_s=30.0)
+    r = plan["fraction"]
+    assert 0 < r < 1
+    a, b = plan["notebooks"]["A"], plan["notebooks"]["B"]
+    # every training gets the same fraction of its work: 100 : 300 : 300
+    assert a["parameters"]["budget_s"] == pytest.approx(100 * r, abs=0.06)
+    assert b["parameters"]["cls_budget_s"] == pytest.approx(300 * r, abs=0.06) == b["parameters"]["pretrain_budget_s"]
+    # evaluations: floor(r x epochs) epochs, one pass each plus the final one
+    evals_a = math.ceil(max(1, math.floor(r * 10))) + 1
+    evals_b = math.ceil(max(1, math.floor(r * 30))) + 1
+    expected = 30 + 20 + 40 + 700 * r + 2.0 * evals_a + 1.0 * evals_b
+    assert plan["planned_seconds"] == pytest.approx(expected, abs=0.2)
+    assert 600 - 2.0 <= plan["planned_seconds"] <= 600.0  # filled up to the last evaluation step
+    assert a["planned_seconds"] + b["planned_seconds"] + 30 == pytest.approx(plan["planned_seconds"], abs=0.2)
+    assert a["share"] == pytest.approx(a["planned_seconds"] / 600, abs=1e-4)
+
+
+def test_a_larger_budget_gives_more_training_and_never_exceeds_itself():
+    books = notebooks()
+    previous = 0.0
+    for budget in (300.0, 450.0, 900.0, 3600.0):
+        plan = split_budget(books, budget, reserved_s=10.0)
+        assert plan["planned_seconds"] <= budget + 1e-6
+        assert plan["fraction"] > previous
+        previous = plan["fraction"]
+
+
+def test_a_budget_too_small_for_one_epoch_is_refused_with_the_smallest_that_works():
+    books = notebooks()
+    low = smallest_fraction(books)
+    assert low == pytest.approx(1 / 10)  # A's 10 epochs: one epoch is a tenth of its work
+    need = total_seconds(books, low, 30.0)
+    with pytest.raises(BudgetTooSmall, match=r"too small for one evaluated epoch.*give at least --budget \d+m") as caught:
+        split_budget(books, budget_s=need - 1, reserved_s=30.0)
+    minimum = int(str(caught.value).split("--budget ")[-1].split("m")[0])
+    assert minimum * 60 >= need
+    plan = split_budget(books, budget_s=minimum * 60, reserved_s=30.0)  # the budget it names works
+    assert plan["fraction"] >= low
+
+
+@pytest.mark.parametrize("text, seconds", [("90m", 5400), ("1.5h", 5400), ("300s", 300), ("45", 45), (" 2H ", 7200)])
+def test_durations_take_s_m_h(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "m", "-5m", "0", "ninety", "5d", "nanm", "infh"])
+def test_bad_durations_are_one_clear_message(text):
+    with pytest.raises(SettingsError, match="not valid; give a positive time with a unit s, m or h"):
+        parse_duration(text)
