@@ -24,10 +24,9 @@ from typing import NamedTuple
 
 from helpers.engine import FitConfig, check_choice
 from helpers.optim import OPTIMIZERS, SCHEDULES
-from helpers.runinfo import PRECISIONS, default_data_dir, default_out_dir, launch_dir, resolve_device
+from helpers.runinfo import PRECISIONS, PROFILES, default_data_dir, default_out_dir, default_workers, launch_dir, resolve_device
 from helpers.errors import SettingsError
 
-PROFILES = ("smoke", "full")
 DATA_PATHS = ("auto", "lazy", "cached", "gpu")
 FASHIONS = ("parallel", "serial12", "serial21")
 STEMS = ("small", "imagenet")
@@ -59,12 +58,12 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 RANGES = {
     "epochs": AT_LEAST_1, "cls_epochs": AT_LEAST_1, "emb_epochs": AT_LEAST_1, "pretrain_epochs": AT_LEAST_1,
     "batch_size": AT_LEAST_1, "image_size": Range(8), "resize": Range(8), "eval_every": AT_LEAST_1,
-    "num_workers": NON_NEGATIVE, "seed": NON_NEGATIVE, "classes": NON_NEGATIVE, "train_per_class": NON_NEGATIVE,
+    "num_workers": Range(-1), "seed": NON_NEGATIVE, "classes": NON_NEGATIVE, "train_per_class": NON_NEGATIVE,
     "heldout_fraction": FRACTION, "padding": NON_NEGATIVE, "rrc_scale_min": Range(0, 1, low_open=True),
     "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "mix_prob": Range(0, 1),
     "lr": POSITIVE, "cls_lr": POSITIVE, "emb_lr": POSITIVE, "pretrain_lr": POSITIVE, "center_lr": POSITIVE,
     "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "emb_weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
-    "label_smoothing": FRACTION, "patience": NON_NEGATIVE, "budget_s": NON_NEGATIVE, "dropout": FRACTION,
+    "label_smoothing": FRACTION, "patience": NON_NEGATIVE, "budget_s": NON_NEGATIVE, "cls_budget_s": NON_NEGATIVE, "emb_budget_s": NON_NEGATIVE, "pretrain_budget_s": NON_NEGATIVE, "dropout": FRACTION,
     "width": AT_LEAST_1, "cubs_width": NON_NEGATIVE, "embedding_dim": AT_LEAST_1, "hidden": AT_LEAST_1,
     "triplet_margin": NON_NEGATIVE, "center_weight": NON_NEGATIVE, "ncm_per_class": AT_LEAST_1,
     "pk_classes": AT_LEAST_2, "pk_images": AT_LEAST_2,  # P >= 2: negatives need another class; K >= 2: positives
@@ -225,7 +224,10 @@ class ConfigBase:
         data (created on first use), full reads <project>/data; results go to outputs/<profile>."""
         data_dir = (launch_dir() / Path(self.data_dir).expanduser()).resolve() if self.data_dir else default_data_dir(self.profile)
         out_dir = (launch_dir() / Path(self.out_dir).expanduser()).resolve() if self.out_dir else default_out_dir(self.profile)
-        return dataclasses.replace(self, data_dir=str(data_dir), out_dir=str(out_dir), device=resolve_device(self.device))
+        resolved = dataclasses.replace(self, data_dir=str(data_dir), out_dir=str(out_dir), device=resolve_device(self.device))
+        if getattr(self, "num_workers", 0) < 0:  # -1: follow the machine's cores
+            resolved = dataclasses.replace(resolved, num_workers=default_workers())
+        return resolved
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -292,9 +294,16 @@ TINY_IMAGENET_PRESETS = {
         image_size=32, train_per_class=24, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5, stem="imagenet", width=16, cubs_width=32,
         num_workers=0,
     ),
+    # cpu: the real dataset at 32 px with the ImageNet stem (about 40x fewer FLOPs than 64 px with the
+    # small one), the T2 recipe helpers.proof chose on held-out data for short CPU budgets; meant to
+    # run with a budget (pipeline --budget), which scales the epochs
+    "cpu": dict(
+        image_size=32, stem="imagenet", epochs=30, batch_size=128, lr=0.1, warmup_epochs=0.5, crop="pad", padding=4,
+        label_smoothing=0.1, weight_decay=5e-4, width=32, cubs_width=32,
+    ),
     "full": dict(
         image_size=64, epochs=40, batch_size=256, lr=0.2, warmup_epochs=2, crop="pad", padding=8, cutmix=1.0, mix_prob=0.5,
-        label_smoothing=0.1, weight_decay=5e-4, patience=0, num_workers=8, width=64,
+        label_smoothing=0.1, weight_decay=5e-4, patience=0, width=64,
     ),
 }
 
@@ -311,7 +320,7 @@ class RecognitionConfig(ConfigBase):
     device: str = "auto"
     resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     data_path: str = "auto"  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
-    num_workers: int = 2  # DataLoader workers of the lazy path and of building the cache
+    num_workers: int = -1  # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
     classes: int = 0  # keep only the first N classes of wnids.txt (0 = all)
     train_per_class: int = 0  # at most N training images per class (0 = all)
     heldout_fraction: float = 0.05  # stratified held-out part of train for model selection
@@ -366,9 +375,13 @@ class RecognitionConfig(ConfigBase):
                 image_size=32, train_per_class=24, epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
                 stem="imagenet", width=16, cubs_width=32, num_workers=0, pk_classes=8, pk_images=4, embedding_dim=64,
             ),
+            "cpu": dict(
+                image_size=32, stem="imagenet", epochs=30, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
+                crop="pad", padding=4, label_smoothing=0.1, pk_classes=32, pk_images=4, embedding_dim=128,
+            ),
             "full": dict(
                 image_size=64, epochs=30, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, crop="pad", padding=8,
-                cutmix=0.0, mix_prob=0.5, label_smoothing=0.1, patience=0, num_workers=8, pk_classes=32, pk_images=8, ncm_per_class=100,
+                cutmix=0.0, mix_prob=0.5, label_smoothing=0.1, patience=0, pk_classes=32, pk_images=8, ncm_per_class=100,
             ),
         },
     }
@@ -408,7 +421,7 @@ class RetrievalConfig(ConfigBase):
     device: str = "auto"
     resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     data_path: str = "auto"  # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
-    num_workers: int = 2
+    num_workers: int = -1  # (-1: follow the machine's cores)
     bbox_crop: bool = False  # crop to the annotated bounding box first
     resize: int = 256  # shorter side before the crops (train: random-resized crop; test: centre crop)
     image_size: int = 224
@@ -422,6 +435,7 @@ class RetrievalConfig(ConfigBase):
     imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth ("" = torchvision's download-once cache, $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)
     # stage 1: classifier
     cls_epochs: int = 3
+    cls_budget_s: float = 0.0  # > 0: train stage 1 for this many seconds (cls_epochs ignored; pipeline --budget sets it)
     batch_size: int = 64
     cls_optimizer: str = "sgd"
     cls_lr: float = 0.05
@@ -430,6 +444,7 @@ class RetrievalConfig(ConfigBase):
     warmup_epochs: float = 0.5
     # stage 2: embedding + multi-similarity loss
     emb_epochs: int = 2
+    emb_budget_s: float = 0.0  # > 0: each stage-2 run (the main miner and every ablation run) trains this many seconds
     emb_optimizer: str = "adamw"
     emb_lr: float = 3e-4
     emb_weight_decay: float = 1e-4
@@ -461,9 +476,15 @@ class RetrievalConfig(ConfigBase):
                 resize=40, image_size=32, cubs_width=32, cls_epochs=2, emb_epochs=2, batch_size=64, pk_classes=8, pk_images=4,
                 num_workers=0, memory_size=256, ablation=("ms", "none", "xbm"),
             ),
+            # cpu: 64 px crops of 72 px images with the ImageNet stem and N = 32 in CUBS Block 1; every
+            # miner in the ablation (a budget divides the time)
+            "cpu": dict(
+                resize=72, image_size=64, cubs_width=32, cls_epochs=20, emb_epochs=20, batch_size=64, cls_lr=0.05, pk_classes=16, pk_images=4,
+                memory_size=1024, tsne_points=1000,
+            ),
             "full": dict(
                 resize=256, image_size=224, cls_epochs=30, batch_size=128, cls_lr=0.1, warmup_epochs=1, emb_epochs=40,
-                emb_lr=1e-4, pk_classes=32, pk_images=4, num_workers=8, memory_size=4096, memory_warmup_steps=200,
+                emb_lr=1e-4, pk_classes=32, pk_images=4, memory_size=4096, memory_warmup_steps=200,
             ),
         }
     }
@@ -471,13 +492,13 @@ class RetrievalConfig(ConfigBase):
     STAGES = {
         # stage 1: the 98-way classifier
         "classifier": Stage(
-            reads={"epochs": "cls_epochs", "optimizer": "cls_optimizer", "lr": "cls_lr", **same_names(
+            reads={"epochs": "cls_epochs", "budget_s": "cls_budget_s", "optimizer": "cls_optimizer", "lr": "cls_lr", **same_names(
                 "weight_decay", "warmup_epochs", "label_smoothing", "precision", "channels_last", "compile", "seed")},
             fixed={"schedule": "cosine", "monitor": "", "sync_bn": several_gpus_sync_bn},
         ),
         # stage 2: the embedding, from stage 1's backbone
         "embedding": Stage(
-            reads={"epochs": "emb_epochs", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
+            reads={"epochs": "emb_epochs", "budget_s": "emb_budget_s", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
                    **same_names("precision", "channels_last", "compile", "seed")},
             fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": "", "sync_bn": several_gpus_sync_bn},
             also_reads=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
@@ -507,7 +528,7 @@ class RetrievalConfig(ConfigBase):
         return problems
 
 
-E2_CLASSIFIER_READS = same_names("epochs", "optimizer", "lr", "weight_decay", "label_smoothing", "precision", "seed")
+E2_CLASSIFIER_READS = same_names("epochs", "budget_s", "optimizer", "lr", "weight_decay", "label_smoothing", "precision", "seed")
 E2_CLASSIFIER_FIXED = {"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5), "monitor": "heldout_top1", "channels_last": False}
 
 
@@ -528,8 +549,10 @@ class LayerwiseConfig(ConfigBase):
     unlabeled_limit: int = 0  # at most this many unlabeled images (0 = all)
     flip: bool = True  # random horizontal flips while training
     pretrain_epochs: int = 3  # per layer
+    pretrain_budget_s: float = 0.0  # > 0: pretrain each layer for this many seconds (pretrain_epochs ignored; pipeline --budget sets it)
     pretrain_lr: float = 1e-3
     epochs: int = 8  # fine-tuning (and the baseline)
+    budget_s: float = 0.0  # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -543,6 +566,7 @@ class LayerwiseConfig(ConfigBase):
     PRESETS = {
         "E2": {
             "smoke": dict(pretrain_epochs=1, epochs=5, batch_size=64),
+            "cpu": dict(pretrain_epochs=10, epochs=40, batch_size=128),  # the real sizes: an MLP is cheap
             "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
         }
     }
@@ -550,7 +574,7 @@ class LayerwiseConfig(ConfigBase):
     STAGES = {
         # one greedy autoencoder step per layer: MSE, Adam, cosine to 10 % of the LR, no warm-up
         "pretrain": Stage(
-            reads={"epochs": "pretrain_epochs", "lr": "pretrain_lr", **same_names("precision", "seed")},
+            reads={"epochs": "pretrain_epochs", "budget_s": "pretrain_budget_s", "lr": "pretrain_lr", **same_names("precision", "seed")},
             fixed={"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.1, "monitor": "", "channels_last": False},
             also_reads=("use_unlabeled", "unlabeled_limit"),
         ),

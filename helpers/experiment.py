@@ -32,6 +32,7 @@ from helpers import distributed
 from helpers.atomic import atomic_write_json
 from helpers.checkpoint import BEST, run_owner
 from helpers.data import LoaderBatches, TensorBatches, synthetic
+from helpers.data.archives import extracted_from_archive
 from helpers.data.fingerprint import tree_fingerprint
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
@@ -58,7 +59,8 @@ def locate_data(data_dir: str | Path, kind: str) -> tuple[Path, bool]:
     """(dataset root, generated) for "tiny", "cars" or "stl10" under `data_dir`.
 
     The default generated-data folder gets the stand-in dataset, created on first use. Elsewhere
-    the first candidate folder holding the dataset's marker wins; when none does, the first
+    the first candidate folder holding the dataset's marker wins; else an archive in `data_dir` whose
+    top folder is a candidate is extracted once (helpers.data.archives); when none is, the first
     candidate is returned and the dataset class raises its clear "not found" error. The root's
     fingerprint (file list and sizes) is taken now: `data_fingerprint` reads it."""
     params, candidates, markers = DATASETS[kind]
@@ -68,7 +70,13 @@ def locate_data(data_dir: str | Path, kind: str) -> tuple[Path, bool]:
     else:
         folders = [data_dir / c for c in candidates]
         markers = (markers,) if isinstance(markers, str) else markers
-        root = next((f for f in folders if any((f / m).exists() for m in markers)), folders[0])
+
+        def is_dataset(folder: Path) -> bool:
+            return any((folder / m).exists() for m in markers)
+
+        root = next((f for f in folders if is_dataset(f)), None)
+        if root is None:  # an archive of it in data_dir (e.g. the mini archives): extracted once
+            root = extracted_from_archive(data_dir, tuple(c for c in candidates if c != "."), is_dataset) or folders[0]
         generated = (root / synthetic.STAMP).is_file()
     _FINGERPRINTS[(kind, str(data_dir))] = tree_fingerprint(root)
     return root, generated

@@ -75,8 +75,23 @@ class LRSchedule:
         if cfg.warmup_epochs <= 0 and cfg.schedule == "onecycle":  # 30 % of the run (of `epochs` for a budget run)
             warmup_steps = 0.3 * cfg.total_steps(steps_per_epoch)
         self.warmup = min(int(warmup_steps), self.total - 1)
+        if self.total != UNPLANNED:
+            self.warmup = self._short_run_warmup(self.warmup, self.total)
         self.anchor_step, self.anchor_progress = self.warmup, 0.0  # see replan
         self.plateau_factor = 1.0
+
+    def _short_run_warmup(self, warmup: int, total: int, step: int = 0) -> int:
+        """A warm-up of more than a quarter of the run is scaled to a quarter of it (not before
+        `step`, the steps already taken), with a notice: a run as short as its warm-up would
+        otherwise end at its peak LR."""
+        limit = max(step, total // 4)
+        if warmup <= limit or self.cfg.warmup_epochs <= 0:  # (onecycle's own 30 % is its shape)
+            return warmup
+        notice(
+            f"warmup_epochs={self.cfg.warmup_epochs:g} is longer than a quarter of this {total / self.steps_per_epoch:.3g}-epoch run; "
+            f"warming up over {limit / self.steps_per_epoch:.3g} epochs instead"
+        )
+        return limit
 
     def factor(self, step: int) -> float:
         cfg = self.cfg
@@ -106,6 +121,8 @@ class LRSchedule:
         """Change the run's length to `total` steps at `step`, keeping the progress reached so far
         (the LR is continuous): the rest of the schedule is stretched or squeezed into what is left."""
         total = max(total, step)  # `step` itself: the budget is spent, the run ends here
+        if step < self.warmup:  # a budget shorter than the warm-up: its length is known only now
+            self.warmup = self.anchor_step = self._short_run_warmup(self.warmup, total, step)
         if step > self.anchor_step:
             self.anchor_progress, self.anchor_step = self.progress(step), step
         self.total = total
@@ -116,12 +133,14 @@ class LRSchedule:
             self.plateau_factor *= self.cfg.plateau_factor
 
     def state_dict(self) -> dict:
-        return {"plateau_factor": self.plateau_factor, "total": self.total, "anchor_step": self.anchor_step, "anchor_progress": self.anchor_progress}
+        return {"plateau_factor": self.plateau_factor, "total": self.total, "anchor_step": self.anchor_step, "anchor_progress": self.anchor_progress,
+                "warmup": self.warmup}
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_factor = state["plateau_factor"]
         if self.cfg.budget_s > 0:  # a budget run keeps the length it had planned
             self.total, self.anchor_step, self.anchor_progress = state["total"], state["anchor_step"], state["anchor_progress"]
+            self.warmup = state.get("warmup", self.warmup)
 
 
 def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:

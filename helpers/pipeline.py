@@ -42,7 +42,7 @@ from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.errors import OutputError, ProjectError, SettingsError
 from helpers.execution import KernelInterrupter, NotebookStopped, execute, write_html
 from helpers.lock import PIPELINE_LOCK, FolderLock
-from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, absolute_env_paths, default_data_dir, project_root
+from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, PROFILES, absolute_env_paths, default_data_dir, project_root
 
 INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C
 TERMINATED_EXIT = 143  # ... and by SIGTERM
@@ -66,7 +66,6 @@ STEPS = (
     Step("E1_metric_losses"),
     Step("E2_stl10_layerwise"),
 )
-PROFILES = ("smoke", "full")
 
 
 def select_steps(only: str | None) -> list[Step]:

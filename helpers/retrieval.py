@@ -31,7 +31,7 @@ from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
 from helpers.models import EmbeddingNet, load_torchvision_resnet18, resnet18
 from helpers.objectives import MetricObjective
-from helpers.runinfo import Runtime
+from helpers.runinfo import Runtime, notice
 
 KS = (1, 2, 4, 8)
 # init="imagenet" without a weights path: torchvision's ResNet-18 ImageNet-1k weights (acc@1 69.8%)
@@ -62,6 +62,8 @@ def build_cars196(cfg: RetrievalConfig) -> RetrievalData:
     prep = ToUint8Tensor(resize=cfg.resize, crop=cfg.resize)
     train_set = Cars196(root, "train", bbox_crop=cfg.bbox_crop, transform=prep)
     test_set = Cars196(root, "test", bbox_crop=cfg.bbox_crop, transform=prep)
+    if train_set.partial:
+        notice(f"{train_set.partial.split(';')[0]}: {len(train_set)} train / {len(test_set)} test images (the report says so)")
     path = resolve_data_path(cfg.data_path, cfg.device)
     train_labels = np.asarray(train_set.targets)
     sampler = PKBatchSampler(train_labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
@@ -96,6 +98,7 @@ def build_cars196(cfg: RetrievalConfig) -> RetrievalData:
             "image_size": cfg.image_size,
             "resize": cfg.resize,
             "bbox_crop": cfg.bbox_crop,
+            "partial": train_set.partial or None,
             "fingerprint": data_fingerprint(cfg),
         },
     )

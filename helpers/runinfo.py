@@ -58,8 +58,17 @@ def generated_data_dir() -> Path:
 
 
 def default_data_dir(profile: str) -> Path:
-    """Where a profile reads its datasets by default: smoke the generated ones, full <project>/data."""
+    """Where a profile reads its datasets by default: smoke the generated ones, cpu and full <project>/data."""
     return generated_data_dir() if profile == "smoke" else (project_root() / "data").resolve()
+
+
+def default_workers() -> int:
+    """DataLoader workers that follow the machine: one core is left to the training process, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # (macOS, Windows)
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores - 1))
 
 
 def default_out_dir(profile: str) -> Path:
@@ -67,6 +76,7 @@ def default_out_dir(profile: str) -> Path:
     return env_path("HELPERS_OUT_DIR") or (project_root() / "outputs" / profile).resolve()
 
 
+PROFILES = ("smoke", "cpu", "full")  # generated data on any machine; real data sized for a CPU budget; the GPU recipe
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 _NOTICED: set[str] = set()

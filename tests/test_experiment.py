@@ -13,7 +13,7 @@ import torch
 from helpers.config import LayerwiseConfig, RecognitionConfig, RetrievalConfig
 from helpers.engine import FitConfig, fit
 from helpers.experiment import RunSummary, T3Selection, locate_data, resolve_data_path, save_metrics
-from helpers.runinfo import Runtime, generated_data_dir
+from helpers.runinfo import PROFILES, Runtime, generated_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_MODULES = {"recognition", "retrieval", "layerwise"}
@@ -44,7 +44,7 @@ def test_no_task_module_imports_another():
 
 LAYERS = {  # the README's layout: a module imports only its own layer and those above it
     "runinfo": 0, "atomic": 0, "errors": 0, "lock": 0, "distributed": 0, "data": 0, "models": 0, "objectives": 0, "losses": 0, "miners": 0, "metrics": 0,
-    "engine": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1, "memory": 1,
+    "engine": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1, "budget_split": 1, "memory": 1,
     "config": 2, "experiment": 2, "recognition": 2, "retrieval": 2, "layerwise": 2,
     "plots": 3, "report": 3, "pipeline": 3, "execution": 3, "plan": 3, "bench": 3, "peer": 3, "proof": 3, "train": 3,
 }
@@ -125,7 +125,7 @@ def test_presets_are_literal_data():
     """No preset is computed or mutated: the class attributes are plain dicts of plain values."""
     for cls in (RecognitionConfig, RetrievalConfig, LayerwiseConfig):
         for task, profiles in cls.PRESETS.items():
-            assert set(profiles) == {"smoke", "full"}, task
+            assert set(profiles) == set(PROFILES), task
             for values in profiles.values():
                 assert all(isinstance(v, (int, float, str, bool, tuple)) for v in values.values())
                 assert set(values) <= {f.name for f in dataclasses.fields(cls)}, f"{task}: a preset names no field"

@@ -31,7 +31,7 @@ def test_config_defaults_presets_and_errors(tmp_path):
     assert RecognitionConfig.build("T2", "full", epochs=5, device="cpu").epochs == 5, "a given value beats the preset"
     with pytest.raises(ValueError, match="unknown parameter.*epoch\\b.*valid: .*epochs"):
         RecognitionConfig.build("T2", "smoke", epoch=3)
-    with pytest.raises(ValueError, match="profile='fast' is not valid; choose one of smoke, full"):
+    with pytest.raises(ValueError, match="profile='fast' is not valid; choose one of smoke, cpu, full"):
         RecognitionConfig.build("T2", "fast")
     with pytest.raises(ValueError, match="parallel, serial12, serial21"):
         RecognitionConfig.build("T3", "smoke", fashions=["parallel", "diagonal"])

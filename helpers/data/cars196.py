@@ -132,6 +132,18 @@ def read_devkit(root: Path) -> tuple[list[CarRecord], list[str]]:
     return records, names
 
 
+def partial_note(root: Path, layout: str, split: str) -> str:
+    """"" for a complete devkit release; else what is missing (e.g. the mini archive, or a download
+    without cars_test/, holds half the images: both retrieval halves then come from cars_train/)."""
+    if layout != "devkit":
+        return ""
+    missing = [folder for folder in ("cars_train", "cars_test") if not (root / folder).is_dir()]
+    if not missing:
+        return ""
+    present = "cars_test" if missing == ["cars_train"] else "cars_train"
+    return f"partial Cars-196: {' and '.join(m + '/' for m in missing)} missing at {root}; the {split} classes come from {present}/ alone"
+
+
 class Cars196(Dataset):
     """Cars-196 retrieval split: "train" = classes 1..98, "test" = classes 99..196; label = class - 1.
 
@@ -176,6 +188,7 @@ class Cars196(Dataset):
             )
         if not present:
             raise DatasetError(f"Cars-196 at {self.root} holds no {split} images (classes {'1..98' if split == 'train' else '99..196'}). {GET_IT}")
+        self.partial = partial_note(self.root, self.layout, split)
         self.samples = [(r.path, r.cls - 1) for r in present]
         self.boxes = [r.box for r in present]
         self.targets = [label for _, label in self.samples]
