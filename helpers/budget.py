@@ -157,7 +157,7 @@ def measure_fit_step(
     probe = copy.deepcopy(model)
     probe_objective = copy.deepcopy(objective) if objective is not None else None
     clock = StepClock(warmup, device)
-    probe_cfg = dataclasses.replace(cfg, max_steps=warmup + steps, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9)
+    probe_cfg = dataclasses.replace(cfg, max_steps=warmup + steps, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9, warmup_epochs=0.0)
     fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
     del probe, probe_objective
     return clock.seconds_per_step

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
+from helpers.budget_split import parse_duration
 from helpers.errors import OutputError, ProjectError, SettingsError
 from helpers.execution import KernelInterrupter, NotebookStopped, execute, write_html
 from helpers.lock import PIPELINE_LOCK, FolderLock
@@ -219,7 +220,8 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
     if profile not in PROFILES:
         raise SettingsError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
     out = check_output_folder(Path(out))
-    plan = plan_pipeline(profile, [s.name for s in select_steps(only)], data_dir, device, out)
+    plan = plan_pipeline(profile, [s.name for s in select_steps(only)], data_dir, device, out, log=log)
+    plan.pop("work")
     atomic_write_json(plan, out / "plan.json")
     log(format_plan(plan))
     log(f"[pipeline] plan written to {out / 'plan.json'}; a run of this profile into {out} records it beside the measured times")
@@ -227,7 +229,7 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
 
 
 def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print,
-        precision: str | None = None, gpus: int = 1) -> dict:
+        precision: str | None = None, gpus: int = 1, budget_s: float = 0.0) -> dict:
     """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool,
     "interrupted": bool, "signal": "SIGINT" / "SIGTERM" when one stopped it}. OUT/pipeline.json is
     written whatever happens (Ctrl-C and SIGTERM included). Everything a user can get wrong (the
@@ -243,8 +245,10 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
         resolve_device(device)  # e.g. --device cuda without a GPU: say so now, not in every kernel
     if precision and precision not in PRECISIONS:
         raise SettingsError(f"--precision {precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
+    if budget_s and gpus != 1:
+        raise SettingsError(f"--budget cannot be combined with --gpus {gpus} (a budget is planned from one process's step times); give epochs")
     with FolderLock(out, PIPELINE_LOCK, what="pipeline", remedy="use another --out"):
-        return _run(profile, out, steps, data_dir, device, resume, report, log, precision, gpus, only)
+        return _run(profile, out, steps, data_dir, device, resume, report, log, precision, gpus, only, budget_s)
 
 
 def check_output_folder(out: Path) -> Path:
@@ -264,7 +268,29 @@ def check_output_folder(out: Path) -> Path:
     return out
 
 
-def _run(profile, out: Path, steps, data_dir, device, resume, report, log, precision, gpus, only) -> dict:
+REPORT_S = 6.0  # the report's allowance in a budget (two pages from the metrics: 3-5 s on a 2-core CPU)
+
+
+def share_budget(profile: str, out: Path, steps: list, data_dir, device, budget_s: float, started: float, log) -> dict:
+    """Plan the selected notebooks (measured step, evaluation and t-SNE times on this device) and
+    share `budget_s` out (helpers.budget_split); BudgetTooSmall before anything runs."""
+    from helpers.budget_split import format_seconds, split_budget
+    from helpers.plan import plan_pipeline
+
+    log(f"[pipeline] planning a budget of {format_seconds(budget_s)}: measuring every training on this device ...")
+    plan = plan_pipeline(profile, [s.name for s in steps], data_dir, device, out, log=log)
+    planning = time.perf_counter() - started
+    shared = split_budget(plan.pop("work"), budget_s, reserved_s=planning + REPORT_S)
+    shared |= {"budget_s": budget_s, "planning_seconds": round(planning, 1), "report_seconds": REPORT_S, "missing": plan.get("missing", {})}
+    for name, n in shared["notebooks"].items():
+        settings = ", ".join(f"{k}={v:g}" for k, v in n["parameters"].items())
+        log(f"[pipeline]   {name:22s} {100 * n['share']:5.1f} %  {format_seconds(n['planned_seconds']):>9s}  ({settings})")
+    log(f"[pipeline] planned {format_seconds(shared['planned_seconds'])} of {format_seconds(budget_s)} (planning took {planning:.0f} s; "
+        f"each training runs {shared['fraction']:.3g} x its profile's epochs)")
+    return shared
+
+
+def _run(profile, out: Path, steps, data_dir, device, resume, report, log, precision, gpus, only, budget_s=0.0) -> dict:
     stale = remove_stale_temporaries(out)
     if stale:
         log(f"[pipeline] removed {len(stale)} temporary file(s) left by a killed run, e.g. {stale[0]}")
@@ -285,11 +311,15 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
         check_gpus(gpus, device or "cuda")
         parameters["gpus"] = gpus
     status: dict[str, dict] = {}
-    plan = load_plan(out, profile)
-    predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     started = time.perf_counter()
+    shared = share_budget(profile, out, steps, data_dir, device, budget_s, started, log) if budget_s else None
+    plan = None if shared else load_plan(out, profile)
+    predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     summary = {"profile": profile, "out": str(out), "only": only, "report_requested": report, "parameters": parameters,
                "steps": status, "report": None, "ok": False, "interrupted": False}
+    if shared:
+        summary["budget"] = shared
+        predicted = {name: n["planned_seconds"] for name, n in shared["notebooks"].items()}
     (out / "pipeline.json").unlink(missing_ok=True)  # if it cannot be written at the end, no older one may look current
     interrupter = KernelInterrupter(log) if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg") else None
     previous_handler = signal.signal(signal.SIGINT, interrupter) if interrupter is not None else None
@@ -303,20 +333,23 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
             broken = [d for d in step.needs if status.get(d, {}).get("status") not in (None, "ok", "up to date")]
             tic = time.perf_counter()
             current = step.name
+            budgets = shared["notebooks"].get(step.name, {}).get("parameters", {}) if shared else {}
             if broken:
                 result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
-            elif resume and not (why := stale_reason(out, step, notebook, profile, parameters)):
+            elif resume and not (why := stale_reason(out, step, notebook, profile, parameters | budgets)):
                 result = {"status": "up to date", "message": "outputs newer than inputs, same configuration and data"}
             else:
                 if resume and why.startswith("changed"):
                     log(f"[pipeline] {step.name}: rerunning, {why}")
                 log(f"[pipeline] running {step.name} ...")
-                state, message = run_step(step, out, parameters, notebooks_dir, html_pool, interrupter)
+                state, message = run_step(step, out, parameters | budgets, notebooks_dir, html_pool, interrupter)
                 result = {"status": state, "message": message}
             status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
             current = None
             if step.name in predicted and result["status"] != "up to date":
                 status[step.name]["predicted_seconds"] = predicted[step.name]
+                if shared:
+                    status[step.name]["share"] = shared["notebooks"][step.name]["share"]
             log(f"[pipeline] {step.name}: {result['status']} ({status[step.name]['seconds']} s) {result['message']}")
             if result["status"] == "interrupted" or (interrupter is not None and interrupter.presses):
                 summary["interrupted"] = True
@@ -362,6 +395,8 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
                 status[step.name] = {"status": "not run", "message": "the pipeline was interrupted" if summary["interrupted"] else "the pipeline stopped early"}
         summary["ok"] = not summary["interrupted"] and all(s["status"] in ("ok", "up to date") for s in status.values())
         summary["seconds"] = round(time.perf_counter() - started, 1)
+        if shared:
+            shared["measured_seconds"] = summary["seconds"]
         if plan:
             ran = [name for name, s in status.items() if "predicted_seconds" in s]
             summary["plan"] = {
@@ -408,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=1, help="train T1-T4 and E1 on this many GPUs of this machine (torchrun; batch sizes are global)")
     parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
+    parser.add_argument("--budget", default=None, help="finish the whole pipeline in this wall time, e.g. 90m, 1.5h, 600s: every training gets its share, planned from measured steps")
     parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
     args = parser.parse_args(argv)
     absolute_env_paths()  # (relative HELPERS_* folders mean the user's directory, not the kernels' notebooks/)
@@ -416,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan:
             make_plan(args.profile, out, args.only, args.data_dir, args.device)
             return 0
-        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision, gpus=args.gpus)
+        budget_s = parse_duration(args.budget) if args.budget is not None else 0.0
+        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision, gpus=args.gpus,
+                      budget_s=budget_s)
     except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -425,6 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         return TERMINATED_EXIT if summary.get("signal") == "SIGTERM" else INTERRUPTED_EXIT
     if summary.get("plan"):
         print(f"[pipeline] predicted {summary['plan']['predicted_seconds']} s for the notebooks run, measured {summary['plan']['measured_seconds']} s")
+    if summary.get("budget"):
+        b = summary["budget"]
+        print(f"[pipeline] budget {b['budget_s']:.0f} s: planned {b['planned_seconds']:.0f} s, took {b['measured_seconds']:.0f} s "
+              f"({100 * (b['measured_seconds'] / b['budget_s'] - 1):+.1f} %)")
     failed = {k: v for k, v in summary["steps"].items() if v["status"] not in ("ok", "up to date")}
     print(f"[pipeline] done in {summary['seconds']} s: {len(summary['steps']) - len(failed)} ok" + (f", {len(failed)} not: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -4,8 +4,9 @@ For every notebook the plan builds the same configuration and data as the notebo
 the stand-in data or the decode-once cache when they are missing, as the notebook would), measures
 a few training steps of each kind of model it trains on the chosen device, and times one batch of
 evaluation. Prediction = data preparation (measured) + training steps x measured step time +
-evaluation passes x measured pass time + a fixed allowance per notebook for the kernel start,
-imports, figures and HTML export (`OVERHEAD_S`, measured on the project's 2-core CPU).
+evaluation passes x measured pass time + t-SNE maps (one small map timed, scaled) + the start of a
+notebook (a fresh interpreter importing what a notebook imports, timed once per plan) + an
+allowance for the kernel, figures and HTML export (`OVERHEAD_S`, measured on a 2-core CPU).
 
 Approximations, stated: runs of one notebook with the same architecture share one measurement (the
 three CUBS fashions are timed once); a metric-loss step on P x K batches is the classifier step
@@ -15,6 +16,7 @@ scaled by the batch size; a greedy pretraining step is costed as a full MLP step
 from __future__ import annotations
 
 import dataclasses
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,21 +25,25 @@ from pathlib import Path
 import torch
 
 from helpers.budget import measure_fit_step
+from helpers.budget_split import NotebookWork, Training
 from helpers.runinfo import Runtime
 
-OVERHEAD_S = 12.0  # kernel start, imports, figures, metrics and the HTML export of one notebook
+OVERHEAD_S = 3.0  # beyond the measured imports: the kernel's start, figures, metrics and the HTML export of one notebook
 WARMUP, STEPS = 2, 4  # measured steps per model: enough for a plan, cheap on a CPU
 
 
 @dataclass
 class Job:
-    """One training run inside a notebook."""
+    """One training run inside a notebook; `parameter` is the notebook parameter that gives it a
+    time budget, `epochs` the profile's epochs (steps = epochs x steps per epoch)."""
 
     name: str
     steps: int
     seconds_per_step: float
     eval_passes: int = 0
     seconds_per_eval: float = 0.0
+    parameter: str = "budget_s"
+    epochs: int = 1
 
     @property
     def seconds(self) -> float:
@@ -49,8 +55,16 @@ class NotebookPlan:
     notebook: str
     data_seconds: float
     jobs: list[Job] = field(default_factory=list)
-    extra_seconds: float = 0.0  # measured work outside training (e.g. before/after embeddings)
-    overhead_seconds: float = OVERHEAD_S
+    extra_seconds: float = 0.0  # measured work outside training (e.g. before/after embeddings, t-SNE)
+    overhead_seconds: float = field(default_factory=lambda: OVERHEAD_S + import_seconds())
+
+    def work(self, name: str, eval_every: int = 1) -> NotebookWork:
+        """What helpers.budget_split shares a budget out over: the fixed part and every training."""
+        trainings = tuple(
+            Training(j.name, j.parameter, j.epochs, max(1, j.steps // max(1, j.epochs)), j.seconds_per_step, j.seconds_per_eval if j.eval_passes else 0.0, eval_every)
+            for j in self.jobs
+        )
+        return NotebookWork(name, self.data_seconds + self.extra_seconds + self.overhead_seconds, trainings)
 
     @property
     def seconds(self) -> float:
@@ -103,13 +117,58 @@ def _timed(build):
     return value, time.perf_counter() - tic
 
 
+def _timed_data(build):
+    """(data, seconds) of a data build as the notebook will see it: a first build that made a
+    decode cache (over 2 s) is timed again, since the notebook then loads that cache."""
+    data, seconds = _timed(build)
+    if seconds > 2.0:
+        data, seconds = _timed(build)
+    return data, seconds
+
+
+_IMPORT_SECONDS: list[float] = []
+
+
+def import_seconds() -> float:
+    """Seconds a fresh interpreter takes to import what a notebook imports (torch, the optimizers'
+    torch._dynamo, the task modules, the plots), measured once per process."""
+    import subprocess
+    import sys
+
+    if not _IMPORT_SECONDS:
+        code = "import torch, torch._dynamo, helpers.recognition, helpers.retrieval, helpers.layerwise, helpers.plots"
+        tic = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+        _IMPORT_SECONDS.append(time.perf_counter() - tic)
+    return _IMPORT_SECONDS[0]
+
+
+_TSNE_SECONDS: dict[int, float] = {}
+
+
+def tsne_seconds(points: int, probe: int = 300) -> float:
+    """Predicted seconds of one t-SNE map of `points` points: one map of `probe` random points timed
+    on this machine (once per process), scaled by n log n (Barnes-Hut)."""
+    import numpy as np
+
+    from helpers.plots import tsne_2d
+
+    if points <= 0:
+        return 0.0
+    if probe not in _TSNE_SECONDS:
+        x = np.random.default_rng(0).standard_normal((probe, 64)).astype(np.float32)
+        _, _TSNE_SECONDS[probe] = _timed(lambda: tsne_2d(x, probe))
+    scale = points * math.log(max(points, 2)) / (probe * math.log(probe))
+    return _TSNE_SECONDS[probe] * max(scale, points / probe)
+
+
 def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) -> NotebookPlan:
     """T1, T2, T3 or E1: the notebook's data, then each model kind measured once."""
     from helpers.config import RecognitionConfig
     from helpers.recognition import build_model, build_tiny_imagenet
 
     cfg = RecognitionConfig.build(task, profile, out_dir=str(out_dir), resume=False, **overrides)
-    data, data_seconds = _timed(lambda: build_tiny_imagenet(cfg))
+    data, data_seconds = _timed_data(lambda: build_tiny_imagenet(cfg))
     plan = NotebookPlan(task, data_seconds)
     fit_cfg = cfg.fit_config("train")
     steps = cfg.epochs * len(data.train)
@@ -123,19 +182,21 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
         step = measure_fit_step(model, data.train, data.augment, fit_cfg, cfg.device, warmup=WARMUP, steps=STEPS)
         evaluation = eval_pass_seconds(model.eval(), splits, data.augment, Runtime.of(cfg))
         if task == "T3":
-            names = [f"T3_{f}" for f in cfg.fashions] + (["T3_bonus"] if cfg.bonus else [])
+            names = [f"T3_{f}" for f in cfg.fashions] + (["T3_<selected>_scaled"] if cfg.bonus else [])  # (the bonus: in the fashion T3 selects)
         elif task == "E1":
-            names = ["E1_cross_entropy", "E1_center_loss"]
+            names = ["E1_cross_entropy", "E1_center"]
         else:
             names = [{"T1": "T1_custom_cnn", "T2": "T2_resnet18"}[task]]
-        plan.jobs += [Job(name, steps, step, evals, evaluation) for name in names]
+        plan.jobs += [Job(name, steps, step, evals, evaluation, epochs=cfg.epochs) for name in names]
         if task == "E1":  # triplet: P x K batches, nearest-class-mean evaluation (reference pass too)
             from helpers.data import PKBatchSampler
 
             sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
             scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
             reference = min(1.0, cfg.ncm_per_class * data.num_classes / max(1, data.train.num_samples))
-            plan.jobs.append(Job("E1_triplet", cfg.epochs * len(sampler), step * scale, evals, evaluation * (1 + reference)))
+            plan.jobs.append(Job("E1_triplet", cfg.epochs * len(sampler), step * scale, evals, evaluation * (1 + reference), epochs=cfg.epochs))
+    if task == "E1":  # three maps of the test embeddings (the notebook's max_points=2000)
+        plan.extra_seconds += 3 * tsne_seconds(min(2000, data.test.num_samples))
     return plan
 
 
@@ -147,17 +208,18 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
 
     cfg = RetrievalConfig.build("T4", profile, out_dir=str(out_dir), resume=False, **overrides)
     cfg, _ = apply_t3_selection(cfg)
-    data, data_seconds = _timed(lambda: build_cars196(cfg))
+    data, data_seconds = _timed_data(lambda: build_cars196(cfg))
     plan = NotebookPlan("T4", data_seconds)
     torch.manual_seed(cfg.seed)
     model = resnet18(data.num_train_classes, stem=cfg.stem, cubs=cfg.fashion, cubs_width=cfg.cubs_width or None)
     step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS)
     embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
-    plan.jobs.append(Job("T4_classifier", cfg.cls_epochs * len(data.train), step, cfg.cls_epochs, embed))
+    plan.jobs.append(Job("T4_classifier", cfg.cls_epochs * len(data.train), step, cfg.cls_epochs, embed, "cls_budget_s", cfg.cls_epochs))
     scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
     for miner in cfg.miner_runs:
-        plan.jobs.append(Job(f"T4_embedding_{miner}", cfg.emb_epochs * len(data.train_pk), step * scale, cfg.emb_epochs + 1, embed))
-    plan.extra_seconds = embed  # the "before" embeddings
+        plan.jobs.append(Job(f"T4_embedding_{miner}", cfg.emb_epochs * len(data.train_pk), step * scale, cfg.emb_epochs + 1, embed, "emb_budget_s", cfg.emb_epochs))
+    # the "before" embeddings, and two t-SNE maps (before, after)
+    plan.extra_seconds = embed + 2 * tsne_seconds(min(cfg.tsne_points, data.test.num_samples))
     return plan
 
 
@@ -167,40 +229,59 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     from helpers.layerwise import build_mlp, build_stl10
 
     cfg = LayerwiseConfig.build("E2", profile, out_dir=str(out_dir), resume=False, **overrides)
-    (data, pretrain), data_seconds = _timed(lambda: build_stl10(cfg))
+    (data, pretrain), data_seconds = _timed_data(lambda: build_stl10(cfg))
     plan = NotebookPlan("E2", data_seconds)
     model = build_mlp(cfg)
     step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS)
     evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
-    plan.jobs.append(Job("E2_pretraining", len(cfg.hidden) * cfg.pretrain_epochs * len(pretrain), step))
+    plan.jobs += [Job(f"E2_pretrain_layer{i + 1}", cfg.pretrain_epochs * len(pretrain), step, 0, 0.0, "pretrain_budget_s", cfg.pretrain_epochs)
+                  for i in range(len(cfg.hidden))]
     for name in ("E2_pretrained", "E2_baseline"):
-        plan.jobs.append(Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation))
+        plan.jobs.append(Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs))
+    plan.extra_seconds = tsne_seconds(min(cfg.tsne_per_class * 10, data.test.num_samples))  # the X[3] map
     return plan
 
 
-def plan_pipeline(profile: str, steps: list[str], data_dir: str | None, device: str | None, out_dir: Path) -> dict:
-    """{"notebooks": {notebook: plan dict}, "total_seconds"} for the pipeline's notebooks `steps`."""
+def plan_notebook(name: str, profile: str, overrides: dict, out_dir: Path, scratch: Path) -> NotebookPlan:
+    """The plan of one pipeline notebook (by its name, e.g. "T4_cars196_retrieval")."""
+    task = name.split("_")[0]
+    if task in ("T1", "T2", "T3", "E1"):
+        return plan_recognition(task, profile, overrides, scratch)
+    if task == "T4":
+        return plan_retrieval(profile, overrides, out_dir)  # reads T3's selection when it exists
+    return plan_layerwise(profile, overrides, scratch)
+
+
+def plan_pipeline(profile: str, steps: list[str], data_dir: str | None, device: str | None, out_dir: Path, log=None) -> dict:
+    """{"notebooks": {notebook: plan dict}, "total_seconds", "missing": {notebook: why}} for the
+    pipeline's notebooks `steps`. A notebook whose dataset is missing is named in "missing" and the
+    rest is planned (`log` says so as it happens); "work" holds what a budget is split over."""
+    from helpers.data.errors import DatasetError
+    from helpers.runinfo import resolve_device, run_info
+
     overrides = {}
     if data_dir:
         overrides["data_dir"] = str(Path(data_dir).resolve())
     if device:
         overrides["device"] = device
-    notebooks = {}
+    notebooks, missing, work = {}, {}, []
     with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
         for name in steps:
-            task = name.split("_")[0]
             tic = time.perf_counter()
-            if task in ("T1", "T2", "T3", "E1"):
-                plan = plan_recognition(task, profile, overrides, Path(tmp))
-            elif task == "T4":
-                plan = plan_retrieval(profile, overrides, out_dir)  # reads T3's selection when it exists
-            else:
-                plan = plan_layerwise(profile, overrides, Path(tmp))
+            try:
+                plan = plan_notebook(name, profile, overrides, out_dir, Path(tmp))
+            except DatasetError as exc:
+                missing[name] = str(exc)
+                if log is not None:
+                    log(f"[plan] {name}: not planned, its data is missing: {str(exc)[:200]}")
+                continue
             notebooks[name] = plan.as_dict() | {"planning_seconds": round(time.perf_counter() - tic, 1)}
-    from helpers.runinfo import resolve_device, run_info
-
+            work.append(plan.work(name))
     total = round(sum(n["predicted_seconds"] for n in notebooks.values()), 1)
-    return {"profile": profile, "notebooks": notebooks, "total_seconds": total, "run": run_info(resolve_device(device or "auto"))}
+    plan = {"profile": profile, "notebooks": notebooks, "total_seconds": total, "run": run_info(resolve_device(device or "auto"))}
+    if missing:
+        plan["missing"] = missing
+    return plan | {"work": work}
 
 
 def format_plan(plan: dict) -> str:
@@ -208,7 +289,9 @@ def format_plan(plan: dict) -> str:
     for name, n in plan["notebooks"].items():
         jobs = ", ".join(f"{j['name']} {j['steps']} steps x {1000 * j['seconds_per_step']:.0f} ms" for j in n["jobs"])
         lines.append(f"  {name:22s} {_duration(n['predicted_seconds']):>9s}   ({jobs})")
-    lines.append(f"  {'whole pipeline':22s} {_duration(plan['total_seconds']):>9s}")
+    for name, why in plan.get("missing", {}).items():
+        lines.append(f"  {name:22s} {'-':>9s}   not planned: its data is missing ({why.split('. ')[0][:120]})")
+    lines.append(f"  {'whole pipeline':22s} {_duration(plan['total_seconds']):>9s}" + ("   (without the notebooks not planned)" if plan.get("missing") else ""))
     return "\n".join(lines)
 
 

@@ -108,9 +108,9 @@ def test_plan_predicts_from_measured_steps_and_the_run_records_it(fake_project, 
     (job,) = t2.jobs
     assert job.name == "T2_resnet18" and job.steps == 3 * (66 // 8)  # smoke epochs x steps per epoch (72 images, 6 held out)
     assert job.seconds_per_step > 0 and job.eval_passes == 3 + 1 and job.seconds_per_eval > 0
-    assert t2.seconds == pytest.approx(t2.data_seconds + job.seconds + planning.OVERHEAD_S)
+    assert t2.seconds == pytest.approx(t2.data_seconds + job.seconds + planning.OVERHEAD_S + planning.import_seconds())
     t3 = planning.plan_recognition("T3", "smoke", overrides, tmp_path / "scratch")
-    assert [j.name for j in t3.jobs] == ["T3_parallel", "T3_serial12", "T3_serial21", "T3_bonus"]
+    assert [j.name for j in t3.jobs] == ["T3_parallel", "T3_serial12", "T3_serial21", "T3_<selected>_scaled"]
 
     # a plan for the fake project's notebooks, then a run that records prediction beside measurement
     fake = {"profile": "smoke", "total_seconds": 7.0, "run": {"time": "now", "device": "cpu"},
