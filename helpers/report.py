@@ -173,16 +173,67 @@ def provenance(metrics: dict[str, dict], out: Path) -> str:
             precisions.add(precision_label(r.get("precision")))
             times.append(str(r["time"]))
             torches.append(str(r["torch"]))
-    profiles, datasets, commits, devices, precisions = map(sorted, (profiles, datasets, commits, devices, precisions))
+    profiles, commits, devices, precisions = map(sorted, (profiles, commits, devices, precisions))
+    datasets = data_lines(metrics)
     text = (
         f"Profile: {', '.join(profiles)}. Data: {'; '.join(datasets)}. Device: {', '.join(devices)}. Precision: {'; '.join(precisions)}. "
-        f"Commit: {', '.join(commits)}; torch {torches[0]}; latest run {max(times)}. "
+        f"Commit: {', '.join(commits)}; torch {torches[0]}; latest run {max(times)}. {budget_line(out)}"
         f"Every number below is read from {out.name}/metrics/*.json."
     )
     if "smoke" in profiles:
-        text += (" Smoke profile: small generated stand-in datasets and a few CPU epochs; these numbers show that the whole "
-                 "pipeline runs end to end, not what the models reach on the real data (profile 'full').")
+        text += " Smoke profile: generated stand-in data and a few CPU epochs; it shows that the pipeline runs, not what the models reach on real data."
     return text
+
+
+def data_lines(metrics: dict[str, dict]) -> list[str]:
+    """What data each dataset's runs used: classes, images (per class), image size, and whether it is
+    a generated stand-in or a partial copy, e.g. "Tiny ImageNet: 200 classes, 19,000 train (95 per
+    class) / 10,000 test images at 32 px"."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name, m in metrics.items():
+        d = m.get("data") or {}
+        if not isinstance(d, dict) or not d:
+            continue
+        dataset = str(d.get("dataset", "?"))
+        if "num_classes" in d:
+            per_class = d.get("train_images", 0) // max(1, d["num_classes"])
+            text = f"{d['num_classes']} classes, {d.get('train_images', 0):,} train ({per_class} per class) / {d.get('test_images', 0):,} test images"
+        elif "train_classes" in d:
+            text = f"{d['train_classes']} + {d['test_classes']} classes, {d['train_images']:,} train / {d['test_images']:,} test images"
+        else:
+            text = f"{d.get('train_images', 0) + d.get('heldout_images', 0):,} train / {d.get('test_images', 0):,} test images"
+        if d.get("image_size"):
+            text += f" at {d['image_size']} px"
+        if d.get("partial"):
+            text += f" ({d['partial'].split(';')[0].split(' missing')[0]} missing: PARTIAL)"
+        groups.setdefault((dataset, text), []).append(name.split("_")[0])
+    shapes = {}
+    for dataset, _ in groups:
+        shapes[dataset] = shapes.get(dataset, 0) + 1
+    # one line per dataset; where notebooks used it in different shapes, each shape names its notebooks
+    return [f"{dataset}{' (' + ', '.join(names) + ')' if shapes[dataset] > 1 else ''}: {text}" for (dataset, text), names in groups.items()]
+
+
+def budget_line(out: Path) -> str:
+    """"Budget: 60 min for the whole pipeline (took 59.3 min). " when pipeline.json records one."""
+    try:
+        budget = json.loads((out / "pipeline.json").read_text()).get("budget")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return ""
+    if not isinstance(budget, dict) or "budget_s" not in budget:
+        return ""
+    took = f" (took {budget['measured_seconds'] / 60:.1f} min)" if budget.get("measured_seconds") else ""
+    return (f"Budget: {budget['budget_s'] / 60:.0f} min for the whole pipeline{took}, shared out in the profile's proportions; "
+            f"every training ran {budget['fraction']:.2g} x its profile's epochs. ")
+
+
+def run_length(run: dict | None) -> str:
+    """"8 epochs (a 278 s budget)" or "30 epochs": the epochs a run really trained."""
+    if not run:
+        return "?"
+    epochs = (run.get("training") or {}).get("epochs_done", run.get("epochs_run"))
+    budget = run.get("budget")
+    return f"{epochs} epochs (a {budget['budget_s']:.0f} s budget)" if budget else f"{epochs} epochs"
 
 
 def precision_label(precision: dict | None) -> str:
@@ -271,10 +322,10 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
     page.heading("3  Training strategy")
     if cfg2:
         with reading(T2):
-            training_text(page, cfg2)
-    page.image(curves or report_curves(metrics, out), 2.55, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
+            training_text(page, cfg2, r18)
+    page.image(curves or report_curves(metrics, out), 2.2, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
     if selection:
-        page.image(out / "figures" / "T3_classes.png", 1.9, f"Best and worst test classes of the selected CUBS model ({selection.best}).")
+        page.image(out / "figures" / "T3_classes.png", 1.45, f"Best and worst test classes of the selected CUBS model ({selection.best}).")
 
 
 def cubs_text(page: Page, cfg3: dict, selection: T3Selection | None) -> None:
@@ -290,15 +341,15 @@ def cubs_text(page: Page, cfg3: dict, selection: T3Selection | None) -> None:
     )
 
 
-def training_text(page: Page, cfg2: dict) -> None:
+def training_text(page: Page, cfg2: dict, run: dict | None = None) -> None:
     mixing = " and ".join(f"{name} (alpha {cfg2[name]})" for name in ("cutmix", "mixup") if cfg2.get(name))
     mixing = f", {mixing} on {100 * cfg2['mix_prob']:.0f}% of batches" if mixing else ""
     crop = f"random crop with {cfg2['padding']}-pixel padding" if cfg2["crop"] == "pad" else "random-resized crop"
     stopping = f" and early stopping (patience {cfg2['patience']})" if cfg2.get("patience") else ""
     page.text(
         f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at lr {cfg2['lr']} for batch "
-        f"{cfg2['batch_size']}, weight decay {cfg2['weight_decay']} (not on biases/BN), {cfg2['epochs']} epochs, linear warm-up "
-        f"({cfg2['warmup_epochs']} epochs) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
+        f"{cfg2['batch_size']}, weight decay {cfg2['weight_decay']} (not on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "
+        f"({cfg2['warmup_epochs']} epochs, at most a quarter of the run) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
         f"batches on the device: {crop} + horizontal flip{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
         f"{100 * cfg2['heldout_fraction']:.0f}% stratified held-out part of train; atomic best/last checkpoints with exact resume; "
         f"Precision {cfg2.get('precision', 'auto')} (auto: bf16 autocast on GPUs with native bf16, fp16 with a gradient scaler on "
@@ -335,6 +386,19 @@ def report_curves(metrics: dict, out: Path) -> Path:
     return path
 
 
+def t4_length(t4: dict, run: str, epochs: int, budget_s: float | None) -> str:
+    """"5 epochs (a 36 s budget)": what a T4 stage really trained (its training record)."""
+    done = ((t4.get("training") or {}).get(run) or {}).get("epochs_done", epochs)
+    return f"{done} epochs (a {budget_s:.0f} s budget)" if budget_s else f"{done} epochs"
+
+
+def pretrain_length(e2: dict, c: dict) -> str:
+    """E2's pretraining per layer as it ran: "2 epochs (a 1 s budget)"."""
+    layers = e2.get("pretraining") or [{}]
+    done = (layers[0].get("training") or {}).get("epochs_done", c["pretrain_epochs"])
+    return f"{done} epochs (a {c['pretrain_budget_s']:.0f} s budget)" if c.get("pretrain_budget_s") else f"{done} epochs"
+
+
 def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | None = None) -> None:
     left_out = left_out or {}
     t4 = metrics.get(T4)
@@ -344,11 +408,11 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
             c = t4["config"]
             init = t4["init"]
             page.text(
-                f"From T3: {t4['t3'].replace(str(out) + '/', '')} Stage 1: the T3 architecture as a 98-way classifier ({c['cls_epochs']} epochs, {c['cls_optimizer'].upper()} lr {c['cls_lr']}, "
+                f"From T3: {t4['t3'].replace(str(out) + '/', '')} Stage 1: the T3 architecture as a 98-way classifier ({t4_length(t4, 'classifier', c['cls_epochs'], c.get('cls_budget_s'))}, {c['cls_optimizer'].upper()} lr {c['cls_lr']}, "
                 f"{c['image_size']} px random-resized crops of {c['resize']} px images + flip); 'before' = its pooled 512-d features. Stage 2: "
                 f"classifier cropped, one 512-d L2-normalised embedding layer, the whole network trained with the multi-similarity loss "
-                f"(alpha {c['alpha']}, beta {c['beta']}, lambda {c['lam']}) on P x K = {c['pk_classes']} x {c['pk_images']} batches for {c['emb_epochs']} "
-                f"epochs ({c['emb_optimizer'].upper()} lr {c['emb_lr']})."
+                f"(alpha {c['alpha']}, beta {c['beta']}, lambda {c['lam']}) on P x K = {c['pk_classes']} x {c['pk_images']} batches for {t4_length(t4, t4['miner'], c['emb_epochs'], c.get('emb_budget_s'))} "
+                f"({c['emb_optimizer'].upper()} lr {c['emb_lr']})."
                 + (f" Initialisation: {init.get('pretrained')} weights (pretrained)." if init.get("pretrained") else "")
             )
             ks = (1, 2, 4, 8)
@@ -382,7 +446,7 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
         with reading(E1):
             c = e1["config"]
             rows = [[r["architecture"].get("loss", name), pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), pct(r["test"]["top5"])] for name, r in e1["models"].items()]
-            page.text(f"E1, ResNet-18 on Tiny ImageNet with three losses ({c['optimizer'].upper()} lr {c['lr']}, {c['epochs']} epochs; the triplet model "
+            page.text(f"E1, ResNet-18 on Tiny ImageNet with three losses ({c['optimizer'].upper()} lr {c['lr']}, {run_length(first_model(e1))} each; the triplet model "
                       "is classified by the nearest class mean of train embeddings):")
             page.table(["loss", "held-out top-1", "test top-1", "test top-5"], rows, [4, 1.3, 1.3, 1.3])
     if e2:
@@ -390,7 +454,7 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
             c = e2["config"]
             rows = [[name, pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), num(r["test"]["loss"])] for name, r in e2["models"].items()]
             page.text(f"E2, MLP 9216 -> {' -> '.join(map(str, c['hidden']))} -> 10 on STL-10 grayscale: greedy layer-wise autoencoder pretraining "
-                      f"({c['pretrain_epochs']} epochs per layer, earlier layers frozen) + fine-tuning vs the same MLP from scratch ({c['epochs']} epochs):")
+                      f"({pretrain_length(e2, c)} per layer, earlier layers frozen) + fine-tuning vs the same MLP from scratch ({run_length(first_model(e2))} each):")
             page.table(["model", "held-out accuracy", "test accuracy", "test loss"], rows, [4, 1.3, 1.3, 1.3])
     for name in (E1, E2):
         if name in left_out:

@@ -93,3 +93,28 @@ def test_command_line(tmp_path, capsys):
     write_metrics(tmp_path)
     assert report.main([str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "report.pdf")
+
+
+def test_the_report_states_the_data_each_run_used_its_real_length_and_the_budget(tmp_path):
+    """What a reader needs to read a number right: classes, images per class and size of each
+    dataset, a partial Cars-196, the epochs a budget run really trained, and the pipeline's budget."""
+    documents = write_metrics(tmp_path)
+    t2 = documents["T2_resnet18"]
+    run = next(iter(t2["models"].values()))
+
+    def budget_run(d):
+        r = next(iter(d["models"].values()))
+        r["training"]["epochs_done"] = 7
+        r["budget"] = {"budget_s": 225.1, "steps": 1000, "budget_seconds_used": 226.0}
+        d["data"].update(num_classes=10, train_images=400, test_images=500, image_size=32)
+
+    edit(tmp_path, "T2_resnet18", budget_run)
+    edit(tmp_path, "T4_cars196_retrieval", lambda d: d["data"].update(partial="partial Cars-196: cars_test/ missing at /x; the train classes come from cars_train/ alone"))
+    (tmp_path / "pipeline.json").write_text(json.dumps({"budget": {"budget_s": 3600, "measured_seconds": 3570, "fraction": 0.27}}))
+    one, two = texts(tmp_path)
+    assert "10 classes, 400 train (40 per class) / 500 test images at 32 px" in one
+    assert "partial Cars-196: cars_test/ missing: PARTIAL" in one
+    assert "Budget: 60 min for the whole pipeline (took 59.5 min)" in one and "0.27 x its profile's epochs" in one
+    assert "7 epochs (a 225 s budget)" in one and f"{run['epochs_run']} epochs," not in one.split("One engine")[1][:200]
+    (tmp_path / "pipeline.json").write_text(json.dumps({"steps": {}}))  # no budget: no budget sentence
+    assert "Budget:" not in texts(tmp_path)[0]
