@@ -74,3 +74,33 @@ def smoke_out(tmp_path_factory) -> Path:
     done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return out
+
+
+def tiny_archive_cut(source: Path, target: Path, classes: int) -> Path:
+    """A zip of the real mini Tiny ImageNet archive's first `classes` classes, in the same layout
+    (wnids.txt, train/, val/ with its annotations, no test/): real images in a shape tests can afford."""
+    with zipfile.ZipFile(source) as zin:
+        names = zin.namelist()
+        wnids_name = next(n for n in names if n.endswith("wnids.txt"))
+        top = wnids_name[: -len("wnids.txt")]
+        keep = zin.read(wnids_name).decode().split()[:classes]
+        annotations_name = next(n for n in names if n.endswith("val/val_annotations.txt"))
+        annotations = [line for line in zin.read(annotations_name).decode().splitlines() if line.split("\t")[1:2] and line.split("\t")[1] in keep]
+        val_images = {line.split("\t")[0] for line in annotations}
+        with zipfile.ZipFile(target, "w") as zout:
+            for name in names:
+                rel = name[len(top):]
+                parts = rel.split("/")
+                if rel == "wnids.txt":
+                    zout.writestr(name, "\n".join(keep) + "\n")
+                elif rel == "val/val_annotations.txt":
+                    zout.writestr(name, "\n".join(annotations) + "\n")
+                elif parts[0] == "train" and len(parts) > 1 and parts[1] not in keep:
+                    continue
+                elif parts[0] == "val" and parts[1:2] == ["images"] and parts[-1] and parts[-1] not in val_images:
+                    continue
+                elif parts[0] == "test":
+                    continue
+                else:
+                    zout.writestr(zin.getinfo(name), zin.read(name))
+    return target

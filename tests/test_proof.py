@@ -8,7 +8,7 @@ import pytest
 from helpers import proof
 from helpers.data.errors import DatasetError
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, tiny_archive_cut
 
 KEYS = {"who", "seed", "test_top1", "test_top5", "train_seconds", "images_per_s", "epochs_done", "peak_mem_mb"}
 
@@ -67,42 +67,12 @@ def test_plan_only_predicts_and_trains_nothing(tiny_root, tmp_path, capsys):
     assert not out.exists()
 
 
-def four_class_archive(source, target):
-    """A zip of the real mini archive's first 4 classes, in the same layout (wnids.txt, train/,
-    val/ with its annotations): the proof decodes whole splits, and 4 of 200 classes are enough here."""
-    with zipfile.ZipFile(source) as zin:
-        names = zin.namelist()
-        wnids_name = next(n for n in names if n.endswith("wnids.txt"))
-        top = wnids_name[: -len("wnids.txt")]
-        keep = zin.read(wnids_name).decode().split()[:4]
-        annotations_name = next(n for n in names if n.endswith("val/val_annotations.txt"))
-        annotations = [line for line in zin.read(annotations_name).decode().splitlines() if line.split("\t")[1:2] and line.split("\t")[1] in keep]
-        val_images = {line.split("\t")[0] for line in annotations}
-        with zipfile.ZipFile(target, "w") as zout:
-            for name in names:
-                rel = name[len(top):]
-                parts = rel.split("/")
-                if rel == "wnids.txt":
-                    zout.writestr(name, "\n".join(keep) + "\n")
-                elif rel == "val/val_annotations.txt":
-                    zout.writestr(name, "\n".join(annotations) + "\n")
-                elif parts[0] == "train" and len(parts) > 1 and parts[1] not in keep:
-                    continue
-                elif parts[0] == "val" and parts[1:2] == ["images"] and parts[-1] and parts[-1] not in val_images:
-                    continue
-                elif parts[0] == "test":
-                    continue
-                else:
-                    zout.writestr(zin.getinfo(name), zin.read(name))
-    return target
-
-
 @pytest.mark.realdata
 def test_proof_on_the_real_mini_archive(tmp_path):
     source = SHARED_DATA / "tiny-imagenet-200-mini.zip"
     if not source.is_file():
         pytest.skip(f"{source} not present")
-    archive = four_class_archive(source, tmp_path / "tiny-imagenet-200-mini-4.zip")
+    archive = tiny_archive_cut(source, tmp_path / "tiny-imagenet-200-mini-4.zip", classes=4)
     out = tmp_path / "proof.json"
     argv = ["--data-dir", str(archive), "--budget-s", "2", "--image-size", "16", "--classes", "4", "--train-per-class", "40",
             "--seeds", "2", "--eval-every", "1", "--out", str(out)]
