@@ -4,6 +4,7 @@ HTML, the metrics JSON and figures it writes, and the two-page report built from
     python -m helpers.pipeline --profile smoke --out outputs/smoke
     python -m helpers.pipeline --profile full --out outputs/full --data-dir data --device cuda
     python -m helpers.pipeline --profile smoke --out outputs/smoke --only T1,T4 --resume
+    python -m helpers.pipeline --profile cpu --data-dir data --budget 90m            # real data, finished in 90 minutes
     python -m helpers.pipeline --profile full --data-dir data --device cuda --plan   # predicted wall time only
     python -m helpers.pipeline --profile full --data-dir data --device cuda --gpus 4   # training under torchrun (README: Several GPUs)
 
@@ -19,8 +20,13 @@ pipeline into the same folder is refused with one line naming the first.
 inputs (the notebook, the helpers package, the metrics of the notebooks it depends on), and whose
 metrics record the configuration and data this run would use (else it reruns, saying what changed). `--plan` measures a few training steps of every model
 on the device and predicts each notebook's wall time (helpers.plan) without running anything; it
-writes OUT/plan.json, and a later run of the same profile records each notebook's prediction
-beside its measured time in pipeline.json.
+writes OUT/plan.json (a notebook whose dataset is missing is named there, the rest is planned; exit
+status 1), and a later run of the same profile records each notebook's prediction beside its
+measured time in pipeline.json. `--budget 90m` (s, m or h) plans the same way, then shares the
+budget out over every training in the profile's proportions (helpers.budget_split), passes each
+its seconds (budget_s, T4's cls_budget_s / emb_budget_s, E2's pretrain_budget_s) and records each
+notebook's share, planned and measured seconds in pipeline.json; a budget too small for one
+evaluated epoch of every training is refused before anything runs, naming the smallest that works.
 """
 
 from __future__ import annotations
@@ -450,8 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or str(project_root() / "outputs" / args.profile)
     try:
         if args.plan:
-            make_plan(args.profile, out, args.only, args.data_dir, args.device)
-            return 0
+            plan = make_plan(args.profile, out, args.only, args.data_dir, args.device)
+            return 1 if plan.get("missing") else 0
         budget_s = parse_duration(args.budget) if args.budget is not None else 0.0
         summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision, gpus=args.gpus,
                       budget_s=budget_s)

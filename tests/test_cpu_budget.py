@@ -97,3 +97,20 @@ def test_each_notebook_gets_its_share_as_parameters_and_the_summary_records_it(t
         assert parameters["profile"] == "smoke" and summary["steps"][name]["share"] == shared["notebooks"][name]["share"]
     assert shared["planned_seconds"] <= 120.0 and shared["measured_seconds"] >= 0
     assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["budget"]["budget_s"] == 120.0
+
+
+def test_the_plan_survives_a_missing_dataset_and_writes_what_it_has(tmp_path, monkeypatch, capsys):
+    from helpers.data.errors import DatasetError
+
+    def plan_notebook(name, profile, overrides, out_dir, scratch):
+        if name.startswith("E2"):
+            raise DatasetError(f"STL-10 not found at {tmp_path}/stl10_binary. Download it with ...")
+        return planning.NotebookPlan(name.split("_")[0], 1.0, [planning.Job(name, 10, 0.5, 2, 0.25, epochs=2)], overhead_seconds=3.0)
+
+    monkeypatch.setattr(planning, "plan_notebook", plan_notebook)
+    assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--plan", "--only", "T1,E2"]) == 1
+    printed = capsys.readouterr().out
+    assert "E2_stl10_layerwise" in printed and "not planned: its data is missing (STL-10 not found" in printed
+    written = json.loads((tmp_path / "plan.json").read_text())
+    assert set(written["notebooks"]) == {"T1_custom_cnn"} and written["notebooks"]["T1_custom_cnn"]["predicted_seconds"] == 1.0 + 5.0 + 0.5 + 3.0
+    assert "STL-10 not found" in written["missing"]["E2_stl10_layerwise"]
