@@ -99,6 +99,21 @@ def results_markdown(out: Path, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+START, END = "<!-- cpu-report:start -->", "<!-- cpu-report:end -->"
+
+
+def update_readme(readme: Path, docs: Path, results: str) -> None:
+    """Put page 1 and results.md's table and facts (without its title) between the README's markers."""
+    text = readme.read_text()
+    if START not in text or END not in text:
+        return
+    page = (docs / "report-1.png").relative_to(ROOT) if docs.is_relative_to(ROOT) else docs / "report-1.png"
+    body = results.split("\n", 2)[2].strip()  # (the title line and the blank line after it dropped)
+    block = f"{START}\n![page 1 of the cpu profile's report]({page})\n\n{body}\n\nPage 2: [{page.with_name('report-2.png')}]({page.with_name('report-2.png')}).\n{END}"
+    head, rest = text.split(START, 1)
+    readme.write_text(head + block + rest.split(END, 1)[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--archives", default=str(ROOT.parent / "shared" / "data"), help="folder holding the mini (or full) dataset archives")
@@ -120,8 +135,10 @@ def main(argv: list[str] | None = None) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     for page in ("report-1.png", "report-2.png"):
         shutil.copyfile(out / page, docs / page)
-    (docs / "results.md").write_text(results_markdown(out, command))
-    print(f"[cpu_report] wrote {docs}/report-1.png, report-2.png, results.md")
+    results = results_markdown(out, command)
+    (docs / "results.md").write_text(results)
+    update_readme(ROOT / "README.md", docs, results)
+    print(f"[cpu_report] wrote {docs}/report-1.png, report-2.png, results.md and the README's table")
     return 0
 
 
