@@ -345,7 +345,7 @@ class RecognitionConfig(ConfigBase):
     patience: int = 0  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
     budget_s: float = 0.0  # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
     eval_every: int = 1  # evaluate held-out and test every N epochs (and after the last)
-    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
     gpus: int = 1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size is the global batch
@@ -459,7 +459,7 @@ class RetrievalConfig(ConfigBase):
     memory_size: int = 2048  # "xbm": cross-batch memory size
     memory_warmup_steps: int = 0
     ablation: tuple = MINERS  # miners compared in the ablation table (each a stage-2 run from the same stage 1)
-    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
     gpus: int = 1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
@@ -560,7 +560,7 @@ class LayerwiseConfig(ConfigBase):
     dropout: float = 0.2
     label_smoothing: float = 0.0
     tsne_per_class: int = 500  # first N test images of each class in the X[3] t-SNE
-    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, fp32 on CPU/MPS) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     seed: int = 0
 
     PRESETS = {

@@ -47,7 +47,7 @@ from helpers.checkpoint import (
 from helpers.lock import FolderLock
 from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_message, postfix
 from helpers.data.loaders import BatchSource
-from helpers import distributed
+from helpers import distributed, precision
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
 from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, is_out_of_memory, optimizer_state_mb
@@ -151,6 +151,7 @@ class FitResult:
     train_seconds: float = 0.0  # time in the training loops only
     wall_seconds: float = 0.0  # the whole call (this session's part of it when resumed)
     eval_seconds: float = 0.0  # evaluation passes within the wall time
+    precision: dict | None = None  # precision "auto" on the CPU: {"used", "channels_last", "reason", "timings"}
 
     def record(self) -> dict:
         """What the metrics files say about how complete this training is."""
@@ -159,6 +160,7 @@ class FitResult:
             "stopped_early": self.stopped_early, "resumed_from": self.resumed_from,
             "complete": not self.interrupted and (self.stopped_early or len(self.history) >= self.planned_epochs),
             "run_id": self.run_id, "run_dir": str(self.out_dir) if self.out_dir is not None else None,
+            "precision": self.precision,
         }
 
     @property
@@ -211,6 +213,7 @@ def fit(
         run.called_at = called_at
         if run.out is not None and (resume or load_only) and has_checkpoint(run.out):
             _resume(run)
+        _choose_cpu_precision(run)
         run.run_id = distributed.broadcast_object(run.run_id)  # (every rank names the run as rank 0 does)
         if load_only:
             return _loaded_result(run)
@@ -322,6 +325,7 @@ class _RunState:
     run_key: dict | None
     runtime: Runtime  # precision (autocast) and memory format of the training steps
     scaler: torch.amp.GradScaler | None  # fp16 only: its loss scale is part of the state
+    precision_choice: dict | None = None  # precision "auto" on the CPU: what was measured and chosen (helpers.precision)
     run_id: str = field(default_factory=new_run_id)  # a resumed run keeps its checkpoint's
     epoch: int = 0
     step: int = 0  # steps done within `epoch`
@@ -382,6 +386,7 @@ class _RunState:
                 ("rng", rng_state()))}) if distributed.is_distributed() else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "precision": self.runtime.precision,
+            "precision_choice": self.precision_choice,
             "config": asdict(self.cfg),
             "run_key": self.run_key,
             "run_id": self.run_id,
@@ -395,7 +400,7 @@ class _RunState:
             interrupted=interrupted, stopped_early=self.stopped_early,
             planned_epochs=self.num_epochs() if self.schedule.total != UNPLANNED else self.cfg.epochs,
             resumed_from=self.resumed_from, out_dir=self.out, run_id=self.run_id, train_seconds=sum(h["train_seconds"] for h in self.history),
-            wall_seconds=wall_seconds, eval_seconds=self.eval_seconds,
+            wall_seconds=wall_seconds, eval_seconds=self.eval_seconds, precision=self.precision_choice,
         )
 
 
@@ -445,6 +450,28 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
         LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key, runtime,
         runtime.grad_scaler(),
     )
+
+
+def _choose_cpu_precision(run: _RunState) -> None:
+    """precision="auto" on the CPU, one process: a resumed run keeps the precision its checkpoint
+    chose; a fresh run long enough to pay for it measures fp32 against bf16 autocast (helpers.precision)
+    on its first batch and trains in the fastest; a short one stays in fp32."""
+    if run.device.type != "cpu" or run.cfg.precision != "auto" or distributed.is_distributed():
+        return
+    choice = run.precision_choice
+    if choice is None:
+        total = run.cfg.total_steps(run.steps_per_epoch)
+        if not precision.worth_measuring(total, run.cfg.budget_s):
+            choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu (a {total}-step run is too short to measure bf16)", "timings": {}}
+        else:
+            images, labels = next(iter(run.train.epoch(0)))
+            x = run.augment.eval(images.to(run.device))
+            timings = precision.measure(run.model, run.objective, x, labels.to(run.device))
+            used, channels_last, reason = precision.choose(timings)
+            choice = {"used": used, "channels_last": channels_last, "reason": reason, "timings": timings}
+        run.precision_choice = choice
+    run.runtime = Runtime(str(run.device), choice["used"], choice["channels_last"], cpu_channels_last=choice["channels_last"])
+    run.runtime.prepare_model(run.model)
 
 
 def _loaded_result(run: _RunState) -> FitResult:
@@ -527,7 +554,8 @@ def _resume(run: _RunState) -> None:
                "but batch-norm statistics and augmentation draws are not, so it will not equal an uninterrupted run exactly")
     own = _rank_state(ckpt)
     set_rng_state(own["rng"])
-    if ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
+    run.precision_choice = ckpt.get("precision_choice")
+    if run.precision_choice is None and ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
         notice(f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
                "(precision 'auto' on another GPU): the resumed run will not equal an uninterrupted one exactly")
     if run.scaler is not None and ckpt.get("scaler"):  # (a checkpoint of another precision has none: the scaler starts afresh)

@@ -173,6 +173,8 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
     if setting == "fp32":
         return Precision(setting, "fp32", "fp32 as asked")
     if setting == "auto":
+        if device_type == "cpu":
+            return Precision(setting, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster (its training record says)")
         if device_type != "cuda":
             return Precision(setting, "fp32", f"auto: fp32 on {device_type} (autocast is used on CUDA GPUs only)")
         if capability >= (8, 0):
@@ -194,11 +196,17 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
 class Runtime:
     """Where and how training steps and evaluation passes compute: the device, the precision used
     ("bf16" / "fp16": autocast to it; "fp32": none; see `choose_precision`) and channels_last
-    memory (CUDA only). `Runtime.of(cfg)` reads them from a task configuration."""
+    memory (CUDA; on the CPU only when `cpu_channels_last`, as chosen by measurement in
+    helpers.precision). `Runtime.of(cfg)` reads them from a task configuration."""
 
     device: str = "cpu"
     precision: str = "fp32"
     channels_last: bool = False
+    cpu_channels_last: bool = False
+
+    @property
+    def memory_channels_last(self) -> bool:
+        return self.channels_last and (self.cuda or self.cpu_channels_last)
 
     @classmethod
     def resolve(cls, device: str, precision: str, channels_last: bool) -> "Runtime":
@@ -235,13 +243,13 @@ class Runtime:
         """`model` with channels_last weights when that is on (CUDA); returns it."""
         import torch
 
-        return model.to(memory_format=torch.channels_last) if self.channels_last and self.cuda else model
+        return model.to(memory_format=torch.channels_last) if self.memory_channels_last else model
 
     def prepare(self, x):
         """A (B, C, H, W) batch in channels_last memory when that is on (CUDA); anything else unchanged."""
         import torch
 
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and self.cuda and x.dim() == 4 else x
+        return x.contiguous(memory_format=torch.channels_last) if self.memory_channels_last and x.dim() == 4 else x
 
 
 def peak_mem_mb(device="cpu") -> float:

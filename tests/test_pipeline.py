@@ -93,9 +93,10 @@ def test_report_is_two_pages_built_from_the_metrics(tiny_root, tmp_path):
     assert (tmp_path / "report-1.png").is_file() and (tmp_path / "report-2.png").is_file()
     page1, page2 = (" ".join(p.content) for p in report.compose(tmp_path))
     assert "43.2%" in page1 and "Profile: smoke" in page1 and "generated stand-in" in page1
-    assert "Precision: fp32 (auto: fp32 on cpu (autocast is used on CUDA GPUs only))." in page1, "the precision used and why, from the metrics"
-    assert json.loads((tmp_path / "metrics" / "T2_resnet18.json").read_text())["run"]["precision"] == {
-        "setting": "auto", "used": "fp32", "reason": "auto: fp32 on cpu (autocast is used on CUDA GPUs only)"}
+    assert "Precision: auto on cpu, measured per run: fp32 in 1 run." in page1, "the precision each run used, from the metrics"
+    document = json.loads((tmp_path / "metrics" / "T2_resnet18.json").read_text())
+    assert document["run"]["precision"]["setting"] == "auto" and document["run"]["precision"]["reason"].startswith("auto on cpu")
+    assert "too short to measure" in document["models"]["T2_resnet18"]["training"]["precision"]["reason"]
     assert "T1): not run" in page1 and "T4 has not run" in page2
 
 

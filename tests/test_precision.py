@@ -5,12 +5,13 @@ resume, what MPS cannot do, and the advice when a batch does not fit in memory (
 import pytest
 import torch
 
-from helpers import runinfo
+from helpers import precision, runinfo
 from helpers.checkpoint import upgrade_amp
 from helpers.config import RecognitionConfig
 from helpers.data import LoaderBatches
 from helpers.engine import FitConfig, TrainingInterrupted, fit
 from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, fitting_batch_size, optimizer_state_mb
+from helpers.objectives import CrossEntropyObjective
 from helpers.optim import build_optimizer
 from helpers.runinfo import Runtime, choose_precision, resolve_device
 from tests.test_engine import assert_same_run, interrupt_at, run, setup, toy_model
@@ -159,7 +160,7 @@ def test_resuming_in_another_precision_says_so(tmp_path, capsys):
     path = tmp_path / "moved" / "last.pt"
     state = torch.load(path, weights_only=False)
     assert state["precision"] == "fp32"
-    torch.save(state | {"precision": "bf16"}, path)  # as if written by precision "auto" on an A100
+    torch.save(state | {"precision": "bf16", "precision_choice": None}, path)  # as if written by precision "auto" on an A100
     capsys.readouterr()
     run(tmp_path, "moved", epochs=2)
     assert "was trained in bf16 and continues in fp32" in capsys.readouterr().err
@@ -290,3 +291,46 @@ def test_a_probe_that_runs_out_of_memory_too_is_repeated_smaller(tmp_path):
 def test_mps_out_of_memory_is_recognised_too(tmp_path):
     message = fit_out_of_memory(tmp_path, FakeMemory(per_image=16.0), 512, error=lambda text: RuntimeError("MPS backend out of memory (MPS allocated: 8 GiB)"))
     assert "measured on 32 images" in message
+
+
+# ------------------------------------------------------------------------------------ precision "auto" on the CPU, measured
+
+
+@pytest.mark.parametrize("timings, expected", [
+    ({"fp32": 0.30, "bf16": 0.20, "bf16 + channels_last": 0.12}, ("bf16", True)),   # AMX-like: bf16 + channels_last 2.5x
+    ({"fp32": 0.30, "bf16": 0.20, "bf16 + channels_last": 0.25}, ("bf16", False)),
+    ({"fp32": 0.10, "bf16": 0.095, "bf16 + channels_last": 0.097}, ("fp32", False)),  # 5 % faster is not enough to round activations
+    ({"fp32": 0.10, "bf16": 0.17, "bf16 + channels_last": 0.16}, ("fp32", False)),    # 32 px, ImageNet stem on a Xeon: bf16 0.6x
+    ({"fp32": 0.10}, ("fp32", False)),                                               # no bf16 autocast on this CPU
+])
+def test_the_fastest_measured_precision_is_chosen_bf16_only_when_clearly_faster(timings, expected):
+    used, channels_last, reason = precision.choose(timings)
+    assert (used, channels_last) == expected
+    assert reason.startswith("auto on cpu, measured per step: fp32 ") and f"{1000 * timings['fp32']:.0f} ms" in reason
+
+
+def test_the_measurement_runs_for_real_on_this_cpu():
+    model = toy_model()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
+    timings = precision.measure(model, CrossEntropyObjective(0.0), x, y, steps=1)
+    assert "fp32" in timings and all(t > 0 for t in timings.values())
+    assert set(timings) <= {"fp32", "bf16", "bf16 + channels_last"}
+    assert all(p.grad is None for p in model.parameters()), "the model itself is not touched"
+
+
+def test_a_long_enough_cpu_run_trains_in_the_measured_choice_and_its_resume_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(precision, "MIN_STEPS", 10)  # (the toy run has 4 x 4 = 16 steps)
+    calls = []
+    monkeypatch.setattr(precision, "measure", lambda *a, **k: calls.append(1) or {"fp32": 0.3, "bf16": 0.2, "bf16 + channels_last": 0.1})
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "auto", on_step=interrupt_at(1, 2), precision="auto")
+    saved = torch.load(tmp_path / "auto" / "last.pt", weights_only=False)
+    assert saved["precision"] == "bf16" and saved["precision_choice"]["channels_last"] and calls == [1]
+    model, result = run(tmp_path, "auto", precision="auto")  # resumed: the checkpoint's choice, not measured again
+    assert calls == [1] and result.precision["used"] == "bf16" and result.record()["precision"]["timings"]["fp32"] == 0.3
+    assert result.resumed_from == {"epoch": 1, "step": 2}
+    monkeypatch.setattr(precision, "MIN_STEPS", 10**6)
+    _, short = run(tmp_path, "short", precision="auto")
+    assert short.precision["used"] == "fp32" and "too short to measure" in short.precision["reason"] and calls == [1]
+    _, asked = run(tmp_path, "asked", precision="fp32")  # an explicit precision is not measured
+    assert asked.precision is None and calls == [1]

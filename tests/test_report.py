@@ -118,3 +118,13 @@ def test_the_report_states_the_data_each_run_used_its_real_length_and_the_budget
     assert "7 epochs (a 225 s budget)" in one and f"{run['epochs_run']} epochs," not in one.split("One engine")[1][:200]
     (tmp_path / "pipeline.json").write_text(json.dumps({"steps": {}}))  # no budget: no budget sentence
     assert "Budget:" not in texts(tmp_path)[0]
+
+
+def test_the_precision_line_says_what_each_cpu_run_measured_and_chose():
+    fast = {"used": "bf16", "channels_last": True, "reason": "...", "timings": {"fp32": 0.3, "bf16": 0.25, "bf16 + channels_last": 0.2}}
+    faster = fast | {"timings": {"fp32": 0.3, "bf16": 0.25, "bf16 + channels_last": 0.15}}
+    short = {"used": "fp32", "channels_last": False, "reason": "auto: fp32 on cpu (a 21-step run is too short to measure bf16)", "timings": {}}
+    assert report.precision_label(None, [fast, faster, short]) == "auto on cpu, measured per run: bf16 + channels_last in 2 runs (1.5-2x fp32), fp32 in 1 run"
+    assert report.precision_label({"used": "bf16", "reason": "auto: bf16 autocast, native on this GPU"}, []) == "bf16 (auto: bf16 autocast, native on this GPU)"
+    document = {"models": {"a": {"training": {"precision": fast}}}, "training": {"classifier": {"precision": short}, "ms": {"precision": None}}}
+    assert report.measured_choices(document) == [fast, short]
