@@ -6,21 +6,19 @@ depend on the total), fixes the total at the end of the warm-up, and corrects it
 from the step time measured so far; the schedule keeps its progress across a correction, so the LR
 never jumps (`LRSchedule.replan`). Evaluation does not count against the budget.
 
-`measure_fit_step` (a few steps on a throw-away copy of the model) and `measure_seconds_per_step`
-serve predictions before a run (`helpers.plan`, `helpers.proof --plan`); `plan_steps` turns a step
-time into a step count for loops that must fix it up front (the peer's OneCycle).
+`measure_seconds_per_step` (and helpers.plan's `measure_fit_step`, a few steps of `fit` on a
+throw-away copy of the model) serve predictions before a run (`helpers.plan`, `helpers.proof
+--plan`); `plan_steps` turns a step time into a step count for loops that must fix it up front (the
+peer's OneCycle).
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import math
 import time
 from typing import Callable
 
 import torch
-import torch.nn as nn
 
 
 def now() -> float:
@@ -136,31 +134,6 @@ def measure_seconds_per_step(
     if not timed:
         raise RuntimeError(f"measure_seconds_per_step timed no step (warmup={warmup}, steps={steps})")
     return (now - first) / timed
-
-
-def measure_fit_step(
-    model: nn.Module,
-    train,
-    augment,
-    cfg,
-    device: torch.device | str = "cpu",
-    objective: nn.Module | None = None,
-    warmup: int = 5,
-    steps: int = 15,
-) -> float:
-    """Seconds per optimizer step of `fit` for this model, data source and configuration.
-
-    Runs `warmup + steps` steps on deep copies of `model` (and `objective`), so the model itself is
-    left untouched; the data source's first batches are consumed as in training."""
-    from helpers.engine import fit
-
-    probe = copy.deepcopy(model)
-    probe_objective = copy.deepcopy(objective) if objective is not None else None
-    clock = StepClock(warmup, device)
-    probe_cfg = dataclasses.replace(cfg, max_steps=warmup + steps, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9, warmup_epochs=0.0)
-    fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
-    del probe, probe_objective
-    return clock.seconds_per_step
 
 
 def plan_steps(budget_s: float, seconds_per_step: float, spent_s: float = 0.0, margin: float = 0.98, minimum: int = 1) -> int:

@@ -22,8 +22,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from helpers.engine import FitConfig, check_choice
-from helpers.optim import OPTIMIZERS, SCHEDULES
+from helpers.fit_config import OPTIMIZERS, SCHEDULES, FitConfig, check_choice
 from helpers.runinfo import PRECISIONS, PROFILES, default_data_dir, default_out_dir, default_workers, launch_dir, resolve_device
 from helpers.errors import SettingsError
 

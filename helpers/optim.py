@@ -6,18 +6,11 @@ stopping and the plateau schedule act on.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn as nn
 
+from helpers.fit_config import OPTIMIZERS, SCHEDULES, FitConfig  # noqa: F401 (OPTIMIZERS, SCHEDULES: importable from here too)
 from helpers.runinfo import notice
-
-if TYPE_CHECKING:
-    from helpers.engine import FitConfig
-
-OPTIMIZERS = ("sgd", "adam", "adamw")
-SCHEDULES = ("cosine", "onecycle", "step", "plateau", "constant")
 UNPLANNED = 10**12  # the length of a budget run before its first plan
 
 

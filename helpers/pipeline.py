@@ -41,7 +41,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
 from pathlib import Path
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
@@ -49,30 +48,11 @@ from helpers.budget_split import parse_duration
 from helpers.errors import OutputError, ProjectError, SettingsError
 from helpers.execution import KernelInterrupter, NotebookStopped, execute, write_html
 from helpers.lock import PIPELINE_LOCK, FolderLock
-from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, PROFILES, absolute_env_paths, default_data_dir, project_root
+from helpers.tasks import STEPS, Step  # noqa: F401 (Step: importable from here too)
+from helpers.runinfo import DEVICES, PACKAGE_DIR, PRECISIONS, PROFILES, absolute_env_paths, project_root
 
 INTERRUPTED_EXIT = 130  # the shell's status for a command stopped by Ctrl-C
 TERMINATED_EXIT = 143  # ... and by SIGTERM
-
-
-@dataclass(frozen=True)
-class Step:
-    name: str  # notebook stem = metrics file stem
-    needs: tuple[str, ...] = ()
-
-    @property
-    def task(self) -> str:
-        return self.name.split("_")[0]
-
-
-STEPS = (
-    Step("T1_custom_cnn"),
-    Step("T2_resnet18"),
-    Step("T3_cubs_resnet18", ("T2_resnet18",)),
-    Step("T4_cars196_retrieval", ("T3_cubs_resnet18",)),
-    Step("E1_metric_losses"),
-    Step("E2_stl10_layerwise"),
-)
 
 
 def select_steps(only: str | None) -> list[Step]:

@@ -15,6 +15,7 @@ scaled by the batch size; a greedy pretraining step is costed as a full MLP step
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import tempfile
@@ -23,13 +24,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
-from helpers.budget import measure_fit_step
+from helpers.budget import StepClock
 from helpers.budget_split import NotebookWork, Training
 from helpers.runinfo import Runtime
 
 OVERHEAD_S = 3.0  # beyond the measured imports: the kernel's start, figures, metrics and the HTML export of one notebook
 WARMUP, STEPS = 2, 4  # measured steps per model: enough for a plan, cheap on a CPU
+
+
+def measure_fit_step(
+    model: nn.Module,
+    train,
+    augment,
+    cfg,
+    device: torch.device | str = "cpu",
+    objective: nn.Module | None = None,
+    warmup: int = 5,
+    steps: int = 15,
+) -> float:
+    """Seconds per optimizer step of `fit` for this model, data source and configuration.
+
+    Runs `warmup + steps` steps on deep copies of `model` (and `objective`), so the model itself is
+    left untouched; the data source's first batches are consumed as in training."""
+    from helpers.engine import fit  # (the engine needs no planner: no import circle)
+
+    probe = copy.deepcopy(model)
+    probe_objective = copy.deepcopy(objective) if objective is not None else None
+    clock = StepClock(warmup, device)
+    probe_cfg = dataclasses.replace(cfg, max_steps=warmup + steps, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9, warmup_epochs=0.0)
+    fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
+    del probe, probe_objective
+    return clock.seconds_per_step
 
 
 @dataclass

@@ -59,7 +59,6 @@ def measure(model: nn.Module, objective: nn.Module, x: torch.Tensor, targets: to
             probe.zero_grad(set_to_none=True)
 
         timings[label(precision, channels_last)] = time_step(step, steps)
-        del probe, probe_objective
     return timings
 
 

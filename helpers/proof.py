@@ -268,7 +268,7 @@ def child_command(argv: list[str], who: str, seed: int, workdir: Path, record: P
 
 def plan(args: argparse.Namespace, root: Path) -> dict:
     """Predicted wall time of the proof run from a few measured training and evaluation steps."""
-    from helpers.budget import measure_fit_step
+    from helpers.plan import measure_fit_step
     from helpers.plan import eval_pass_seconds
     from helpers.recognition import build_model, build_tiny_imagenet
 

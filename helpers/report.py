@@ -27,7 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
 from helpers.experiment import T3Selection  # noqa: E402
-from helpers.pipeline import STEPS  # noqa: E402
+from helpers.tasks import STEPS  # noqa: E402
 from helpers.plots import missing, pct, plot_curves, save_figure  # noqa: E402
 
 PAGE = (8.27, 11.69)  # A4, inches

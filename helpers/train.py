@@ -26,9 +26,10 @@ from helpers.console import TerminateAsInterrupt, exit_status
 from helpers.engine import TrainingInterrupted
 from helpers.errors import ProjectError, SettingsError
 from helpers.runinfo import absolute_env_paths
+from helpers.tasks import STEPS
 from helpers.experiment import describe_model, embed_split, load_metrics, save_metrics, train_classifier, train_on_gpus
 
-TASKS = {"T1": "T1_custom_cnn", "T2": "T2_resnet18", "T3": "T3_cubs_resnet18", "E1": "E1_metric_losses", "T4": "T4_cars196_retrieval"}
+TASKS = {step.task: step.name for step in STEPS if step.task != "E2"}  # (E2 trains one small MLP on one device: its notebook alone)
 USAGE = (
     "usage: python -m helpers.train TASK [--profile smoke|full] [--config FILE] [--<parameter> <value> ...]\n"
     f"  TASK: {', '.join(TASKS)}; parameters as in the task's notebook (e.g. --epochs 30 --batch_size 512 --gpus 4)"

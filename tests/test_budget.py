@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from helpers import budget
-from helpers.budget import StepClock, measure_fit_step, measure_seconds_per_step, plan_steps
+from helpers.budget import StepClock, measure_seconds_per_step, plan_steps
+from helpers.plan import measure_fit_step
 from helpers.engine import FitConfig, fit
 from helpers.optim import LRSchedule
 

@@ -43,8 +43,8 @@ def test_no_task_module_imports_another():
 
 
 LAYERS = {  # the README's layout: a module imports only its own layer and those above it
-    "runinfo": 0, "atomic": 0, "errors": 0, "lock": 0, "distributed": 0, "data": 0, "models": 0, "objectives": 0, "losses": 0, "miners": 0, "metrics": 0,
-    "engine": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1, "budget_split": 1, "precision": 1, "memory": 1,
+    "runinfo": 0, "atomic": 0, "errors": 0, "lock": 0, "tasks": 0, "distributed": 0, "data": 0, "models": 0, "objectives": 0, "losses": 0, "miners": 0, "metrics": 0,
+    "engine": 1, "fit_config": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1, "budget_split": 1, "precision": 1, "memory": 1,
     "config": 2, "experiment": 2, "recognition": 2, "retrieval": 2, "layerwise": 2,
     "plots": 3, "report": 3, "pipeline": 3, "execution": 3, "plan": 3, "bench": 3, "peer": 3, "proof": 3, "train": 3,
 }
@@ -59,6 +59,58 @@ def test_every_module_imports_only_its_own_layer_and_those_above():
         imported = set().union(*(helpers_imports(f.read_text()) for f in files)) - {name}
         below = {m for m in imported if LAYERS.get(m, -1) > LAYERS[name]}
         assert not below, f"helpers/{name} ({LAYERS[name]}) imports {below} from a lower layer"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """{helpers module (dotted, packages included): the helpers modules it imports}, counting
+    function-local and type-checking imports, and `from helpers.data import X` as the package."""
+    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in (ROOT / "helpers").rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                module = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module or ""
+                found |= {f"{module}.{a.name}" if f"{module}.{a.name}" in paths else module for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = {m for m in found if m in paths and m != name}
+    return graph
+
+
+def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """The first import circle found in `graph` (["a", "b", "a"]), or None."""
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph[module]):
+            if circle := visit(imported):
+                return circle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((circle for module in sorted(graph) if (circle := visit(module))), None)
+
+
+def test_no_import_circles():
+    graph = module_graph()
+    assert {"helpers.engine", "helpers.data.images", "helpers.pipeline"} <= set(graph) and "helpers.fit_config" in graph["helpers.optim"]
+    circle = import_circle(graph)
+    assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+def test_the_circle_check_sees_a_circle():
+    assert import_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert import_circle({"a": {"b"}, "b": set()}) is None
+    assert import_circle({**module_graph(), "helpers.runinfo": {"helpers.pipeline"}}) is not None  # the real graph, one edge added
 
 
 def test_the_import_scan_sees_local_imports():

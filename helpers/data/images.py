@@ -10,7 +10,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from helpers.data.errors import DatasetError
-from helpers.data.synthetic import STAMP
+
+STAMP = ".generated.json"  # marks a folder written by helpers.data.synthetic (a generated stand-in)
 
 
 def is_macos_metadata(name: str) -> bool:

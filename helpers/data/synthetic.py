@@ -28,7 +28,7 @@ from PIL import Image
 from helpers.data.errors import DatasetError
 
 GENERATOR_VERSION = 1
-STAMP = ".generated.json"
+from helpers.data.images import STAMP  # noqa: E402,F401 (the marker file of a generated folder, read by the readers)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "bar", "star")
 COLOURS = {
