@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from helpers.budget import StepClock
+from helpers.errors import OutputError, ProjectError
 from helpers.data import BatchAugment, CachedTinyImageNet, LoaderBatches, TensorBatches, TinyImageNet, ToUint8Tensor, synthetic
 from helpers.data.transforms import AugmentRNG
 from helpers.engine import FitConfig, fit
@@ -65,11 +66,11 @@ def check_output_file(path: str | Path) -> Path:
     an --out that is a folder, lies under a file, or is not writable."""
     out = Path(path).expanduser()
     if out.is_dir():
-        raise ValueError(f"cannot write {path}: it is a folder; choose another --out")
+        raise OutputError(f"cannot write {path}: it is a folder; choose another --out")
     for folder in out.parents:
         if folder.exists():
             if not folder.is_dir():
-                raise ValueError(f"cannot write {path}: {folder} is a file, not a folder; choose another --out")
+                raise OutputError(f"cannot write {path}: {folder} is a file, not a folder; choose another --out")
             break
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +78,9 @@ def check_output_file(path: str | Path) -> Path:
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise ValueError(f"cannot write {path}: {exc.strerror or exc} in {out.parent}; choose another --out") from None
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc} in {out.parent}; choose another --out") from None
     if out.exists() and not os.access(out, os.W_OK):
-        raise ValueError(f"cannot write {path}: it is not writable; choose another --out")
+        raise OutputError(f"cannot write {path}: it is not writable; choose another --out")
     return out
 
 
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolve_device(args.device)
         check_output_file(args.out)
-    except ValueError as exc:
+    except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     run(args.device, args.quick, args.data_dir, args.out)

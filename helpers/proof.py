@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from helpers.data.errors import DatasetError
+from helpers.errors import ProjectError, SettingsError
 from helpers.atomic import atomic_write_json
 from helpers.bench import check_output_file
 from helpers.runinfo import Runtime, peak_mem_mb, run_info
@@ -95,7 +96,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise ValueError(f"--set {pair!r}: expected key=value")
+            raise SettingsError(f"--set {pair!r}: expected key=value")
         try:
             out[key.strip()] = json.loads(value)
         except json.JSONDecodeError:
@@ -325,12 +326,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_child(args)
         who = [w.strip() for w in args.who.split(",") if w.strip()]
         if not who or any(w not in WHO for w in who):
-            raise ValueError(f"--who {args.who!r}: choose from {', '.join(WHO)}")
+            raise SettingsError(f"--who {args.who!r}: choose from {', '.join(WHO)}")
         if not args.plan:  # (a plan writes nothing)
             for path in (args.out, Path(args.out).with_suffix(".md"), Path(args.out).with_suffix(".png")):
                 check_output_file(path)
         return drive(args, argv, who)
-    except (DatasetError, ValueError) as exc:
+    except ProjectError as exc:  # (DatasetError, SettingsError, OutputError: what the user can fix; anything else shows its traceback)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
