@@ -1,6 +1,7 @@
 import json
 
 from helpers import bench
+from helpers.errors import OutputError
 
 
 def test_quick_cpu_benchmark_writes_every_record(tmp_path):
@@ -85,5 +86,5 @@ def test_the_out_check_really_writes_and_creates_the_folder(tmp_path, monkeypatc
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refused)
-    with pytest.raises(ValueError, match=r"cannot write .*bench.json: Permission denied in .*deeper; choose another --out"):
+    with pytest.raises(OutputError, match=r"cannot write .*bench.json: Permission denied in .*deeper; choose another --out"):
         bench.check_output_file(out)
