@@ -13,6 +13,7 @@ another run is never loaded, and metrics are written only for the run whose chec
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import uuid
 from dataclasses import asdict, fields
@@ -40,7 +41,10 @@ def _not_compared(config: dict) -> tuple[str, ...]:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every RNG's state as tensors and plain values (a `weights_only` load reads them back)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    numpy_state = [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached)]
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -48,7 +52,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), position, has_gauss, cached))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -61,9 +66,18 @@ def new_run_id() -> str:
 def _read(path: Path, device) -> dict:
     """torch.load of a checkpoint file; CheckpointError naming it when it is unreadable."""
     try:
-        state = torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only: a foreign file cannot run code
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as exc:
+        what = next((line.split("GLOBAL ", 1)[1].split(" ", 1)[0] for line in str(exc).splitlines() if "GLOBAL " in line), None)
+        if what is None:  # not a refused object: damage
+            reason = next((line.strip() for line in str(exc).splitlines() if "error:" in line.lower()), type(exc).__name__)[:120]
+            raise CheckpointError(f"{path} is damaged or not a checkpoint (UnpicklingError: {reason})") from None
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain values ({what}), which a safe load refuses: it is not a checkpoint of this "
+            "version of the project. Pass resume=False (or another out_dir) to train afresh; load it yourself only if you trust its source."
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any damage: unpickling, zip, truncation, zero bytes
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}: {reason})") from None

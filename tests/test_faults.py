@@ -232,6 +232,26 @@ def test_a_checkpoint_that_does_not_read_back_never_replaces_the_good_one(tmp_pa
     assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name], "no temporary left behind"
 
 
+class Payload:
+    """What a foreign pickle may hold: loading it unsafely would call this."""
+
+    def __reduce__(self):
+        return (os.system, ("echo loaded-unsafely",))
+
+
+def test_checkpoints_load_safely_and_a_file_holding_code_is_refused_with_its_path(tmp_path, capsys):
+    with pytest.raises(TrainingInterrupted):
+        tiny_fit(tmp_path, interrupt_after=6)
+    for name in (LAST, BEST):  # what the project writes loads with weights_only=True (RNG states as tensors and plain values)
+        assert isinstance(torch.load(tmp_path / name, weights_only=True), dict)
+    state = torch.load(tmp_path / LAST, weights_only=True)
+    torch.save(state | {"extra": Payload()}, tmp_path / LAST)
+    (tmp_path / PREVIOUS).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / LAST} holds more than tensors and plain values .*posix.system.*Pass resume=False"):
+        tiny_fit(tmp_path)
+    assert "loaded-unsafely" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------ run identity
 
 
