@@ -594,6 +594,20 @@ class LayerwiseConfig(ConfigBase):
         return []
 
 
+def parameter_help(cls) -> list[tuple[str, str, str]]:
+    """(name, default, comment) of every parameter of a configuration class, as written in its
+    source (the comment after the field), for command-line help."""
+    import inspect
+    import re
+
+    described = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"^    (\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
+        if match:
+            described[match.group(1)] = (match.group(2), match.group(3) or "")
+    return [(f.name, *described.get(f.name, (repr(f.default), ""))) for f in fields(cls) if f.name not in ("task", "profile")]
+
+
 def config_class(task: str):
     """The configuration class of a task (T1-T3 and E1: RecognitionConfig; T4: RetrievalConfig; E2: LayerwiseConfig)."""
     return {"T4": RetrievalConfig, "E2": LayerwiseConfig}.get(task, RecognitionConfig)

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from helpers import distributed
-from helpers.config import RecognitionConfig, RetrievalConfig, config_class
+from helpers.config import RecognitionConfig, RetrievalConfig, config_class, parameter_help
 from helpers.console import TerminateAsInterrupt, exit_status
 from helpers.engine import TrainingInterrupted
 from helpers.errors import ProjectError, SettingsError
@@ -31,7 +31,7 @@ from helpers.experiment import describe_model, embed_split, load_metrics, save_m
 
 TASKS = {step.task: step.name for step in STEPS if step.task != "E2"}  # (E2 trains one small MLP on one device: its notebook alone)
 USAGE = (
-    "usage: python -m helpers.train TASK [--profile smoke|full] [--config FILE] [--<parameter> <value> ...]\n"
+    "usage: python -m helpers.train TASK [--profile smoke|cpu|full] [--config FILE] [--<parameter> <value> ...]\n"
     f"  TASK: {', '.join(TASKS)}; parameters as in the task's notebook (e.g. --epochs 30 --batch_size 512 --gpus 4)"
 )
 
@@ -125,8 +125,11 @@ def run_task(cfg) -> Path:
 
 def parse_args(argv: list[str]) -> tuple[str, str, str | None, dict]:
     """(task, profile, config file or None, {parameter: value string}) from the command line."""
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:
         raise SystemExit(USAGE)
+    if argv[0] in ("-h", "--help") or argv[1:2] in (["-h"], ["--help"]):
+        print(help_text(argv[0] if argv[0] in TASKS else None))
+        raise SystemExit(0)
     task, rest = argv[0], argv[1:]
     if task not in TASKS:
         raise SystemExit(f"helpers.train: unknown task {task!r}; choose one of {', '.join(TASKS)}\n{USAGE}")
@@ -134,6 +137,18 @@ def parse_args(argv: list[str]) -> tuple[str, str, str | None, dict]:
         raise SystemExit(f"helpers.train: parameters come in pairs --name value; got {' '.join(rest)}\n{USAGE}")
     params = {a[2:].replace("-", "_"): v for a, v in zip(rest[::2], rest[1::2])}
     return task, params.pop("profile", "smoke"), params.pop("config", None), params
+
+
+def help_text(task: str | None = None) -> str:
+    """The usage and every parameter (default and meaning) of one task, or of all of them."""
+    lines = [USAGE, "", "  --profile: smoke (generated data), cpu (real data sized for a CPU budget) or full (the GPU recipe); default smoke",
+             "  --config FILE: a configuration a notebook wrote (checkpoints/<task>_torchrun_config.json)"]
+    tasks = [task] if task else list(TASKS)
+    for cls in dict.fromkeys(config_class(t) for t in tasks):
+        names = ", ".join(t for t in tasks if config_class(t) is cls)
+        lines += ["", f"parameters of {names} ({cls.__name__}; a profile's preset replaces some defaults):"]
+        lines += [f"  --{name} (default {default}){': ' + comment if comment else ''}" for name, default, comment in parameter_help(cls)]
+    return "\n".join(lines)
 
 
 def build_config(task: str, profile: str, config_file: str | None, params: dict):
