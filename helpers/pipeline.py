@@ -224,6 +224,7 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     if profile not in PROFILES:
         raise SettingsError(f"profile={profile!r} is not valid; choose one of {', '.join(PROFILES)}")
     steps = select_steps(only)
+    check_pipeline_tools()
     out = check_output_folder(Path(out))
     if device:
         from helpers.runinfo import resolve_device
@@ -235,6 +236,15 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
         raise SettingsError(f"--budget cannot be combined with --gpus {gpus} (a budget is planned from one process's step times); give epochs")
     with FolderLock(out, PIPELINE_LOCK, what="pipeline", remedy="use another --out"):
         return _run(profile, out, steps, data_dir, device, resume, report, log, precision, gpus, only, budget_s)
+
+
+def check_pipeline_tools() -> None:
+    """papermill, nbconvert and a Jupyter kernel (the `pipeline` extra): a SettingsError saying how to install them."""
+    import importlib.util
+
+    missing = [name for name in ("papermill", "nbconvert", "ipykernel") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SettingsError(f"the pipeline runs notebooks with {', '.join(missing)}, which are not installed: pip install -e '.[pipeline]'")
 
 
 def check_output_folder(out: Path) -> Path:

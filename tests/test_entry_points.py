@@ -39,3 +39,37 @@ def test_the_licence_and_citation_are_there_and_agree():
     citation = (root / "CITATION.cff").read_text()
     assert "cff-version: 1.2.0" in citation and "license: MIT" in citation
     assert 'license = { text = "MIT" }' in (root / "pyproject.toml").read_text()
+
+
+def test_environment_yml_installs_what_pyproject_declares():
+    """conda-forge for Python, pip for PyTorch (the pytorch channel stopped at 2.5) with pyproject's
+    own pins, and the package with the extras `make` installs."""
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    yaml = pytest.importorskip("yaml")
+    root = Path(__file__).resolve().parents[1]
+    env = yaml.safe_load((root / "environment.yml").read_text())
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert env["channels"] == ["conda-forge"] and "pytorch" not in env["channels"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert {d.split("=")[0] for d in conda} == {"python", "pip"}
+    pinned = [d for d in project["dependencies"] if d.split(">")[0] in ("torch", "torchvision")]
+    assert [d for d in pip if not d.startswith("-e")] == pinned
+    editable = next(d for d in pip if d.startswith("-e"))
+    assert editable.startswith("-e .[") and {"dev"} <= set(editable[5:-1].split(",")) <= set(project["optional-dependencies"])
+    assert "helpers[pipeline]" in project["optional-dependencies"]["dev"], "make (.[dev]) installs the pipeline's extra"
+    assert not {"papermill", "ipykernel", "nbconvert", "ipywidgets"} & {d.split(">")[0] for d in project["dependencies"]}, \
+        "a notebook's runtime keeps its own ipykernel: the pipeline's tools are an extra"
+
+
+def test_the_pipeline_without_its_extra_says_how_to_install_it(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from helpers import pipeline
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "papermill" else real(name, *a))
+    assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path / "out")]) == 2
+    assert "error: the pipeline runs notebooks with papermill, which are not installed: pip install -e '.[pipeline]'" in capsys.readouterr().err
