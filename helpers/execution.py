@@ -78,17 +78,33 @@ class KernelInterrupter:
 
     def client_options(self) -> dict:
         """papermill/nbclient options that connect the running notebook to this handler."""
-        from jupyter_client.manager import AsyncKernelManager
 
         handler = self
 
-        class TrackedKernelManager(AsyncKernelManager):
+        class TrackedKernelManager(kernel_manager_class()):
             def __init__(self, **kwargs):
                 super().__init__(**kwargs)
                 handler.kernel_manager = self
 
         return {"kernel_manager_class": TrackedKernelManager, "on_cell_execute": self.before_cell,
                 "on_cell_complete": self.cell_sent, "on_cell_executed": self.cell_done}
+
+
+def kernel_manager_class():
+    """jupyter_client's kernel manager, talking to the kernel over local IPC sockets (POSIX) instead of
+    TCP: nothing leaves the machine, and ipykernel 7 has no "running over TCP without encryption"
+    warning to print into every run's log. (Windows has no IPC transport: TCP there.)"""
+    from jupyter_client.manager import AsyncKernelManager
+
+    if os.name == "nt":
+        return AsyncKernelManager
+
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            kwargs.setdefault("transport", "ipc")
+            super().__init__(**kwargs)
+
+    return IPCKernelManager
 
 
 def execute(source: Path, executed: Path, parameters: dict, cwd: Path, interrupter: KernelInterrupter | None) -> None:
@@ -99,7 +115,7 @@ def execute(source: Path, executed: Path, parameters: dict, cwd: Path, interrupt
 
     options = dict(parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False)
     if interrupter is None:
-        papermill.execute_notebook(str(source), str(executed), **options)
+        papermill.execute_notebook(str(source), str(executed), **options, kernel_manager_class=kernel_manager_class())
         return
     interrupter.start(source.stem)
     try:

@@ -352,3 +352,19 @@ def test_ctrl_c_during_the_html_export_waits_for_a_whole_file(fake_project, tmp_
     assert (out / "notebooks" / "C_alone.html").read_text().startswith("<!DOCTYPE html>")
     assert json.loads((out / "pipeline.json").read_text())["interrupted"]
     assert "no notebook was running; finished: C_alone" in pipeline.interrupted_line(summary)
+
+
+def test_notebooks_run_over_local_ipc_without_the_kernels_tcp_warning(tmp_path, capfd):
+    import nbformat
+
+    from helpers.execution import execute
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1 + 1\nprint(x)")])
+    notebook.metadata.update(kernelspec={"name": "python3", "display_name": "Python 3", "language": "python"}, language_info={"name": "python"})
+    nbformat.write(notebook, tmp_path / "n.ipynb")
+    execute(tmp_path / "n.ipynb", tmp_path / "out.ipynb", {}, tmp_path, None)
+    outputs = [o for c in nbformat.read(tmp_path / "out.ipynb", as_version=4).cells for o in c.outputs]
+    assert outputs[0]["text"] == "2\n"
+    captured = capfd.readouterr()
+    assert "running over TCP without encryption" not in captured.err + captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["n.ipynb", "out.ipynb"], "no IPC socket files left in the notebook's folder"
