@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from helpers.checkpoint import LAST
+from helpers.runinfo import live_progress
 
 
 class StopRequest:
@@ -123,12 +124,13 @@ def epoch_line(name: str, record: dict, num_epochs: int | str) -> str:
 
 
 class ProgressBar:
-    """A tqdm bar (notebook-aware via tqdm.auto) that can jump to a step."""
+    """A tqdm bar (notebook-aware via tqdm.auto) that can jump to a step; drawn only where progress
+    is live (helpers.runinfo.live_progress: not in the pipeline's batch runs)."""
 
     def __init__(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not live_progress())
 
     def update_to(self, step: int, postfix: str) -> None:
         self.bar.update(step - self.bar.n)

@@ -443,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
     args = parser.parse_args(argv)
     absolute_env_paths()  # (relative HELPERS_* folders mean the user's directory, not the kernels' notebooks/)
+    os.environ.setdefault("HELPERS_PROGRESS", "off")  # the kernels' bars: epoch lines instead of a saved "0/7" widget
     out = args.out or str(project_root() / "outputs" / args.profile)
     try:
         if args.plan:

@@ -76,6 +76,13 @@ def default_out_dir(profile: str) -> Path:
     return env_path("HELPERS_OUT_DIR") or (project_root() / "outputs" / profile).resolve()
 
 
+def live_progress() -> bool:
+    """Whether progress bars are drawn: not when $HELPERS_PROGRESS is "off", as the pipeline sets it
+    for the notebooks it runs (a saved notebook would keep a widget's first state, "0/7"; the epoch
+    lines are the progress there)."""
+    return os.environ.get("HELPERS_PROGRESS", "").lower() != "off"
+
+
 PROFILES = ("smoke", "cpu", "full")  # generated data on any machine; real data sized for a CPU budget; the GPU recipe
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")

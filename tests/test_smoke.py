@@ -86,3 +86,18 @@ def test_resume_keeps_what_is_current_and_reruns_what_changed(smoke_out, tmp_pat
     assert other_data.startswith("changed: data_dir") and f"-> '{tmp_path}'" in other_data and "the data under" in other_data, other_data
     fp32 = pipeline.stale_reason(smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"precision": "fp32"})
     assert fp32 == "changed: precision 'auto' -> 'fp32'", fp32
+
+
+def test_the_executed_notebooks_read_well(smoke_out):
+    """Plain epoch lines as the progress, no saved widget bar ("0/7"), and the HTML shows them."""
+    import re
+
+    for step in pipeline.STEPS:
+        executed = json.loads((smoke_out / "notebooks" / f"{step.name}.ipynb").read_text())
+        outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]
+        assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], f"{step.name}: a widget bar was saved"
+        text = "".join("".join(o.get("text", "")) for o in outputs)
+        assert not re.search(r"\b0/\d+ \[00:00", text), f"{step.name}: a bar's first state was saved"
+        assert re.search(r"epoch \d+/\d+ ", text), f"{step.name}: no epoch line"
+        html = (smoke_out / "notebooks" / f"{step.name}.html").read_text()
+        assert re.search(r"epoch \d+/\d+ ", html), f"{step.name}: the HTML shows no epoch line"

@@ -26,7 +26,7 @@ from helpers.atomic import atomic_save_npy, atomic_write_json, remove_stale_temp
 from helpers.data.errors import DatasetError
 from helpers.data.images import ToUint8Tensor, apply_transforms
 from helpers.data.tinyimagenet import IMAGE_SIZE, TinyImageNet
-from helpers.runinfo import notice
+from helpers.runinfo import live_progress, notice
 
 CACHE_ENV = "HELPERS_CACHE_DIR"  # where decode caches go instead of beside the data
 CACHE_FORMAT = 2  # sidecar layout version: a cache written by another version is rebuilt
@@ -119,7 +119,7 @@ def decode_all(dataset: Dataset, num_workers: int = 0, batch_size: int = 256, pr
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc="decoding", unit="batch")
+        batches = tqdm(loader, desc="decoding", unit="batch", disable=not live_progress())
     for images, _ in batches:
         if out is None:
             out = np.empty((len(dataset), images.shape[2], images.shape[3], 3), dtype=np.uint8)
