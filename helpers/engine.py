@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 
 from helpers.atomic import atomic_write_json, remove_stale_temporaries
+from helpers.board import Board, open_board
 from helpers.budget import BudgetClock
 from helpers.checkpoint import (
     BEST, HISTORY, LAST, check_same_run, claim_run, drop_previous, has_checkpoint, load_best, load_best_weights, load_last, new_run_id, rng_state,
@@ -125,6 +126,7 @@ def fit(
     run_key: dict | None = None,
     on_interrupt: str = "raise",
     load_only: bool = False,
+    board_dir: str | Path | None = None,
 ) -> FitResult:
     """Train `model` on `train` for `cfg.epochs` epochs (or exactly `cfg.max_steps` optimizer steps);
     returns the history and the best epoch.
@@ -140,6 +142,7 @@ def fit(
     `run_key` (e.g. the notebook's whole configuration and its data's fingerprint) is stored in the
     checkpoint; a checkpoint written under another key (other data, model or settings) is never
     resumed silently. An unreadable last.pt falls back to last.prev.pt; other damage is a CheckpointError.
+    `board_dir`: TensorBoard curves of the run go there (helpers.board; rank 0, when tensorboard is installed).
     `load_only=True`: the run was trained elsewhere (by torchrun, helpers.distributed.launch): load
     its finished last.pt / best.pt and history, train nothing (a RuntimeError if it is not finished).
     """
@@ -147,7 +150,7 @@ def fit(
     called_at = time.perf_counter()
     with run_lock(out_dir):  # (rank 0 of several: the others share its folder)
         run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
-        run.called_at = called_at
+        run.called_at, run.board_dir = called_at, board_dir
         if run.out is not None and (resume or load_only) and has_checkpoint(run.out):
             _resume(run)
         _choose_cpu_precision(run)
@@ -186,6 +189,8 @@ def _train(run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress,
             _save_last(run, run.checkpoint())
     finally:
         stop_request.release()
+        if run.board is not None:
+            run.board.close()
     result = run.result(interrupted, wall_seconds=time.perf_counter() - called_at)
     if interrupted:
         message = interrupted_message(name, run.epoch, run.step, run.at_boundary, result.planned_epochs, len(run.history), run.out, stop_request.forced)
@@ -281,6 +286,9 @@ class _RunState:
     train_step: Callable | None = None  # (x, targets) -> (loss, logits): the objective on run_model, in DDP under torchrun
     budget: BudgetClock | None = None
     first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
+    board_dir: str | Path | None = None  # TensorBoard: where its curves go (rank 0 writes them)
+    board: Board | None = None
+    board_mark: tuple[float, int] = (0.0, 0)  # (loss sum, images) of the epoch at the last point written
 
     def num_epochs(self) -> int:  # a budget run's length changes as it is planned
         return -(-self.schedule.total // max(1, self.steps_per_epoch))
@@ -300,6 +308,9 @@ class _RunState:
                 self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
         self.first_plan_step = max(self.schedule.warmup, 12)
+        if distributed.is_main() and self.board_dir is not None and not self.stopped_early and self.epoch < self.num_epochs():
+            # (a resumed run drops what a killed session wrote after the step it resumes from)
+            self.board = open_board(Path(self.board_dir), purge_step=self.epoch * self.steps_per_epoch + self.step + 1)
 
     def checkpoint(self, epoch_done: bool = False) -> dict:
         """The whole state after `step` steps of `epoch` (with the epoch's running sums and
@@ -526,6 +537,8 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
     tic = time.perf_counter()
     seen_at_tic = sums.seen
     run.at_boundary = False
+    if run.board is not None:
+        run.board_mark = (float(sums.loss_sum), sums.seen)
     for images, labels in run.train.epoch(epoch, start=run.step) if epoch * steps_per_epoch + run.step < schedule.total else ():
         global_step = epoch * steps_per_epoch + run.step
         factor = schedule.factor(global_step)
@@ -559,6 +572,8 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
                 raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
             if bar is not None:
                 bar.update_to(run.step, postfix(sums, sums.seen - seen_at_tic, time.perf_counter() - tic))
+            if run.board is not None:
+                _board_steps(run, global_step + 1, run.base_lrs[0] * factor)
         if on_step is not None:
             on_step(epoch, run.step)
         if distributed.agree(stop_request.pending) if several else stop_request.pending:  # every rank stops after the same step
@@ -661,6 +676,8 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     if stop:
         record["stopped_early"] = True
     run.history.append(record)
+    if run.board is not None:
+        run.board.epoch(steps_done, record)
     if progress and distributed.is_main():
         print(epoch_line(name, record, run.epochs_label()), flush=True)
     if run.out is not None:
@@ -669,6 +686,15 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
             atomic_write_json(run.history, run.out / HISTORY)
     run.epoch, run.step, run.at_boundary = epoch + 1, 0, True
     return stop
+
+
+def _board_steps(run: _RunState, step: int, lr: float) -> None:
+    """TensorBoard: the mean training loss of the steps since the last point, and the LR."""
+    loss_sum, seen = float(run.sums.loss_sum), run.sums.seen
+    mark_loss, mark_seen = run.board_mark
+    if seen > mark_seen:
+        run.board.steps(step, (loss_sum - mark_loss) / (seen - mark_seen), lr)
+    run.board_mark = (loss_sum, seen)
 
 
 def _diverged(epoch: int, step: int, lr: float) -> TrainingDiverged:

@@ -137,8 +137,13 @@ def fit_stage(
     return fit(
         model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
         progress=progress, name=name, run_key=cfg.run_key(stage) | {"data_fingerprint": data_fingerprint(cfg)} | (key_extra or {}),
-        resume=cfg.resume, load_only=several, **fit_options,
+        resume=cfg.resume, load_only=several, board_dir=board_dir(cfg.out_dir, name), **fit_options,
     )
+
+
+def board_dir(out_dir: str | Path, name: str) -> Path:
+    """Where the run `name` writes its TensorBoard curves: out_dir/tensorboard/<name> (`tensorboard --logdir out_dir/tensorboard`)."""
+    return Path(out_dir) / "tensorboard" / name
 
 
 _TRAINED: set[str] = set()  # configurations trained under torchrun from this process

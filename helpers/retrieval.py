@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from helpers import distributed
 from helpers.config import RetrievalConfig
 from helpers.data import BatchAugment, Cars196, PKBatchSampler, ToUint8Tensor
 from helpers.data.cache import decode_all
@@ -25,12 +26,13 @@ from helpers.engine import FitResult
 from helpers.evaluation import RetrievalEvaluator
 from helpers.checkpoint import load_best
 from helpers.errors import CheckpointError, SettingsError
-from helpers.experiment import T3Selection, batch_source, data_fingerprint, embed_split, file_sha1, fit_stage, locate_data, metrics_path, resolve_data_path
+from helpers.experiment import T3Selection, batch_source, board_dir, data_fingerprint, embed_split, file_sha1, fit_stage, locate_data, metrics_path, resolve_data_path
 from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
 from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
 from helpers.models import EmbeddingNet, load_torchvision_resnet18, resnet18
 from helpers.objectives import MetricObjective
+from helpers.board import open_board
 from helpers.runinfo import Runtime, notice
 
 KS = (1, 2, 4, 8)
@@ -284,9 +286,13 @@ class EmbeddingRun:
 
 def embedding_run(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str) -> EmbeddingRun:
     """One stage-2 run with `miner` from the stage-1 backbone, evaluated on the test split."""
-    net, result = train_embedding_stage(backbone, data, cfg, miner, f"T4_embedding_{miner}")
+    name = f"T4_embedding_{miner}"
+    net, result = train_embedding_stage(backbone, data, cfg, miner, name)
     net.eval()
     embeddings, labels = embed_split(net, data.test, data.augment, cfg)
+    if miner == cfg.miner and distributed.is_main() and (board := open_board(board_dir(cfg.out_dir, name))) is not None:
+        board.embedding(embeddings.cpu(), labels.cpu(), "test_embeddings")  # TensorBoard's projector, of the main run
+        board.close()
     return EmbeddingRun(net, result, embeddings.cpu(), labels.cpu(), retrieval_summary(embeddings, labels))
 
 

@@ -300,3 +300,35 @@ def test_plateau_run_resumed_mid_epoch_equals_uninterrupted(tmp_path):
     assert_same_run(straight, resumed)
     assert [h["lr"] for h in straight[1].history] == [h["lr"] for h in resumed[1].history]
     assert (straight[1].best_epoch, straight[1].stopped_early) == (resumed[1].best_epoch, resumed[1].stopped_early)
+
+
+def scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def test_tensorboard_curves_go_on_across_a_resume_without_duplicate_steps(tmp_path):
+    pytest.importorskip("tensorboard")
+    train, augment, cfg, evaluator = setup(tmp_path, log_every=2)
+    board = tmp_path / "tensorboard" / "run"
+    with pytest.raises(TrainingInterrupted):
+        fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, on_step=interrupt_at(2, 3), board_dir=board)
+    from torch.utils.tensorboard import SummaryWriter
+
+    killed = SummaryWriter(str(board))  # what a session killed after its checkpoint (step 2 x 6 + 3) had written beyond it
+    killed.add_scalar("train/loss", 999.0, 2 * len(train) + 5)
+    killed.close()
+    fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board)
+    loss = scalars(board, "train/loss")
+    assert 999.0 not in [v for _, v in loss]
+    steps = [s for s, _ in loss]
+    assert steps == sorted(set(steps)), "no step twice, in order (a killed session's extra points dropped)"
+    assert steps[0] == 2 and steps[-1] == 4 * len(train) and all(math.isfinite(v) for _, v in loss)
+    epochs = scalars(board, "epoch/heldout_top1")
+    assert [s for s, _ in epochs] == [len(train) * e for e in range(1, 5)], "one point per epoch at its last step"
+    assert [s for s, _ in scalars(board, "train/lr")] == steps
+    fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board)  # finished: rerun
+    assert scalars(board, "epoch/heldout_top1") == epochs, "a rerun of a finished run keeps its curves"

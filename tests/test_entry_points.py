@@ -59,7 +59,7 @@ def test_environment_yml_installs_what_pyproject_declares():
     assert [d for d in pip if not d.startswith("-e")] == pinned
     editable = next(d for d in pip if d.startswith("-e"))
     assert editable.startswith("-e .[") and {"dev"} <= set(editable[5:-1].split(",")) <= set(project["optional-dependencies"])
-    assert "helpers[pipeline]" in project["optional-dependencies"]["dev"], "make (.[dev]) installs the pipeline's extra"
+    assert "helpers[pipeline,board]" in project["optional-dependencies"]["dev"], "make (.[dev]) installs the pipeline's and TensorBoard's extras"
     assert not {"papermill", "ipykernel", "nbconvert", "ipywidgets"} & {d.split(">")[0] for d in project["dependencies"]}, \
         "a notebook's runtime keeps its own ipykernel: the pipeline's tools are an extra"
 

@@ -101,3 +101,16 @@ def test_the_executed_notebooks_read_well(smoke_out):
         assert re.search(r"epoch \d+/\d+ ", text), f"{step.name}: no epoch line"
         html = (smoke_out / "notebooks" / f"{step.name}.html").read_text()
         assert re.search(r"epoch \d+/\d+ ", html), f"{step.name}: the HTML shows no epoch line"
+
+
+def test_the_smoke_run_has_tensorboard_curves_and_t4s_projector(smoke_out):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    t2 = json.loads((smoke_out / "metrics" / "T2_resnet18.json").read_text())["models"]["T2_resnet18"]
+    events = EventAccumulator(str(smoke_out / "tensorboard" / "T2_resnet18"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
+    curve = [e.value for e in events.Scalars("epoch/train_loss")]
+    assert curve == pytest.approx([h["train_loss"] for h in t2["history"]], rel=1e-6), "the curve is the metrics' history"
+    assert (smoke_out / "tensorboard" / "T4_embedding_ms" / "projector_config.pbtxt").is_file()
