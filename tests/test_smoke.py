@@ -114,3 +114,24 @@ def test_the_smoke_run_has_tensorboard_curves_and_t4s_projector(smoke_out):
     curve = [e.value for e in events.Scalars("epoch/train_loss")]
     assert curve == pytest.approx([h["train_loss"] for h in t2["history"]], rel=1e-6), "the curve is the metrics' history"
     assert (smoke_out / "tensorboard" / "T4_embedding_ms" / "projector_config.pbtxt").is_file()
+
+
+def test_the_parameter_counts_the_notebooks_print_are_the_models_they_trained(smoke_out):
+    """The notebooks' deterministic printed lines (each model's parameter count), checked against the
+    metrics of the models they trained. (nbval's NBVAL_CHECK_OUTPUT compares nothing in notebooks
+    committed without outputs: this is the check that can fail.)"""
+    import re
+
+    def printed_counts(name):
+        executed = json.loads((smoke_out / "notebooks" / f"{name}.ipynb").read_text())
+        text = "".join("".join(o.get("text", "")) for c in executed["cells"] for o in c.get("outputs", []))
+        return [int(n.replace(",", "")) for n in re.findall(r": ([\d,]+) parameters", text)]
+
+    documents = metrics(smoke_out)
+    for name in ("T1_custom_cnn", "T2_resnet18", "E2_stl10_layerwise"):
+        counts = printed_counts(name)
+        trained = {run["architecture"]["parameters"] for run in models_of(documents[name])}
+        assert counts and counts[0] in trained, (name, counts, trained)
+    t3 = documents["T3_cubs_resnet18"]
+    counts = printed_counts("T3_cubs_resnet18")[: len(t3["models"])]
+    assert counts == [run["architecture"]["parameters"] for run in t3["models"].values()], "one line per fashion, in order"
