@@ -192,10 +192,11 @@ def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
 
 
 def any_rank(*flags: torch.Tensor | bool, device="cpu") -> list[bool]:
-    """Each flag, true when it is true on some rank (one collective for all of them)."""
+    """Each flag, true when it is true on some rank (one collective for all of them); in one process, the flags."""
+    if not is_distributed():
+        return [bool(f) for f in flags]
     values = torch.stack([torch.as_tensor(f, device=device).to(torch.int32).reshape(()) for f in flags])
-    if is_distributed():
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return [bool(v) for v in values.tolist()]
 
 

@@ -125,7 +125,6 @@ def fit(
     name: str = "",
     run_key: dict | None = None,
     on_interrupt: str = "raise",
-    load_only: bool = False,
     board_dir: str | Path | None = None,
 ) -> FitResult:
     """Train `model` on `train` for `cfg.epochs` epochs (or exactly `cfg.max_steps` optimizer steps);
@@ -143,23 +142,33 @@ def fit(
     checkpoint; a checkpoint written under another key (other data, model or settings) is never
     resumed silently. An unreadable last.pt falls back to last.prev.pt; other damage is a CheckpointError.
     `board_dir`: TensorBoard curves of the run go there (helpers.board; rank 0, when tensorboard is installed).
-    `load_only=True`: the run was trained elsewhere (by torchrun, helpers.distributed.launch): load
-    its finished last.pt / best.pt and history, train nothing (a RuntimeError if it is not finished).
-    """
+"""
     check_choice("on_interrupt", on_interrupt, ("raise", "return"))
     called_at = time.perf_counter()
     with run_lock(out_dir):  # (rank 0 of several: the others share its folder)
         run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
         run.called_at, run.board_dir = called_at, board_dir
-        if run.out is not None and (resume or load_only) and has_checkpoint(run.out):
+        if run.out is not None and resume and has_checkpoint(run.out):
             _resume(run)
         _choose_cpu_precision(run)
         run.run_id = distributed.broadcast_object(run.run_id)  # (every rank names the run as rank 0 does)
-        if load_only:
-            return _loaded_result(run)
         if run.out is not None and distributed.is_main():
             claim_run(run.out, run.run_id)
         return _train(run, cfg, model, evaluate, on_step, progress, name, on_interrupt, called_at)
+
+
+def load_finished_run(
+    model: nn.Module, train: BatchSource, augment: BatchAugment, cfg: FitConfig, *, out_dir: str | Path, objective: nn.Module | None = None,
+    device: str | torch.device = "cpu", objective_lr: float | None = None, run_key: dict | None = None,
+) -> FitResult:
+    """The result of a run another process trained to its end (torchrun, helpers.distributed.launch):
+    its last.pt, best weights and history loaded into `model` as after `fit`; nothing is trained. A
+    RuntimeError when the run did not finish (its output says why)."""
+    with run_lock(out_dir):
+        run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
+        if has_checkpoint(run.out):
+            _resume(run)
+        return _loaded_result(run)
 
 
 def run_lock(out_dir) -> FolderLock | nullcontext:
@@ -423,7 +432,7 @@ def _choose_cpu_precision(run: _RunState) -> None:
 
 
 def _loaded_result(run: _RunState) -> FitResult:
-    """The result of a finished run trained by another process (fit(load_only=True)), with the
+    """The result of a finished run trained by another process (load_finished_run), with the
     best weights restored as after training."""
     finished = run.out is not None and has_checkpoint(run.out) and (run.stopped_early or run.epoch >= run.num_epochs())
     if not finished:
@@ -532,7 +541,6 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
     run.model.train()
     run.objective.train()
     progress = progress and distributed.is_main()
-    several = distributed.is_distributed()
     bar = ProgressBar(epoch_steps, run.step, f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip()) if progress else None
     tic = time.perf_counter()
     seen_at_tic = sums.seen
@@ -568,7 +576,7 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
                 schedule.replan(global_step + 1, total)
         if run.step % cfg.log_every == 0 or run.step == epoch_steps:
             # (several processes agree on divergence, so that they stop together)
-            if distributed.any_rank(sums.nonfinite, device=run.device)[0] if several else bool(sums.nonfinite):
+            if distributed.any_rank(sums.nonfinite, device=run.device)[0]:
                 raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
             if bar is not None:
                 bar.update_to(run.step, postfix(sums, sums.seen - seen_at_tic, time.perf_counter() - tic))
@@ -576,11 +584,11 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
                 _board_steps(run, global_step + 1, run.base_lrs[0] * factor)
         if on_step is not None:
             on_step(epoch, run.step)
-        if distributed.agree(stop_request.pending) if several else stop_request.pending:  # every rank stops after the same step
+        if distributed.agree(stop_request.pending):  # every rank stops after the same step (one process: the flag itself)
             raise KeyboardInterrupt
         if epoch * steps_per_epoch + run.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
             break
-    if (distributed.any_rank(sums.nonfinite, device=run.device)[0] if several else bool(sums.nonfinite)):
+    if distributed.any_rank(sums.nonfinite, device=run.device)[0]:
         raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
     sums.seconds += time.perf_counter() - tic
     if bar is not None:

@@ -36,7 +36,7 @@ from helpers.data.archives import extracted_from_archive
 from helpers.data.fingerprint import tree_fingerprint
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import BatchAugment
-from helpers.engine import FitConfig, FitResult, fit
+from helpers.engine import FitConfig, FitResult, fit, load_finished_run
 from helpers.errors import MetricsError, SettingsError
 from helpers.evaluation import ClassificationEvaluator, classification_metrics, classification_report, run_split
 from helpers.runinfo import Runtime, choose_precision, generated_data_dir, run_info
@@ -130,14 +130,16 @@ def fit_stage(
 
     With cfg.gpus > 1 outside torchrun (a notebook, the pipeline): the first such call trains the
     whole task under torchrun (`train_on_gpus`: `python -m helpers.train`, once per configuration), and every
-    call then loads its finished run (fit(load_only=True)) and continues as after training."""
-    several = getattr(cfg, "gpus", 1) > 1 and not distributed.is_distributed()
-    if several:
+    call then loads its finished run (engine.load_finished_run) and continues as after training."""
+    fit_cfg = fit_cfg or cfg.fit_config(stage)
+    run_key = cfg.run_key(stage) | {"data_fingerprint": data_fingerprint(cfg)} | (key_extra or {})
+    if getattr(cfg, "gpus", 1) > 1 and not distributed.is_distributed():
         train_on_gpus(cfg)
+        loading = {k: v for k, v in fit_options.items() if k in ("objective", "objective_lr")}
+        return load_finished_run(model, source, augment, fit_cfg, out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device, run_key=run_key, **loading)
     return fit(
-        model, source, augment, fit_cfg or cfg.fit_config(stage), out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device,
-        progress=progress, name=name, run_key=cfg.run_key(stage) | {"data_fingerprint": data_fingerprint(cfg)} | (key_extra or {}),
-        resume=cfg.resume, load_only=several, board_dir=board_dir(cfg.out_dir, name), **fit_options,
+        model, source, augment, fit_cfg, out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device, progress=progress, name=name,
+        run_key=run_key, resume=cfg.resume, board_dir=board_dir(cfg.out_dir, name), **fit_options,
     )
 
 
@@ -152,7 +154,7 @@ _TRAINED: set[str] = set()  # configurations trained under torchrun from this pr
 def train_on_gpus(cfg) -> None:
     """Train the whole task of `cfg` on cfg.gpus GPUs: `python -m helpers.train <task> --config
     <cfg as JSON>` under torchrun (once per configuration in this process), its output streamed
-    here; fit(load_only=True) then loads each finished run."""
+    here; engine.load_finished_run then loads each finished run."""
     key = json.dumps(cfg.as_dict(), sort_keys=True, default=str)
     if key in _TRAINED:
         return
