@@ -23,8 +23,12 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], verify: Callable[[Path], None] | None = None,
-                 keep_previous: Path | None = None) -> None:
+def atomic_write(
+    path: str | Path,
+    write: Callable[[IO[bytes]], None],
+    verify: Callable[[Path], None] | None = None,
+    keep_previous: Path | None = None,
+) -> None:
     """Call `write(handle)` on a temporary file next to `path`, then rename it to `path`.
 
     `verify(temporary path)` (e.g. read it back) runs before the rename and may raise to keep the
@@ -42,7 +46,9 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None], verify: C
         if verify is not None:
             verify(tmp)
         if keep_previous is not None and path.is_file():
-            os.replace(path, keep_previous)  # (a crash before the next line leaves only the previous: loaders fall back to it)
+            os.replace(
+                path, keep_previous
+            )  # (a crash before the next line leaves only the previous: loaders fall back to it)
         os.replace(tmp, path)
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
@@ -73,7 +79,9 @@ def _as_os_error(exc: BaseException) -> OSError | None:
     return cause if isinstance(cause, OSError) else None
 
 
-def atomic_torch_save(obj, path: str | Path, verify: Callable[[Path], None] | None = None, keep_previous: Path | None = None) -> None:
+def atomic_torch_save(
+    obj, path: str | Path, verify: Callable[[Path], None] | None = None, keep_previous: Path | None = None
+) -> None:
     import torch
 
     atomic_write(path, lambda handle: torch.save(obj, handle), verify, keep_previous)
@@ -121,7 +129,9 @@ def _process_start(pid: int) -> float | None:
     """Start time (epoch seconds) of a process from /proc (Linux); None where unknown."""
     try:
         ticks = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
-        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime"))
+        boot = next(
+            int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines() if line.startswith("btime")
+        )
         return boot + ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError, StopIteration):
         return None

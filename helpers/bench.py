@@ -31,7 +31,15 @@ import torch
 
 from helpers.budget import StepClock
 from helpers.errors import OutputError, ProjectError
-from helpers.data import BatchAugment, CachedTinyImageNet, LoaderBatches, TensorBatches, TinyImageNet, ToUint8Tensor, synthetic
+from helpers.data import (
+    BatchAugment,
+    CachedTinyImageNet,
+    LoaderBatches,
+    TensorBatches,
+    TinyImageNet,
+    ToUint8Tensor,
+    synthetic,
+)
 from helpers.data.transforms import AugmentRNG
 from helpers.engine import FitConfig, fit
 from helpers.memory import BatchDoesNotFit
@@ -84,7 +92,16 @@ def check_output_file(path: str | Path) -> Path:
     return out
 
 
-def bench_model(name: str, device: torch.device, batch_size: int, image_size: int, steps: int, stem: str, num_classes: int = 200, **switches) -> dict:
+def bench_model(
+    name: str,
+    device: torch.device,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    stem: str,
+    num_classes: int = 200,
+    **switches,
+) -> dict:
     """Training images/s of one model through `fit` (epoch 2 of 2; epoch 1 warms up / compiles)."""
     torch.manual_seed(0)
     model = MODELS[name](num_classes, stem)
@@ -97,9 +114,16 @@ def bench_model(name: str, device: torch.device, batch_size: int, image_size: in
         torch.cuda.reset_peak_memory_stats(device)
     result = fit(model, source, BatchAugment(crop="pad", padding=4), cfg, device=device, progress=False)
     return {
-        "what": "model", "name": name, "images_per_s": result.history[-1]["images_per_s"], "device": str(device),
-        "batch_size": batch_size, "image_size": image_size, "stem": stem, "steps": steps,
-        "peak_mem_mb": round(peak_mem_mb(device), 1), "parameters": sum(p.numel() for p in model.parameters()),
+        "what": "model",
+        "name": name,
+        "images_per_s": result.history[-1]["images_per_s"],
+        "device": str(device),
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "stem": stem,
+        "steps": steps,
+        "peak_mem_mb": round(peak_mem_mb(device), 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
         "switches": {k: cfg.__dict__[k] for k in ("precision", "channels_last", "fused", "compile", "compile_mode")},
         "precision_used": choose_precision(cfg.precision, str(device)).used,
     }
@@ -122,7 +146,15 @@ def bench_memory(device: torch.device, steps: int = 3) -> list[dict]:
         try:
             record = bench_model(name, device, batch, size, steps, stem=stem, num_classes=classes)
         except BatchDoesNotFit as error:
-            record = {"name": name, "images_per_s": None, "peak_mem_mb": None, "error": str(error), "batch_size": batch, "image_size": size, "stem": stem}
+            record = {
+                "name": name,
+                "images_per_s": None,
+                "peak_mem_mb": None,
+                "error": str(error),
+                "batch_size": batch,
+                "image_size": size,
+                "stem": stem,
+            }
         records.append(record | {"what": "memory", "name": label, "profile": "full"})
     return records
 
@@ -155,13 +187,26 @@ def bench_data(root: Path, device: torch.device, batch_size: int, num_workers: i
     build = time.perf_counter() - tic
     images, labels = cached_set.tensors()
     cached = TensorBatches(images, labels, device="cpu", output_device=device, **common)
-    records.append({"name": "cached", "images_per_s": time_source(cached, augment, device), "build_seconds": round(build, 2), "cache_built": cached_set.built})
+    records.append(
+        {
+            "name": "cached",
+            "images_per_s": time_source(cached, augment, device),
+            "build_seconds": round(build, 2),
+            "cache_built": cached_set.built,
+        }
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         resident = TensorBatches(images, labels, device=device, **common)
         records.append({"name": "gpu", "images_per_s": time_source(resident, augment, device, epochs=3)})
     for r in records:
-        r.update(what="data", device=str(device), batch_size=batch_size, images=len(lazy_set), peak_mem_mb=round(peak_mem_mb(device), 1))
+        r.update(
+            what="data",
+            device=str(device),
+            batch_size=batch_size,
+            images=len(lazy_set),
+            peak_mem_mb=round(peak_mem_mb(device), 1),
+        )
     return records
 
 
@@ -172,8 +217,16 @@ def peer_model(name: str, num_classes: int, stem: str) -> torch.nn.Module:
 
 
 def bench_end_to_end(
-    name: str, root: Path, device: torch.device, batch_size: int, image_size: int, steps: int, stem: str,
-    num_workers: int, cache_dir: Path, warmup: int = 3,
+    name: str,
+    root: Path,
+    device: torch.device,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    stem: str,
+    num_workers: int,
+    cache_dir: Path,
+    warmup: int = 3,
 ) -> list[dict]:
     """Training images/s with the data included, project against peer, same images, shapes and device.
 
@@ -186,9 +239,26 @@ def bench_end_to_end(
     cached = CachedTinyImageNet(root, "train", cache_dir=cache_dir, num_workers=num_workers)
     num_classes = len(cached.classes)
     images, labels = cached.tensors()
-    source = TensorBatches(images, labels, batch_size=batch_size, shuffle=True, drop_last=True, device=device if cuda else "cpu", output_device=device)
+    source = TensorBatches(
+        images,
+        labels,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        device=device if cuda else "cpu",
+        output_device=device,
+    )
     augment = BatchAugment(crop="pad", size=image_size, resize_to=image_size if image_size != 64 else None, padding=4)
-    common = {"what": "end_to_end", "model": name, "device": str(device), "batch_size": batch_size, "image_size": image_size, "stem": stem, "steps": steps, "images": len(labels)}
+    common = {
+        "what": "end_to_end",
+        "model": name,
+        "device": str(device),
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "stem": stem,
+        "steps": steps,
+        "images": len(labels),
+    }
     records = []
     torch.manual_seed(0)
     model = MODELS[name](num_classes, stem)
@@ -196,8 +266,25 @@ def bench_end_to_end(
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    fit(model, source, augment, FitConfig(max_steps=warmup + steps, lr=0.01, monitor="", log_every=10**9), device=device, progress=False, on_step=clock)
-    records.append(common | {"name": f"{name} project", "who": "project", "images_per_s": batch_size / clock.seconds_per_step, "peak_mem_mb": round(peak_mem_mb(device), 1), "data_path": "gpu" if cuda else "cached"})
+    fit(
+        model,
+        source,
+        augment,
+        FitConfig(max_steps=warmup + steps, lr=0.01, monitor="", log_every=10**9),
+        device=device,
+        progress=False,
+        on_step=clock,
+    )
+    records.append(
+        common
+        | {
+            "name": f"{name} project",
+            "who": "project",
+            "images_per_s": batch_size / clock.seconds_per_step,
+            "peak_mem_mb": round(peak_mem_mb(device), 1),
+            "data_path": "gpu" if cuda else "cached",
+        }
+    )
     del model
     samples = TinyImageNet(root, "train").samples
     sides = [("peer", "none")] + ([("peer-amp", "bf16" if torch.cuda.is_bf16_supported() else "fp16")] if cuda else [])
@@ -210,8 +297,18 @@ def bench_end_to_end(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         seconds = measure_peer_step(model, loader, cfg, device, warmup, steps)
-        records.append(common | {"name": f"{name} {who}", "who": who, "images_per_s": batch_size / seconds, "peak_mem_mb": round(peak_mem_mb(device), 1),
-                                 "data_path": f"PIL DataLoader ({num_workers} workers)", "amp": amp, "peer_model": type(model).__module__ + "." + type(model).__name__})
+        records.append(
+            common
+            | {
+                "name": f"{name} {who}",
+                "who": who,
+                "images_per_s": batch_size / seconds,
+                "peak_mem_mb": round(peak_mem_mb(device), 1),
+                "data_path": f"PIL DataLoader ({num_workers} workers)",
+                "amp": amp,
+                "peer_model": type(model).__module__ + "." + type(model).__name__,
+            }
+        )
         del model, loader
     return records
 
@@ -226,7 +323,9 @@ def end_to_end_ratios(records: list[dict]) -> list[dict]:
     return out
 
 
-def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, out: str | None = None, models=tuple(MODELS)) -> list[dict]:
+def run(
+    device: str = "cpu", quick: bool = False, data_dir: str | None = None, out: str | None = None, models=tuple(MODELS)
+) -> list[dict]:
     """Run every measurement of one benchmark and return (and optionally write) the records."""
     dev = torch.device(device)
     cpu = dev.type == "cpu"
@@ -246,26 +345,49 @@ def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, o
                 print(f"model {record['name']:34s} {record['images_per_s']:9.1f} img/s", flush=True)
         for record in bench_memory(dev):
             records.append(record)
-            print(f"memory {record['name']:20s} batch {record['batch_size']:4d} x {record['image_size']} px: peak {record['peak_mem_mb']} MiB", flush=True)
+            print(
+                f"memory {record['name']:20s} batch {record['batch_size']:4d} x {record['image_size']} px: peak {record['peak_mem_mb']} MiB",
+                flush=True,
+            )
     with tempfile.TemporaryDirectory() as tmp:
         if data_dir:
             root = Path(data_dir) / "tiny-imagenet-200"
         else:
-            params = synthetic.TinyParams(num_classes=10 if quick else 50, train_per_class=100 if quick else 200, val_per_class=1, test_images=0)
+            params = synthetic.TinyParams(
+                num_classes=10 if quick else 50, train_per_class=100 if quick else 200, val_per_class=1, test_images=0
+            )
             root = synthetic.generate("tiny", tmp, params)
         workers = (os.cpu_count() or 1) if cpu else min(8, os.cpu_count() or 1)
         for record in bench_data(root, dev, 64 if cpu else 256, workers, Path(tmp) / "cache"):
             records.append(record)
             print(f"data  {record['name']:14s} {record['images_per_s']:9.1f} img/s", flush=True)
         peer_workers = 2 if cpu else workers  # the issue's peer: 2 workers on the CPU
-        e2e_steps, e2e_warmup = (4, 2) if quick else (20, 10) if cpu else (50, 20)  # data loading needs longer runs than the model rows
+        e2e_steps, e2e_warmup = (
+            (4, 2) if quick else (20, 10) if cpu else (50, 20)
+        )  # data loading needs longer runs than the model rows
         for name in models:
-            for record in bench_end_to_end(name, root, dev, batch_size, image_size, e2e_steps, "small", peer_workers, Path(tmp) / "cache", warmup=e2e_warmup):
+            for record in bench_end_to_end(
+                name,
+                root,
+                dev,
+                batch_size,
+                image_size,
+                e2e_steps,
+                "small",
+                peer_workers,
+                Path(tmp) / "cache",
+                warmup=e2e_warmup,
+            ):
                 records.append(record)
                 print(f"e2e   {record['name']:26s} {record['images_per_s']:9.1f} img/s", flush=True)
         for ratio in end_to_end_ratios(records):
             records.append(ratio)
-            print("ratio", ratio["name"], {k: round(v, 2) for k, v in ratio.items() if k.startswith("project/")}, flush=True)
+            print(
+                "ratio",
+                ratio["name"],
+                {k: round(v, 2) for k, v in ratio.items() if k.startswith("project/")},
+                flush=True,
+            )
     data = {r["name"]: r["images_per_s"] for r in records if r["what"] == "data"}
     if "lazy" in data:
         ratios = {f"{k}/lazy": v / data["lazy"] for k, v in data.items() if k != "lazy"}
@@ -280,7 +402,9 @@ def run(device: str = "cpu", quick: bool = False, data_dir: str | None = None, o
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Training throughput of each model and data path (writes JSON).")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda", "mps"))
-    parser.add_argument("--quick", action="store_true", help="small inputs and few steps (ends within ~3 minutes on 2 CPU cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small inputs and few steps (ends within ~3 minutes on 2 CPU cores)"
+    )
     parser.add_argument("--data-dir", default=None, help="folder holding tiny-imagenet-200/ (default: generated data)")
     parser.add_argument("--out", required=True, help="JSON file to write")
     args = parser.parse_args(argv)

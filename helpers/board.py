@@ -32,7 +32,11 @@ class Board:
     def epoch(self, step: int, record: dict) -> None:
         """An epoch's record (numbers only) at its last global step: epoch/train_loss, epoch/heldout_top1, ..."""
         for key, value in record.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("epoch", "best_epoch", "steps"):
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and key not in ("epoch", "best_epoch", "steps")
+            ):
                 self.writer.add_scalar(f"epoch/{key}", value, step)
         self.writer.flush()
 

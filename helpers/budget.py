@@ -113,7 +113,11 @@ class StepClock:
 
 
 def measure_seconds_per_step(
-    step: Callable[[], None], warmup: int = 5, steps: int = 15, device: torch.device | str = "cpu", max_seconds: float = 0.0
+    step: Callable[[], None],
+    warmup: int = 5,
+    steps: int = 15,
+    device: torch.device | str = "cpu",
+    max_seconds: float = 0.0,
 ) -> float:
     """Seconds per call of `step` after `warmup` calls (e.g. one training step of a plain loop).
 
@@ -136,7 +140,9 @@ def measure_seconds_per_step(
     return (now - first) / timed
 
 
-def plan_steps(budget_s: float, seconds_per_step: float, spent_s: float = 0.0, margin: float = 0.98, minimum: int = 1) -> int:
+def plan_steps(
+    budget_s: float, seconds_per_step: float, spent_s: float = 0.0, margin: float = 0.98, minimum: int = 1
+) -> int:
     """Steps that fit in what is left of the budget (a margin for the epoch ends' overheads), at least `minimum`."""
     if budget_s <= 0:
         raise ValueError(f"budget_s={budget_s} must be > 0")

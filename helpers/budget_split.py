@@ -103,11 +103,16 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
             parameters.setdefault(t.parameter, []).append(fraction * t.work)
         planned = n.seconds(fraction)
         out[n.name] = {
-            "share": round(planned / budget_s, 4), "planned_seconds": round(planned, 1),
+            "share": round(planned / budget_s, 4),
+            "planned_seconds": round(planned, 1),
             "training_seconds": round(sum(fraction * t.work for t in n.trainings), 1),
             "parameters": {p: round(sum(v) / len(v), 1) for p, v in parameters.items()},
         }
-    return {"fraction": fraction, "notebooks": out, "planned_seconds": round(total_seconds(notebooks, fraction, reserved_s), 1)}
+    return {
+        "fraction": fraction,
+        "notebooks": out,
+        "planned_seconds": round(total_seconds(notebooks, fraction, reserved_s), 1),
+    }
 
 
 def parse_duration(text: str) -> float:
@@ -121,7 +126,9 @@ def parse_duration(text: str) -> float:
     except ValueError:
         seconds = -1.0
     if not math.isfinite(seconds) or seconds <= 0:
-        raise SettingsError(f"--budget {text!r} is not valid; give a positive time with a unit s, m or h, e.g. 90m or 1h")
+        raise SettingsError(
+            f"--budget {text!r} is not valid; give a positive time with a unit s, m or h, e.g. 90m or 1h"
+        )
     return seconds
 
 

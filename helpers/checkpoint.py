@@ -32,6 +32,7 @@ PREVIOUS = "last.prev.pt"  # the last.pt before the newest, kept while the run t
 RUN = "run.json"  # which run owns the folder: {"run_id", "pid", "host", "started"}
 AFRESH = "delete that folder or pass resume=False (or use another out_dir) to train afresh"
 
+
 # FitConfig fields a resumed run may change: how often it reports progress, and how often it
 # evaluates when nothing is selected on the evaluations (a monitor reads only evaluated epochs, so
 # eval_every then changes the best checkpoint, early stopping and plateau cuts). The length may not
@@ -66,13 +67,19 @@ def new_run_id() -> str:
 def _read(path: Path, device) -> dict:
     """torch.load of a checkpoint file; CheckpointError naming it when it is unreadable."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)  # tensors and plain values only: a foreign file cannot run code
+        state = torch.load(
+            path, map_location=device, weights_only=True
+        )  # tensors and plain values only: a foreign file cannot run code
     except FileNotFoundError:
         raise
     except pickle.UnpicklingError as exc:
-        what = next((line.split("GLOBAL ", 1)[1].split(" ", 1)[0] for line in str(exc).splitlines() if "GLOBAL " in line), None)
+        what = next(
+            (line.split("GLOBAL ", 1)[1].split(" ", 1)[0] for line in str(exc).splitlines() if "GLOBAL " in line), None
+        )
         if what is None:  # not a refused object: damage
-            reason = next((line.strip() for line in str(exc).splitlines() if "error:" in line.lower()), type(exc).__name__)[:120]
+            reason = next(
+                (line.strip() for line in str(exc).splitlines() if "error:" in line.lower()), type(exc).__name__
+            )[:120]
             raise CheckpointError(f"{path} is damaged or not a checkpoint (UnpicklingError: {reason})") from None
         raise CheckpointError(
             f"{path} holds more than tensors and plain values ({what}), which a safe load refuses: it is not a checkpoint of this "
@@ -82,7 +89,9 @@ def _read(path: Path, device) -> dict:
         reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is damaged or not a checkpoint ({type(exc).__name__}: {reason})") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"{path} is damaged or not a checkpoint (it holds a {type(state).__name__}, not a training state)")
+        raise CheckpointError(
+            f"{path} is damaged or not a checkpoint (it holds a {type(state).__name__}, not a training state)"
+        )
     return state
 
 
@@ -93,7 +102,9 @@ def _verified(keys: tuple[str, ...]):
         state = _read(path, "cpu")
         missing = [k for k in keys if k not in state]
         if missing:
-            raise CheckpointError(f"{path} did not read back whole (missing {missing}); the previous checkpoint is kept")
+            raise CheckpointError(
+                f"{path} did not read back whole (missing {missing}); the previous checkpoint is kept"
+            )
 
     return verify
 
@@ -101,7 +112,12 @@ def _verified(keys: tuple[str, ...]):
 def save_last(out: Path, state: dict) -> None:
     """Write the training state `state` as out/last.pt, stamped with CHECKPOINT_FORMAT; the old
     last.pt becomes last.prev.pt once the new one has been read back."""
-    atomic_torch_save({"format": CHECKPOINT_FORMAT} | state, out / LAST, verify=_verified(("format", "model", "epoch")), keep_previous=out / PREVIOUS)
+    atomic_torch_save(
+        {"format": CHECKPOINT_FORMAT} | state,
+        out / LAST,
+        verify=_verified(("format", "model", "epoch")),
+        keep_previous=out / PREVIOUS,
+    )
 
 
 def has_checkpoint(out: Path) -> bool:
@@ -130,14 +146,18 @@ def load_last(out: Path, device: torch.device) -> dict:
             state = _read(previous, device)
         except CheckpointError:
             raise CheckpointError(f"{path} {damage}, and {previous.name} is damaged too; {AFRESH}") from None
-        notice(f"{path} {damage}; resuming from the checkpoint before it, {previous.name} (epoch {state.get('epoch', '?')}, step {state.get('step', '?')})")
+        notice(
+            f"{path} {damage}; resuming from the checkpoint before it, {previous.name} (epoch {state.get('epoch', '?')}, step {state.get('step', '?')})"
+        )
         path = previous
     found = state.get("format")
     if found == 1 and {"best_value", "best_epoch", "bad_epochs", "schedule"} <= set(state):
         return upgrade_amp(upgrade_format_1(state))
     if found != CHECKPOINT_FORMAT:
         written = "without a format number" if found is None else f"in checkpoint format {found!r}"
-        raise CheckpointError(f"{path} was written {written}; this version of the training engine resumes format {CHECKPOINT_FORMAT} only: {AFRESH}")
+        raise CheckpointError(
+            f"{path} was written {written}; this version of the training engine resumes format {CHECKPOINT_FORMAT} only: {AFRESH}"
+        )
     return upgrade_amp(state)
 
 
@@ -160,15 +180,35 @@ def upgrade_format_1(state: dict) -> dict:
     epochs-since-best give the same cuts)."""
     upgraded = {k: v for k, v in state.items() if k not in ("best_value", "best_epoch", "bad_epochs")}
     upgraded["format"] = CHECKPOINT_FORMAT
-    upgraded["monitor"] = {"best": state["best_value"], "best_epoch": state["best_epoch"], "bad_epochs": state["bad_epochs"]}
+    upgraded["monitor"] = {
+        "best": state["best_value"],
+        "best_epoch": state["best_epoch"],
+        "bad_epochs": state["bad_epochs"],
+    }
     upgraded["schedule"] = {k: v for k, v in state["schedule"].items() if k not in ("best", "bad_epochs")}
     for key in ("running", "augment_rng", "run_key", "budget_elapsed"):  # absent from the earliest format-1 files
         upgraded.setdefault(key, None)
     return upgraded
 
 
-def save_best(out: Path, model: torch.nn.Module, epoch: int, monitor: str, value: float, config: dict, run_id: str, run_key: dict | None) -> None:
-    state = {"model": model.state_dict(), "epoch": epoch, monitor: value, "config": config, "run_id": run_id, "run_key": run_key}
+def save_best(
+    out: Path,
+    model: torch.nn.Module,
+    epoch: int,
+    monitor: str,
+    value: float,
+    config: dict,
+    run_id: str,
+    run_key: dict | None,
+) -> None:
+    state = {
+        "model": model.state_dict(),
+        "epoch": epoch,
+        monitor: value,
+        "config": config,
+        "run_id": run_id,
+        "run_key": run_key,
+    }
     atomic_torch_save(state, out / BEST, verify=_verified(("model", "run_id")))
 
 
@@ -185,7 +225,9 @@ def load_best(path: Path, device, run_id: str | None = None, remedy: str = AFRES
     if "model" not in state:
         raise CheckpointError(f"{path} is damaged or not a checkpoint (no model weights); {remedy}")
     if run_id is not None and state.get("run_id") not in (None, run_id):
-        raise CheckpointError(f"{path} was written by another run ({state['run_id']}) than the expected one ({run_id}); {remedy}")
+        raise CheckpointError(
+            f"{path} was written by another run ({state['run_id']}) than the expected one ({run_id}); {remedy}"
+        )
     return state
 
 
@@ -202,7 +244,9 @@ def claim_run(out: Path, run_id: str) -> None:
     from helpers.lock import holder_info
 
     info = holder_info()
-    atomic_write_json({"run_id": run_id, "pid": info["pid"], "host": info["host"], "started": info["started"]}, out / RUN)
+    atomic_write_json(
+        {"run_id": run_id, "pid": info["pid"], "host": info["host"], "started": info["started"]}, out / RUN
+    )
 
 
 def run_owner(out: Path) -> dict | None:
@@ -219,8 +263,12 @@ def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per
     `cfg` and `run_key` when it was written with other settings or for another length."""
     # (a field added since the checkpoint was written counts as its default)
     saved_config = {f.name: f.default for f in fields(cfg)} | state["config"]
-    saved = {k: v for k, v in saved_config.items() if k not in _not_compared(saved_config)} | {f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"}
-    current = {k: v for k, v in asdict(cfg).items() if k not in _not_compared(asdict(cfg))} | {f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"}
+    saved = {k: v for k, v in saved_config.items() if k not in _not_compared(saved_config)} | {
+        f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"
+    }
+    current = {k: v for k, v in asdict(cfg).items() if k not in _not_compared(asdict(cfg))} | {
+        f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"
+    }
     diff = {k: (saved.get(k), current.get(k)) for k in set(saved) | set(current) if saved.get(k) != current.get(k)}
     if set(diff) == {"epochs"}:
         planned = type(cfg)(**state["config"]).num_epochs(steps_per_epoch)

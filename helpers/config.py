@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import NamedTuple
 
 from helpers.fit_config import OPTIMIZERS, SCHEDULES, FitConfig, check_choice
-from helpers.runinfo import PRECISIONS, PROFILES, default_data_dir, default_out_dir, default_workers, launch_dir, resolve_device
+from helpers.runinfo import (
+    PRECISIONS,
+    PROFILES,
+    default_data_dir,
+    default_out_dir,
+    default_workers,
+    launch_dir,
+    resolve_device,
+)
 from helpers.errors import SettingsError
 
 DATA_PATHS = ("auto", "lazy", "cached", "gpu")
@@ -55,20 +63,60 @@ FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 
 # the allowed range of every numeric parameter of every task (a test checks none is missing)
 RANGES = {
-    "epochs": AT_LEAST_1, "cls_epochs": AT_LEAST_1, "emb_epochs": AT_LEAST_1, "pretrain_epochs": AT_LEAST_1,
-    "batch_size": AT_LEAST_1, "image_size": Range(8), "resize": Range(8), "eval_every": AT_LEAST_1,
-    "num_workers": Range(-1), "seed": NON_NEGATIVE, "classes": NON_NEGATIVE, "train_per_class": NON_NEGATIVE,
-    "heldout_fraction": FRACTION, "padding": NON_NEGATIVE, "rrc_scale_min": Range(0, 1, low_open=True),
-    "mixup": NON_NEGATIVE, "cutmix": NON_NEGATIVE, "mix_prob": Range(0, 1),
-    "lr": POSITIVE, "cls_lr": POSITIVE, "emb_lr": POSITIVE, "pretrain_lr": POSITIVE, "center_lr": POSITIVE,
-    "momentum": FRACTION, "weight_decay": NON_NEGATIVE, "emb_weight_decay": NON_NEGATIVE, "warmup_epochs": NON_NEGATIVE,
-    "label_smoothing": FRACTION, "patience": NON_NEGATIVE, "budget_s": NON_NEGATIVE, "cls_budget_s": NON_NEGATIVE, "emb_budget_s": NON_NEGATIVE, "pretrain_budget_s": NON_NEGATIVE, "dropout": FRACTION,
-    "width": AT_LEAST_1, "cubs_width": NON_NEGATIVE, "embedding_dim": AT_LEAST_1, "hidden": AT_LEAST_1,
-    "triplet_margin": NON_NEGATIVE, "center_weight": NON_NEGATIVE, "ncm_per_class": AT_LEAST_1,
-    "pk_classes": AT_LEAST_2, "pk_images": AT_LEAST_2,  # P >= 2: negatives need another class; K >= 2: positives
-    "alpha": POSITIVE, "beta": POSITIVE, "lam": Range(-1, 1), "epsilon": NON_NEGATIVE,
-    "memory_size": AT_LEAST_1, "memory_warmup_steps": NON_NEGATIVE, "unlabeled_limit": NON_NEGATIVE,
-    "tsne_points": AT_LEAST_1, "tsne_per_class": AT_LEAST_1, "grid_queries": AT_LEAST_1, "gpus": AT_LEAST_1,
+    "epochs": AT_LEAST_1,
+    "cls_epochs": AT_LEAST_1,
+    "emb_epochs": AT_LEAST_1,
+    "pretrain_epochs": AT_LEAST_1,
+    "batch_size": AT_LEAST_1,
+    "image_size": Range(8),
+    "resize": Range(8),
+    "eval_every": AT_LEAST_1,
+    "num_workers": Range(-1),
+    "seed": NON_NEGATIVE,
+    "classes": NON_NEGATIVE,
+    "train_per_class": NON_NEGATIVE,
+    "heldout_fraction": FRACTION,
+    "padding": NON_NEGATIVE,
+    "rrc_scale_min": Range(0, 1, low_open=True),
+    "mixup": NON_NEGATIVE,
+    "cutmix": NON_NEGATIVE,
+    "mix_prob": Range(0, 1),
+    "lr": POSITIVE,
+    "cls_lr": POSITIVE,
+    "emb_lr": POSITIVE,
+    "pretrain_lr": POSITIVE,
+    "center_lr": POSITIVE,
+    "momentum": FRACTION,
+    "weight_decay": NON_NEGATIVE,
+    "emb_weight_decay": NON_NEGATIVE,
+    "warmup_epochs": NON_NEGATIVE,
+    "label_smoothing": FRACTION,
+    "patience": NON_NEGATIVE,
+    "budget_s": NON_NEGATIVE,
+    "cls_budget_s": NON_NEGATIVE,
+    "emb_budget_s": NON_NEGATIVE,
+    "pretrain_budget_s": NON_NEGATIVE,
+    "dropout": FRACTION,
+    "width": AT_LEAST_1,
+    "cubs_width": NON_NEGATIVE,
+    "embedding_dim": AT_LEAST_1,
+    "hidden": AT_LEAST_1,
+    "triplet_margin": NON_NEGATIVE,
+    "center_weight": NON_NEGATIVE,
+    "ncm_per_class": AT_LEAST_1,
+    "pk_classes": AT_LEAST_2,
+    "pk_images": AT_LEAST_2,  # P >= 2: negatives need another class; K >= 2: positives
+    "alpha": POSITIVE,
+    "beta": POSITIVE,
+    "lam": Range(-1, 1),
+    "epsilon": NON_NEGATIVE,
+    "memory_size": AT_LEAST_1,
+    "memory_warmup_steps": NON_NEGATIVE,
+    "unlabeled_limit": NON_NEGATIVE,
+    "tsne_points": AT_LEAST_1,
+    "tsne_per_class": AT_LEAST_1,
+    "grid_queries": AT_LEAST_1,
+    "gpus": AT_LEAST_1,
 }
 ITEM_TYPES = {"hidden": int}  # element types of list parameters (others hold names)
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
@@ -113,7 +161,12 @@ def _coerce(kind: str, value, item=None):
         except ValueError:
             raise TypeError from None
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value != int(value)
+        ):
             raise TypeError
         return int(value)
     if kind == "float":
@@ -126,12 +179,23 @@ def _coerce(kind: str, value, item=None):
         return value
     items = parse_list(value)
     if item is int:  # "1024,512" arrives as strings
-        return tuple(_coerce("int", int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v) for v in items)
+        return tuple(
+            _coerce("int", int(v) if isinstance(v, str) and v.strip().lstrip("-").isdigit() else v) for v in items
+        )
     return tuple(_coerce("str", v) for v in items)
 
 
-EXPECTED = {"int": "a whole number", "float": "a finite number", "bool": "True or False", "str": "a string", "tuple": "a list"}
-LIST_EXAMPLE = {int: ' of whole numbers (e.g. [1024, 512] or 1024,512)', None: ' of names (e.g. ["ms", "none"] or ms,none)'}
+EXPECTED = {
+    "int": "a whole number",
+    "float": "a finite number",
+    "bool": "True or False",
+    "str": "a string",
+    "tuple": "a list",
+}
+LIST_EXAMPLE = {
+    int: " of whole numbers (e.g. [1024, 512] or 1024,512)",
+    None: ' of names (e.g. ["ms", "none"] or ms,none)',
+}
 
 
 def _listing(values) -> str:
@@ -194,12 +258,18 @@ class ConfigBase:
                     problems.append(f"{f.name}={value!r} is not valid; expected {what} {rule}")
                     break
                 if f.name in self.CHOICES and x not in self.CHOICES[f.name]:
-                    problems.append(f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {_listing(self.CHOICES[f.name])}")
+                    problems.append(
+                        f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {_listing(self.CHOICES[f.name])}"
+                    )
                     break
         if not problems:
             problems = self._check()
         if problems:
-            raise SettingsError(problems[0] if len(problems) == 1 else f"{len(problems)} invalid parameters:\n  " + "\n  ".join(problems))
+            raise SettingsError(
+                problems[0]
+                if len(problems) == 1
+                else f"{len(problems)} invalid parameters:\n  " + "\n  ".join(problems)
+            )
 
     def _check(self) -> list[str]:
         """Rules between parameters (each subclass its own)."""
@@ -213,7 +283,9 @@ class ConfigBase:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(params) - names)
         if unknown:
-            raise SettingsError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}")
+            raise SettingsError(
+                f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(sorted(names - {'task', 'profile'}))}"
+            )
         values = dict(cls.PRESETS[task][profile])
         values.update({k: v for k, v in params.items() if v is not None})
         return cls(task=task, profile=profile, **values).resolved()
@@ -221,9 +293,19 @@ class ConfigBase:
     def resolved(self):
         """A copy with data_dir, out_dir and device made concrete. Defaults: smoke reads generated
         data (created on first use), full reads <project>/data; results go to outputs/<profile>."""
-        data_dir = (launch_dir() / Path(self.data_dir).expanduser()).resolve() if self.data_dir else default_data_dir(self.profile)
-        out_dir = (launch_dir() / Path(self.out_dir).expanduser()).resolve() if self.out_dir else default_out_dir(self.profile)
-        resolved = dataclasses.replace(self, data_dir=str(data_dir), out_dir=str(out_dir), device=resolve_device(self.device))
+        data_dir = (
+            (launch_dir() / Path(self.data_dir).expanduser()).resolve()
+            if self.data_dir
+            else default_data_dir(self.profile)
+        )
+        out_dir = (
+            (launch_dir() / Path(self.out_dir).expanduser()).resolve()
+            if self.out_dir
+            else default_out_dir(self.profile)
+        )
+        resolved = dataclasses.replace(
+            self, data_dir=str(data_dir), out_dir=str(out_dir), device=resolve_device(self.device)
+        )
         if getattr(self, "num_workers", 0) < 0:  # -1: follow the machine's cores
             resolved = dataclasses.replace(resolved, num_workers=default_workers())
         return resolved
@@ -237,7 +319,23 @@ class ConfigBase:
     # selects on the evaluations)
     # (gpus and sync_bn: the engine compares the number of processes itself, see engine._resume)
     RESOLVED_BY_TASK: tuple = ()  # fields the task fills in when it runs (their saved values are not the parameters)
-    RUNTIME_KEYS = ("out_dir", "device", "resume", "data_path", "num_workers", "fashions", "bonus", "ablation", "miner", "tsne_points", "tsne_per_class", "grid_queries", "eval_every", "gpus", "sync_bn")
+    RUNTIME_KEYS = (
+        "out_dir",
+        "device",
+        "resume",
+        "data_path",
+        "num_workers",
+        "fashions",
+        "bonus",
+        "ablation",
+        "miner",
+        "tsne_points",
+        "tsne_per_class",
+        "grid_queries",
+        "eval_every",
+        "gpus",
+        "sync_bn",
+    )
 
     def fit_config(self, stage: str = "train") -> FitConfig:
         """The engine's FitConfig for one training stage (see Stage)."""
@@ -273,36 +371,84 @@ def gpus_problems(cfg, batch_size: int, pk_classes: int | None) -> list[str]:
         return []
     problems = []
     if batch_size % n:
-        problems.append(f"batch_size={batch_size} is the global batch and must split evenly over gpus={n}; use a multiple of {n}")
+        problems.append(
+            f"batch_size={batch_size} is the global batch and must split evenly over gpus={n}; use a multiple of {n}"
+        )
     if pk_classes is not None and pk_classes % n:
-        problems.append(f"pk_classes={pk_classes}: each of the gpus={n} GPUs gets whole classes of a P x K batch; use a multiple of {n}")
+        problems.append(
+            f"pk_classes={pk_classes}: each of the gpus={n} GPUs gets whole classes of a P x K batch; use a multiple of {n}"
+        )
     if getattr(cfg, "budget_s", 0) > 0:
-        problems.append(f"budget_s={cfg.budget_s} cannot be combined with gpus={n} (a budget is planned from one process's step times); give epochs")
+        problems.append(
+            f"budget_s={cfg.budget_s} cannot be combined with gpus={n} (a budget is planned from one process's step times); give epochs"
+        )
     return problems
 
 
 CLASSIFIER_READS = same_names(
-    "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience",
-    "precision", "channels_last", "compile", "seed", "eval_every", "budget_s",
+    "epochs",
+    "optimizer",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "schedule",
+    "warmup_epochs",
+    "label_smoothing",
+    "patience",
+    "precision",
+    "channels_last",
+    "compile",
+    "seed",
+    "eval_every",
+    "budget_s",
 )
 
 # T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
 # one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
 TINY_IMAGENET_PRESETS = {
     "smoke": dict(
-        image_size=32, train_per_class=24, epochs=3, batch_size=64, lr=0.05, warmup_epochs=0.5, stem="imagenet", width=16, cubs_width=32,
+        image_size=32,
+        train_per_class=24,
+        epochs=3,
+        batch_size=64,
+        lr=0.05,
+        warmup_epochs=0.5,
+        stem="imagenet",
+        width=16,
+        cubs_width=32,
         num_workers=0,
     ),
     # cpu: the real dataset at 32 px with the ImageNet stem (about 40x fewer FLOPs than 64 px with the
     # small one), the T2 recipe helpers.proof chose on held-out data for short CPU budgets; meant to
     # run with a budget (pipeline --budget), which scales the epochs
     "cpu": dict(
-        image_size=32, stem="imagenet", epochs=30, batch_size=128, lr=0.1, warmup_epochs=0.5, crop="pad", padding=4,
-        label_smoothing=0.1, weight_decay=5e-4, width=32, cubs_width=32,
+        image_size=32,
+        stem="imagenet",
+        epochs=30,
+        batch_size=128,
+        lr=0.1,
+        warmup_epochs=0.5,
+        crop="pad",
+        padding=4,
+        label_smoothing=0.1,
+        weight_decay=5e-4,
+        width=32,
+        cubs_width=32,
     ),
     "full": dict(
-        image_size=64, epochs=40, batch_size=256, lr=0.2, warmup_epochs=2, crop="pad", padding=8, cutmix=1.0, mix_prob=0.5,
-        label_smoothing=0.1, weight_decay=5e-4, patience=0, width=64,
+        image_size=64,
+        epochs=40,
+        batch_size=256,
+        lr=0.2,
+        warmup_epochs=2,
+        crop="pad",
+        padding=8,
+        cutmix=1.0,
+        mix_prob=0.5,
+        label_smoothing=0.1,
+        weight_decay=5e-4,
+        patience=0,
+        width=64,
     ),
 }
 
@@ -319,7 +465,9 @@ class RecognitionConfig(ConfigBase):
     device: str = "auto"
     resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     data_path: str = "auto"  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
-    num_workers: int = -1  # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
+    num_workers: int = (
+        -1
+    )  # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
     classes: int = 0  # keep only the first N classes of wnids.txt (0 = all)
     train_per_class: int = 0  # at most N training images per class (0 = all)
     heldout_fraction: float = 0.05  # stratified held-out part of train for model selection
@@ -371,37 +519,95 @@ class RecognitionConfig(ConfigBase):
         # E1 compares losses: no mixing (center and triplet losses need hard labels), Adam
         "E1": {
             "smoke": dict(
-                image_size=32, train_per_class=24, epochs=2, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
-                stem="imagenet", width=16, cubs_width=32, num_workers=0, pk_classes=8, pk_images=4, embedding_dim=64,
+                image_size=32,
+                train_per_class=24,
+                epochs=2,
+                batch_size=64,
+                optimizer="adam",
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_epochs=0.5,
+                stem="imagenet",
+                width=16,
+                cubs_width=32,
+                num_workers=0,
+                pk_classes=8,
+                pk_images=4,
+                embedding_dim=64,
             ),
             "cpu": dict(
-                image_size=32, stem="imagenet", epochs=30, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=0.5,
-                crop="pad", padding=4, label_smoothing=0.1, pk_classes=32, pk_images=4, embedding_dim=128,
+                image_size=32,
+                stem="imagenet",
+                epochs=30,
+                batch_size=128,
+                optimizer="adam",
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_epochs=0.5,
+                crop="pad",
+                padding=4,
+                label_smoothing=0.1,
+                pk_classes=32,
+                pk_images=4,
+                embedding_dim=128,
             ),
             "full": dict(
-                image_size=64, epochs=30, batch_size=256, optimizer="adam", lr=1e-3, weight_decay=1e-4, warmup_epochs=2, crop="pad", padding=8,
-                cutmix=0.0, mix_prob=0.5, label_smoothing=0.1, patience=0, pk_classes=32, pk_images=8, ncm_per_class=100,
+                image_size=64,
+                epochs=30,
+                batch_size=256,
+                optimizer="adam",
+                lr=1e-3,
+                weight_decay=1e-4,
+                warmup_epochs=2,
+                crop="pad",
+                padding=8,
+                cutmix=0.0,
+                mix_prob=0.5,
+                label_smoothing=0.1,
+                patience=0,
+                pk_classes=32,
+                pk_images=8,
+                ncm_per_class=100,
             ),
         },
     }
     STAGES = {
         # T1-T3 and E1's cross-entropy model; E1's other two models add their loss's settings
         "train": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn}),
-        "center": Stage(reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn}, also_reads=("center_weight", "center_lr")),
+        "center": Stage(
+            reads=CLASSIFIER_READS,
+            fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn},
+            also_reads=("center_weight", "center_lr"),
+        ),
         "triplet": Stage(
-            reads=CLASSIFIER_READS, fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn},
+            reads=CLASSIFIER_READS,
+            fixed={"monitor": "heldout_top1", "sync_bn": several_gpus_sync_bn},
             also_reads=("embedding_dim", "triplet_margin", "pk_classes", "pk_images", "ncm_per_class"),
         ),
     }
 
-    CHOICES = {"precision": PRECISIONS, "data_path": DATA_PATHS, "crop": ("pad", "rrc"), "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "stem": STEMS, "fashions": FASHIONS}
+    CHOICES = {
+        "precision": PRECISIONS,
+        "data_path": DATA_PATHS,
+        "crop": ("pad", "rrc"),
+        "optimizer": OPTIMIZERS,
+        "schedule": SCHEDULES,
+        "stem": STEMS,
+        "fashions": FASHIONS,
+    }
 
     def __post_init__(self):
         self._validate()
 
     def _check(self) -> list[str]:
-        problems = [] if self.fashions else [f"fashions={self.fashions!r} is not valid; name at least one of {', '.join(FASHIONS)}"]
-        return problems + gpus_problems(self, batch_size=self.batch_size, pk_classes=self.pk_classes if self.task == "E1" else None)
+        problems = (
+            []
+            if self.fashions
+            else [f"fashions={self.fashions!r} is not valid; name at least one of {', '.join(FASHIONS)}"]
+        )
+        return problems + gpus_problems(
+            self, batch_size=self.batch_size, pk_classes=self.pk_classes if self.task == "E1" else None
+        )
 
 
 MINERS = ("none", "ms", "batch_hard", "semi_hard", "adaptive_ms", "xbm")
@@ -434,7 +640,9 @@ class RetrievalConfig(ConfigBase):
     imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth ("" = torchvision's download-once cache, $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)
     # stage 1: classifier
     cls_epochs: int = 3
-    cls_budget_s: float = 0.0  # > 0: train stage 1 for this many seconds (cls_epochs ignored; pipeline --budget sets it)
+    cls_budget_s: float = (
+        0.0  # > 0: train stage 1 for this many seconds (cls_epochs ignored; pipeline --budget sets it)
+    )
     batch_size: int = 64
     cls_optimizer: str = "sgd"
     cls_lr: float = 0.05
@@ -461,7 +669,9 @@ class RetrievalConfig(ConfigBase):
     precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
-    gpus: int = 1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
+    gpus: int = (
+        1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
+    )
     sync_bn: bool = True  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
     seed: int = 0
     tsne_points: int = 2000  # at most this many test embeddings in each t-SNE
@@ -472,18 +682,46 @@ class RetrievalConfig(ConfigBase):
             # CPU-sized: 32 px crops of 40 px images, short schedules, N = 32 in CUBS Block 1
             # and a three-miner ablation (the full profile compares all six)
             "smoke": dict(
-                resize=40, image_size=32, cubs_width=32, cls_epochs=2, emb_epochs=2, batch_size=64, pk_classes=8, pk_images=4,
-                num_workers=0, memory_size=256, ablation=("ms", "none", "xbm"),
+                resize=40,
+                image_size=32,
+                cubs_width=32,
+                cls_epochs=2,
+                emb_epochs=2,
+                batch_size=64,
+                pk_classes=8,
+                pk_images=4,
+                num_workers=0,
+                memory_size=256,
+                ablation=("ms", "none", "xbm"),
             ),
             # cpu: 64 px crops of 72 px images with the ImageNet stem and N = 32 in CUBS Block 1; every
             # miner in the ablation (a budget divides the time)
             "cpu": dict(
-                resize=72, image_size=64, cubs_width=32, cls_epochs=20, emb_epochs=20, batch_size=64, cls_lr=0.05, pk_classes=16, pk_images=4,
-                memory_size=1024, tsne_points=1000,
+                resize=72,
+                image_size=64,
+                cubs_width=32,
+                cls_epochs=20,
+                emb_epochs=20,
+                batch_size=64,
+                cls_lr=0.05,
+                pk_classes=16,
+                pk_images=4,
+                memory_size=1024,
+                tsne_points=1000,
             ),
             "full": dict(
-                resize=256, image_size=224, cls_epochs=30, batch_size=128, cls_lr=0.1, warmup_epochs=1, emb_epochs=40,
-                emb_lr=1e-4, pk_classes=32, pk_images=4, memory_size=4096, memory_warmup_steps=200,
+                resize=256,
+                image_size=224,
+                cls_epochs=30,
+                batch_size=128,
+                cls_lr=0.1,
+                warmup_epochs=1,
+                emb_epochs=40,
+                emb_lr=1e-4,
+                pk_classes=32,
+                pk_images=4,
+                memory_size=4096,
+                memory_warmup_steps=200,
             ),
         }
     }
@@ -491,16 +729,44 @@ class RetrievalConfig(ConfigBase):
     STAGES = {
         # stage 1: the 98-way classifier
         "classifier": Stage(
-            reads={"epochs": "cls_epochs", "budget_s": "cls_budget_s", "optimizer": "cls_optimizer", "lr": "cls_lr", **same_names(
-                "weight_decay", "warmup_epochs", "label_smoothing", "precision", "channels_last", "compile", "seed")},
+            reads={
+                "epochs": "cls_epochs",
+                "budget_s": "cls_budget_s",
+                "optimizer": "cls_optimizer",
+                "lr": "cls_lr",
+                **same_names(
+                    "weight_decay", "warmup_epochs", "label_smoothing", "precision", "channels_last", "compile", "seed"
+                ),
+            },
             fixed={"schedule": "cosine", "monitor": "", "sync_bn": several_gpus_sync_bn},
         ),
         # stage 2: the embedding, from stage 1's backbone
         "embedding": Stage(
-            reads={"epochs": "emb_epochs", "budget_s": "emb_budget_s", "optimizer": "emb_optimizer", "lr": "emb_lr", "weight_decay": "emb_weight_decay",
-                   **same_names("precision", "channels_last", "compile", "seed")},
-            fixed={"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4), "monitor": "", "sync_bn": several_gpus_sync_bn},
-            also_reads=("embedding_dim", "pk_classes", "pk_images", "alpha", "beta", "lam", "epsilon", "memory_size", "memory_warmup_steps"),
+            reads={
+                "epochs": "emb_epochs",
+                "budget_s": "emb_budget_s",
+                "optimizer": "emb_optimizer",
+                "lr": "emb_lr",
+                "weight_decay": "emb_weight_decay",
+                **same_names("precision", "channels_last", "compile", "seed"),
+            },
+            fixed={
+                "schedule": "cosine",
+                "warmup_epochs": lambda cfg: min(1.0, cfg.emb_epochs / 4),
+                "monitor": "",
+                "sync_bn": several_gpus_sync_bn,
+            },
+            also_reads=(
+                "embedding_dim",
+                "pk_classes",
+                "pk_images",
+                "alpha",
+                "beta",
+                "lam",
+                "epsilon",
+                "memory_size",
+                "memory_warmup_steps",
+            ),
             after=("classifier",),
         ),
     }
@@ -508,8 +774,15 @@ class RetrievalConfig(ConfigBase):
     RESOLVED_BY_TASK = ("fashion", "init", "checkpoint")  # from T3's metrics (retrieval.apply_t3_selection)
 
     CHOICES = {
-        "precision": PRECISIONS, "data_path": DATA_PATHS, "init": INITS, "stem": STEMS, "cls_optimizer": OPTIMIZERS, "emb_optimizer": OPTIMIZERS,
-        "miner": MINERS, "ablation": MINERS, "fashion": ("",) + FASHIONS,
+        "precision": PRECISIONS,
+        "data_path": DATA_PATHS,
+        "init": INITS,
+        "stem": STEMS,
+        "cls_optimizer": OPTIMIZERS,
+        "emb_optimizer": OPTIMIZERS,
+        "miner": MINERS,
+        "ablation": MINERS,
+        "fashion": ("",) + FASHIONS,
     }
 
     def __post_init__(self):
@@ -527,8 +800,15 @@ class RetrievalConfig(ConfigBase):
         return problems
 
 
-E2_CLASSIFIER_READS = same_names("epochs", "budget_s", "optimizer", "lr", "weight_decay", "label_smoothing", "precision", "seed")
-E2_CLASSIFIER_FIXED = {"schedule": "cosine", "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5), "monitor": "heldout_top1", "channels_last": False}
+E2_CLASSIFIER_READS = same_names(
+    "epochs", "budget_s", "optimizer", "lr", "weight_decay", "label_smoothing", "precision", "seed"
+)
+E2_CLASSIFIER_FIXED = {
+    "schedule": "cosine",
+    "warmup_epochs": lambda cfg: min(1.0, cfg.epochs / 5),
+    "monitor": "heldout_top1",
+    "channels_last": False,
+}
 
 
 @dataclass(frozen=True)
@@ -548,7 +828,9 @@ class LayerwiseConfig(ConfigBase):
     unlabeled_limit: int = 0  # at most this many unlabeled images (0 = all)
     flip: bool = True  # random horizontal flips while training
     pretrain_epochs: int = 3  # per layer
-    pretrain_budget_s: float = 0.0  # > 0: pretrain each layer for this many seconds (pretrain_epochs ignored; pipeline --budget sets it)
+    pretrain_budget_s: float = (
+        0.0  # > 0: pretrain each layer for this many seconds (pretrain_epochs ignored; pipeline --budget sets it)
+    )
     pretrain_lr: float = 1e-3
     epochs: int = 8  # fine-tuning (and the baseline)
     budget_s: float = 0.0  # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
@@ -573,12 +855,27 @@ class LayerwiseConfig(ConfigBase):
     STAGES = {
         # one greedy autoencoder step per layer: MSE, Adam, cosine to 10 % of the LR, no warm-up
         "pretrain": Stage(
-            reads={"epochs": "pretrain_epochs", "budget_s": "pretrain_budget_s", "lr": "pretrain_lr", **same_names("precision", "seed")},
-            fixed={"optimizer": "adam", "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.0, "min_lr_ratio": 0.1, "monitor": "", "channels_last": False},
+            reads={
+                "epochs": "pretrain_epochs",
+                "budget_s": "pretrain_budget_s",
+                "lr": "pretrain_lr",
+                **same_names("precision", "seed"),
+            },
+            fixed={
+                "optimizer": "adam",
+                "weight_decay": 0.0,
+                "schedule": "cosine",
+                "warmup_epochs": 0.0,
+                "min_lr_ratio": 0.1,
+                "monitor": "",
+                "channels_last": False,
+            },
             also_reads=("use_unlabeled", "unlabeled_limit"),
         ),
         # fine-tuning from the pretrained layers: cross-entropy, best held-out epoch kept
-        "train": Stage(reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",), after=("pretrain",)),
+        "train": Stage(
+            reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",), after=("pretrain",)
+        ),
         # the same MLP and recipe from its random init
         "baseline": Stage(reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",)),
     }
@@ -605,7 +902,11 @@ def parameter_help(cls) -> list[tuple[str, str, str]]:
         match = re.match(r"^    (\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
         if match:
             described[match.group(1)] = (match.group(2), match.group(3) or "")
-    return [(f.name, *described.get(f.name, (repr(f.default), ""))) for f in fields(cls) if f.name not in ("task", "profile")]
+    return [
+        (f.name, *described.get(f.name, (repr(f.default), "")))
+        for f in fields(cls)
+        if f.name not in ("task", "profile")
+    ]
 
 
 def config_class(task: str):

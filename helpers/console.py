@@ -41,7 +41,10 @@ class StopRequest:
             raise KeyboardInterrupt
         self.pending, self.signum = True, signum
         what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{what}: stopping after this step" + ("" if self.several else " (again: stop at once)") + "...", flush=True)
+        print(
+            f"\n{what}: stopping after this step" + ("" if self.several else " (again: stop at once)") + "...",
+            flush=True,
+        )
 
     def release(self) -> None:
         for sig, previous in self.previous.items():
@@ -85,7 +88,9 @@ class TerminateAsInterrupt:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def interrupted_message(name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool) -> str:
+def interrupted_message(
+    name: str, epoch: int, step: int, at_boundary: bool, planned: int, done: int, out: Path | None, forced: bool
+) -> str:
     where = f"in epoch {epoch + 1}/{planned} at step {step}" if not at_boundary else f"after epoch {done}/{planned}"
     what = f"Training{' of ' + name if name else ''} was interrupted {where}"
     if out is None:
@@ -130,7 +135,9 @@ class ProgressBar:
     def __init__(self, total: int, initial: int, desc: str):
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not live_progress())
+        self.bar = tqdm(
+            total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=not live_progress()
+        )
 
     def update_to(self, step: int, postfix: str) -> None:
         self.bar.update(step - self.bar.n)

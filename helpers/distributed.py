@@ -75,7 +75,9 @@ def setup(device: str) -> str:
         _HOST_GROUP = dist.new_group(backend="gloo")
         return f"cuda:{local}"
     if str(device) == "mps":
-        raise SettingsError("several processes need CUDA GPUs (NCCL) or the CPU (gloo); MPS has no distributed backend: use gpus=1")
+        raise SettingsError(
+            "several processes need CUDA GPUs (NCCL) or the CPU (gloo); MPS has no distributed backend: use gpus=1"
+        )
     dist.init_process_group("gloo")
     return device
 
@@ -123,9 +125,13 @@ def check_shardable(batch_size: int, what: str = "batch_size", classes: int | No
     gradients), and a P x K batch into whole classes (classes=P)."""
     n = world_size()
     if batch_size % n:
-        raise SettingsError(f"{what}={batch_size} is the global batch and must split evenly over {n} GPUs; use a multiple of {n}")
+        raise SettingsError(
+            f"{what}={batch_size} is the global batch and must split evenly over {n} GPUs; use a multiple of {n}"
+        )
     if classes is not None and classes % n:
-        raise SettingsError(f"pk_classes={classes}: every GPU gets whole classes of a P x K batch, so P must be a multiple of {n} GPUs")
+        raise SettingsError(
+            f"pk_classes={classes}: every GPU gets whole classes of a P x K batch, so P must be a multiple of {n} GPUs"
+        )
 
 
 def all_gather_padded(x: torch.Tensor) -> list[torch.Tensor]:
@@ -260,7 +266,16 @@ def check_gpus(gpus: int, device: str) -> None:
 def torchrun_command(nproc: int, module_args: list[str]) -> list[str]:
     """The torchrun command (as `python -m torch.distributed.run`, so it is this interpreter's) for
     one node with `nproc` processes running `python -m helpers.train <module_args>`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "helpers.train", *module_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "helpers.train",
+        *module_args,
+    ]
 
 
 def launch(nproc: int, module_args: list[str], cwd: str | Path | None = None) -> None:
@@ -273,7 +288,9 @@ def launch(nproc: int, module_args: list[str], cwd: str | Path | None = None) ->
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = torchrun_command(nproc, module_args)
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+    )
     interrupted = False
     while True:
         try:

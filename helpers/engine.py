@@ -42,8 +42,21 @@ from helpers.atomic import atomic_write_json, remove_stale_temporaries
 from helpers.board import Board, open_board
 from helpers.budget import BudgetClock
 from helpers.checkpoint import (
-    BEST, HISTORY, LAST, check_same_run, claim_run, drop_previous, has_checkpoint, load_best, load_best_weights, load_last, new_run_id, rng_state,
-    save_best, save_last, set_rng_state,
+    BEST,
+    HISTORY,
+    LAST,
+    check_same_run,
+    claim_run,
+    drop_previous,
+    has_checkpoint,
+    load_best,
+    load_best_weights,
+    load_last,
+    new_run_id,
+    rng_state,
+    save_best,
+    save_last,
+    set_rng_state,
 )
 from helpers.lock import FolderLock
 from helpers.console import ProgressBar, StopRequest, epoch_line, interrupted_message, postfix
@@ -51,7 +64,15 @@ from helpers.data.loaders import BatchSource
 from helpers import distributed, precision
 from helpers.data.transforms import AugmentRNG, BatchAugment
 from helpers.objectives import CrossEntropyObjective
-from helpers.memory import BatchDoesNotFit, MemoryProbe, advice, device_memory, fitting_batch_size, is_out_of_memory, optimizer_state_mb
+from helpers.memory import (
+    BatchDoesNotFit,
+    MemoryProbe,
+    advice,
+    device_memory,
+    fitting_batch_size,
+    is_out_of_memory,
+    optimizer_state_mb,
+)
 from helpers.fit_config import FitConfig, check_choice  # noqa: F401 (FitConfig and check_choice are also imported from here)
 from helpers.optim import UNPLANNED, EpochMonitor, LRSchedule, build_optimizer, parameter_groups
 from helpers.errors import SettingsError
@@ -85,7 +106,9 @@ class FitResult:
     planned_epochs: int = 0  # the run's length (a budget run: as planned at its end)
     resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued, else None
     out_dir: Path | None = None
-    run_id: str = ""  # the run's identity: made when it starts afresh, kept by every resume (in last.pt, best.pt, run.json)
+    run_id: str = (
+        ""  # the run's identity: made when it starts afresh, kept by every resume (in last.pt, best.pt, run.json)
+    )
     train_seconds: float = 0.0  # time in the training loops only
     wall_seconds: float = 0.0  # the whole call (this session's part of it when resumed)
     eval_seconds: float = 0.0  # evaluation passes within the wall time
@@ -94,10 +117,14 @@ class FitResult:
     def record(self) -> dict:
         """What the metrics files say about how complete this training is."""
         return {
-            "epochs_planned": self.planned_epochs, "epochs_done": len(self.history), "interrupted": self.interrupted,
-            "stopped_early": self.stopped_early, "resumed_from": self.resumed_from,
+            "epochs_planned": self.planned_epochs,
+            "epochs_done": len(self.history),
+            "interrupted": self.interrupted,
+            "stopped_early": self.stopped_early,
+            "resumed_from": self.resumed_from,
             "complete": not self.interrupted and (self.stopped_early or len(self.history) >= self.planned_epochs),
-            "run_id": self.run_id, "run_dir": str(self.out_dir) if self.out_dir is not None else None,
+            "run_id": self.run_id,
+            "run_dir": str(self.out_dir) if self.out_dir is not None else None,
             "precision": self.precision,
         }
 
@@ -105,7 +132,6 @@ class FitResult:
     def images_per_s(self) -> float:
         rates = [h["images_per_s"] for h in self.history if h.get("images_per_s")]
         return float(np.median(rates)) if rates else float("nan")
-
 
 
 def fit(
@@ -142,7 +168,7 @@ def fit(
     checkpoint; a checkpoint written under another key (other data, model or settings) is never
     resumed silently. An unreadable last.pt falls back to last.prev.pt; other damage is a CheckpointError.
     `board_dir`: TensorBoard curves of the run go there (helpers.board; rank 0, when tensorboard is installed).
-"""
+    """
     check_choice("on_interrupt", on_interrupt, ("raise", "return"))
     called_at = time.perf_counter()
     with run_lock(out_dir):  # (rank 0 of several: the others share its folder)
@@ -158,8 +184,16 @@ def fit(
 
 
 def load_finished_run(
-    model: nn.Module, train: BatchSource, augment: BatchAugment, cfg: FitConfig, *, out_dir: str | Path, objective: nn.Module | None = None,
-    device: str | torch.device = "cpu", objective_lr: float | None = None, run_key: dict | None = None,
+    model: nn.Module,
+    train: BatchSource,
+    augment: BatchAugment,
+    cfg: FitConfig,
+    *,
+    out_dir: str | Path,
+    objective: nn.Module | None = None,
+    device: str | torch.device = "cpu",
+    objective_lr: float | None = None,
+    run_key: dict | None = None,
 ) -> FitResult:
     """The result of a run another process trained to its end (torchrun, helpers.distributed.launch):
     its last.pt, best weights and history loaded into `model` as after `fit`; nothing is trained. A
@@ -178,7 +212,9 @@ def run_lock(out_dir) -> FolderLock | nullcontext:
     return FolderLock(out_dir, what="run", remedy="pass another out_dir (each run folder holds one run)")
 
 
-def _train(run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress, name, on_interrupt, called_at) -> FitResult:
+def _train(
+    run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress, name, on_interrupt, called_at
+) -> FitResult:
     """The epochs of a prepared (and maybe resumed) run, Ctrl-C / SIGTERM handling, the best weights restored."""
     run.start_session()
     stop_request = StopRequest(distributed.is_distributed())
@@ -202,7 +238,16 @@ def _train(run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress,
             run.board.close()
     result = run.result(interrupted, wall_seconds=time.perf_counter() - called_at)
     if interrupted:
-        message = interrupted_message(name, run.epoch, run.step, run.at_boundary, result.planned_epochs, len(run.history), run.out, stop_request.forced)
+        message = interrupted_message(
+            name,
+            run.epoch,
+            run.step,
+            run.at_boundary,
+            result.planned_epochs,
+            len(run.history),
+            run.out,
+            stop_request.forced,
+        )
         if on_interrupt == "raise":
             raise TrainingInterrupted(message, result, stop_request.signum or signal.SIGINT)
         print(message, flush=True)
@@ -246,7 +291,13 @@ class _EpochSums:
         self.seen += n
 
     def state(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen, "scored": self.scored, "seconds": self.seconds}
+        return {
+            "loss_sum": float(self.loss_sum),
+            "correct": float(self.correct),
+            "seen": self.seen,
+            "scored": self.scored,
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_state(cls, state: dict, device) -> "_EpochSums":
@@ -276,7 +327,9 @@ class _RunState:
     run_key: dict | None
     runtime: Runtime  # precision (autocast) and memory format of the training steps
     scaler: torch.amp.GradScaler | None  # fp16 only: its loss scale is part of the state
-    precision_choice: dict | None = None  # precision "auto" on the CPU: what was measured and chosen (helpers.precision)
+    precision_choice: dict | None = (
+        None  # precision "auto" on the CPU: what was measured and chosen (helpers.precision)
+    )
     run_id: str = field(default_factory=new_run_id)  # a resumed run keeps its checkpoint's
     epoch: int = 0
     step: int = 0  # steps done within `epoch`
@@ -292,7 +345,9 @@ class _RunState:
     session: dict | None = None  # a loaded run: what last.pt says of the session that wrote it
     # set by start_session, after resuming:
     run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
-    train_step: Callable | None = None  # (x, targets) -> (loss, logits): the objective on run_model, in DDP under torchrun
+    train_step: Callable | None = (
+        None  # (x, targets) -> (loss, logits): the objective on run_model, in DDP under torchrun
+    )
     budget: BudgetClock | None = None
     first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
     board_dir: str | Path | None = None  # TensorBoard: where its curves go (rank 0 writes them)
@@ -308,16 +363,24 @@ class _RunState:
     def start_session(self) -> None:
         """What this call adds once resumed: the model as trained and the budget clock (counting the earlier sessions)."""
         cfg = self.cfg
-        self.run_model = torch.compile(self.model, mode=cfg.compile_mode) if wants_compile(cfg, self.device) else self.model
+        self.run_model = (
+            torch.compile(self.model, mode=cfg.compile_mode) if wants_compile(cfg, self.device) else self.model
+        )
         self.train_step = _TrainingStep(self.model, self.objective, self.run_model)
         if distributed.is_distributed():
             # (CPU batches are channels_last views, the CPU model is not: DDP only warns of slower bucket copies)
             warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
             self.train_step = nn.parallel.DistributedDataParallel(
-                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
         self.first_plan_step = max(self.schedule.warmup, 12)
-        if distributed.is_main() and self.board_dir is not None and not self.stopped_early and self.epoch < self.num_epochs():
+        if (
+            distributed.is_main()
+            and self.board_dir is not None
+            and not self.stopped_early
+            and self.epoch < self.num_epochs()
+        ):
             # (a resumed run drops what a killed session wrote after the step it resumes from)
             self.board = open_board(Path(self.board_dir), purge_step=self.epoch * self.steps_per_epoch + self.step + 1)
 
@@ -338,9 +401,18 @@ class _RunState:
             "rng": rng_state(),
             "world_size": distributed.world_size(),
             # several processes: every rank's own part of the above (rank 0's is also at the top level)
-            "ranks": distributed.gather_objects({k: state for k, state in (
-                ("running", None if epoch_done else self.sums.state()), ("augment_rng", None if epoch_done else self.aug_rng.state()),
-                ("rng", rng_state()))}) if distributed.is_distributed() else None,
+            "ranks": distributed.gather_objects(
+                {
+                    k: state
+                    for k, state in (
+                        ("running", None if epoch_done else self.sums.state()),
+                        ("augment_rng", None if epoch_done else self.aug_rng.state()),
+                        ("rng", rng_state()),
+                    )
+                }
+            )
+            if distributed.is_distributed()
+            else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "precision": self.runtime.precision,
             "precision_choice": self.precision_choice,
@@ -348,16 +420,29 @@ class _RunState:
             "run_key": self.run_key,
             "run_id": self.run_id,
             "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
-            "session": {"resumed_from": self.resumed_from, "wall_seconds": time.perf_counter() - self.called_at, "eval_seconds": self.eval_seconds},
+            "session": {
+                "resumed_from": self.resumed_from,
+                "wall_seconds": time.perf_counter() - self.called_at,
+                "eval_seconds": self.eval_seconds,
+            },
         }
 
     def result(self, interrupted: bool, wall_seconds: float) -> FitResult:
         return FitResult(
-            history=self.history, monitor=self.cfg.monitor, best_epoch=self.monitor.best_epoch, best_value=self.monitor.best,
-            interrupted=interrupted, stopped_early=self.stopped_early,
+            history=self.history,
+            monitor=self.cfg.monitor,
+            best_epoch=self.monitor.best_epoch,
+            best_value=self.monitor.best,
+            interrupted=interrupted,
+            stopped_early=self.stopped_early,
             planned_epochs=self.num_epochs() if self.schedule.total != UNPLANNED else self.cfg.epochs,
-            resumed_from=self.resumed_from, out_dir=self.out, run_id=self.run_id, train_seconds=sum(h["train_seconds"] for h in self.history),
-            wall_seconds=wall_seconds, eval_seconds=self.eval_seconds, precision=self.precision_choice,
+            resumed_from=self.resumed_from,
+            out_dir=self.out,
+            run_id=self.run_id,
+            train_seconds=sum(h["train_seconds"] for h in self.history),
+            wall_seconds=wall_seconds,
+            eval_seconds=self.eval_seconds,
+            precision=self.precision_choice,
         )
 
 
@@ -403,8 +488,20 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
         remove_stale_temporaries(out, recursive=False)  # left by a run killed mid-write
     distributed.barrier()
     return _RunState(
-        cfg, model, objective, train, augment, device, optimizer, [g["lr"] for g in optimizer.param_groups],
-        LRSchedule(cfg, steps_per_epoch), EpochMonitor.for_metric(cfg.monitor), steps_per_epoch, out, run_key, runtime,
+        cfg,
+        model,
+        objective,
+        train,
+        augment,
+        device,
+        optimizer,
+        [g["lr"] for g in optimizer.param_groups],
+        LRSchedule(cfg, steps_per_epoch),
+        EpochMonitor.for_metric(cfg.monitor),
+        steps_per_epoch,
+        out,
+        run_key,
+        runtime,
         runtime.grad_scaler(),
     )
 
@@ -419,7 +516,12 @@ def _choose_cpu_precision(run: _RunState) -> None:
     if choice is None:
         total = run.cfg.total_steps(run.steps_per_epoch)
         if not precision.worth_measuring(total, run.cfg.budget_s):
-            choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu (a {total}-step run is too short to measure bf16)", "timings": {}}
+            choice = {
+                "used": "fp32",
+                "channels_last": False,
+                "reason": f"auto: fp32 on cpu (a {total}-step run is too short to measure bf16)",
+                "timings": {},
+            }
         else:
             images, labels = next(iter(run.train.epoch(0)))
             x = run.augment.eval(images.to(run.device))
@@ -427,7 +529,9 @@ def _choose_cpu_precision(run: _RunState) -> None:
             used, channels_last, reason = precision.choose(timings)
             choice = {"used": used, "channels_last": channels_last, "reason": reason, "timings": timings}
         run.precision_choice = choice
-    run.runtime = Runtime(str(run.device), choice["used"], choice["channels_last"], cpu_channels_last=choice["channels_last"])
+    run.runtime = Runtime(
+        str(run.device), choice["used"], choice["channels_last"], cpu_channels_last=choice["channels_last"]
+    )
     run.runtime.prepare_model(run.model)
 
 
@@ -437,7 +541,9 @@ def _loaded_result(run: _RunState) -> FitResult:
     finished = run.out is not None and has_checkpoint(run.out) and (run.stopped_early or run.epoch >= run.num_epochs())
     if not finished:
         where = run.out / LAST if run.out is not None else "(no out_dir)"
-        raise RuntimeError(f"{where}: the run trained by torchrun did not finish (epoch {run.epoch} of {run.num_epochs()}); its output above says why")
+        raise RuntimeError(
+            f"{where}: the run trained by torchrun did not finish (epoch {run.epoch} of {run.num_epochs()}); its output above says why"
+        )
     session = run.session or {}
     run.resumed_from = session.get("resumed_from")
     if run.cfg.restore_best and run.monitor.best_epoch is not None:
@@ -450,16 +556,22 @@ def _loaded_result(run: _RunState) -> FitResult:
 def _check_distributed(cfg: FitConfig, train: BatchSource, device: torch.device) -> None:
     """What several processes need: equal local batches, and no budget run (its plan is per process)."""
     if cfg.budget_s > 0:
-        raise SettingsError(f"budget_s={cfg.budget_s}: a time budget is planned from one process's step times; with several GPUs give epochs (or max_steps) instead")
+        raise SettingsError(
+            f"budget_s={cfg.budget_s}: a time budget is planned from one process's step times; with several GPUs give epochs (or max_steps) instead"
+        )
     sampler = getattr(train, "batch_sampler", None)
     if sampler is not None and hasattr(sampler, "p"):
         distributed.check_shardable(sampler.p * sampler.k, "the P x K batch", classes=sampler.p)
     elif getattr(train, "drop_last", False):
         distributed.check_shardable(train.batch_size)
     else:
-        raise SettingsError("with several GPUs the training batches must all be full (drop_last), so every GPU gets as many images")
+        raise SettingsError(
+            "with several GPUs the training batches must all be full (drop_last), so every GPU gets as many images"
+        )
     if cfg.sync_bn and device.type != "cuda":
-        notice("sync_bn=True: SyncBatchNorm needs CUDA; on the CPU each process normalises with its own batch statistics")
+        notice(
+            "sync_bn=True: SyncBatchNorm needs CUDA; on the CPU each process normalises with its own batch statistics"
+        )
 
 
 def _save_last(run: _RunState, state: dict) -> None:
@@ -489,7 +601,9 @@ def _resume(run: _RunState) -> None:
         ) from None
     run.run_id = ckpt.get("run_id") or run.run_id
     if run.cfg.restore_best and ckpt["monitor"].get("best_epoch") is not None and distributed.is_main():
-        load_best(run.out / BEST, "cpu", run.run_id)  # (now, not after the training: its best weights must still be there)
+        load_best(
+            run.out / BEST, "cpu", run.run_id
+        )  # (now, not after the training: its best weights must still be there)
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.schedule.load_state_dict(ckpt["schedule"])
     run.monitor.load_state_dict(ckpt["monitor"])
@@ -507,15 +621,21 @@ def _resume(run: _RunState) -> None:
                 f"saved its own position and random state, so it can only continue on {saved_world} (gpus={saved_world}). "
                 "Or pass resume=False / another out_dir to start afresh."
             )
-        notice(f"{run.out / LAST} was trained on {saved_world} process(es) and continues on {world}: the batches are the same, "
-               "but batch-norm statistics and augmentation draws are not, so it will not equal an uninterrupted run exactly")
+        notice(
+            f"{run.out / LAST} was trained on {saved_world} process(es) and continues on {world}: the batches are the same, "
+            "but batch-norm statistics and augmentation draws are not, so it will not equal an uninterrupted run exactly"
+        )
     own = _rank_state(ckpt)
     set_rng_state(own["rng"])
     run.precision_choice = ckpt.get("precision_choice")
     if run.precision_choice is None and ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
-        notice(f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
-               "(precision 'auto' on another GPU): the resumed run will not equal an uninterrupted one exactly")
-    if run.scaler is not None and ckpt.get("scaler"):  # (a checkpoint of another precision has none: the scaler starts afresh)
+        notice(
+            f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
+            "(precision 'auto' on another GPU): the resumed run will not equal an uninterrupted one exactly"
+        )
+    if run.scaler is not None and ckpt.get(
+        "scaler"
+    ):  # (a checkpoint of another precision has none: the scaler starts afresh)
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.step > 0:  # within an epoch: its sums and augmentation draws so far
         run.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.epoch), run.device)
@@ -541,13 +661,19 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
     run.model.train()
     run.objective.train()
     progress = progress and distributed.is_main()
-    bar = ProgressBar(epoch_steps, run.step, f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip()) if progress else None
+    bar = (
+        ProgressBar(epoch_steps, run.step, f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip())
+        if progress
+        else None
+    )
     tic = time.perf_counter()
     seen_at_tic = sums.seen
     run.at_boundary = False
     if run.board is not None:
         run.board_mark = (float(sums.loss_sum), sums.seen)
-    for images, labels in run.train.epoch(epoch, start=run.step) if epoch * steps_per_epoch + run.step < schedule.total else ():
+    for images, labels in (
+        run.train.epoch(epoch, start=run.step) if epoch * steps_per_epoch + run.step < schedule.total else ()
+    ):
         global_step = epoch * steps_per_epoch + run.step
         factor = schedule.factor(global_step)
         for group, base in zip(optimizer.param_groups, run.base_lrs):
@@ -572,7 +698,11 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
         run.step += 1
         if budget is not None:
             budget.step_done(global_step + 1)
-            if global_step + 1 >= run.first_plan_step and schedule.total == UNPLANNED and (total := budget.plan(global_step + 1)) is not None:
+            if (
+                global_step + 1 >= run.first_plan_step
+                and schedule.total == UNPLANNED
+                and (total := budget.plan(global_step + 1)) is not None
+            ):
                 schedule.replan(global_step + 1, total)
         if run.step % cfg.log_every == 0 or run.step == epoch_steps:
             # (several processes agree on divergence, so that they stop together)
@@ -584,7 +714,9 @@ def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: b
                 _board_steps(run, global_step + 1, run.base_lrs[0] * factor)
         if on_step is not None:
             on_step(epoch, run.step)
-        if distributed.agree(stop_request.pending):  # every rank stops after the same step (one process: the flag itself)
+        if distributed.agree(
+            stop_request.pending
+        ):  # every rank stops after the same step (one process: the flag itself)
             raise KeyboardInterrupt
         if epoch * steps_per_epoch + run.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
             break
@@ -649,7 +781,11 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     steps_done = epoch * run.steps_per_epoch + run.step
     loss_sum, correct, seen, scored = sums.loss_sum, sums.correct, sums.seen, sums.scored
     if distributed.is_distributed():  # the epoch's sums over all ranks
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum, correct.double(), *torch.tensor([seen, scored], dtype=torch.float64, device=run.device)]))
+        totals = distributed.all_reduce_sum(
+            torch.stack(
+                [loss_sum, correct.double(), *torch.tensor([seen, scored], dtype=torch.float64, device=run.device)]
+            )
+        )
         loss_sum, correct, seen, scored = totals[0], totals[1], int(totals[2]), int(totals[3])
     record = {
         "epoch": epoch + 1,
@@ -669,7 +805,7 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
         run.model.eval()
         run.objective.eval()
         tic = time.perf_counter()
-        with torch.no_grad(), (run.budget.paused() if run.budget is not None else nullcontext()):
+        with torch.no_grad(), run.budget.paused() if run.budget is not None else nullcontext():
             record.update(evaluate(run.run_model))
         record["eval_seconds"] = time.perf_counter() - tic
         run.eval_seconds += record["eval_seconds"]

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from helpers.data.loaders import BatchSource
 from helpers.distributed import gather_in_order, is_distributed, shard_positions, world_size
 from helpers.data.transforms import BatchAugment
-from helpers.metrics import confusion_matrix, most_confused_pairs, nearest_class_mean_predict, per_class_accuracy, retrieval_metrics, topk_accuracy
+from helpers.metrics import (
+    confusion_matrix,
+    most_confused_pairs,
+    nearest_class_mean_predict,
+    per_class_accuracy,
+    retrieval_metrics,
+    topk_accuracy,
+)
 from helpers.runinfo import Runtime
 
 CPU = Runtime("cpu")
@@ -37,7 +44,9 @@ def run_split(
         plan = source.global_plan(0)
         positions = shard_positions(plan)
         if source.num_samples and sum(len(b) // world_size() for b in plan) == 0:
-            raise ValueError(f"an evaluation split of {source.num_samples} items in batches smaller than the {world_size()} GPUs leaves some GPU nothing to do; use fewer GPUs")
+            raise ValueError(
+                f"an evaluation split of {source.num_samples} items in batches smaller than the {world_size()} GPUs leaves some GPU nothing to do; use fewer GPUs"
+            )
     outputs, labels = [], []
     for images, y in source.epoch(0):
         x = runtime.prepare(augment.eval(images))
@@ -74,8 +83,22 @@ class NearestClassMeanEvaluator:
     `reference` (a fixed part of train), then each split is classified by the nearest mean:
     {"<split>_top1", "<split>_top5"}. `predict(model)` returns the scores of every split."""
 
-    def __init__(self, reference: BatchSource, splits: dict[str, BatchSource], augment: BatchAugment, num_classes: int, metric: str = "euclidean", runtime: Runtime = CPU):
-        self.reference, self.splits, self.augment, self.num_classes, self.metric = reference, splits, augment, num_classes, metric
+    def __init__(
+        self,
+        reference: BatchSource,
+        splits: dict[str, BatchSource],
+        augment: BatchAugment,
+        num_classes: int,
+        metric: str = "euclidean",
+        runtime: Runtime = CPU,
+    ):
+        self.reference, self.splits, self.augment, self.num_classes, self.metric = (
+            reference,
+            splits,
+            augment,
+            num_classes,
+            metric,
+        )
         self.runtime = runtime
 
     def predict(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -103,7 +126,14 @@ class RetrievalEvaluator:
     The query counts depend only on the labels, so they stay out of the per-epoch records; the
     final `retrieval_metrics` call of a run reports them."""
 
-    def __init__(self, splits: dict[str, BatchSource], augment: BatchAugment, embed: Callable[[nn.Module], Callable] | None = None, ks: Sequence[int] = (1, 2, 4, 8), runtime: Runtime = CPU):
+    def __init__(
+        self,
+        splits: dict[str, BatchSource],
+        augment: BatchAugment,
+        embed: Callable[[nn.Module], Callable] | None = None,
+        ks: Sequence[int] = (1, 2, 4, 8),
+        runtime: Runtime = CPU,
+    ):
         self.splits, self.augment, self.embed, self.ks = splits, augment, embed, tuple(ks)
         self.runtime = runtime
 
@@ -117,7 +147,9 @@ class RetrievalEvaluator:
         return out
 
 
-def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], n: int = 10, with_loss: bool = True) -> dict:
+def classification_report(
+    logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], n: int = 10, with_loss: bool = True
+) -> dict:
     """Everything the notebooks show about a classifier on one split, as plain JSON-able values:
     top1/top5/loss, per-class accuracy, the n best and worst classes and the n most confused pairs.
     `logits` may be any scores (e.g. nearest-class-mean scores, then with_loss=False: no loss)."""
@@ -138,7 +170,13 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_name
         "best_classes": [named(c) for c in present[:n]],
         "worst_classes": [named(c) for c in present[::-1][:n]],
         "most_confused": [
-            {"true": int(t), "true_name": class_names[t], "predicted": int(p), "predicted_name": class_names[p], "count": int(k)}
+            {
+                "true": int(t),
+                "true_name": class_names[t],
+                "predicted": int(p),
+                "predicted_name": class_names[p],
+                "count": int(k),
+            }
             for t, p, k in most_confused_pairs(confusion, n)
         ],
         "confusion": confusion.tolist(),

@@ -86,8 +86,12 @@ class KernelInterrupter:
                 super().__init__(**kwargs)
                 handler.kernel_manager = self
 
-        return {"kernel_manager_class": TrackedKernelManager, "on_cell_execute": self.before_cell,
-                "on_cell_complete": self.cell_sent, "on_cell_executed": self.cell_done}
+        return {
+            "kernel_manager_class": TrackedKernelManager,
+            "on_cell_execute": self.before_cell,
+            "on_cell_complete": self.cell_sent,
+            "on_cell_executed": self.cell_done,
+        }
 
 
 def kernel_manager_class():
@@ -120,7 +124,9 @@ def execute(source: Path, executed: Path, parameters: dict, cwd: Path, interrupt
     interrupter.start(source.stem)
     try:
         with ThreadPoolExecutor(max_workers=1) as pool:
-            future = pool.submit(papermill.execute_notebook, str(source), str(executed), **options, **interrupter.client_options())
+            future = pool.submit(
+                papermill.execute_notebook, str(source), str(executed), **options, **interrupter.client_options()
+            )
             while True:
                 try:
                     return future.result(timeout=0.2)

@@ -92,7 +92,7 @@ def data_fingerprint(cfg) -> str:
 
 
 def resolve_data_path(data_path: str, device: str) -> str:
-    """"auto" -> "gpu" on CUDA, else "cached"; "gpu" without CUDA is an error that says what to use."""
+    """ "auto" -> "gpu" on CUDA, else "cached"; "gpu" without CUDA is an error that says what to use."""
     cuda = str(device).startswith("cuda")
     path = data_path if data_path != "auto" else ("gpu" if cuda else "cached")
     if path == "gpu" and not cuda:
@@ -101,8 +101,18 @@ def resolve_data_path(data_path: str, device: str) -> str:
 
 
 def batch_source(
-    path: str, device: str, labels: np.ndarray, batch_size: int, *, shuffle: bool = False, drop_last: bool = False, seed: int = 0,
-    images: np.ndarray | None = None, dataset: Dataset | None = None, batch_sampler=None, num_workers: int = 0,
+    path: str,
+    device: str,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    shuffle: bool = False,
+    drop_last: bool = False,
+    seed: int = 0,
+    images: np.ndarray | None = None,
+    dataset: Dataset | None = None,
+    batch_sampler=None,
+    num_workers: int = 0,
 ) -> BatchSource:
     """A batch source on data path `path`: "lazy" decodes `dataset` items in DataLoader workers;
     "cached" / "gpu" gather batches from `images` (uint8 (N, H, W, 3)) held in CPU RAM / on the GPU."""
@@ -121,8 +131,17 @@ def checkpoint_dir(out_dir: str | Path, name: str) -> Path:
 
 
 def fit_stage(
-    name: str, model: nn.Module, source: BatchSource, augment, cfg, stage: str = "train", *, fit_cfg: FitConfig | None = None,
-    key_extra: dict | None = None, progress: bool = True, **fit_options,
+    name: str,
+    model: nn.Module,
+    source: BatchSource,
+    augment,
+    cfg,
+    stage: str = "train",
+    *,
+    fit_cfg: FitConfig | None = None,
+    key_extra: dict | None = None,
+    progress: bool = True,
+    **fit_options,
 ) -> FitResult:
     """One `fit` of `model` for the task configuration `cfg`: the stage's FitConfig (unless
     `fit_cfg` is given) and run key (with the data's fingerprint, plus `key_extra`: what else the run
@@ -136,10 +155,29 @@ def fit_stage(
     if getattr(cfg, "gpus", 1) > 1 and not distributed.is_distributed():
         train_on_gpus(cfg)
         loading = {k: v for k, v in fit_options.items() if k in ("objective", "objective_lr")}
-        return load_finished_run(model, source, augment, fit_cfg, out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device, run_key=run_key, **loading)
+        return load_finished_run(
+            model,
+            source,
+            augment,
+            fit_cfg,
+            out_dir=checkpoint_dir(cfg.out_dir, name),
+            device=cfg.device,
+            run_key=run_key,
+            **loading,
+        )
     return fit(
-        model, source, augment, fit_cfg, out_dir=checkpoint_dir(cfg.out_dir, name), device=cfg.device, progress=progress, name=name,
-        run_key=run_key, resume=cfg.resume, board_dir=board_dir(cfg.out_dir, name), **fit_options,
+        model,
+        source,
+        augment,
+        fit_cfg,
+        out_dir=checkpoint_dir(cfg.out_dir, name),
+        device=cfg.device,
+        progress=progress,
+        name=name,
+        run_key=run_key,
+        resume=cfg.resume,
+        board_dir=board_dir(cfg.out_dir, name),
+        **fit_options,
     )
 
 
@@ -162,8 +200,11 @@ def train_on_gpus(cfg) -> None:
     path = checkpoint_dir(cfg.out_dir, f"{cfg.task}_torchrun_config.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(cfg.as_dict(), path)
-    print(f"Training {cfg.task} on {cfg.gpus} {'GPUs' if str(cfg.device).startswith('cuda') else 'processes'} under torchrun "
-          f"(global batch {cfg.batch_size}); configuration in {path}", flush=True)
+    print(
+        f"Training {cfg.task} on {cfg.gpus} {'GPUs' if str(cfg.device).startswith('cuda') else 'processes'} under torchrun "
+        f"(global batch {cfg.batch_size}); configuration in {path}",
+        flush=True,
+    )
     distributed.launch(cfg.gpus, [cfg.task, "--config", str(path)])
     _TRAINED.add(key)
 
@@ -176,7 +217,9 @@ def file_sha1(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def embed_split(fn: Callable[[torch.Tensor], torch.Tensor], source: BatchSource, augment, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_split(
+    fn: Callable[[torch.Tensor], torch.Tensor], source: BatchSource, augment, cfg
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Outputs (N, ...) of `fn` (a model, `model.forward_features`, an encoder) and labels (N,) of a
     whole split, eval transform, in order, with the runtime of `cfg`."""
     return run_split(fn, source, augment, Runtime.of(cfg))
@@ -210,18 +253,30 @@ class RunSummary:
     budget: dict | None = None  # budget runs: {"budget_s", "steps", "budget_seconds_used"}
 
     @classmethod
-    def of(cls, name: str, architecture: dict, result: FitResult, out_dir: str | Path, heldout: dict, test: dict) -> "RunSummary":
+    def of(
+        cls, name: str, architecture: dict, result: FitResult, out_dir: str | Path, heldout: dict, test: dict
+    ) -> "RunSummary":
         return cls(
-            name=name, architecture=architecture, best_epoch=result.best_epoch, epochs_run=len(result.history), training=result.record(),
-            train_seconds=result.train_seconds, fit_seconds={"wall": result.wall_seconds, "evaluation": result.eval_seconds},
-            images_per_s=result.images_per_s, checkpoint=str(checkpoint_dir(".", name) / BEST), heldout=heldout, test=test,
+            name=name,
+            architecture=architecture,
+            best_epoch=result.best_epoch,
+            epochs_run=len(result.history),
+            training=result.record(),
+            train_seconds=result.train_seconds,
+            fit_seconds={"wall": result.wall_seconds, "evaluation": result.eval_seconds},
+            images_per_s=result.images_per_s,
+            checkpoint=str(checkpoint_dir(".", name) / BEST),
+            heldout=heldout,
+            test=test,
             history=result.history,
         )
 
     @classmethod
     def from_dict(cls, values: dict) -> "RunSummary":
         """The record a metrics JSON holds (a KeyError names any missing field; budget is optional)."""
-        return cls(**{f.name: values.get(f.name) if f.name == "budget" else values[f.name] for f in dataclasses.fields(cls)})
+        return cls(
+            **{f.name: values.get(f.name) if f.name == "budget" else values[f.name] for f in dataclasses.fields(cls)}
+        )
 
     def as_dict(self) -> dict:
         values = dataclasses.asdict(self)
@@ -250,7 +305,16 @@ class T3Selection:
     @classmethod
     def from_metrics(cls, document: dict) -> "T3Selection | None":
         values = document.get("selection")
-        return cls(**{f.name: values.get(f.name, "") if f.name == "run_id" else values[f.name] for f in dataclasses.fields(cls)}) if values else None
+        return (
+            cls(
+                **{
+                    f.name: values.get(f.name, "") if f.name == "run_id" else values[f.name]
+                    for f in dataclasses.fields(cls)
+                }
+            )
+            if values
+            else None
+        )
 
     def checkpoint_in(self, out_dir: str | Path) -> Path:
         """T3's best.pt in the output folder `out_dir` (which may have been moved or copied since
@@ -261,7 +325,7 @@ class T3Selection:
             return Path(out_dir) / path
         parts = path.parts
         if "checkpoints" in parts:
-            moved = Path(out_dir).joinpath(*parts[len(parts) - 1 - parts[::-1].index("checkpoints"):])
+            moved = Path(out_dir).joinpath(*parts[len(parts) - 1 - parts[::-1].index("checkpoints") :])
             if moved.is_file() or not path.is_file():
                 return moved
         return path
@@ -298,8 +362,17 @@ def save_metrics(name: str, payload: dict, cfg, data_info: dict | None = None) -
     payload = as_json(payload)
     check_runs_current(payload, path)
     partial = partial_trainings(payload)
-    document = {"name": name, "task": cfg.task, "profile": cfg.profile, "complete": not partial, "partial": partial,
-                "config": cfg.as_dict(), "data": data_info or {}, "run": run_info(cfg.device, choose_precision(cfg.precision, cfg.device)), **payload}
+    document = {
+        "name": name,
+        "task": cfg.task,
+        "profile": cfg.profile,
+        "complete": not partial,
+        "partial": partial,
+        "config": cfg.as_dict(),
+        "data": data_info or {},
+        "run": run_info(cfg.device, choose_precision(cfg.precision, cfg.device)),
+        **payload,
+    }
     atomic_write_json(document, path)
     return path
 
@@ -309,7 +382,11 @@ def training_records(payload, where: str = "") -> list[tuple[str, dict]]:
     if isinstance(payload, dict):
         if "epochs_planned" in payload and "complete" in payload:
             return [(where, payload)]
-        return [found for key, value in payload.items() for found in training_records(value, f"{where}.{key}" if where else str(key))]
+        return [
+            found
+            for key, value in payload.items()
+            for found in training_records(value, f"{where}.{key}" if where else str(key))
+        ]
     if isinstance(payload, list):
         return [found for i, value in enumerate(payload) for found in training_records(value, f"{where}[{i}]")]
     return []
@@ -354,9 +431,13 @@ def load_metrics(out_dir: str | Path, name: str) -> dict | None:
     try:
         document = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MetricsError(f"{path} is unreadable ({type(exc).__name__}: {exc}); rerun {name} to write it again, or delete it") from None
+        raise MetricsError(
+            f"{path} is unreadable ({type(exc).__name__}: {exc}); rerun {name} to write it again, or delete it"
+        ) from None
     if not isinstance(document, dict):
-        raise MetricsError(f"{path} is not a metrics file of this project (it holds a JSON {type(document).__name__}); rerun {name} to write it again, or delete it")
+        raise MetricsError(
+            f"{path} is not a metrics file of this project (it holds a JSON {type(document).__name__}); rerun {name} to write it again, or delete it"
+        )
     return document
 
 
@@ -377,7 +458,13 @@ class ClassificationData:
 
 
 def train_classifier(
-    name: str, model: nn.Module, data: ClassificationData, cfg, describe: dict | None = None, progress: bool = True, stage: str = "train",
+    name: str,
+    model: nn.Module,
+    data: ClassificationData,
+    cfg,
+    describe: dict | None = None,
+    progress: bool = True,
+    stage: str = "train",
     **fit_options,
 ) -> RunSummary:
     """Fit one classifier (training `stage` of `cfg`; checkpoints in out_dir/checkpoints/<name>),
@@ -388,7 +475,18 @@ def train_classifier(
     fit_cfg = cfg.fit_config(stage)
     if not data.heldout.num_samples:  # no held-out split: keep the last epoch
         fit_cfg = dataclasses.replace(fit_cfg, monitor="")
-    result = fit_stage(name, model, data.train, data.augment, cfg, stage, fit_cfg=fit_cfg, progress=progress, evaluate=ClassificationEvaluator(splits, data.augment, runtime), **fit_options)
+    result = fit_stage(
+        name,
+        model,
+        data.train,
+        data.augment,
+        cfg,
+        stage,
+        fit_cfg=fit_cfg,
+        progress=progress,
+        evaluate=ClassificationEvaluator(splits, data.augment, runtime),
+        **fit_options,
+    )
     model.eval()
     heldout = {"top1": None, "top5": None, "loss": None}  # no held-out split (heldout_fraction=0)
     if data.heldout.num_samples:
@@ -397,5 +495,9 @@ def train_classifier(
     summary = RunSummary.of(name, describe or describe_model(model), result, cfg.out_dir, heldout, test)
     if fit_cfg.budget_s > 0:
         steps = result.history[-1]["steps"] if result.history else 0
-        summary.budget = {"budget_s": fit_cfg.budget_s, "steps": steps, "budget_seconds_used": result.wall_seconds - result.eval_seconds}
+        summary.budget = {
+            "budget_s": fit_cfg.budget_s,
+            "steps": steps,
+            "budget_seconds_used": result.wall_seconds - result.eval_seconds,
+        }
     return summary

@@ -50,7 +50,9 @@ class FitConfig:
     log_every: int = 25  # steps between host reads of the running loss (progress bar, NaN check)
     seed: int = 0
     max_steps: int = 0  # > 0: train exactly this many steps (the schedule spans them; epochs is then derived)
-    budget_s: float = 0.0  # > 0: train for this many seconds (evaluation excluded); steps planned from measured step times
+    budget_s: float = (
+        0.0  # > 0: train for this many seconds (evaluation excluded); steps planned from measured step times
+    )
     eval_every: int = 1  # run `evaluate` every N epochs (and always after the last one)
 
     def __post_init__(self):
@@ -66,7 +68,9 @@ class FitConfig:
         if self.max_steps < 0:
             raise SettingsError(f"max_steps={self.max_steps} must be >= 0 (0 = epochs x steps per epoch)")
         if self.budget_s < 0 or (self.budget_s > 0 and self.max_steps > 0):
-            raise SettingsError(f"budget_s={self.budget_s} must be >= 0, and cannot be combined with max_steps={self.max_steps}")
+            raise SettingsError(
+                f"budget_s={self.budget_s} must be >= 0, and cannot be combined with max_steps={self.max_steps}"
+            )
 
     def total_steps(self, steps_per_epoch: int) -> int:
         """Optimizer steps of the whole run: max_steps when set, else epochs x steps_per_epoch."""

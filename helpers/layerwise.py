@@ -19,7 +19,14 @@ from helpers.data import STL10, stratified_split
 from helpers.data.loaders import BatchSource
 from helpers.data.transforms import FlatGray
 from helpers.engine import FitResult
-from helpers.experiment import ClassificationData, batch_source, data_fingerprint, fit_stage, locate_data, resolve_data_path
+from helpers.experiment import (
+    ClassificationData,
+    batch_source,
+    data_fingerprint,
+    fit_stage,
+    locate_data,
+    resolve_data_path,
+)
 from helpers.models import MLP
 
 
@@ -51,7 +58,9 @@ def freeze_all_but(model: MLP, layer: int | None) -> None:
     model.fc.requires_grad_(layer is None)
 
 
-def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: LayerwiseConfig, name: str = "E2_pretrain", progress: bool = True) -> list[FitResult]:
+def greedy_pretrain(
+    model: MLP, source: BatchSource, augment, cfg: LayerwiseConfig, name: str = "E2_pretrain", progress: bool = True
+) -> list[FitResult]:
     """Pretrain model.layers[0], [1], ... one at a time (each a run of the "pretrain" stage of `cfg`);
     returns one FitResult per layer (its history holds the reconstruction loss). Checkpoints per
     layer under out_dir/checkpoints/<name>_layer<i>."""
@@ -60,7 +69,11 @@ def greedy_pretrain(model: MLP, source: BatchSource, augment, cfg: LayerwiseConf
         for i, layer in enumerate(model.layers):
             freeze_all_but(model, i)
             objective = LayerReconstruction(i, layer.out_features, layer.in_features)
-            results.append(fit_stage(f"{name}_layer{i}", model, source, augment, cfg, "pretrain", objective=objective, progress=progress))
+            results.append(
+                fit_stage(
+                    f"{name}_layer{i}", model, source, augment, cfg, "pretrain", objective=objective, progress=progress
+                )
+            )
     finally:
         freeze_all_but(model, None)
     return results
@@ -79,7 +92,16 @@ def build_stl10(cfg: LayerwiseConfig) -> tuple[ClassificationData, BatchSource]:
     path = resolve_data_path("auto", cfg.device)
 
     def source(images, labels, batch_size, shuffle=False):
-        return batch_source(path, cfg.device, labels, batch_size, shuffle=shuffle, drop_last=shuffle and len(labels) > batch_size, seed=cfg.seed, images=images)
+        return batch_source(
+            path,
+            cfg.device,
+            labels,
+            batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(labels) > batch_size,
+            seed=cfg.seed,
+            images=images,
+        )
 
     sources = {
         "train": source(train_images[train_idx], train_set.targets[train_idx], cfg.batch_size, shuffle=True),
@@ -93,7 +115,9 @@ def build_stl10(cfg: LayerwiseConfig) -> tuple[ClassificationData, BatchSource]:
         unlabeled_count = min(len(unlabeled), cfg.unlabeled_limit or len(unlabeled))
         images = np.concatenate([train_images[train_idx], unlabeled.read_images(np.arange(unlabeled_count))])
         labels = np.concatenate([train_set.targets[train_idx], np.full(unlabeled_count, -1)])
-        pretrain = batch_source(path, cfg.device, labels, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, images=images)
+        pretrain = batch_source(
+            path, cfg.device, labels, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, images=images
+        )
     info = {
         "dataset": "STL-10" + (" (generated stand-in)" if generated else ""),
         "root": str(root),
@@ -104,7 +128,9 @@ def build_stl10(cfg: LayerwiseConfig) -> tuple[ClassificationData, BatchSource]:
         "input": "96x96 grayscale, flattened to 9216 values in [0, 1]",
         "fingerprint": data_fingerprint(cfg),
     }
-    data = ClassificationData(sources["train"], sources["heldout"], sources["test"], FlatGray(cfg.flip), 10, list(train_set.class_names), info)
+    data = ClassificationData(
+        sources["train"], sources["heldout"], sources["test"], FlatGray(cfg.flip), 10, list(train_set.class_names), info
+    )
     return data, pretrain
 
 

@@ -29,7 +29,9 @@ _HELD: dict[Path, list] = {}  # lock path -> [file descriptor, times taken] in t
 def holder_info() -> dict:
     """What the lock file says of its holder."""
     return {
-        "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:200],
     }
 
@@ -66,7 +68,7 @@ def _unlock(fd: int) -> None:
 
 
 def describe_holder(path: Path) -> str:
-    """"pid 123 on host h, started ... (command)" from a lock file, or what is known."""
+    """ "pid 123 on host h, started ... (command)" from a lock file, or what is known."""
     try:
         info = json.loads(path.read_text() or "{}")
         return f"pid {info['pid']} on {info['host']}, started {info['started']} ({info['command']})"
@@ -78,7 +80,9 @@ class FolderLock:
     """`with FolderLock(folder, what="run"):` holds `folder`/RUN_LOCK; FolderInUse when a live
     process holds it, OutputError when the folder cannot be written."""
 
-    def __init__(self, folder: str | Path, name: str = RUN_LOCK, what: str = "run", remedy: str = "use another out_dir"):
+    def __init__(
+        self, folder: str | Path, name: str = RUN_LOCK, what: str = "run", remedy: str = "use another out_dir"
+    ):
         self.folder, self.what, self.remedy = Path(folder), what, remedy
         self.path = (self.folder / name).absolute()
 
@@ -91,13 +95,17 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise OutputError(f"cannot write to {self.folder} ({exc.strerror or exc}); choose a writable folder") from None
+            raise OutputError(
+                f"cannot write to {self.folder} ({exc.strerror or exc}); choose a writable folder"
+            ) from None
         try:
             locked = _try_lock(fd)
         except OSError as exc:  # e.g. ENOLCK / EOPNOTSUPP on a network file system
             from helpers.runinfo import notice
 
-            notice(f"{self.folder}: this file system cannot lock files ({exc.strerror or exc}); a second {self.what} into it would not be detected")
+            notice(
+                f"{self.folder}: this file system cannot lock files ({exc.strerror or exc}); a second {self.what} into it would not be detected"
+            )
             locked = True
         if not locked:
             os.close(fd)

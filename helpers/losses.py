@@ -123,7 +123,9 @@ class CrossBatchMemory(nn.Module):
     loss is computed. Memory and pointer are in the state_dict, so a resumed run is exact.
     """
 
-    def __init__(self, loss: MultiSimilarityLoss, embedding_dim: int, memory_size: int = 4096, warmup_steps: int = 0) -> None:
+    def __init__(
+        self, loss: MultiSimilarityLoss, embedding_dim: int, memory_size: int = 4096, warmup_steps: int = 0
+    ) -> None:
         super().__init__()
         if memory_size < 1:
             raise ValueError(f"memory_size must be >= 1, got {memory_size}")

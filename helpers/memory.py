@@ -23,7 +23,9 @@ MIB = 2**20
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether `error` is PyTorch running out of device memory (CUDA raises
     torch.cuda.OutOfMemoryError; MPS a RuntimeError saying "MPS backend out of memory")."""
-    return isinstance(error, torch.cuda.OutOfMemoryError) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "out of memory" in str(error)
+    )
 
 
 class BatchDoesNotFit(MemoryError):
@@ -46,7 +48,9 @@ class MemoryProbe:
         return max(self.peak_mb - self.static_mb, 0.0) / max(1, self.batch)
 
 
-def fitting_batch_size(probe: MemoryProbe, batch_size: int, headroom: float = HEADROOM, extra_static_mb: float = 0.0) -> int:
+def fitting_batch_size(
+    probe: MemoryProbe, batch_size: int, headroom: float = HEADROOM, extra_static_mb: float = 0.0
+) -> int:
     """The largest batch below `batch_size` whose predicted peak (static + per image x batch, plus
     `extra_static_mb` not yet allocated, e.g. optimizer state created by the first step) stays
     within `headroom` of the device: a multiple of 8 when that is at least 8; 0 when none fits."""
@@ -65,15 +69,21 @@ def advice(name: str, device: str, batch_size: int, lr: float, probe: MemoryProb
     kept = "The checkpoints of finished epochs, if any, are kept."
     if probe is None:
         half = max(1, batch_size // 2)
-        return (f"{where} (not measured on this device). Try {setting} = {half} with the learning rate scaled linearly "
-                f"with the batch: {lr:.4g} x {half}/{batch_size} = {lr * half / batch_size:.4g}. {kept}")
-    measured = (f"This process can use {probe.total_mb / 1024:.1f} GiB; the model, optimizer state and batch take "
-                f"{probe.static_mb / 1024:.2f} GiB and each image about {probe.per_image_mb:.1f} MiB more "
-                f"(measured on {probe.batch} images: peak {probe.peak_mb / 1024:.2f} GiB)")
+        return (
+            f"{where} (not measured on this device). Try {setting} = {half} with the learning rate scaled linearly "
+            f"with the batch: {lr:.4g} x {half}/{batch_size} = {lr * half / batch_size:.4g}. {kept}"
+        )
+    measured = (
+        f"This process can use {probe.total_mb / 1024:.1f} GiB; the model, optimizer state and batch take "
+        f"{probe.static_mb / 1024:.2f} GiB and each image about {probe.per_image_mb:.1f} MiB more "
+        f"(measured on {probe.batch} images: peak {probe.peak_mb / 1024:.2f} GiB)"
+    )
     if fits < 1:
         return f"{where}. {measured}: not even one image fits. Lower image_size or use a smaller model."
-    return (f"{where}. {measured}. A batch that fits: {setting} = {fits}, with the learning rate scaled linearly "
-            f"with the batch: {lr:.4g} x {fits}/{batch_size} = {lr * fits / batch_size:.4g}. {kept}")
+    return (
+        f"{where}. {measured}. A batch that fits: {setting} = {fits}, with the learning rate scaled linearly "
+        f"with the batch: {lr:.4g} x {fits}/{batch_size} = {lr * fits / batch_size:.4g}. {kept}"
+    )
 
 
 class CudaMemory:
@@ -109,6 +119,12 @@ def optimizer_state_mb(optimizer: torch.optim.Optimizer) -> float:
     one buffer per parameter for SGD with momentum, two for Adam / AdamW."""
     if any(optimizer.state.values()):
         return 0.0
-    buffers = 2 if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) else 1 if optimizer.defaults.get("momentum") else 0
+    buffers = (
+        2
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+        else 1
+        if optimizer.defaults.get("momentum")
+        else 0
+    )
     params = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
     return buffers * params / MIB

@@ -269,7 +269,9 @@ def topk_accuracy(logits: ArrayLike, labels: ArrayLike, ks: Sequence[int] = (1, 
     scores = _as_tensor(logits).detach()
     target = _as_tensor(labels, scores.device).long().reshape(-1)
     if scores.dim() != 2 or scores.shape[0] != target.shape[0]:
-        raise ValueError(f"logits must be (N, C) with N = len(labels), got {tuple(scores.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"logits must be (N, C) with N = len(labels), got {tuple(scores.shape)} and {tuple(target.shape)}"
+        )
     num_classes = scores.shape[1]
     top = scores.topk(min(max(ks), num_classes), dim=1).indices
     correct = (top == target[:, None]).cumsum(dim=1).clamp(max=1)  # (N, k): hit within the first j

@@ -22,7 +22,9 @@ class CrossEntropyObjective(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(images)
         return F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing), logits
 

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from helpers.fit_config import OPTIMIZERS, SCHEDULES, FitConfig  # noqa: F401 (OPTIMIZERS, SCHEDULES: importable from here too)
 from helpers.runinfo import notice
+
 UNPLANNED = 10**12  # the length of a budget run before its first plan
 
 
@@ -33,7 +34,9 @@ class EpochMonitor:
     def update(self, value: float | None, epoch: int) -> bool:
         """Record epoch `epoch`'s value (None: not evaluated, nothing changes); True on a new best."""
         self.updated = value is not None
-        self.improved = value is not None and (self.best is None or (value > self.best if self.higher_is_better else value < self.best))
+        self.improved = value is not None and (
+            self.best is None or (value > self.best if self.higher_is_better else value < self.best)
+        )
         if self.improved:
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
         elif value is not None:
@@ -126,13 +129,22 @@ class LRSchedule:
             self.plateau_factor *= self.cfg.plateau_factor
 
     def state_dict(self) -> dict:
-        return {"plateau_factor": self.plateau_factor, "total": self.total, "anchor_step": self.anchor_step, "anchor_progress": self.anchor_progress,
-                "warmup": self.warmup}
+        return {
+            "plateau_factor": self.plateau_factor,
+            "total": self.total,
+            "anchor_step": self.anchor_step,
+            "anchor_progress": self.anchor_progress,
+            "warmup": self.warmup,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.plateau_factor = state["plateau_factor"]
         if self.cfg.budget_s > 0:  # a budget run keeps the length it had planned
-            self.total, self.anchor_step, self.anchor_progress = state["total"], state["anchor_step"], state["anchor_progress"]
+            self.total, self.anchor_step, self.anchor_progress = (
+                state["total"],
+                state["anchor_step"],
+                state["anchor_progress"],
+            )
             self.warmup = state.get("warmup", self.warmup)
 
 
@@ -140,15 +152,26 @@ def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim
     """SGD / Adam / AdamW over parameter groups; no weight decay on biases and normalisation weights."""
     fused = {"fused": True} if cfg.fused and device.type == "cuda" else {}
     if cfg.fused and device.type == "mps":
-        notice("fused=True: fused optimizer kernels are used on CUDA only; MPS uses PyTorch's default (foreach) optimizer")
+        notice(
+            "fused=True: fused optimizer kernels are used on CUDA only; MPS uses PyTorch's default (foreach) optimizer"
+        )
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.SGD(
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+            **fused,
+        )
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
 
-def parameter_groups(model: nn.Module, objective: nn.Module, weight_decay: float, objective_lr: float | None = None) -> list[dict]:
+def parameter_groups(
+    model: nn.Module, objective: nn.Module, weight_decay: float, objective_lr: float | None = None
+) -> list[dict]:
     """Decay for weights of rank >= 2, none for biases and norm scales; the objective's own
     parameters (e.g. center-loss centers) in a group of their own, optionally with their own LR."""
     decay, no_decay = [], []

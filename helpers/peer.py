@@ -72,13 +72,20 @@ def peer_transforms(image_size: int, train: bool, padding: int = 4, native: int 
     return T.Compose(steps + [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-def peer_loader(samples, image_size: int, train: bool, cfg: PeerConfig, device: torch.device | str, seed: int = 0) -> DataLoader:
+def peer_loader(
+    samples, image_size: int, train: bool, cfg: PeerConfig, device: torch.device | str, seed: int = 0
+) -> DataLoader:
     """The DataLoader a user writes: shuffled training batches, drop_last, workers, pinned memory on CUDA."""
     dataset = PILImages(samples, peer_transforms(image_size, train, cfg.padding))
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
-        dataset, batch_size=cfg.batch_size if train else max(cfg.batch_size, 256), shuffle=train, drop_last=train,
-        num_workers=cfg.num_workers, pin_memory=torch.device(device).type == "cuda", generator=generator,
+        dataset,
+        batch_size=cfg.batch_size if train else max(cfg.batch_size, 256),
+        shuffle=train,
+        drop_last=train,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.device(device).type == "cuda",
+        generator=generator,
     )
 
 
@@ -113,8 +120,12 @@ class PeerTrainer:
         self.device = torch.device(device)
         self.cfg = cfg
         self.model = model.to(self.device)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            self.optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=cfg.pct_start
+        )
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16" and self.device.type == "cuda")
         self.steps, self.total_steps, self.nominal = 0, total_steps, total_steps
@@ -181,17 +192,33 @@ def peer_train(
         train_seconds += time.perf_counter() - tic
         epoch += 1
         if budget_s > 0 and trainer.steps < trainer.total_steps:
-            trainer.replan(trainer.steps + plan_steps(budget_s, train_seconds / trainer.steps, train_seconds, margin=0.99, minimum=0))
-        record = {"epoch": epoch, "steps": trainer.steps, "train_seconds": train_seconds, "train_loss": running_loss / max(1, epoch_steps)}
+            trainer.replan(
+                trainer.steps
+                + plan_steps(budget_s, train_seconds / trainer.steps, train_seconds, margin=0.99, minimum=0)
+            )
+        record = {
+            "epoch": epoch,
+            "steps": trainer.steps,
+            "train_seconds": train_seconds,
+            "train_loss": running_loss / max(1, epoch_steps),
+        }
         if evaluate is not None and (epoch % eval_every == 0 or trainer.steps >= trainer.total_steps):
             model.eval()
             record.update(evaluate(model))
         history.append(record)
-    return {"train_seconds": train_seconds, "steps": trainer.steps, "images": images, "epochs": images / max(1, len(loader.dataset)), "history": history}
+    return {
+        "train_seconds": train_seconds,
+        "steps": trainer.steps,
+        "images": images,
+        "epochs": images / max(1, len(loader.dataset)),
+        "history": history,
+    }
 
 
 @torch.no_grad()
-def peer_evaluate(model: nn.Module, loader: DataLoader, device: torch.device | str, cfg: PeerConfig | None = None) -> dict:
+def peer_evaluate(
+    model: nn.Module, loader: DataLoader, device: torch.device | str, cfg: PeerConfig | None = None
+) -> dict:
     """top1 and top5 accuracy of `model` over `loader`."""
     device = torch.device(device)
     model.eval()
@@ -208,7 +235,13 @@ def peer_evaluate(model: nn.Module, loader: DataLoader, device: torch.device | s
 
 
 def measure_peer_step(
-    model: nn.Module, loader: DataLoader, cfg: PeerConfig, device: torch.device | str, warmup: int = 5, steps: int = 15, max_seconds: float = 0.0
+    model: nn.Module,
+    loader: DataLoader,
+    cfg: PeerConfig,
+    device: torch.device | str,
+    warmup: int = 5,
+    steps: int = 15,
+    max_seconds: float = 0.0,
 ) -> float:
     """Seconds per training step of the peer loop (data loading, and the workers' start at every
     epoch, included), on a copy of `model`; `max_seconds` as in `measure_seconds_per_step`."""

@@ -64,13 +64,19 @@ def select_steps(only: str | None) -> list[Step]:
     for w in wanted:
         matches = [s for s in STEPS if s.name == w or s.name.split("_")[0] == w]
         if not matches:
-            raise SettingsError(f"--only: {w!r} names no notebook; valid: {', '.join(s.name.split('_')[0] for s in STEPS)}")
+            raise SettingsError(
+                f"--only: {w!r} names no notebook; valid: {', '.join(s.name.split('_')[0] for s in STEPS)}"
+            )
         chosen += matches
     return [s for s in STEPS if s in chosen]
 
 
 def outputs_of(out: Path, step: Step) -> list[Path]:
-    return [out / "notebooks" / f"{step.name}.ipynb", out / "notebooks" / f"{step.name}.html", out / "metrics" / f"{step.name}.json"]
+    return [
+        out / "notebooks" / f"{step.name}.ipynb",
+        out / "notebooks" / f"{step.name}.html",
+        out / "metrics" / f"{step.name}.json",
+    ]
 
 
 def newest_input(notebook: Path, out: Path, step: Step) -> float:
@@ -121,7 +127,8 @@ def configuration_changes(step: Step, metrics: dict, parameters: dict) -> str:
     cfg = cls.build(step.task, parameters["profile"], **{k: v for k, v in parameters.items() if k in names})
     saved = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
     changes = [
-        f"{k} {saved.get(k)!r} -> {v!r}" for k, v in cfg.as_dict().items()
+        f"{k} {saved.get(k)!r} -> {v!r}"
+        for k, v in cfg.as_dict().items()
         if k not in ("resume", *cls.RESOLVED_BY_TASK) and _plain(saved.get(k)) != _plain(v)
     ]
     recorded = (metrics.get("data") or {}).get("fingerprint") if isinstance(metrics.get("data"), dict) else None
@@ -152,7 +159,14 @@ def failure_summary(exc: BaseException, written: Path | None = None) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, html_pool=None, interrupter: KernelInterrupter | None = None) -> tuple[str, str]:
+def run_step(
+    step: Step,
+    out: Path,
+    parameters: dict,
+    notebooks_dir: Path,
+    html_pool=None,
+    interrupter: KernelInterrupter | None = None,
+) -> tuple[str, str]:
     """Execute one notebook and render its HTML (in `html_pool` when given); returns (status,
     message), status "ok", "failed" or "interrupted". Never raises for a notebook's failure."""
     from nbclient.exceptions import DeadKernelError
@@ -169,7 +183,11 @@ def run_step(step: Step, out: Path, parameters: dict, notebooks_dir: Path, html_
         execute(notebooks_dir / f"{step.name}.ipynb", executed, parameters, notebooks_dir, interrupter)
     except Exception as exc:  # noqa: BLE001 - every failure is reported, the run goes on
         pressed = interrupter is not None and interrupter.presses > 0  # whatever broke after a Ctrl-C, it was stopped
-        interrupted = pressed or isinstance(exc, NotebookStopped) or (isinstance(exc, PapermillExecutionError) and exc.ename in INTERRUPT_NAMES)
+        interrupted = (
+            pressed
+            or isinstance(exc, NotebookStopped)
+            or (isinstance(exc, PapermillExecutionError) and exc.ename in INTERRUPT_NAMES)
+        )
         message = failure_summary(exc, executed)
         if isinstance(exc, DeadKernelError) and pressed:
             message = "the kernel was killed by a third Ctrl-C; checkpoints written before are kept"
@@ -199,7 +217,14 @@ def load_plan(out: Path, profile: str) -> dict | None:
     return plan if plan.get("profile") == profile else None
 
 
-def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, log=print) -> dict:
+def make_plan(
+    profile: str,
+    out: str | Path,
+    only: str | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    log=print,
+) -> dict:
     """Predict every selected notebook's wall time; writes OUT/plan.json and returns the plan."""
     from helpers.plan import format_plan, plan_pipeline
 
@@ -210,12 +235,25 @@ def make_plan(profile: str, out: str | Path, only: str | None = None, data_dir: 
     plan.pop("work")
     atomic_write_json(plan, out / "plan.json")
     log(format_plan(plan))
-    log(f"[pipeline] plan written to {out / 'plan.json'}; a run of this profile into {out} records it beside the measured times")
+    log(
+        f"[pipeline] plan written to {out / 'plan.json'}; a run of this profile into {out} records it beside the measured times"
+    )
     return plan
 
 
-def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | None = None, device: str | None = None, resume: bool = False, report: bool = True, log=print,
-        precision: str | None = None, gpus: int = 1, budget_s: float = 0.0) -> dict:
+def run(
+    profile: str,
+    out: str | Path,
+    only: str | None = None,
+    data_dir: str | None = None,
+    device: str | None = None,
+    resume: bool = False,
+    report: bool = True,
+    log=print,
+    precision: str | None = None,
+    gpus: int = 1,
+    budget_s: float = 0.0,
+) -> dict:
     """Run the pipeline; returns {"steps": {name: {...}}, "report": path or None, "ok": bool,
     "interrupted": bool, "signal": "SIGINT" / "SIGTERM" when one stopped it}. OUT/pipeline.json is
     written whatever happens (Ctrl-C and SIGTERM included). Everything a user can get wrong (the
@@ -233,7 +271,9 @@ def run(profile: str, out: str | Path, only: str | None = None, data_dir: str | 
     if precision and precision not in PRECISIONS:
         raise SettingsError(f"--precision {precision!r} is not valid; choose one of {', '.join(PRECISIONS)}")
     if budget_s and gpus != 1:
-        raise SettingsError(f"--budget cannot be combined with --gpus {gpus} (a budget is planned from one process's step times); give epochs")
+        raise SettingsError(
+            f"--budget cannot be combined with --gpus {gpus} (a budget is planned from one process's step times); give epochs"
+        )
     with FolderLock(out, PIPELINE_LOCK, what="pipeline", remedy="use another --out"):
         return _run(profile, out, steps, data_dir, device, resume, report, log, precision, gpus, only, budget_s)
 
@@ -244,7 +284,9 @@ def check_pipeline_tools() -> None:
 
     missing = [name for name in ("papermill", "nbconvert", "ipykernel") if importlib.util.find_spec(name) is None]
     if missing:
-        raise SettingsError(f"the pipeline runs notebooks with {', '.join(missing)}, which are not installed: pip install -e '.[pipeline]'")
+        raise SettingsError(
+            f"the pipeline runs notebooks with {', '.join(missing)}, which are not installed: pip install -e '.[pipeline]'"
+        )
 
 
 def check_output_folder(out: Path) -> Path:
@@ -277,12 +319,21 @@ def share_budget(profile: str, out: Path, steps: list, data_dir, device, budget_
     plan = plan_pipeline(profile, [s.name for s in steps], data_dir, device, out, log=log)
     planning = time.perf_counter() - started
     shared = split_budget(plan.pop("work"), budget_s, reserved_s=planning + REPORT_S)
-    shared |= {"budget_s": budget_s, "planning_seconds": round(planning, 1), "report_seconds": REPORT_S, "missing": plan.get("missing", {})}
+    shared |= {
+        "budget_s": budget_s,
+        "planning_seconds": round(planning, 1),
+        "report_seconds": REPORT_S,
+        "missing": plan.get("missing", {}),
+    }
     for name, n in shared["notebooks"].items():
         settings = ", ".join(f"{k}={v:g}" for k, v in n["parameters"].items())
-        log(f"[pipeline]   {name:22s} {100 * n['share']:5.1f} %  {format_seconds(n['planned_seconds']):>9s}  ({settings})")
-    log(f"[pipeline] planned {format_seconds(shared['planned_seconds'])} of {format_seconds(budget_s)} (planning took {planning:.0f} s; "
-        f"each training runs {shared['fraction']:.3g} x its profile's epochs)")
+        log(
+            f"[pipeline]   {name:22s} {100 * n['share']:5.1f} %  {format_seconds(n['planned_seconds']):>9s}  ({settings})"
+        )
+    log(
+        f"[pipeline] planned {format_seconds(shared['planned_seconds'])} of {format_seconds(budget_s)} (planning took {planning:.0f} s; "
+        f"each training runs {shared['fraction']:.3g} x its profile's epochs)"
+    )
     return shared
 
 
@@ -311,13 +362,26 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
     shared = share_budget(profile, out, steps, data_dir, device, budget_s, started, log) if budget_s else None
     plan = None if shared else load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
-    summary = {"profile": profile, "out": str(out), "only": only, "report_requested": report, "parameters": parameters,
-               "steps": status, "report": None, "ok": False, "interrupted": False}
+    summary = {
+        "profile": profile,
+        "out": str(out),
+        "only": only,
+        "report_requested": report,
+        "parameters": parameters,
+        "steps": status,
+        "report": None,
+        "ok": False,
+        "interrupted": False,
+    }
     if shared:
         summary["budget"] = shared
         predicted = {name: n["planned_seconds"] for name, n in shared["notebooks"].items()}
     (out / "pipeline.json").unlink(missing_ok=True)  # if it cannot be written at the end, no older one may look current
-    interrupter = KernelInterrupter(log) if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg") else None
+    interrupter = (
+        KernelInterrupter(log)
+        if threading.current_thread() is threading.main_thread() and hasattr(os, "killpg")
+        else None
+    )
     previous_handler = signal.signal(signal.SIGINT, interrupter) if interrupter is not None else None
     previous_term = signal.signal(signal.SIGTERM, interrupter) if interrupter is not None else None
     html_pool = ThreadPoolExecutor(max_workers=1)  # the HTML of one notebook renders while the next runs
@@ -383,12 +447,23 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
         html_pool.shutdown(wait=False, cancel_futures=True)
         for name, future in html_pool.futures.items():
             if not future.done() or future.cancelled():
-                status[name] = status[name] | {"status": "interrupted", "message": "Ctrl-C before its HTML copy was written"}
+                status[name] = status[name] | {
+                    "status": "interrupted",
+                    "message": "Ctrl-C before its HTML copy was written",
+                }
             elif future.exception() is not None:
-                status[name] = status[name] | {"status": "failed", "message": f"HTML export failed: {future.exception()}"}
+                status[name] = status[name] | {
+                    "status": "failed",
+                    "message": f"HTML export failed: {future.exception()}",
+                }
         for step in steps:
             if step.name not in status:
-                status[step.name] = {"status": "not run", "message": "the pipeline was interrupted" if summary["interrupted"] else "the pipeline stopped early"}
+                status[step.name] = {
+                    "status": "not run",
+                    "message": "the pipeline was interrupted"
+                    if summary["interrupted"]
+                    else "the pipeline stopped early",
+                }
         summary["ok"] = not summary["interrupted"] and all(s["status"] in ("ok", "up to date") for s in status.values())
         summary["seconds"] = round(time.perf_counter() - started, 1)
         if shared:
@@ -396,8 +471,10 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
         if plan:
             ran = [name for name, s in status.items() if "predicted_seconds" in s]
             summary["plan"] = {
-                "made": plan["run"]["time"], "predicted_seconds": round(sum(predicted[n] for n in ran), 1),
-                "measured_seconds": round(sum(status[n]["seconds"] for n in ran), 1), "notebooks": ran,
+                "made": plan["run"]["time"],
+                "predicted_seconds": round(sum(predicted[n] for n in ran), 1),
+                "measured_seconds": round(sum(status[n]["seconds"] for n in ran), 1),
+                "notebooks": ran,
             }
         try:
             atomic_write_json(summary, out / "pipeline.json")
@@ -412,7 +489,9 @@ def interrupted_line(summary: dict) -> str:
     steps = summary["steps"]
     stopped = next((name for name, s in steps.items() if s["status"] == "interrupted"), None)
     done = [name for name, s in steps.items() if s["status"] in ("ok", "up to date")]
-    options = ["--profile", summary["profile"], "--out", summary["out"]] + (["--only", summary["only"]] if summary.get("only") else [])
+    options = ["--profile", summary["profile"], "--out", summary["out"]] + (
+        ["--only", summary["only"]] if summary.get("only") else []
+    )
     for key in ("data_dir", "device", "precision", "gpus"):
         if key in summary["parameters"]:
             options += [f"--{key.replace('_', '-')}", summary["parameters"][key]]
@@ -435,12 +514,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="comma-separated notebooks, e.g. T1,T4 (default: all)")
     parser.add_argument("--data-dir", default=None, help="folder holding the datasets (default: each profile's)")
     parser.add_argument("--device", default=None, choices=DEVICES)
-    parser.add_argument("--precision", default=None, choices=PRECISIONS, help="every notebook's precision (default: auto, see the README's 'Where it runs')")
-    parser.add_argument("--gpus", type=int, default=1, help="train T1-T4 and E1 on this many GPUs of this machine (torchrun; batch sizes are global)")
-    parser.add_argument("--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date")
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=PRECISIONS,
+        help="every notebook's precision (default: auto, see the README's 'Where it runs')",
+    )
+    parser.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="train T1-T4 and E1 on this many GPUs of this machine (torchrun; batch sizes are global)",
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="skip notebooks whose outputs are complete and up to date"
+    )
     parser.add_argument("--no-report", action="store_true", help="do not build report.pdf")
-    parser.add_argument("--budget", default=None, help="finish the whole pipeline in this wall time, e.g. 90m, 1.5h, 600s: every training gets its share, planned from measured steps")
-    parser.add_argument("--plan", action="store_true", help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)")
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="finish the whole pipeline in this wall time, e.g. 90m, 1.5h, 600s: every training gets its share, planned from measured steps",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="only predict each notebook's wall time from a few measured steps (writes OUT/plan.json)",
+    )
     args = parser.parse_args(argv)
     absolute_env_paths()  # (relative HELPERS_* folders mean the user's directory, not the kernels' notebooks/)
     os.environ.setdefault("HELPERS_PROGRESS", "off")  # the kernels' bars: epoch lines instead of a saved "0/7" widget
@@ -450,8 +549,18 @@ def main(argv: list[str] | None = None) -> int:
             plan = make_plan(args.profile, out, args.only, args.data_dir, args.device)
             return 1 if plan.get("missing") else 0
         budget_s = parse_duration(args.budget) if args.budget is not None else 0.0
-        summary = run(args.profile, out, args.only, args.data_dir, args.device, args.resume, not args.no_report, precision=args.precision, gpus=args.gpus,
-                      budget_s=budget_s)
+        summary = run(
+            args.profile,
+            out,
+            args.only,
+            args.data_dir,
+            args.device,
+            args.resume,
+            not args.no_report,
+            precision=args.precision,
+            gpus=args.gpus,
+            budget_s=budget_s,
+        )
     except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -459,13 +568,20 @@ def main(argv: list[str] | None = None) -> int:
         print(interrupted_line(summary), flush=True)
         return TERMINATED_EXIT if summary.get("signal") == "SIGTERM" else INTERRUPTED_EXIT
     if summary.get("plan"):
-        print(f"[pipeline] predicted {summary['plan']['predicted_seconds']} s for the notebooks run, measured {summary['plan']['measured_seconds']} s")
+        print(
+            f"[pipeline] predicted {summary['plan']['predicted_seconds']} s for the notebooks run, measured {summary['plan']['measured_seconds']} s"
+        )
     if summary.get("budget"):
         b = summary["budget"]
-        print(f"[pipeline] budget {b['budget_s']:.0f} s: planned {b['planned_seconds']:.0f} s, took {b['measured_seconds']:.0f} s "
-              f"({100 * (b['measured_seconds'] / b['budget_s'] - 1):+.1f} %)")
+        print(
+            f"[pipeline] budget {b['budget_s']:.0f} s: planned {b['planned_seconds']:.0f} s, took {b['measured_seconds']:.0f} s "
+            f"({100 * (b['measured_seconds'] / b['budget_s'] - 1):+.1f} %)"
+        )
     failed = {k: v for k, v in summary["steps"].items() if v["status"] not in ("ok", "up to date")}
-    print(f"[pipeline] done in {summary['seconds']} s: {len(summary['steps']) - len(failed)} ok" + (f", {len(failed)} not: {', '.join(failed)}" if failed else ""))
+    print(
+        f"[pipeline] done in {summary['seconds']} s: {len(summary['steps']) - len(failed)} ok"
+        + (f", {len(failed)} not: {', '.join(failed)}" if failed else "")
+    )
     return 1 if failed else 0
 
 

@@ -30,7 +30,9 @@ from helpers.budget import StepClock
 from helpers.budget_split import NotebookWork, Training
 from helpers.runinfo import Runtime
 
-OVERHEAD_S = 3.0  # beyond the measured imports: the kernel's start, figures, metrics and the HTML export of one notebook
+OVERHEAD_S = (
+    3.0  # beyond the measured imports: the kernel's start, figures, metrics and the HTML export of one notebook
+)
 WARMUP, STEPS = 2, 4  # measured steps per model: enough for a plan, cheap on a CPU
 
 
@@ -53,7 +55,16 @@ def measure_fit_step(
     probe = copy.deepcopy(model)
     probe_objective = copy.deepcopy(objective) if objective is not None else None
     clock = StepClock(warmup, device)
-    probe_cfg = dataclasses.replace(cfg, max_steps=warmup + steps, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9, warmup_epochs=0.0)
+    probe_cfg = dataclasses.replace(
+        cfg,
+        max_steps=warmup + steps,
+        budget_s=0.0,
+        monitor="",
+        patience=0,
+        restore_best=False,
+        log_every=10**9,
+        warmup_epochs=0.0,
+    )
     fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
     del probe, probe_objective
     return clock.seconds_per_step
@@ -88,7 +99,15 @@ class NotebookPlan:
     def work(self, name: str, eval_every: int = 1) -> NotebookWork:
         """What helpers.budget_split shares a budget out over: the fixed part and every training."""
         trainings = tuple(
-            Training(j.name, j.parameter, j.epochs, max(1, j.steps // max(1, j.epochs)), j.seconds_per_step, j.seconds_per_eval if j.eval_passes else 0.0, eval_every)
+            Training(
+                j.name,
+                j.parameter,
+                j.epochs,
+                max(1, j.steps // max(1, j.epochs)),
+                j.seconds_per_step,
+                j.seconds_per_eval if j.eval_passes else 0.0,
+                eval_every,
+            )
             for j in self.jobs
         )
         return NotebookWork(name, self.data_seconds + self.extra_seconds + self.overhead_seconds, trainings)
@@ -99,8 +118,11 @@ class NotebookPlan:
 
     def as_dict(self) -> dict:
         return {
-            "notebook": self.notebook, "predicted_seconds": round(self.seconds, 1), "data_seconds": round(self.data_seconds, 1),
-            "extra_seconds": round(self.extra_seconds, 1), "overhead_seconds": self.overhead_seconds,
+            "notebook": self.notebook,
+            "predicted_seconds": round(self.seconds, 1),
+            "data_seconds": round(self.data_seconds, 1),
+            "extra_seconds": round(self.extra_seconds, 1),
+            "overhead_seconds": self.overhead_seconds,
             "jobs": [dataclasses.asdict(j) | {"seconds": round(j.seconds, 1)} for j in self.jobs],
         }
 
@@ -209,7 +231,9 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
         step = measure_fit_step(model, data.train, data.augment, fit_cfg, cfg.device, warmup=WARMUP, steps=STEPS)
         evaluation = eval_pass_seconds(model.eval(), splits, data.augment, Runtime.of(cfg))
         if task == "T3":
-            names = [f"T3_{f}" for f in cfg.fashions] + (["T3_<selected>_scaled"] if cfg.bonus else [])  # (the bonus: in the fashion T3 selects)
+            names = [f"T3_{f}" for f in cfg.fashions] + (
+                ["T3_<selected>_scaled"] if cfg.bonus else []
+            )  # (the bonus: in the fashion T3 selects)
         elif task == "E1":
             names = ["E1_cross_entropy", "E1_center"]
         else:
@@ -218,10 +242,21 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
         if task == "E1":  # triplet: P x K batches, nearest-class-mean evaluation (reference pass too)
             from helpers.data import PKBatchSampler
 
-            sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
+            sampler = PKBatchSampler(
+                data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True
+            )
             scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
             reference = min(1.0, cfg.ncm_per_class * data.num_classes / max(1, data.train.num_samples))
-            plan.jobs.append(Job("E1_triplet", cfg.epochs * len(sampler), step * scale, evals, evaluation * (1 + reference), epochs=cfg.epochs))
+            plan.jobs.append(
+                Job(
+                    "E1_triplet",
+                    cfg.epochs * len(sampler),
+                    step * scale,
+                    evals,
+                    evaluation * (1 + reference),
+                    epochs=cfg.epochs,
+                )
+            )
     if task == "E1":  # three maps of the test embeddings (the notebook's max_points=2000)
         plan.extra_seconds += 3 * tsne_seconds(min(2000, data.test.num_samples))
     return plan
@@ -239,12 +274,34 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     plan = NotebookPlan("T4", data_seconds)
     torch.manual_seed(cfg.seed)
     model = resnet18(data.num_train_classes, stem=cfg.stem, cubs=cfg.fashion, cubs_width=cfg.cubs_width or None)
-    step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS)
+    step = measure_fit_step(
+        model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS
+    )
     embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
-    plan.jobs.append(Job("T4_classifier", cfg.cls_epochs * len(data.train), step, cfg.cls_epochs, embed, "cls_budget_s", cfg.cls_epochs))
+    plan.jobs.append(
+        Job(
+            "T4_classifier",
+            cfg.cls_epochs * len(data.train),
+            step,
+            cfg.cls_epochs,
+            embed,
+            "cls_budget_s",
+            cfg.cls_epochs,
+        )
+    )
     scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
     for miner in cfg.miner_runs:
-        plan.jobs.append(Job(f"T4_embedding_{miner}", cfg.emb_epochs * len(data.train_pk), step * scale, cfg.emb_epochs + 1, embed, "emb_budget_s", cfg.emb_epochs))
+        plan.jobs.append(
+            Job(
+                f"T4_embedding_{miner}",
+                cfg.emb_epochs * len(data.train_pk),
+                step * scale,
+                cfg.emb_epochs + 1,
+                embed,
+                "emb_budget_s",
+                cfg.emb_epochs,
+            )
+        )
     # the "before" embeddings, and two t-SNE maps (before, after)
     plan.extra_seconds = embed + 2 * tsne_seconds(min(cfg.tsne_points, data.test.num_samples))
     return plan
@@ -259,10 +316,22 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     (data, pretrain), data_seconds = _timed_data(lambda: build_stl10(cfg))
     plan = NotebookPlan("E2", data_seconds)
     model = build_mlp(cfg)
-    step = measure_fit_step(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS)
+    step = measure_fit_step(
+        model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS
+    )
     evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
-    plan.jobs += [Job(f"E2_pretrain_layer{i + 1}", cfg.pretrain_epochs * len(pretrain), step, 0, 0.0, "pretrain_budget_s", cfg.pretrain_epochs)
-                  for i in range(len(cfg.hidden))]
+    plan.jobs += [
+        Job(
+            f"E2_pretrain_layer{i + 1}",
+            cfg.pretrain_epochs * len(pretrain),
+            step,
+            0,
+            0.0,
+            "pretrain_budget_s",
+            cfg.pretrain_epochs,
+        )
+        for i in range(len(cfg.hidden))
+    ]
     for name in ("E2_pretrained", "E2_baseline"):
         plan.jobs.append(Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs))
     plan.extra_seconds = tsne_seconds(min(cfg.tsne_per_class * 10, data.test.num_samples))  # the X[3] map
@@ -279,7 +348,9 @@ def plan_notebook(name: str, profile: str, overrides: dict, out_dir: Path, scrat
     return plan_layerwise(profile, overrides, scratch)
 
 
-def plan_pipeline(profile: str, steps: list[str], data_dir: str | None, device: str | None, out_dir: Path, log=None) -> dict:
+def plan_pipeline(
+    profile: str, steps: list[str], data_dir: str | None, device: str | None, out_dir: Path, log=None
+) -> dict:
     """{"notebooks": {notebook: plan dict}, "total_seconds", "missing": {notebook: why}} for the
     pipeline's notebooks `steps`. A notebook whose dataset is missing is named in "missing" and the
     rest is planned (`log` says so as it happens); "work" holds what a budget is split over."""
@@ -305,7 +376,12 @@ def plan_pipeline(profile: str, steps: list[str], data_dir: str | None, device: 
             notebooks[name] = plan.as_dict() | {"planning_seconds": round(time.perf_counter() - tic, 1)}
             work.append(plan.work(name))
     total = round(sum(n["predicted_seconds"] for n in notebooks.values()), 1)
-    plan = {"profile": profile, "notebooks": notebooks, "total_seconds": total, "run": run_info(resolve_device(device or "auto"))}
+    plan = {
+        "profile": profile,
+        "notebooks": notebooks,
+        "total_seconds": total,
+        "run": run_info(resolve_device(device or "auto")),
+    }
     if missing:
         plan["missing"] = missing
     return plan | {"work": work}
@@ -318,7 +394,10 @@ def format_plan(plan: dict) -> str:
         lines.append(f"  {name:22s} {_duration(n['predicted_seconds']):>9s}   ({jobs})")
     for name, why in plan.get("missing", {}).items():
         lines.append(f"  {name:22s} {'-':>9s}   not planned: its data is missing ({why.split('. ')[0][:120]})")
-    lines.append(f"  {'whole pipeline':22s} {_duration(plan['total_seconds']):>9s}" + ("   (without the notebooks not planned)" if plan.get("missing") else ""))
+    lines.append(
+        f"  {'whole pipeline':22s} {_duration(plan['total_seconds']):>9s}"
+        + ("   (without the notebooks not planned)" if plan.get("missing") else "")
+    )
     return "\n".join(lines)
 
 

@@ -56,7 +56,10 @@ def plot_class_accuracy(report: dict, n: int = 10, title: str = "") -> plt.Figur
     """Horizontal bars: the n best and n worst classes of a classification report, by name."""
     best, worst = report["best_classes"][:n], report["worst_classes"][:n]
     fig, axes = plt.subplots(1, 2, figsize=(9, 0.28 * max(len(best), 4) + 1.0))
-    for ax, rows, colour, label in ((axes[0], best, "tab:green", "best classes"), (axes[1], worst, "tab:red", "worst classes")):
+    for ax, rows, colour, label in (
+        (axes[0], best, "tab:green", "best classes"),
+        (axes[1], worst, "tab:red", "worst classes"),
+    ):
         names = [_short(r["name"]) for r in rows][::-1]
         ax.barh(names, [100 * r["accuracy"] for r in rows][::-1], color=colour)
         ax.set_xlim(0, 100)
@@ -95,6 +98,7 @@ def _short(name: str, width: int = 28) -> str:
 
 def markdown_table(rows: Sequence[Sequence], headers: Sequence[str]) -> str:
     """A Markdown table (display it with IPython.display.Markdown)."""
+
     def cell(value) -> str:
         if isinstance(value, float):
             return f"{value:.4g}" if abs(value) >= 1 or value == 0 else f"{value:.3f}"
@@ -124,17 +128,29 @@ def classifier_results_markdown(run, n: int = 5) -> str:
         f"best held-out epoch {run.best_epoch} of {run.epochs_run}",
         "",
         markdown_table(
-            [["held-out", pct(held["top1"]), pct(held["top5"]), "n/a" if held["loss"] is None else f"{held['loss']:.3f}"],
-             ["test", pct(test["top1"]), pct(test["top5"]), f"{test['loss']:.3f}"]],
+            [
+                [
+                    "held-out",
+                    pct(held["top1"]),
+                    pct(held["top5"]),
+                    "n/a" if held["loss"] is None else f"{held['loss']:.3f}",
+                ],
+                ["test", pct(test["top1"]), pct(test["top5"]), f"{test['loss']:.3f}"],
+            ],
             ["split", "top-1", "top-5", "loss"],
         ),
         "",
-        "Best classes: " + ", ".join(f"{_short(c['name'])} ({pct(c['accuracy'], 0)})" for c in test["best_classes"][:n]),
+        "Best classes: "
+        + ", ".join(f"{_short(c['name'])} ({pct(c['accuracy'], 0)})" for c in test["best_classes"][:n]),
         "",
-        "Worst classes: " + ", ".join(f"{_short(c['name'])} ({pct(c['accuracy'], 0)})" for c in test["worst_classes"][:n]),
+        "Worst classes: "
+        + ", ".join(f"{_short(c['name'])} ({pct(c['accuracy'], 0)})" for c in test["worst_classes"][:n]),
         "",
         "Most confused (true → predicted, count): "
-        + ", ".join(f"{_short(p['true_name'], 20)} → {_short(p['predicted_name'], 20)} ({p['count']})" for p in test["most_confused"][:n]),
+        + ", ".join(
+            f"{_short(p['true_name'], 20)} → {_short(p['predicted_name'], 20)} ({p['count']})"
+            for p in test["most_confused"][:n]
+        ),
     ]
     return "\n".join(lines)
 
@@ -167,7 +183,9 @@ def plot_tsne(panels: dict[str, tuple], max_points: int = 2000, seed: int = 0, t
     return fig
 
 
-def plot_retrieval_grid(queries: Sequence[int], embeddings, labels, load_image, n: int = 10, farthest: bool = False, title: str = "") -> plt.Figure:
+def plot_retrieval_grid(
+    queries: Sequence[int], embeddings, labels, load_image, n: int = 10, farthest: bool = False, title: str = ""
+) -> plt.Figure:
     """For each query (a row): the query, then its n most (or least) similar other gallery images,
     titled with the cosine similarity; green = same class as the query, red = another class.
     embeddings (N, D), labels (N,), load_image(i) -> PIL image."""
@@ -204,7 +222,11 @@ def _thumb(ax, image, caption: str, colour: str) -> None:
 
 def plot_retrieval_curves(histories: dict[str, list[dict]], title: str = "") -> plt.Figure:
     """Training loss and test Recall@1 per epoch for each run."""
-    curves = (("train_loss", "training loss", False), ("test_recall@1", "test Recall@1 (%)", True), ("test_map@r", "test MAP@R (%)", True))
+    curves = (
+        ("train_loss", "training loss", False),
+        ("test_recall@1", "test Recall@1 (%)", True),
+        ("test_map@r", "test MAP@R (%)", True),
+    )
     return plot_curves(histories, curves=curves, title=title)
 
 
@@ -217,8 +239,16 @@ def plot_accuracy_vs_time(records: Sequence[dict], title: str = "") -> plt.Figur
     for record in records:
         who = record["who"]
         seconds, top1 = zip(*record["curve"]) if record["curve"] else ((), ())
-        ax.plot(seconds, [100 * a for a in top1], "-o", color=colours.get(who, "grey"), lw=1, ms=3, alpha=0.8,
-                label=None if who in seen else who)
+        ax.plot(
+            seconds,
+            [100 * a for a in top1],
+            "-o",
+            color=colours.get(who, "grey"),
+            lw=1,
+            ms=3,
+            alpha=0.8,
+            label=None if who in seen else who,
+        )
         seen.add(who)
     ax.set_xlabel("training seconds (evaluation excluded)")
     ax.set_ylabel("top-1 (%)")

@@ -32,7 +32,9 @@ def label(precision: str, channels_last: bool) -> str:
     return precision + (" + channels_last" if channels_last else "")
 
 
-def time_step(step: Callable[[], None], steps: int = TIMED_STEPS, clock: Callable[[], float] = time.perf_counter) -> float:
+def time_step(
+    step: Callable[[], None], steps: int = TIMED_STEPS, clock: Callable[[], float] = time.perf_counter
+) -> float:
     """Seconds per call of `step` after one warm call."""
     step()
     tic = clock()
@@ -41,7 +43,9 @@ def time_step(step: Callable[[], None], steps: int = TIMED_STEPS, clock: Callabl
     return (clock() - tic) / steps
 
 
-def measure(model: nn.Module, objective: nn.Module, x: torch.Tensor, targets: torch.Tensor, steps: int = TIMED_STEPS) -> dict[str, float]:
+def measure(
+    model: nn.Module, objective: nn.Module, x: torch.Tensor, targets: torch.Tensor, steps: int = TIMED_STEPS
+) -> dict[str, float]:
     """{label: seconds per forward + backward} of copies of `model` (and `objective`) on one CPU
     batch, for every candidate bf16 autocast works for on this CPU."""
     timings = {}
@@ -70,7 +74,11 @@ def choose(timings: dict[str, float]) -> tuple[str, bool, str]:
     best = min(bf16, key=bf16.get) if bf16 else None
     measured = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items())
     if best is not None and fp32 / bf16[best] >= BF16_GAIN:
-        return "bf16", best.endswith("channels_last"), f"auto on cpu, measured per step: {measured}; {best} is {fp32 / bf16[best]:.2f}x fp32"
+        return (
+            "bf16",
+            best.endswith("channels_last"),
+            f"auto on cpu, measured per step: {measured}; {best} is {fp32 / bf16[best]:.2f}x fp32",
+        )
     why = "bf16 autocast unavailable" if best is None else f"bf16 is not {BF16_GAIN:.2f}x faster"
     return "fp32", False, f"auto on cpu, measured per step: {measured}; fp32 ({why})"
 

@@ -51,8 +51,26 @@ SPLITS = ("test", "heldout")
 # The project's T2 recipe for a short budget, on top of the T2 "full" profile. Every choice was made
 # on the held-out split (`--split heldout`); see docs/performance.md for the runs behind it.
 PROJECT_RECIPE = {
-    "cpu": dict(batch_size=128, lr=0.1, warmup_epochs=0.5, cutmix=0.0, padding=4, label_smoothing=0.1, weight_decay=5e-4, num_workers=2),
-    "cuda": dict(batch_size=256, lr=0.2, warmup_epochs=1.0, cutmix=0.0, padding=4, label_smoothing=0.1, weight_decay=5e-4, num_workers=8),
+    "cpu": dict(
+        batch_size=128,
+        lr=0.1,
+        warmup_epochs=0.5,
+        cutmix=0.0,
+        padding=4,
+        label_smoothing=0.1,
+        weight_decay=5e-4,
+        num_workers=2,
+    ),
+    "cuda": dict(
+        batch_size=256,
+        lr=0.2,
+        warmup_epochs=1.0,
+        cutmix=0.0,
+        padding=4,
+        label_smoothing=0.1,
+        weight_decay=5e-4,
+        num_workers=8,
+    ),
 }
 
 
@@ -83,10 +101,21 @@ def project_config(args: argparse.Namespace, root: Path, seed: int, out_dir: Pat
     recipe = dict(PROJECT_RECIPE["cuda" if device.type == "cuda" else "cpu"])
     recipe.update(parse_overrides(args.set))
     return RecognitionConfig.build(
-        "T2", profile="full", data_dir=str(root.parent), out_dir=str(out_dir), device=args.device, resume=False,
-        image_size=args.image_size, stem=args.stem, classes=args.classes, train_per_class=args.train_per_class,
-        heldout_fraction=args.heldout_fraction if args.split == "heldout" else 0.0, budget_s=args.budget_s, eval_every=args.eval_every,
-        seed=seed, **recipe,
+        "T2",
+        profile="full",
+        data_dir=str(root.parent),
+        out_dir=str(out_dir),
+        device=args.device,
+        resume=False,
+        image_size=args.image_size,
+        stem=args.stem,
+        classes=args.classes,
+        train_per_class=args.train_per_class,
+        heldout_fraction=args.heldout_fraction if args.split == "heldout" else 0.0,
+        budget_s=args.budget_s,
+        eval_every=args.eval_every,
+        seed=seed,
+        **recipe,
     )
 
 
@@ -116,7 +145,9 @@ def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) 
         data = dataclasses.replace(data, test=data.heldout, heldout=_no_images())
     setup = time.perf_counter() - tic
     model = build_model("resnet18", cfg, data.num_classes)
-    summary = train_classifier("proof_project", model, data, cfg, describe_model(model, stem=cfg.stem), progress=args.progress)
+    summary = train_classifier(
+        "proof_project", model, data, cfg, describe_model(model, stem=cfg.stem), progress=args.progress
+    )
     history = summary.history
     # the budget clock of fit: wall-clock without the evaluation passes (loops, checkpoints, epoch ends)
     train_seconds = summary.budget["budget_seconds_used"]
@@ -124,12 +155,22 @@ def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) 
     curve = [(h_seconds, h["test_top1"]) for h, h_seconds in _cumulative(history) if h.get("test_top1") is not None]
     curve[-1:] = [(train_seconds, summary.test["top1"])]
     return {
-        "who": "project", "seed": seed, "test_top1": summary.test["top1"], "test_top5": summary.test["top5"],
-        "train_seconds": train_seconds, "images_per_s": images / train_seconds,
-        "epochs_done": history[-1]["steps"] / max(1, len(data.train)), "steps": history[-1]["steps"],
-        "peak_mem_mb": round(peak_mem_mb(torch.device(cfg.device)), 1), "setup_seconds": setup,
-        "planning_seconds": 0.0, "batch_size": cfg.batch_size, "train_images": data.train.num_samples,
-        "eval_images": data.test.num_samples, "curve": curve, "recipe": cfg.as_dict(),
+        "who": "project",
+        "seed": seed,
+        "test_top1": summary.test["top1"],
+        "test_top5": summary.test["top5"],
+        "train_seconds": train_seconds,
+        "images_per_s": images / train_seconds,
+        "epochs_done": history[-1]["steps"] / max(1, len(data.train)),
+        "steps": history[-1]["steps"],
+        "peak_mem_mb": round(peak_mem_mb(torch.device(cfg.device)), 1),
+        "setup_seconds": setup,
+        "planning_seconds": 0.0,
+        "batch_size": cfg.batch_size,
+        "train_images": data.train.num_samples,
+        "eval_images": data.test.num_samples,
+        "curve": curve,
+        "recipe": cfg.as_dict(),
         "model": summary.architecture,
     }
 
@@ -162,7 +203,11 @@ def run_peer(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> 
     train_set, val_set = TinyImageNet(root, "train"), TinyImageNet(root, "val")
     splits = split_indices(np.asarray(train_set.targets), np.asarray(val_set.targets), cfg)
     train_samples = [train_set.samples[i] for i in splits["train"]]
-    eval_samples = [train_set.samples[i] for i in splits["heldout"]] if args.split == "heldout" else [val_set.samples[i] for i in splits["test"]]
+    eval_samples = (
+        [train_set.samples[i] for i in splits["heldout"]]
+        if args.split == "heldout"
+        else [val_set.samples[i] for i in splits["test"]]
+    )
     num_classes = cfg.classes or len(train_set.classes)
     setup = time.perf_counter() - tic
     torch.manual_seed(seed)
@@ -177,22 +222,47 @@ def run_peer(args: argparse.Namespace, root: Path, seed: int, workdir: Path) -> 
     # epoch is one step, and each step then pays the workers' start (0.4 s of fork on a 2-core CPU).
     tic = time.perf_counter()
     pilot_seconds = max(min(5.0, args.budget_s), 0.1 * args.budget_s)
-    seconds_per_step = measure_peer_step(model, train_loader, peer_cfg, device, warmup=50, steps=100, max_seconds=pilot_seconds)
+    seconds_per_step = measure_peer_step(
+        model, train_loader, peer_cfg, device, warmup=50, steps=100, max_seconds=pilot_seconds
+    )
     planning = time.perf_counter() - tic
     steps = plan_steps(args.budget_s, seconds_per_step)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = peer_train(model, train_loader, peer_cfg, device, steps, lambda m: peer_evaluate(m, eval_loader, device, peer_cfg), args.eval_every, budget_s=args.budget_s)
+    result = peer_train(
+        model,
+        train_loader,
+        peer_cfg,
+        device,
+        steps,
+        lambda m: peer_evaluate(m, eval_loader, device, peer_cfg),
+        args.eval_every,
+        budget_s=args.budget_s,
+    )
     final = result["history"][-1]
     curve = [(h["train_seconds"], h["top1"]) for h in result["history"] if "top1" in h]
     return {
-        "who": "peer", "seed": seed, "test_top1": final["top1"], "test_top5": final["top5"],
-        "train_seconds": result["train_seconds"], "images_per_s": result["images"] / result["train_seconds"],
-        "epochs_done": result["epochs"], "steps": result["steps"], "peak_mem_mb": round(peak_mem_mb(device), 1),
-        "setup_seconds": setup, "planning_seconds": planning, "batch_size": peer_cfg.batch_size,
-        "train_images": len(train_samples), "eval_images": len(eval_samples), "curve": curve,
+        "who": "peer",
+        "seed": seed,
+        "test_top1": final["top1"],
+        "test_top5": final["top5"],
+        "train_seconds": result["train_seconds"],
+        "images_per_s": result["images"] / result["train_seconds"],
+        "epochs_done": result["epochs"],
+        "steps": result["steps"],
+        "peak_mem_mb": round(peak_mem_mb(device), 1),
+        "setup_seconds": setup,
+        "planning_seconds": planning,
+        "batch_size": peer_cfg.batch_size,
+        "train_images": len(train_samples),
+        "eval_images": len(eval_samples),
+        "curve": curve,
         "recipe": dataclasses.asdict(peer_cfg) | {"image_size": args.image_size, "stem": args.stem},
-        "model": {"class": "torchvision.models.resnet18", "parameters": sum(p.numel() for p in model.parameters()), "stem": args.stem},
+        "model": {
+            "class": "torchvision.models.resnet18",
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "stem": args.stem,
+        },
     }
 
 
@@ -208,8 +278,11 @@ def summarize(records: list[dict]) -> dict:
             continue
         top1 = [r["test_top1"] for r in rows]
         out[who] = {
-            "runs": len(rows), "top1_mean": statistics.fmean(top1), "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
-            "top1_range": max(top1) - min(top1), "top5_mean": statistics.fmean(r["test_top5"] for r in rows),
+            "runs": len(rows),
+            "top1_mean": statistics.fmean(top1),
+            "top1_std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+            "top1_range": max(top1) - min(top1),
+            "top5_mean": statistics.fmean(r["test_top5"] for r in rows),
             "train_seconds_mean": statistics.fmean(r["train_seconds"] for r in rows),
             "images_per_s_mean": statistics.fmean(r["images_per_s"] for r in rows),
             "epochs_mean": statistics.fmean(r["epochs_done"] for r in rows),
@@ -219,14 +292,20 @@ def summarize(records: list[dict]) -> dict:
         lead = out["project"]["top1_mean"] - out["peer"]["top1_mean"]
         spread = max(out["project"]["top1_range"], out["peer"]["top1_range"])
         out["verdict"] = {
-            "lead": lead, "larger_spread": spread, "project_wins": lead > spread,
+            "lead": lead,
+            "larger_spread": spread,
+            "project_wins": lead > spread,
             "speed_ratio": out["project"]["images_per_s_mean"] / out["peer"]["images_per_s_mean"],
         }
     return out
 
 
 def markdown(summary: dict, meta: dict) -> str:
-    split = f"held-out {100 * meta.get('heldout_fraction', 0.05):.0f} % of train" if meta["split"] == "heldout" else "official val (test)"
+    split = (
+        f"held-out {100 * meta.get('heldout_fraction', 0.05):.0f} % of train"
+        if meta["split"] == "heldout"
+        else "official val (test)"
+    )
     lines = [
         f"Budget {meta['budget_s']:.0f} s of training per run, {meta['image_size']} px, {meta['stem']} stem, device {meta['device']}, "
         f"{meta['seeds']} seeds; scored on {split}.",
@@ -244,8 +323,11 @@ def markdown(summary: dict, meta: dict) -> str:
     if "verdict" in summary:
         v = summary["verdict"]
         word = "ahead" if v["project_wins"] else "NOT clearly ahead"
-        lines += ["", f"Project lead {100 * v['lead']:+.2f} points against a larger seed range of {100 * v['larger_spread']:.2f}: project {word}. "
-                  f"Training speed project/peer: {v['speed_ratio']:.2f}x."]
+        lines += [
+            "",
+            f"Project lead {100 * v['lead']:+.2f} points against a larger seed range of {100 * v['larger_spread']:.2f}: project {word}. "
+            f"Training speed project/peer: {v['speed_ratio']:.2f}x.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -264,7 +346,18 @@ def run_child(args: argparse.Namespace) -> int:
 
 
 def child_command(argv: list[str], who: str, seed: int, workdir: Path, record: Path) -> list[str]:
-    return [sys.executable, "-m", "helpers.proof", *argv, "--child", f"{who}:{seed}", "--workdir", str(workdir), "--record", str(record)]
+    return [
+        sys.executable,
+        "-m",
+        "helpers.proof",
+        *argv,
+        "--child",
+        f"{who}:{seed}",
+        "--workdir",
+        str(workdir),
+        "--record",
+        str(record),
+    ]
 
 
 def plan(args: argparse.Namespace, root: Path) -> dict:
@@ -284,29 +377,52 @@ def plan(args: argparse.Namespace, root: Path) -> dict:
     evals = min(int(epochs) // args.eval_every + 1, int(epochs) + 1)
     per_run = args.budget_s + evals * eval_seconds + 10  # + interpreter start, data set-up
     total = 2 * args.seeds * per_run
-    return {"seconds_per_step": step, "epochs_per_run": epochs, "eval_seconds": eval_seconds, "evals_per_run": evals, "seconds_per_run": per_run, "total_seconds": total}
+    return {
+        "seconds_per_step": step,
+        "epochs_per_run": epochs,
+        "eval_seconds": eval_seconds,
+        "evals_per_run": evals,
+        "seconds_per_run": per_run,
+        "total_seconds": total,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", required=True, help="tiny-imagenet-200 folder, a folder holding one, or a .zip of one")
+    parser.add_argument(
+        "--data-dir", required=True, help="tiny-imagenet-200 folder, a folder holding one, or a .zip of one"
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--budget-s", type=float, default=300.0, help="training seconds per run (evaluation excluded)")
     parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--stem", default=None, choices=("imagenet", "small"), help="default: imagenet on the CPU, small on CUDA")
+    parser.add_argument(
+        "--stem", default=None, choices=("imagenet", "small"), help="default: imagenet on the CPU, small on CUDA"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="JSON file to write (FILE.md and FILE.png go beside it)")
-    parser.add_argument("--split", default="test", choices=SPLITS, help="score on the official val (test) or the held-out 5 %% of train")
-    parser.add_argument("--heldout-fraction", type=float, default=0.05, help="with --split heldout: the part of train held out")
+    parser.add_argument(
+        "--split", default="test", choices=SPLITS, help="score on the official val (test) or the held-out 5 %% of train"
+    )
+    parser.add_argument(
+        "--heldout-fraction", type=float, default=0.05, help="with --split heldout: the part of train held out"
+    )
     parser.add_argument("--classes", type=int, default=0, help="first N classes only (0 = all)")
     parser.add_argument("--train-per-class", type=int, default=0, help="at most N training images per class (0 = all)")
-    parser.add_argument("--eval-every", type=int, default=3, help="evaluate every N epochs (and at the end) for the accuracy-time curve")
+    parser.add_argument(
+        "--eval-every", type=int, default=3, help="evaluate every N epochs (and at the end) for the accuracy-time curve"
+    )
     parser.add_argument("--who", default="project,peer", help="which sides to run (default both)")
-    parser.add_argument("--set", action="append", help="override a project recipe value, e.g. --set lr=0.2 (repeatable)")
-    parser.add_argument("--peer-set", action="append", help="override a peer recipe value, e.g. --peer-set batch_size=128")
-    parser.add_argument("--peer-amp", default="none", choices=("none", "bf16", "fp16"), help="the peer's autocast (CUDA only)")
+    parser.add_argument(
+        "--set", action="append", help="override a project recipe value, e.g. --set lr=0.2 (repeatable)"
+    )
+    parser.add_argument(
+        "--peer-set", action="append", help="override a peer recipe value, e.g. --peer-set batch_size=128"
+    )
+    parser.add_argument(
+        "--peer-amp", default="none", choices=("none", "bf16", "fp16"), help="the peer's autocast (CUDA only)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = PyTorch's default)")
     parser.add_argument("--progress", action="store_true", help="show the project's progress bars")
     parser.add_argument("--plan", action="store_true", help="only predict the wall time of this proof run")
@@ -331,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
             for path in (args.out, Path(args.out).with_suffix(".md"), Path(args.out).with_suffix(".png")):
                 check_output_file(path)
         return drive(args, argv, who)
-    except ProjectError as exc:  # (DatasetError, SettingsError, OutputError: what the user can fix; anything else shows its traceback)
+    except (
+        ProjectError
+    ) as exc:  # (DatasetError, SettingsError, OutputError: what the user can fix; anything else shows its traceback)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -345,9 +463,12 @@ def drive(args: argparse.Namespace, argv: list[str], who: list[str]) -> int:
         project_config(args, root, 0, workdir)  # fail on a bad --set before any run
         prediction = plan(args, root)
         per = prediction["seconds_per_run"]
-        print(f"[proof] plan: {prediction['epochs_per_run']:.1f} project epochs per run ({1000 * prediction['seconds_per_step']:.0f} ms/step), "
-              f"{prediction['evals_per_run']} evaluations of {prediction['eval_seconds']:.1f} s; about {per:.0f} s per run, "
-              f"{len(who) * args.seeds * per / 60:.1f} min for {len(who)} x {args.seeds} runs", flush=True)
+        print(
+            f"[proof] plan: {prediction['epochs_per_run']:.1f} project epochs per run ({1000 * prediction['seconds_per_step']:.0f} ms/step), "
+            f"{prediction['evals_per_run']} evaluations of {prediction['eval_seconds']:.1f} s; about {per:.0f} s per run, "
+            f"{len(who) * args.seeds * per / 60:.1f} min for {len(who)} x {args.seeds} runs",
+            flush=True,
+        )
         if args.plan:
             return 0
         records = []
@@ -358,17 +479,34 @@ def drive(args: argparse.Namespace, argv: list[str], who: list[str]) -> int:
                 record_path = workdir / f"{side}-{seed}.json"
                 print(f"[proof] seed {seed}: {side} ...", flush=True)
                 if subprocess.run(child_command(argv, side, seed, workdir, record_path)).returncode != 0:
-                    print(f"error: the {side} run of seed {seed} failed (its message is above); nothing was written to {out}", file=sys.stderr)
+                    print(
+                        f"error: the {side} run of seed {seed} failed (its message is above); nothing was written to {out}",
+                        file=sys.stderr,
+                    )
                     return 1
                 record = json.loads(record_path.read_text())
                 records.append(record)
-                print(f"[proof] seed {seed}: {side} top-1 {100 * record['test_top1']:.2f} %, {record['train_seconds']:.0f} s, "
-                      f"{record['images_per_s']:.0f} img/s, {record['epochs_done']:.1f} epochs", flush=True)
+                print(
+                    f"[proof] seed {seed}: {side} top-1 {100 * record['test_top1']:.2f} %, {record['train_seconds']:.0f} s, "
+                    f"{record['images_per_s']:.0f} img/s, {record['epochs_done']:.1f} epochs",
+                    flush=True,
+                )
         summary = summarize(records)
         meta = {
-            "budget_s": args.budget_s, "image_size": args.image_size, "stem": args.stem, "device": args.device, "seeds": args.seeds,
-            "split": args.split, "heldout_fraction": args.heldout_fraction, "data_dir": str(args.data_dir), "classes": args.classes, "train_per_class": args.train_per_class,
-            "plan": prediction, "wall_seconds": time.perf_counter() - started, "run": run_info(args.device), "argv": argv,
+            "budget_s": args.budget_s,
+            "image_size": args.image_size,
+            "stem": args.stem,
+            "device": args.device,
+            "seeds": args.seeds,
+            "split": args.split,
+            "heldout_fraction": args.heldout_fraction,
+            "data_dir": str(args.data_dir),
+            "classes": args.classes,
+            "train_per_class": args.train_per_class,
+            "plan": prediction,
+            "wall_seconds": time.perf_counter() - started,
+            "run": run_info(args.device),
+            "argv": argv,
         }
         atomic_write_json({"meta": meta, "summary": summary, "records": records}, out)
         table = markdown(summary, meta)
@@ -378,8 +516,11 @@ def drive(args: argparse.Namespace, argv: list[str], who: list[str]) -> int:
         fig = plot_accuracy_vs_time(records, title=f"{args.image_size} px, budget {args.budget_s:.0f} s, {args.device}")
         fig.savefig(out.with_suffix(".png"), dpi=120, bbox_inches="tight")
         print(table, flush=True)
-        print(f"[proof] wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} (predicted {len(who) * args.seeds * per:.0f} s, "
-              f"took {meta['wall_seconds']:.0f} s)", flush=True)
+        print(
+            f"[proof] wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')} (predicted {len(who) * args.seeds * per:.0f} s, "
+            f"took {meta['wall_seconds']:.0f} s)",
+            flush=True,
+        )
     return 0
 
 

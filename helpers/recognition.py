@@ -12,7 +12,15 @@ import torch.nn as nn
 from torch.utils.data import Subset
 
 from helpers.config import RecognitionConfig
-from helpers.data import BatchAugment, CachedTinyImageNet, PKBatchSampler, TinyImageNet, ToUint8Tensor, stratified_split, subset_indices
+from helpers.data import (
+    BatchAugment,
+    CachedTinyImageNet,
+    PKBatchSampler,
+    TinyImageNet,
+    ToUint8Tensor,
+    stratified_split,
+    subset_indices,
+)
 from helpers.data.loaders import BatchSource
 from helpers.data.tinyimagenet import IMAGE_SIZE
 from helpers.evaluation import NearestClassMeanEvaluator, classification_report
@@ -40,10 +48,14 @@ def check_subset_fits(cfg: RecognitionConfig, train_labels: np.ndarray, root: Pa
     """`classes` and `train_per_class` against what the data has; a ValueError that states it."""
     counts = np.bincount(train_labels)
     if cfg.classes > len(counts):
-        raise SettingsError(f"classes={cfg.classes} is not valid: the data at {root} has {len(counts)} classes; use 1 to {len(counts)} (0 = all)")
+        raise SettingsError(
+            f"classes={cfg.classes} is not valid: the data at {root} has {len(counts)} classes; use 1 to {len(counts)} (0 = all)"
+        )
     most = counts[: cfg.classes or len(counts)].max()
     if cfg.train_per_class > most:
-        raise SettingsError(f"train_per_class={cfg.train_per_class} is not valid: the data at {root} has at most {most} training images per class; use 1 to {most} (0 = all)")
+        raise SettingsError(
+            f"train_per_class={cfg.train_per_class} is not valid: the data at {root} has at most {most} training images per class; use 1 to {most} (0 = all)"
+        )
 
 
 def split_indices(train_labels: np.ndarray, test_labels: np.ndarray, cfg: RecognitionConfig) -> dict[str, np.ndarray]:
@@ -83,16 +95,35 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         batch_size = cfg.batch_size if shuffle else max(cfg.batch_size, 256)
         images = None
         if path != "lazy":  # read in sorted order, then put back in idx order
-            images = np.asarray(dataset.images[np.sort(idx)])[np.argsort(np.argsort(idx))] if len(idx) else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+            images = (
+                np.asarray(dataset.images[np.sort(idx)])[np.argsort(np.argsort(idx))]
+                if len(idx)
+                else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+            )
         sources[name] = batch_source(
-            path, cfg.device, labels[idx], batch_size, shuffle=shuffle, drop_last=shuffle and len(idx) > cfg.batch_size, seed=cfg.seed,
-            images=images, dataset=Subset(dataset, idx), num_workers=cfg.num_workers,
+            path,
+            cfg.device,
+            labels[idx],
+            batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(idx) > cfg.batch_size,
+            seed=cfg.seed,
+            images=images,
+            dataset=Subset(dataset, idx),
+            num_workers=cfg.num_workers,
         )
     num_classes = cfg.classes or len(train_set.classes)
     resize_to = cfg.image_size if cfg.image_size != IMAGE_SIZE else None
     augment = BatchAugment(
-        crop=cfg.crop, size=cfg.image_size, resize_to=resize_to, padding=cfg.padding, scale=(cfg.rrc_scale_min, 1.0),
-        mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, mix_prob=cfg.mix_prob, num_classes=num_classes,
+        crop=cfg.crop,
+        size=cfg.image_size,
+        resize_to=resize_to,
+        padding=cfg.padding,
+        scale=(cfg.rrc_scale_min, 1.0),
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        mix_prob=cfg.mix_prob,
+        num_classes=num_classes,
     )
     info = {
         "dataset": "Tiny ImageNet" + (" (generated stand-in)" if generated else ""),
@@ -106,11 +137,19 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         "image_size": cfg.image_size,
         "fingerprint": data_fingerprint(cfg),
     }
-    return ClassificationData(sources["train"], sources["heldout"], sources["test"], augment, num_classes, list(train_set.class_names[:num_classes]), info)
+    return ClassificationData(
+        sources["train"],
+        sources["heldout"],
+        sources["test"],
+        augment,
+        num_classes,
+        list(train_set.class_names[:num_classes]),
+        info,
+    )
 
 
 def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) -> nn.Module:
-    """"custom_cnn" or "resnet18" (options: cubs, cubs_variant), seeded by cfg.seed."""
+    """ "custom_cnn" or "resnet18" (options: cubs, cubs_variant), seeded by cfg.seed."""
     torch.manual_seed(cfg.seed)
     if kind == "custom_cnn":
         return CustomCNN(num_classes, width=cfg.width)
@@ -152,30 +191,61 @@ class _FixedBatches:
         return len(self.batches)
 
 
-def train_triplet(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, RunSummary]:
+def train_triplet(
+    name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True
+) -> tuple[nn.Module, RunSummary]:
     """E1 (b): ResNet-18 + an L2-normalised embedding trained with the batch-hard triplet loss on
     P x K batches; classified by the nearest class mean of train embeddings. Returns (net, summary)."""
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(resnet18(data.num_classes, stem=cfg.stem), cfg.embedding_dim)
     sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
     train_pk = data.train.rebatched(sampler)
-    evaluator = NearestClassMeanEvaluator(reference_source(data, cfg.ncm_per_class), {"heldout": data.heldout, "test": data.test}, data.augment, data.num_classes, "euclidean", Runtime.of(cfg))
-    result = fit_stage(name, net, train_pk, data.augment, cfg, "triplet", progress=progress, objective=MetricObjective(TripletLoss(cfg.triplet_margin)), evaluate=evaluator)
+    evaluator = NearestClassMeanEvaluator(
+        reference_source(data, cfg.ncm_per_class),
+        {"heldout": data.heldout, "test": data.test},
+        data.augment,
+        data.num_classes,
+        "euclidean",
+        Runtime.of(cfg),
+    )
+    result = fit_stage(
+        name,
+        net,
+        train_pk,
+        data.augment,
+        cfg,
+        "triplet",
+        progress=progress,
+        objective=MetricObjective(TripletLoss(cfg.triplet_margin)),
+        evaluate=evaluator,
+    )
     net.eval()
     predictions = evaluator.predict(net)
     heldout = topk_accuracy(*predictions["heldout"], ks=(1, 5))
     test = classification_report(*predictions["test"], data.class_names, with_loss=False)
-    describe = describe_model(net, stem=cfg.stem, embedding_dim=cfg.embedding_dim, loss=f"batch-hard triplet (margin {cfg.triplet_margin})", classifier="nearest class mean")
-    return net, RunSummary.of(name, describe, result, cfg.out_dir, {"top1": heldout[1], "top5": heldout[5], "loss": None}, test)
+    describe = describe_model(
+        net,
+        stem=cfg.stem,
+        embedding_dim=cfg.embedding_dim,
+        loss=f"batch-hard triplet (margin {cfg.triplet_margin})",
+        classifier="nearest class mean",
+    )
+    return net, RunSummary.of(
+        name, describe, result, cfg.out_dir, {"top1": heldout[1], "top5": heldout[5], "loss": None}, test
+    )
 
 
-def train_center_loss(name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True) -> tuple[nn.Module, RunSummary]:
+def train_center_loss(
+    name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True
+) -> tuple[nn.Module, RunSummary]:
     """E1 (c): ResNet-18 trained with cross-entropy + center_weight * center loss on the pooled
     512-d features; the centers have their own learning rate. Returns (model, summary)."""
     model = build_model("resnet18", cfg, data.num_classes)
     objective = CenterLossObjective(data.num_classes, model.num_features, cfg.center_weight, cfg.label_smoothing)
     describe = describe_model(model, stem=cfg.stem, loss=f"cross-entropy + {cfg.center_weight} x center loss")
-    return model, train_classifier(name, model, data, cfg, describe, progress, stage="center", objective=objective, objective_lr=cfg.center_lr)
+    return model, train_classifier(
+        name, model, data, cfg, describe, progress, stage="center", objective=objective, objective_lr=cfg.center_lr
+    )
 
 
 def select_best(runs: dict[str, RunSummary], key: str = "top1") -> str:
@@ -186,18 +256,38 @@ def select_best(runs: dict[str, RunSummary], key: str = "top1") -> str:
 def select_t3(runs: dict[str, RunSummary], cfg: RecognitionConfig) -> T3Selection:
     """T3's choice among its CUBS runs (held-out top-1), as T4 and the report read it."""
     best = runs[select_best(runs)]
-    return T3Selection(criterion="held-out top-1", best=best.name, fashion=best.architecture["cubs"], checkpoint=best.checkpoint, stem=cfg.stem,
-                       run_id=best.training.get("run_id") or "")
+    return T3Selection(
+        criterion="held-out top-1",
+        best=best.name,
+        fashion=best.architecture["cubs"],
+        checkpoint=best.checkpoint,
+        stem=cfg.stem,
+        run_id=best.training.get("run_id") or "",
+    )
 
 
 def gap_to_t2(best: RunSummary, t2_metrics: dict | None, cfg: RecognitionConfig) -> dict:
     """Test top-1 of the selected CUBS model minus T2's, with a note when the two runs differ in data
     or recipe (then the gap is not a like-for-like comparison)."""
     if t2_metrics is None:
-        return {"available": False, "summary": "T2's metrics are not in this output folder yet (run T2 first); no gap computed."}
+        return {
+            "available": False,
+            "summary": "T2's metrics are not in this output folder yet (run T2 first); no gap computed.",
+        }
     t2_run = RunSummary.from_dict(next(iter(t2_metrics["models"].values())))
     gap = best.test["top1"] - t2_run.test["top1"]
-    keys = ("profile", "data_dir", "classes", "train_per_class", "image_size", "epochs", "batch_size", "lr", "stem", "seed")
+    keys = (
+        "profile",
+        "data_dir",
+        "classes",
+        "train_per_class",
+        "image_size",
+        "epochs",
+        "batch_size",
+        "lr",
+        "stem",
+        "seed",
+    )
     differs = [k for k in keys if t2_metrics["config"].get(k) != getattr(cfg, k)]
     verdict = "within" if gap >= -0.02 else "outside"
     summary = (
@@ -206,4 +296,12 @@ def gap_to_t2(best: RunSummary, t2_metrics: dict | None, cfg: RecognitionConfig)
     )
     if differs:
         summary += f" Note: T2 ran with different {', '.join(differs)}, so this is not a like-for-like comparison."
-    return {"available": True, "t2_test_top1": t2_run.test["top1"], "cubs_test_top1": best.test["top1"], "gap": gap, "within_2_points": gap >= -0.02, "config_differences": differs, "summary": summary}
+    return {
+        "available": True,
+        "t2_test_top1": t2_run.test["top1"],
+        "cubs_test_top1": best.test["top1"],
+        "gap": gap,
+        "within_2_points": gap >= -0.02,
+        "config_differences": differs,
+        "summary": summary,
+    }

@@ -56,7 +56,9 @@ def reading(name: str):
         if isinstance(exc, KeyError) and exc.args:
             reason = f"its metrics lack {exc.args[0]!r}"
         else:
-            reason = f"its metrics do not have the expected form ({type(exc).__name__}: {textwrap.shorten(str(exc), 80)})"
+            reason = (
+                f"its metrics do not have the expected form ({type(exc).__name__}: {textwrap.shorten(str(exc), 80)})"
+            )
         raise Incomplete(name, reason) from exc
 
 
@@ -74,14 +76,30 @@ class Page:
     def space(self, inches: float) -> None:
         self.y -= inches
 
-    def text(self, content: str, size: float = 8.0, weight: str = "normal", colour: str = "black", indent: float = 0.0, family: str = "sans-serif") -> None:
+    def text(
+        self,
+        content: str,
+        size: float = 8.0,
+        weight: str = "normal",
+        colour: str = "black",
+        indent: float = 0.0,
+        family: str = "sans-serif",
+    ) -> None:
         self.content.append(content)
         chars = int((WIDTH - indent) * 72 / (size * (0.6 if family == "monospace" else 0.5)))
         line = size * 1.32 / 72
         for paragraph in content.split("\n"):
             for row in textwrap.wrap(paragraph, chars) or [""]:
                 self.y -= line
-                self.fig.text((MARGIN + indent) / PAGE[0], self._fy(self.y), row, fontsize=size, weight=weight, color=colour, family=family)
+                self.fig.text(
+                    (MARGIN + indent) / PAGE[0],
+                    self._fy(self.y),
+                    row,
+                    fontsize=size,
+                    weight=weight,
+                    color=colour,
+                    family=family,
+                )
         self.y -= line * 0.3
 
     def heading(self, content: str) -> None:
@@ -98,7 +116,13 @@ class Page:
         for r, cells in enumerate([headers] + rows):
             self.y -= line
             for x, cell in zip(xs, cells):
-                self.fig.text(x / PAGE[0], self._fy(self.y + line * 0.28), str(cell), fontsize=size, weight="bold" if r == 0 else "normal")
+                self.fig.text(
+                    x / PAGE[0],
+                    self._fy(self.y + line * 0.28),
+                    str(cell),
+                    fontsize=size,
+                    weight="bold" if r == 0 else "normal",
+                )
             if r == 0:
                 self._rule(0.0)
         self._rule(0.0)
@@ -106,7 +130,9 @@ class Page:
 
     def _rule(self, below: float = 0.02) -> None:
         self.y -= below
-        self.fig.add_artist(plt.Line2D([MARGIN / PAGE[0], (MARGIN + WIDTH) / PAGE[0]], [self._fy(self.y)] * 2, lw=0.6, color="#555555"))
+        self.fig.add_artist(
+            plt.Line2D([MARGIN / PAGE[0], (MARGIN + WIDTH) / PAGE[0]], [self._fy(self.y)] * 2, lw=0.6, color="#555555")
+        )
 
     def image(self, path: Path, height: float, caption: str = "") -> None:
         """An image scaled to `height` inches (narrower if its aspect demands), centred."""
@@ -148,7 +174,9 @@ def load(out: Path) -> tuple[dict[str, dict], dict[str, str]]:
             refused[name] = "unreadable (not a metrics object)"
             continue
         if document.get("complete") is False:
-            refused[name] = "partial results of " + ", ".join(map(str, document.get("partial") or ["an interrupted training"]))
+            refused[name] = "partial results of " + ", ".join(
+                map(str, document.get("partial") or ["an interrupted training"])
+            )
             continue
         metrics[name] = document
     return metrics, refused
@@ -211,11 +239,14 @@ def data_lines(metrics: dict[str, dict]) -> list[str]:
     for dataset, _ in groups:
         shapes[dataset] = shapes.get(dataset, 0) + 1
     # one line per dataset; where notebooks used it in different shapes, each shape names its notebooks
-    return [f"{dataset}{' (' + ', '.join(names) + ')' if shapes[dataset] > 1 else ''}: {text}" for (dataset, text), names in groups.items()]
+    return [
+        f"{dataset}{' (' + ', '.join(names) + ')' if shapes[dataset] > 1 else ''}: {text}"
+        for (dataset, text), names in groups.items()
+    ]
 
 
 def budget_line(out: Path) -> str:
-    """"Budget: 60 min for the whole pipeline (took 59.3 min). " when pipeline.json records one."""
+    """ "Budget: 60 min for the whole pipeline (took 59.3 min). " when pipeline.json records one."""
     try:
         budget = json.loads((out / "pipeline.json").read_text()).get("budget")
     except (OSError, json.JSONDecodeError, AttributeError):
@@ -223,12 +254,14 @@ def budget_line(out: Path) -> str:
     if not isinstance(budget, dict) or "budget_s" not in budget:
         return ""
     took = f" (took {budget['measured_seconds'] / 60:.1f} min)" if budget.get("measured_seconds") else ""
-    return (f"Budget: {budget['budget_s'] / 60:.0f} min for the whole pipeline{took}, shared out in the profile's proportions; "
-            f"every training ran {budget['fraction']:.2g} x its profile's epochs. ")
+    return (
+        f"Budget: {budget['budget_s'] / 60:.0f} min for the whole pipeline{took}, shared out in the profile's proportions; "
+        f"every training ran {budget['fraction']:.2g} x its profile's epochs. "
+    )
 
 
 def run_length(run: dict | None) -> str:
-    """"8 epochs (a 278 s budget)" or "30 epochs": the epochs a run really trained."""
+    """ "8 epochs (a 278 s budget)" or "30 epochs": the epochs a run really trained."""
     if not run:
         return "?"
     epochs = (run.get("training") or {}).get("epochs_done", run.get("epochs_run"))
@@ -244,7 +277,7 @@ def measured_choices(m: dict) -> list[dict]:
 
 
 def precision_label(precision: dict | None, choices: list[dict] | None = None) -> str:
-    """"fp16 (auto: fp16 autocast with a gradient scaler (...))" from a metrics file's run.precision;
+    """ "fp16 (auto: fp16 autocast with a gradient scaler (...))" from a metrics file's run.precision;
     on the CPU with "auto", what the runs measured and chose ("auto on cpu, measured per run: bf16 +
     channels_last in 3 runs (1.4-1.5x fp32), fp32 in 2")."""
     if choices:
@@ -270,22 +303,38 @@ def first_model(m: dict | None) -> dict | None:
 
 
 def absent(name: str, left_out: dict[str, str]) -> str:
-    """"not run", or why the notebook's metrics were left out."""
+    """ "not run", or why the notebook's metrics were left out."""
     return f"left out ({left_out[name]})" if name in left_out else "not run"
 
 
-def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | None = None, broken: dict[str, str] | None = None,
-             curves: Path | None = None) -> None:
+def page_one(
+    page: Page,
+    metrics: dict,
+    out: Path,
+    refused: dict[str, str] | None = None,
+    broken: dict[str, str] | None = None,
+    curves: Path | None = None,
+) -> None:
     refused, broken = refused or {}, broken or {}
     left_out = refused | broken
     page.text("Recognition and retrieval: Tiny ImageNet and Cars-196", size=15, weight="bold")
     page.text(provenance(metrics, out), size=7.5, colour="#333333")
     if refused:
-        page.text("Left out, not finished: " + "; ".join(f"{name} ({why})" for name, why in refused.items())
-                  + ". Rerun them (python -m helpers.pipeline ... --resume) to complete the report.", size=7.5, weight="bold", colour="#b00020")
+        page.text(
+            "Left out, not finished: "
+            + "; ".join(f"{name} ({why})" for name, why in refused.items())
+            + ". Rerun them (python -m helpers.pipeline ... --resume) to complete the report.",
+            size=7.5,
+            weight="bold",
+            colour="#b00020",
+        )
     for name, why in broken.items():
-        page.text(f"{name}: left out, {why}. Rerun it (python -m helpers.pipeline ... --only {name.split('_')[0]}) to complete the report.",
-                  size=7.5, weight="bold", colour="#b00020")
+        page.text(
+            f"{name}: left out, {why}. Rerun it (python -m helpers.pipeline ... --only {name.split('_')[0]}) to complete the report.",
+            size=7.5,
+            weight="bold",
+            colour="#b00020",
+        )
     t1, t2, t3 = (metrics.get(n) for n in (T1, T2, T3))
 
     page.heading("1  Architectures")
@@ -296,7 +345,8 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
             f"Custom CNN (T1, our own design, {cnn['architecture']['parameters']:,} parameters, base width {cfg1.get('width')}): a two-conv "
             "stem at full resolution, three stride-2 stages of aggregation units (a chain of 3x3 conv-BN-SiLU layers whose outputs "
             "are concatenated and fused by a zero-initialised 1x1 conv, plus an identity skip), global average pooling, dropout, linear."
-            if cnn else f"Custom CNN (T1): {absent(T1, left_out)}."
+            if cnn
+            else f"Custom CNN (T1): {absent(T1, left_out)}."
         )
     with reading(T2):
         r18 = first_model(t2)
@@ -304,7 +354,8 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
         page.text(
             f"ResNet-18 (T2, written in the package, random init): BasicBlock x [2, 2, 2, 2], {r18['architecture']['parameters']:,} "
             f"parameters, '{cfg2.get('stem')}' stem ({'3x3 stride-1 conv, no max-pool, for 64x64 input' if cfg2.get('stem') == 'small' else '7x7 stride-2 conv + max-pool, as torchvision'})."
-            if r18 else f"ResNet-18 (T2): {absent(T2, left_out)}."
+            if r18
+            else f"ResNet-18 (T2): {absent(T2, left_out)}."
         )
     with reading(T3):
         selection = T3Selection.from_metrics(t3) if t3 else None
@@ -323,31 +374,70 @@ def page_one(page: Page, metrics: dict, out: Path, refused: dict[str, str] | Non
                 runs[m["bonus"]["name"]] = m["bonus"]
             for name, r in runs.items():
                 mark = " *" if selection and name == selection.best else ""
-                rows.append([name + mark, f"{r['architecture']['parameters'] / 1e6:.2f} M", pct(r["heldout"]["top1"]), pct(r["test"]["top1"]),
-                             pct(r["test"]["top5"]), num(r["test"]["loss"]), f"{r['best_epoch']}/{r['epochs_run']}", f"{r['images_per_s']:.0f}"])
+                rows.append(
+                    [
+                        name + mark,
+                        f"{r['architecture']['parameters'] / 1e6:.2f} M",
+                        pct(r["heldout"]["top1"]),
+                        pct(r["test"]["top1"]),
+                        pct(r["test"]["top5"]),
+                        num(r["test"]["loss"]),
+                        f"{r['best_epoch']}/{r['epochs_run']}",
+                        f"{r['images_per_s']:.0f}",
+                    ]
+                )
     if rows:
-        page.table(["model", "params", "held-out top-1", "test top-1", "test top-5", "test loss", "best / epochs", "train img/s"], rows, [2.45, 0.85, 1.3, 1.05, 1.05, 1.0, 1.25, 1.15])
+        page.table(
+            [
+                "model",
+                "params",
+                "held-out top-1",
+                "test top-1",
+                "test top-5",
+                "test loss",
+                "best / epochs",
+                "train img/s",
+            ],
+            rows,
+            [2.45, 0.85, 1.3, 1.05, 1.05, 1.0, 1.25, 1.15],
+        )
     else:
         page.text("No Tiny ImageNet notebook has run.")
     if t3:
         with reading(T3):
-            page.text(f"* selected by held-out top-1 (the test split is never used for selection). {t3['gap_to_T2']['summary']}")
+            page.text(
+                f"* selected by held-out top-1 (the test split is never used for selection). {t3['gap_to_T2']['summary']}"
+            )
     if r18:
         with reading(T2):
             confused = r18["test"]["most_confused"][:4]
             worst = r18["test"]["worst_classes"][:4]
             page.text(
-                "T2 hardest classes (test): " + ", ".join(f"{c['name'].split(',')[0]} ({pct(c['accuracy'])})" for c in worst)
-                + ". Most confused: " + ", ".join(f"{p['true_name'].split(',')[0]} -> {p['predicted_name'].split(',')[0]} ({p['count']})" for p in confused) + "."
+                "T2 hardest classes (test): "
+                + ", ".join(f"{c['name'].split(',')[0]} ({pct(c['accuracy'])})" for c in worst)
+                + ". Most confused: "
+                + ", ".join(
+                    f"{p['true_name'].split(',')[0]} -> {p['predicted_name'].split(',')[0]} ({p['count']})"
+                    for p in confused
+                )
+                + "."
             )
 
     page.heading("3  Training strategy")
     if cfg2:
         with reading(T2):
             training_text(page, cfg2, r18)
-    page.image(curves or report_curves(metrics, out), 2.2, "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.")
+    page.image(
+        curves or report_curves(metrics, out),
+        2.2,
+        "Per-epoch training loss, training top-1, held-out top-1 and test top-1 of the Tiny ImageNet models.",
+    )
     if selection:
-        page.image(out / "figures" / "T3_classes.png", 1.45, f"Best and worst test classes of the selected CUBS model ({selection.best}).")
+        page.image(
+            out / "figures" / "T3_classes.png",
+            1.45,
+            f"Best and worst test classes of the selected CUBS model ({selection.best}).",
+        )
 
 
 def cubs_text(page: Page, cfg3: dict, selection: T3Selection | None) -> None:
@@ -409,7 +499,7 @@ def report_curves(metrics: dict, out: Path) -> Path:
 
 
 def t4_length(t4: dict, run: str, epochs: int, budget_s: float | None) -> str:
-    """"5 epochs (a 36 s budget)": what a T4 stage really trained (its training record)."""
+    """ "5 epochs (a 36 s budget)": what a T4 stage really trained (its training record)."""
     done = ((t4.get("training") or {}).get(run) or {}).get("epochs_done", epochs)
     return f"{done} epochs (a {budget_s:.0f} s budget)" if budget_s else f"{done} epochs"
 
@@ -418,7 +508,9 @@ def pretrain_length(e2: dict, c: dict) -> str:
     """E2's pretraining per layer as it ran: "2 epochs (a 1 s budget)"."""
     layers = e2.get("pretraining") or [{}]
     done = (layers[0].get("training") or {}).get("epochs_done", c["pretrain_epochs"])
-    return f"{done} epochs (a {c['pretrain_budget_s']:.0f} s budget)" if c.get("pretrain_budget_s") else f"{done} epochs"
+    return (
+        f"{done} epochs (a {c['pretrain_budget_s']:.0f} s budget)" if c.get("pretrain_budget_s") else f"{done} epochs"
+    )
 
 
 def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | None = None) -> None:
@@ -438,15 +530,28 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
                 + (f" Initialisation: {init.get('pretrained')} weights (pretrained)." if init.get("pretrained") else "")
             )
             ks = (1, 2, 4, 8)
-            rows = [["before: pooled features"] + [pct(t4["before"][f"recall@{k}"]) for k in ks] + [pct(t4["before"]["map@r"])],
-                    [f"after: MS loss + {t4['miner']} miner"] + [pct(t4["after"][f"recall@{k}"]) for k in ks] + [pct(t4["after"]["map@r"])]]
+            rows = [
+                ["before: pooled features"]
+                + [pct(t4["before"][f"recall@{k}"]) for k in ks]
+                + [pct(t4["before"]["map@r"])],
+                [f"after: MS loss + {t4['miner']} miner"]
+                + [pct(t4["after"][f"recall@{k}"]) for k in ks]
+                + [pct(t4["after"]["map@r"])],
+            ]
             page.table(["features", "R@1", "R@2", "R@4", "R@8", "MAP@R"], rows, [3.2, 1, 1, 1, 1, 1])
             excluded = t4["after"].get("excluded_queries")
             page.text(
-                (f"Every test image is a query ({t4['after']['queries'] + excluded}); the {excluded} whose class has no other test image are "
-                 "left out of every metric, as in pytorch-metric-learning. " if excluded is not None else "")
+                (
+                    f"Every test image is a query ({t4['after']['queries'] + excluded}); the {excluded} whose class has no other test image are "
+                    "left out of every metric, as in pytorch-metric-learning. "
+                    if excluded is not None
+                    else ""
+                )
                 + "Recall@K: a query hits if one of its K nearest other test images has its class (it never falls with K). The assignment's "
-                "literal formula, Precision@K, before -> after: " + ", ".join(f"P@{k} {pct(t4['before'][f'precision@{k}'])} -> {pct(t4['after'][f'precision@{k}'])}" for k in ks)
+                "literal formula, Precision@K, before -> after: "
+                + ", ".join(
+                    f"P@{k} {pct(t4['before'][f'precision@{k}'])} -> {pct(t4['after'][f'precision@{k}'])}" for k in ks
+                )
                 + "; it falls with K because each class has only so many other images to fill the top K."
             )
             page.text(
@@ -457,8 +562,16 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
             )
             rows = [[m] + [pct(v[f"recall@{k}"]) for k in ks] + [pct(v["map@r"])] for m, v in t4["ablation"].items()]
             page.table(["miner", "R@1", "R@2", "R@4", "R@8", "MAP@R"], rows, [3.2, 1, 1, 1, 1, 1])
-            page.image(out / "figures" / "T4_nearest.png", 1.75, "Nearest 10 test images of a few queries after training (green: same class), with cosine similarities.")
-            page.image(out / "figures" / "T4_tsne.png", 2.0, "t-SNE of the test embeddings before (pooled classifier features) and after metric learning.")
+            page.image(
+                out / "figures" / "T4_nearest.png",
+                1.75,
+                "Nearest 10 test images of a few queries after training (green: same class), with cosine similarities.",
+            )
+            page.image(
+                out / "figures" / "T4_tsne.png",
+                2.0,
+                "t-SNE of the test embeddings before (pooled classifier features) and after metric learning.",
+            )
     else:
         page.text(f"T4: {absent(T4, left_out)}." if T4 in left_out else "T4 has not run.")
 
@@ -467,16 +580,31 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
     if e1:
         with reading(E1):
             c = e1["config"]
-            rows = [[r["architecture"].get("loss", name), pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), pct(r["test"]["top5"])] for name, r in e1["models"].items()]
-            page.text(f"E1, ResNet-18 on Tiny ImageNet with three losses ({c['optimizer'].upper()} lr {c['lr']}, {run_length(first_model(e1))} each; the triplet model "
-                      "is classified by the nearest class mean of train embeddings):")
+            rows = [
+                [
+                    r["architecture"].get("loss", name),
+                    pct(r["heldout"]["top1"]),
+                    pct(r["test"]["top1"]),
+                    pct(r["test"]["top5"]),
+                ]
+                for name, r in e1["models"].items()
+            ]
+            page.text(
+                f"E1, ResNet-18 on Tiny ImageNet with three losses ({c['optimizer'].upper()} lr {c['lr']}, {run_length(first_model(e1))} each; the triplet model "
+                "is classified by the nearest class mean of train embeddings):"
+            )
             page.table(["loss", "held-out top-1", "test top-1", "test top-5"], rows, [4, 1.3, 1.3, 1.3])
     if e2:
         with reading(E2):
             c = e2["config"]
-            rows = [[name, pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), num(r["test"]["loss"])] for name, r in e2["models"].items()]
-            page.text(f"E2, MLP 9216 -> {' -> '.join(map(str, c['hidden']))} -> 10 on STL-10 grayscale: greedy layer-wise autoencoder pretraining "
-                      f"({pretrain_length(e2, c)} per layer, earlier layers frozen) + fine-tuning vs the same MLP from scratch ({run_length(first_model(e2))} each):")
+            rows = [
+                [name, pct(r["heldout"]["top1"]), pct(r["test"]["top1"]), num(r["test"]["loss"])]
+                for name, r in e2["models"].items()
+            ]
+            page.text(
+                f"E2, MLP 9216 -> {' -> '.join(map(str, c['hidden']))} -> 10 on STL-10 grayscale: greedy layer-wise autoencoder pretraining "
+                f"({pretrain_length(e2, c)} per layer, earlier layers frozen) + fine-tuning vs the same MLP from scratch ({run_length(first_model(e2))} each):"
+            )
             page.table(["model", "held-out accuracy", "test accuracy", "test loss"], rows, [4, 1.3, 1.3, 1.3])
     for name in (E1, E2):
         if name in left_out:
@@ -552,13 +680,29 @@ def build_report(out: str | Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m helpers.report", description="Build OUT/report.pdf (and report-1.png, report-2.png) from OUT/metrics/*.json.")
-    parser.add_argument("out", metavar="OUT", help="a pipeline's output folder, the one holding metrics/ (e.g. outputs/smoke)")
+    parser = argparse.ArgumentParser(
+        prog="python -m helpers.report",
+        description="Build OUT/report.pdf (and report-1.png, report-2.png) from OUT/metrics/*.json.",
+    )
+    parser.add_argument(
+        "out", metavar="OUT", help="a pipeline's output folder, the one holding metrics/ (e.g. outputs/smoke)"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
-    problem = "does not exist" if not out.exists() else "is not a folder" if not out.is_dir() else "has no metrics/ folder" if not (out / "metrics").is_dir() else ""
+    problem = (
+        "does not exist"
+        if not out.exists()
+        else "is not a folder"
+        if not out.is_dir()
+        else "has no metrics/ folder"
+        if not (out / "metrics").is_dir()
+        else ""
+    )
     if problem:
-        print(f"error: {out} {problem}: give the --out folder of a pipeline run (python -m helpers.pipeline ... --out OUT)", file=sys.stderr)
+        print(
+            f"error: {out} {problem}: give the --out folder of a pipeline run (python -m helpers.pipeline ... --out OUT)",
+            file=sys.stderr,
+        )
         return 2
     try:
         pdf = build_report(out)

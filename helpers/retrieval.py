@@ -26,7 +26,18 @@ from helpers.engine import FitResult
 from helpers.evaluation import RetrievalEvaluator
 from helpers.checkpoint import load_best
 from helpers.errors import CheckpointError, SettingsError
-from helpers.experiment import T3Selection, batch_source, board_dir, data_fingerprint, embed_split, file_sha1, fit_stage, locate_data, metrics_path, resolve_data_path
+from helpers.experiment import (
+    T3Selection,
+    batch_source,
+    board_dir,
+    data_fingerprint,
+    embed_split,
+    file_sha1,
+    fit_stage,
+    locate_data,
+    metrics_path,
+    resolve_data_path,
+)
 from helpers.losses import CrossBatchMemory, MultiSimilarityLoss
 from helpers.metrics import retrieval_metrics
 from helpers.miners import get_miner
@@ -65,14 +76,27 @@ def build_cars196(cfg: RetrievalConfig) -> RetrievalData:
     train_set = Cars196(root, "train", bbox_crop=cfg.bbox_crop, transform=prep)
     test_set = Cars196(root, "test", bbox_crop=cfg.bbox_crop, transform=prep)
     if train_set.partial:
-        notice(f"{train_set.partial.split(';')[0]}: {len(train_set)} train / {len(test_set)} test images (the report says so)")
+        notice(
+            f"{train_set.partial.split(';')[0]}: {len(train_set)} train / {len(test_set)} test images (the report says so)"
+        )
     path = resolve_data_path(cfg.data_path, cfg.device)
     train_labels = np.asarray(train_set.targets)
     sampler = PKBatchSampler(train_labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
 
     def source(dataset, labels, batch_size, shuffle, batch_sampler=None, images=None):
-        return batch_source(path, cfg.device, labels, batch_size, shuffle=shuffle, drop_last=shuffle, seed=cfg.seed, images=images,
-                            dataset=dataset, batch_sampler=batch_sampler, num_workers=cfg.num_workers)
+        return batch_source(
+            path,
+            cfg.device,
+            labels,
+            batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            seed=cfg.seed,
+            images=images,
+            dataset=dataset,
+            batch_sampler=batch_sampler,
+            num_workers=cfg.num_workers,
+        )
 
     train_images = test_images = None
     if path in ("cached", "gpu"):
@@ -148,7 +172,12 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
     elif cfg.init == "imagenet":
         weights = imagenet_weights_file(cfg.imagenet_weights)
         loaded = load_torchvision_resnet18(model, weights)
-        report.update(loaded=len(loaded["loaded"]), kept_init=loaded["missing"], weights=str(weights), pretrained="ImageNet-1k (torchvision)")
+        report.update(
+            loaded=len(loaded["loaded"]),
+            kept_init=loaded["missing"],
+            weights=str(weights),
+            pretrained="ImageNet-1k (torchvision)",
+        )
     return model, report
 
 
@@ -220,20 +249,38 @@ def retrieval_summary(embeddings: torch.Tensor, labels: torch.Tensor) -> dict[st
     return retrieval_metrics(embeddings, labels, ks=KS)
 
 
-def train_classifier_stage(model: nn.Module, data: RetrievalData, cfg: RetrievalConfig, name: str = "T4_classifier") -> FitResult:
+def train_classifier_stage(
+    model: nn.Module, data: RetrievalData, cfg: RetrievalConfig, name: str = "T4_classifier"
+) -> FitResult:
     """Stage 1: cross-entropy on the 98 train classes. Test recall of the pooled features is
     recorded per epoch as a curve only; nothing is selected on it (the last epoch is used)."""
-    evaluator = RetrievalEvaluator({"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, runtime=Runtime.of(cfg))
-    return fit_stage(name, model, data.train, data.augment, cfg, "classifier", key_extra=init_weights_key(cfg), evaluate=evaluator)
+    evaluator = RetrievalEvaluator(
+        {"test": data.test}, data.augment, embed=lambda m: m.forward_features, ks=KS, runtime=Runtime.of(cfg)
+    )
+    return fit_stage(
+        name, model, data.train, data.augment, cfg, "classifier", key_extra=init_weights_key(cfg), evaluate=evaluator
+    )
 
 
-def train_embedding_stage(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str, name: str) -> tuple[nn.Module, FitResult]:
+def train_embedding_stage(
+    backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig, miner: str, name: str
+) -> tuple[nn.Module, FitResult]:
     """Stage 2: a copy of the trained backbone, classifier cropped, + a 512-d L2-normalised
     embedding layer, trained whole with the multi-similarity loss and `miner` on P x K batches."""
     torch.manual_seed(cfg.seed)
     net = EmbeddingNet(copy.deepcopy(backbone), cfg.embedding_dim)
     evaluator = RetrievalEvaluator({"test": data.test}, data.augment, ks=KS, runtime=Runtime.of(cfg))
-    result = fit_stage(name, net, data.train_pk, data.augment, cfg, "embedding", key_extra=init_weights_key(cfg), objective=ms_objective(cfg, miner), evaluate=evaluator)
+    result = fit_stage(
+        name,
+        net,
+        data.train_pk,
+        data.augment,
+        cfg,
+        "embedding",
+        key_extra=init_weights_key(cfg),
+        objective=ms_objective(cfg, miner),
+        evaluate=evaluator,
+    )
     return net, result
 
 
@@ -247,7 +294,16 @@ def apply_t3_selection(cfg: RetrievalConfig) -> tuple[RetrievalConfig, str]:
     selection = T3Selection.load(cfg.out_dir)
     notes = []
     fashion = cfg.fashion or (selection.fashion if selection else "serial12")
-    notes.append(f"fashion {fashion} " + ("(given)" if cfg.fashion else "(T3's held-out selection)" if selection else "(default: T3 has not run in this output folder)"))
+    notes.append(
+        f"fashion {fashion} "
+        + (
+            "(given)"
+            if cfg.fashion
+            else "(T3's held-out selection)"
+            if selection
+            else "(default: T3 has not run in this output folder)"
+        )
+    )
     from_t3 = selection is not None and not cfg.checkpoint and cfg.init in ("auto", "tinyimagenet")
     checkpoint = cfg.checkpoint or (str(selection.checkpoint_in(cfg.out_dir)) if selection else "")
     if from_t3:
@@ -296,13 +352,21 @@ def embedding_run(backbone: nn.Module, data: RetrievalData, cfg: RetrievalConfig
     return EmbeddingRun(net, result, embeddings.cpu(), labels.cpu(), retrieval_summary(embeddings, labels))
 
 
-def t4_payload(cfg: RetrievalConfig, t3_note: str, init_report: dict, before: dict, classifier: FitResult, runs: dict[str, EmbeddingRun]) -> dict:
+def t4_payload(
+    cfg: RetrievalConfig,
+    t3_note: str,
+    init_report: dict,
+    before: dict,
+    classifier: FitResult,
+    runs: dict[str, EmbeddingRun],
+) -> dict:
     """What T4's metrics JSON holds besides the configuration: the initialisation, retrieval before
     (pooled classifier features) and after stage 2 (the main miner), the ablation, every history and
     training record."""
     return {
         "t3": t3_note,
-        "init": {k: v for k, v in init_report.items() if k != "kept_init"} | {"kept_init": init_report.get("kept_init", [])},
+        "init": {k: v for k, v in init_report.items() if k != "kept_init"}
+        | {"kept_init": init_report.get("kept_init", [])},
         "before": before,
         "after": runs[cfg.miner].metrics,
         "miner": cfg.miner,

@@ -99,7 +99,7 @@ def notice(message: str) -> None:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when available, else "mps" (Apple silicon), else "cpu"; "cuda" or "mps"
+    """ "auto" -> "cuda" when available, else "mps" (Apple silicon), else "cpu"; "cuda" or "mps"
     without that device is an error that says so."""
     import torch
 
@@ -109,9 +109,13 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"device={device!r} but no CUDA GPU is visible to PyTorch {torch.__version__}; use device='cpu' or 'auto'")
+        raise SettingsError(
+            f"device={device!r} but no CUDA GPU is visible to PyTorch {torch.__version__}; use device='cpu' or 'auto'"
+        )
     if device == "mps" and not mps:
-        raise SettingsError(f"device='mps' but Apple's Metal backend is not available to PyTorch {torch.__version__} here; use device='cpu' or 'auto'")
+        raise SettingsError(
+            f"device='mps' but Apple's Metal backend is not available to PyTorch {torch.__version__} here; use device='cpu' or 'auto'"
+        )
     return device
 
 
@@ -139,7 +143,11 @@ def _autocast_works(device_type: str, used: str) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return bool(torch.autocast(device_type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[used]))._enabled)
+            return bool(
+                torch.autocast(
+                    device_type, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[used])
+                )._enabled
+            )
         except (RuntimeError, ValueError):
             return False
 
@@ -181,7 +189,11 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
         return Precision(setting, "fp32", "fp32 as asked")
     if setting == "auto":
         if device_type == "cpu":
-            return Precision(setting, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster (its training record says)")
+            return Precision(
+                setting,
+                "fp32",
+                "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster (its training record says)",
+            )
         if device_type != "cuda":
             return Precision(setting, "fp32", f"auto: fp32 on {device_type} (autocast is used on CUDA GPUs only)")
         if capability >= (8, 0):
@@ -189,12 +201,21 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
         return Precision(setting, "fp16", f"auto: fp16 autocast with a gradient scaler ({cc} < 8.0 has no native bf16)")
     reason = f"{setting} as asked" + (" (a gradient scaler keeps small fp16 gradients)" if setting == "fp16" else "")
     if setting == "bf16" and device_type == "cuda" and capability < (8, 0):
-        notice(f"precision='bf16' on a GPU without native bf16 ({cc}): it runs, slowly; precision='auto' would use fp16 with a gradient scaler")
+        notice(
+            f"precision='bf16' on a GPU without native bf16 ({cc}): it runs, slowly; precision='auto' would use fp16 with a gradient scaler"
+        )
         reason += f", emulated on this GPU ({cc} < 8.0)"
-    missing = (f"autocast to {setting}" if not _autocast_works(device_type, setting)
-               else "the fp16 gradient scaler" if setting == "fp16" and not _grad_scaler_works(device_type) else None)
+    missing = (
+        f"autocast to {setting}"
+        if not _autocast_works(device_type, setting)
+        else "the fp16 gradient scaler"
+        if setting == "fp16" and not _grad_scaler_works(device_type)
+        else None
+    )
     if missing:
-        notice(f"precision={setting!r}: {missing} is not available on {device_type} with PyTorch {torch.__version__}; training in fp32")
+        notice(
+            f"precision={setting!r}: {missing} is not available on {device_type} with PyTorch {torch.__version__}; training in fp32"
+        )
         return Precision(setting, "fp32", f"{setting} asked, unavailable on {device_type}: fp32")
     return Precision(setting, setting, reason)
 
@@ -222,7 +243,9 @@ class Runtime:
 
     @classmethod
     def of(cls, cfg) -> "Runtime":
-        return cls.resolve(cfg.device, cfg.precision, getattr(cfg, "channels_last", False))  # E2's MLP has no channels_last setting
+        return cls.resolve(
+            cfg.device, cfg.precision, getattr(cfg, "channels_last", False)
+        )  # E2's MLP has no channels_last setting
 
     @property
     def cuda(self) -> bool:
@@ -281,8 +304,16 @@ def peak_mem_mb(device="cpu") -> float:
 def git_commit(root: Path | None = None) -> dict:
     root = root or project_root()
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return {"commit": commit or None, "dirty": bool(dirty)}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}

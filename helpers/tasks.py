@@ -29,4 +29,3 @@ STEPS = (
     Step("E1_metric_losses"),
     Step("E2_stl10_layerwise"),
 )
-

@@ -29,7 +29,9 @@ from helpers.runinfo import absolute_env_paths
 from helpers.tasks import STEPS
 from helpers.experiment import describe_model, embed_split, load_metrics, save_metrics, train_classifier, train_on_gpus
 
-TASKS = {step.task: step.name for step in STEPS if step.task != "E2"}  # (E2 trains one small MLP on one device: its notebook alone)
+TASKS = {
+    step.task: step.name for step in STEPS if step.task != "E2"
+}  # (E2 trains one small MLP on one device: its notebook alone)
 USAGE = (
     "usage: python -m helpers.train TASK [--profile smoke|cpu|full] [--config FILE] [--<parameter> <value> ...]\n"
     f"  TASK: {', '.join(TASKS)}; parameters as in the task's notebook (e.g. --epochs 30 --batch_size 512 --gpus 4)"
@@ -65,13 +67,21 @@ def train_t3(cfg: RecognitionConfig):
     runs = {}
     for fashion in cfg.fashions:
         model = build_model("resnet18", cfg, data.num_classes, cubs=fashion)
-        runs[f"T3_{fashion}"] = train_classifier(f"T3_{fashion}", model, data, cfg, describe=describe_cubs(model, cfg, fashion, "plain"))
+        runs[f"T3_{fashion}"] = train_classifier(
+            f"T3_{fashion}", model, data, cfg, describe=describe_cubs(model, cfg, fashion, "plain")
+        )
     selection = select_t3(runs, cfg)
     gap = gap_to_t2(runs[selection.best], load_metrics(cfg.out_dir, "T2_resnet18"), cfg)
     bonus_run = None
     if cfg.bonus:
         model = build_model("resnet18", cfg, data.num_classes, cubs=selection.fashion, cubs_variant="scaled")
-        bonus_run = train_classifier(f"T3_{selection.fashion}_scaled", model, data, cfg, describe=describe_cubs(model, cfg, selection.fashion, "scaled"))
+        bonus_run = train_classifier(
+            f"T3_{selection.fashion}_scaled",
+            model,
+            data,
+            cfg,
+            describe=describe_cubs(model, cfg, selection.fashion, "scaled"),
+        )
     return {"models": runs, "selection": selection, "gap_to_T2": gap, "bonus": bonus_run}, data.info
 
 
@@ -80,14 +90,24 @@ def train_e1(cfg: RecognitionConfig):
 
     data = _main_first(build_tiny_imagenet, cfg)
     ce_model = build_model("resnet18", cfg, data.num_classes)
-    ce = train_classifier("E1_cross_entropy", ce_model, data, cfg, describe=describe_model(ce_model, stem=cfg.stem, loss="cross-entropy"))
+    ce = train_classifier(
+        "E1_cross_entropy", ce_model, data, cfg, describe=describe_model(ce_model, stem=cfg.stem, loss="cross-entropy")
+    )
     _, triplet = train_triplet("E1_triplet", data, cfg)
     _, center = train_center_loss("E1_center", data, cfg)
     return {"models": {r.name: r for r in (ce, triplet, center)}}, data.info
 
 
 def train_t4(cfg: RetrievalConfig):
-    from helpers.retrieval import apply_t3_selection, build_backbone, build_cars196, embedding_run, retrieval_summary, t4_payload, train_classifier_stage
+    from helpers.retrieval import (
+        apply_t3_selection,
+        build_backbone,
+        build_cars196,
+        embedding_run,
+        retrieval_summary,
+        t4_payload,
+        train_classifier_stage,
+    )
 
     cfg, t3_note = apply_t3_selection(cfg)
     data = _main_first(build_cars196, cfg)
@@ -123,6 +143,7 @@ def run_task(cfg) -> Path:
 
 # ------------------------------------------------------------------------------------ launching
 
+
 def parse_args(argv: list[str]) -> tuple[str, str, str | None, dict]:
     """(task, profile, config file or None, {parameter: value string}) from the command line."""
     if not argv:
@@ -141,13 +162,20 @@ def parse_args(argv: list[str]) -> tuple[str, str, str | None, dict]:
 
 def help_text(task: str | None = None) -> str:
     """The usage and every parameter (default and meaning) of one task, or of all of them."""
-    lines = [USAGE, "", "  --profile: smoke (generated data), cpu (real data sized for a CPU budget) or full (the GPU recipe); default smoke",
-             "  --config FILE: a configuration a notebook wrote (checkpoints/<task>_torchrun_config.json)"]
+    lines = [
+        USAGE,
+        "",
+        "  --profile: smoke (generated data), cpu (real data sized for a CPU budget) or full (the GPU recipe); default smoke",
+        "  --config FILE: a configuration a notebook wrote (checkpoints/<task>_torchrun_config.json)",
+    ]
     tasks = [task] if task else list(TASKS)
     for cls in dict.fromkeys(config_class(t) for t in tasks):
         names = ", ".join(t for t in tasks if config_class(t) is cls)
         lines += ["", f"parameters of {names} ({cls.__name__}; a profile's preset replaces some defaults):"]
-        lines += [f"  --{name} (default {default}){': ' + comment if comment else ''}" for name, default, comment in parameter_help(cls)]
+        lines += [
+            f"  --{name} (default {default}){': ' + comment if comment else ''}"
+            for name, default, comment in parameter_help(cls)
+        ]
     return "\n".join(lines)
 
 
@@ -170,11 +198,15 @@ def read_config_file(path: Path) -> dict:
     try:
         values = json.loads(path.read_text())
     except FileNotFoundError:
-        raise SettingsError(f"--config {path}: no such file; give the <task>_torchrun_config.json a notebook wrote under out_dir/checkpoints") from None
+        raise SettingsError(
+            f"--config {path}: no such file; give the <task>_torchrun_config.json a notebook wrote under out_dir/checkpoints"
+        ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SettingsError(f"--config {path} is not readable JSON ({type(exc).__name__}: {exc})") from None
     if not isinstance(values, dict):
-        raise SettingsError(f"--config {path} holds a JSON {type(values).__name__}, not a configuration object ({{\"task\": ..., ...}})")
+        raise SettingsError(
+            f'--config {path} holds a JSON {type(values).__name__}, not a configuration object ({{"task": ..., ...}})'
+        )
     return values
 
 
@@ -201,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
             return exit_status(stop)
         except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM outside a training step
             what = str(stop) or "stopped by Ctrl-C"
-            print(f"helpers.train {task}: {what}; no metrics were written, checkpoints written before are kept: rerun to continue",
-                  file=sys.stderr, flush=True)
+            print(
+                f"helpers.train {task}: {what}; no metrics were written, checkpoints written before are kept: rerun to continue",
+                file=sys.stderr,
+                flush=True,
+            )
             return 143 if terminate.received else exit_status(stop)
         finally:
             distributed.teardown()

@@ -19,13 +19,40 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def one_run(data_dir: str, out: Path, classes: int, epochs: int, seed: int, precision: str) -> dict:
     run_dir = out / f"{precision}-seed{seed}"
-    command = [sys.executable, "-m", "helpers.train", "T2", "--profile", "cpu", "--data_dir", data_dir, "--out_dir", str(run_dir),
-               "--classes", str(classes), "--epochs", str(epochs), "--seed", str(seed), "--precision", precision, "--resume", "False"]
+    command = [
+        sys.executable,
+        "-m",
+        "helpers.train",
+        "T2",
+        "--profile",
+        "cpu",
+        "--data_dir",
+        data_dir,
+        "--out_dir",
+        str(run_dir),
+        "--classes",
+        str(classes),
+        "--epochs",
+        str(epochs),
+        "--seed",
+        str(seed),
+        "--precision",
+        precision,
+        "--resume",
+        "False",
+    ]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     document = json.loads((run_dir / "metrics" / "T2_resnet18.json").read_text())
     run = document["models"]["T2_resnet18"]
-    return {"precision": precision, "seed": seed, "heldout_top1": run["heldout"]["top1"], "test_top1": run["test"]["top1"],
-            "train_seconds": run["train_seconds"], "images_per_s": run["images_per_s"], "epochs": run["epochs_run"]}
+    return {
+        "precision": precision,
+        "seed": seed,
+        "heldout_top1": run["heldout"]["top1"],
+        "test_top1": run["test"]["top1"],
+        "train_seconds": run["train_seconds"],
+        "images_per_s": run["images_per_s"],
+        "epochs": run["epochs_run"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,22 +65,42 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     work = ROOT / "outputs" / "bf16-check"
-    records = [one_run(args.data_dir, work, args.classes, args.epochs, seed, p) for seed in range(args.seeds) for p in ("fp32", "bf16")]
+    records = [
+        one_run(args.data_dir, work, args.classes, args.epochs, seed, p)
+        for seed in range(args.seeds)
+        for p in ("fp32", "bf16")
+    ]
     summary = {}
     for p in ("fp32", "bf16"):
         tops = [r["test_top1"] for r in records if r["precision"] == p]
         speed = [r["images_per_s"] for r in records if r["precision"] == p]
-        summary[p] = {"mean": statistics.mean(tops), "min": min(tops), "max": max(tops), "images_per_s": statistics.median(speed)}
+        summary[p] = {
+            "mean": statistics.mean(tops),
+            "min": min(tops),
+            "max": max(tops),
+            "images_per_s": statistics.median(speed),
+        }
     inside = summary["fp32"]["min"] <= summary["bf16"]["mean"] <= summary["fp32"]["max"]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bf16_check.json").write_text(json.dumps({"args": vars(args), "records": records, "summary": summary, "bf16_mean_within_fp32_range": inside}, indent=1))
-    lines = [f"T2 (cpu profile) on {args.classes} classes of the mini Tiny ImageNet, {args.epochs} epochs, seeds 0-{args.seeds - 1}; made by "
-             f"`python scripts/bf16_check.py --classes {args.classes} --epochs {args.epochs} --seeds {args.seeds}`.", "",
-             "| precision | test top-1 per seed | mean | range | train img/s (median) |", "|---|---|---:|---:|---:|"]
+    (out / "bf16_check.json").write_text(
+        json.dumps(
+            {"args": vars(args), "records": records, "summary": summary, "bf16_mean_within_fp32_range": inside},
+            indent=1,
+        )
+    )
+    lines = [
+        f"T2 (cpu profile) on {args.classes} classes of the mini Tiny ImageNet, {args.epochs} epochs, seeds 0-{args.seeds - 1}; made by "
+        f"`python scripts/bf16_check.py --classes {args.classes} --epochs {args.epochs} --seeds {args.seeds}`.",
+        "",
+        "| precision | test top-1 per seed | mean | range | train img/s (median) |",
+        "|---|---|---:|---:|---:|",
+    ]
     for p in ("fp32", "bf16"):
         tops = [r["test_top1"] for r in records if r["precision"] == p]
         s = summary[p]
-        lines.append(f"| {p} | {', '.join(f'{100 * t:.1f}' for t in tops)} | {100 * s['mean']:.1f} | {100 * (s['max'] - s['min']):.1f} | {s['images_per_s']:.0f} |")
+        lines.append(
+            f"| {p} | {', '.join(f'{100 * t:.1f}' for t in tops)} | {100 * s['mean']:.1f} | {100 * (s['max'] - s['min']):.1f} | {s['images_per_s']:.0f} |"
+        )
     lines += ["", f"bf16's mean {'lies' if inside else 'does NOT lie'} within fp32's seed range."]
     (out / "bf16_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -21,20 +21,36 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARYING = {"train_seconds", "images_per_s", "eval_seconds", "fit_seconds", "budget_seconds_used", "seconds", "run", "run_id", "wall_seconds"}
+VARYING = {
+    "train_seconds",
+    "images_per_s",
+    "eval_seconds",
+    "fit_seconds",
+    "budget_seconds_used",
+    "seconds",
+    "run",
+    "run_id",
+    "wall_seconds",
+}
 
 
 def run_smoke(code: Path, out: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(code), HELPERS_PROJECT_ROOT=str(code))
     env.pop("HELPERS_OUT_DIR", None)
-    done = subprocess.run([sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(out), "--no-report"], cwd=code, env=env)
+    done = subprocess.run(
+        [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(out), "--no-report"],
+        cwd=code,
+        env=env,
+    )
     if done.returncode != 0:
         raise SystemExit(f"the smoke pipeline of {code} failed (exit {done.returncode})")
 
 
 def canonical(out: Path, code: Path) -> dict:
     """{notebook: its metrics without what varies, with <out> / <project> for the two folders}."""
-    roots = sorted([(str(out), "<out>"), (str(code), "<project>")], key=lambda r: -len(r[0]))  # (the longer first: one may hold the other)
+    roots = sorted(
+        [(str(out), "<out>"), (str(code), "<project>")], key=lambda r: -len(r[0])
+    )  # (the longer first: one may hold the other)
 
     def clean(value):
         if isinstance(value, dict):
@@ -59,7 +75,9 @@ def differences(a, b, where: str = "") -> list[str]:
 
 
 def checkout(commit: str, folder: Path) -> Path:
-    subprocess.run(["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "worktree", "add", "--detach", str(folder), commit], cwd=ROOT, check=True, capture_output=True
+    )
     return folder
 
 

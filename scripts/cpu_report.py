@@ -44,7 +44,9 @@ def key_metric(name: str, m: dict) -> str:
     if name.startswith("T4"):
         return f"Recall@1 {100 * m['after']['recall@1']:.1f} % (before {100 * m['before']['recall@1']:.1f} %)"
     runs = dict(m["models"]) | ({m["bonus"]["name"]: m["bonus"]} if m.get("bonus") else {})
-    best = max(runs.items(), key=lambda item: item[1]["heldout"]["top1"])  # chosen on held-out data, as the notebooks do
+    best = max(
+        runs.items(), key=lambda item: item[1]["heldout"]["top1"]
+    )  # chosen on held-out data, as the notebooks do
     what = "accuracy" if name.startswith("E2") else "top-1"
     return f"test {what} {100 * best[1]['test']['top1']:.1f} % ({best[0]}, best on held-out)"
 
@@ -95,7 +97,9 @@ def results_markdown(out: Path, command: str) -> str:
         if name not in budget["notebooks"]:
             continue
         metric = key_metric(name, metrics[name]) if name in metrics else step["status"]
-        lines.append(f"| {name} | {100 * step.get('share', 0):.1f} % | {step.get('predicted_seconds', 0):.0f} | {step['seconds']:.0f} | {metric} |")
+        lines.append(
+            f"| {name} | {100 * step.get('share', 0):.1f} % | {step.get('predicted_seconds', 0):.0f} | {step['seconds']:.0f} | {metric} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -116,7 +120,11 @@ def update_readme(readme: Path, docs: Path, results: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--archives", default=str(ROOT.parent / "shared" / "data"), help="folder holding the mini (or full) dataset archives")
+    parser.add_argument(
+        "--archives",
+        default=str(ROOT.parent / "shared" / "data"),
+        help="folder holding the mini (or full) dataset archives",
+    )
     parser.add_argument("--budget", default="60m")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "cpu-mini"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "cpu-report"))
@@ -126,9 +134,27 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python -m helpers.pipeline --profile cpu --data-dir data/mini --budget {args.budget} --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
     if not args.skip_run:
         link_archives(Path(args.archives), data)
-        subprocess.run([sys.executable, "-m", "helpers.data.synthetic", "--which", "stl10", "--out", str(data)], cwd=ROOT, check=True)
-        done = subprocess.run([sys.executable, "-m", "helpers.pipeline", "--profile", "cpu", "--data-dir", str(data), "--budget", args.budget,
-                               "--out", str(out)], cwd=ROOT)
+        subprocess.run(
+            [sys.executable, "-m", "helpers.data.synthetic", "--which", "stl10", "--out", str(data)],
+            cwd=ROOT,
+            check=True,
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "helpers.pipeline",
+                "--profile",
+                "cpu",
+                "--data-dir",
+                str(data),
+                "--budget",
+                args.budget,
+                "--out",
+                str(out),
+            ],
+            cwd=ROOT,
+        )
         if done.returncode != 0:
             print(f"error: the pipeline exited with {done.returncode}; docs left as they were", file=sys.stderr)
             return done.returncode

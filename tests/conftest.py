@@ -22,20 +22,26 @@ SHARED_DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parent
 def tiny_root(tmp_path_factory) -> Path:
     """A small generated Tiny ImageNet: 6 classes x 12 train, 4 val per class, 5 test."""
     out = tmp_path_factory.mktemp("gen")
-    params = synthetic.TinyParams(num_classes=6, train_per_class=12, val_per_class=4, test_images=5, grayscale_fraction=0.1)
+    params = synthetic.TinyParams(
+        num_classes=6, train_per_class=12, val_per_class=4, test_images=5, grayscale_fraction=0.1
+    )
     return synthetic.generate("tiny", out, params)
 
 
 @pytest.fixture(scope="session")
 def cars_devkit_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gen")
-    return synthetic.generate("cars", out, synthetic.CarsParams(layout="devkit", images_per_class=2, min_width=40, max_width=64))
+    return synthetic.generate(
+        "cars", out, synthetic.CarsParams(layout="devkit", images_per_class=2, min_width=40, max_width=64)
+    )
 
 
 @pytest.fixture(scope="session")
 def cars_ml_root(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gen")
-    return synthetic.generate("cars", out, synthetic.CarsParams(layout="metric_learning", images_per_class=2, min_width=40, max_width=64))
+    return synthetic.generate(
+        "cars", out, synthetic.CarsParams(layout="metric_learning", images_per_class=2, min_width=40, max_width=64)
+    )
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +77,9 @@ def smoke_out(tmp_path_factory) -> Path:
     resumes these finished runs instead of training them again."""
     out = Path(os.environ.get("HELPERS_TEST_OUTPUTS") or tmp_path_factory.mktemp("smoke"))
     command = [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(out)]
-    done = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(
+        command, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     return out
 
@@ -85,11 +93,15 @@ def tiny_archive_cut(source: Path, target: Path, classes: int) -> Path:
         top = wnids_name[: -len("wnids.txt")]
         keep = zin.read(wnids_name).decode().split()[:classes]
         annotations_name = next(n for n in names if n.endswith("val/val_annotations.txt"))
-        annotations = [line for line in zin.read(annotations_name).decode().splitlines() if line.split("\t")[1:2] and line.split("\t")[1] in keep]
+        annotations = [
+            line
+            for line in zin.read(annotations_name).decode().splitlines()
+            if line.split("\t")[1:2] and line.split("\t")[1] in keep
+        ]
         val_images = {line.split("\t")[0] for line in annotations}
         with zipfile.ZipFile(target, "w") as zout:
             for name in names:
-                rel = name[len(top):]
+                rel = name[len(top) :]
                 parts = rel.split("/")
                 if rel == "wnids.txt":
                     zout.writestr(name, "\n".join(keep) + "\n")

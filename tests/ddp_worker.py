@@ -28,7 +28,9 @@ def images_and_labels(n: int, classes: int, seed: int, side: int = 8):
 
 def small_model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)
+    )
 
 
 def initial_weights() -> dict:
@@ -43,7 +45,10 @@ def case_train() -> dict:
     source = TensorBatches(images, labels, batch_size=16, shuffle=True, drop_last=True, seed=3)
     cfg = FitConfig(epochs=3, lr=0.2, monitor="", precision="fp32", channels_last=False, warmup_epochs=0.5, log_every=2)
     result = fit(model, source, BatchAugment(crop="none", flip=False), cfg, progress=False)
-    return {"weights": {k: v.clone() for k, v in model.state_dict().items()}, "train_loss": [h["train_loss"] for h in result.history]}
+    return {
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+        "train_loss": [h["train_loss"] for h in result.history],
+    }
 
 
 def case_batchnorm() -> dict:
@@ -51,15 +56,24 @@ def case_batchnorm() -> dict:
     metrics as recorded during training, and its final weights (rank 0's, as checkpointed)."""
     images, labels = images_and_labels(96, 5, seed=6)
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).double()
     source = TensorBatches(images, labels, batch_size=16, shuffle=True, drop_last=True, seed=3)
     heldout = TensorBatches(images[:37], labels[:37], batch_size=8)
     augment = BatchAugment(crop="none", flip=False)
     cfg = FitConfig(epochs=2, lr=0.2, monitor="", precision="fp32", channels_last=False)
     evaluate = ClassificationEvaluator({"heldout": heldout}, augment)
     result = fit(nn.Sequential(_Double(), model), source, augment, cfg, progress=False, evaluate=evaluate)
-    return {"record": {k: v for k, v in result.history[-1].items() if k.startswith("heldout")},
-            "weights": {k: v.clone() for k, v in model.state_dict().items()}}
+    return {
+        "record": {k: v for k, v in result.history[-1].items() if k.startswith("heldout")},
+        "weights": {k: v.clone() for k, v in model.state_dict().items()},
+    }
 
 
 class _Double(nn.Module):
@@ -70,11 +84,20 @@ class _Double(nn.Module):
 def batchnorm_model_evaluation(weights: dict) -> dict:
     """The single-process evaluation of case_batchnorm's model with `weights`."""
     images, labels = images_and_labels(96, 5, seed=6)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).double()
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).double()
     model.load_state_dict(weights)
     model.eval()
     with torch.no_grad():
-        return ClassificationEvaluator({"heldout": TensorBatches(images[:37], labels[:37], batch_size=8)}, BatchAugment(crop="none", flip=False))(nn.Sequential(_Double(), model))
+        return ClassificationEvaluator(
+            {"heldout": TensorBatches(images[:37], labels[:37], batch_size=8)}, BatchAugment(crop="none", flip=False)
+        )(nn.Sequential(_Double(), model))
 
 
 def case_evaluate() -> dict:
@@ -104,15 +127,20 @@ def case_metric_loss() -> dict:
     x = torch.as_tensor(rng.normal(size=(3, 16, 10)))
     labels = torch.arange(4).repeat_interleave(4)  # P=4 classes x K=4, in rank order
     out = {}
-    for name, loss in (("ms", MultiSimilarityLoss(miner=get_miner("ms", epsilon=0.1))),
-                       ("xbm", CrossBatchMemory(MultiSimilarityLoss(miner=get_miner("ms", epsilon=0.1)), 8, memory_size=24))):
+    for name, loss in (
+        ("ms", MultiSimilarityLoss(miner=get_miner("ms", epsilon=0.1))),
+        ("xbm", CrossBatchMemory(MultiSimilarityLoss(miner=get_miner("ms", epsilon=0.1)), 8, memory_size=24)),
+    ):
         torch.manual_seed(0)
         model = nn.Linear(10, 8).double()
         objective = MetricObjective(loss)
         step = _TrainingStep(model, objective, model)
         if distributed.is_distributed():
             step = nn.parallel.DistributedDataParallel(step)
-        lo, hi = distributed.rank() * 16 // distributed.world_size(), (distributed.rank() + 1) * 16 // distributed.world_size()
+        lo, hi = (
+            distributed.rank() * 16 // distributed.world_size(),
+            (distributed.rank() + 1) * 16 // distributed.world_size(),
+        )
         grads, losses = [], []
         for i in range(3):
             model.zero_grad()

@@ -25,7 +25,7 @@ def test_a_failed_write_keeps_the_old_file_and_names_the_path(tmp_path):
     with pytest.raises(OSError, match=rf"could not write {target}: No space left on device") as info:
         atomic_write(target, no_space)
     assert info.value.errno == errno.ENOSPC
-    assert target.read_text().startswith("{\n \"old\"") and os.listdir(tmp_path) == ["m.json"]
+    assert target.read_text().startswith('{\n "old"') and os.listdir(tmp_path) == ["m.json"]
 
 
 def test_ctrl_c_wrapped_by_torch_stays_a_keyboard_interrupt(tmp_path):
@@ -59,7 +59,9 @@ def test_real_ctrl_c_during_a_large_torch_save(tmp_path):
 
 
 def test_stale_temporaries_dead_and_reused_pids(tmp_path):
-    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout)
+    dead = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
     stale = tmp_path / f".last.pt.tmp{dead}"
     mine = tmp_path / f".best.pt.tmp{os.getpid()}"
     reused = tmp_path / ".metrics.json.tmp1"  # pid 1 is alive, but the file is older than it

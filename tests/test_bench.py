@@ -14,7 +14,12 @@ def test_quick_cpu_benchmark_writes_every_record(tmp_path):
     assert set(models) == set(chosen) and set(bench.MODELS) >= set(chosen)
     assert set(data) == {"lazy", "cached"}, "both CPU data paths are measured in the same run"
     for record in list(models.values()) + list(data.values()):
-        assert record["images_per_s"] > 0 and record["device"] == "cpu" and record["batch_size"] > 0 and record["peak_mem_mb"] > 0
+        assert (
+            record["images_per_s"] > 0
+            and record["device"] == "cpu"
+            and record["batch_size"] > 0
+            and record["peak_mem_mb"] > 0
+        )
     assert len({r["image_size"] for r in models.values()}) == 1, "all models at the same input size"
     ratio = next(r for r in records if r["what"] == "ratio" and r["name"] == "data paths")
     assert ratio["cached/lazy"] == data["cached"]["images_per_s"] / data["lazy"]["images_per_s"]
@@ -27,8 +32,12 @@ def test_quick_cpu_benchmark_writes_every_record(tmp_path):
         assert project["images_per_s"] > 0 and peer["images_per_s"] > 0
         ratio_row = next(r for r in records if r["what"] == "ratio" and r.get("model") == name)
         assert ratio_row["project/peer"] == project["images_per_s"] / peer["images_per_s"]
-    assert e2e[("cubs_serial21", "peer")]["peer_model"].startswith("helpers.models")  # (no torchvision twin of a CUBS model)
-    assert type(bench.peer_model("resnet18", 10, "small")).__module__ == "torchvision.models.resnet", "the peer's ResNet-18 is torchvision's"
+    assert e2e[("cubs_serial21", "peer")]["peer_model"].startswith(
+        "helpers.models"
+    )  # (no torchvision twin of a CUBS model)
+    assert type(bench.peer_model("resnet18", 10, "small")).__module__ == "torchvision.models.resnet", (
+        "the peer's ResNet-18 is torchvision's"
+    )
     assert e2e[("custom_cnn", "peer")]["peer_model"].startswith("helpers.models")
     info = next(r for r in records if r["what"] == "info")
     assert info["torch"] and "git" in info
@@ -51,11 +60,22 @@ def test_memory_rows_use_each_models_full_profile_batch(monkeypatch):
     assert shapes["resnet18"] == ("resnet18", 256, 64, "small", 200), "the full preset's batch and input size"
     assert shapes["T4 cubs_serial12"] == ("cubs_serial12", 128, 224, "imagenet", 98)
     assert set(shapes) == set(bench.MODELS) | {"T4 cubs_serial12"}
-    monkeypatch.setattr(bench, "full_profile_shapes", lambda: {"resnet18": ("resnet18", 4, 16, "small", 200), "T4 cubs_serial12": ("cubs_serial12", 2, 32, "imagenet", 98)})
+    monkeypatch.setattr(
+        bench,
+        "full_profile_shapes",
+        lambda: {
+            "resnet18": ("resnet18", 4, 16, "small", 200),
+            "T4 cubs_serial12": ("cubs_serial12", 2, 32, "imagenet", 98),
+        },
+    )
     rows = bench.bench_memory(torch.device("cpu"), steps=1)
     assert [(r["what"], r["name"], r["batch_size"], r["image_size"], r["stem"]) for r in rows] == [
-        ("memory", "resnet18", 4, 16, "small"), ("memory", "T4 cubs_serial12", 2, 32, "imagenet")]
-    assert all(r["peak_mem_mb"] > 0 and r["precision_used"] == "fp32" and r["switches"]["precision"] == "auto" for r in rows)
+        ("memory", "resnet18", 4, 16, "small"),
+        ("memory", "T4 cubs_serial12", 2, 32, "imagenet"),
+    ]
+    assert all(
+        r["peak_mem_mb"] > 0 and r["precision_used"] == "fp32" and r["switches"]["precision"] == "auto" for r in rows
+    )
 
 
 def test_an_unusable_out_is_refused_before_anything_is_measured(tmp_path, monkeypatch, capsys):
@@ -66,7 +86,10 @@ def test_an_unusable_out_is_refused_before_anything_is_measured(tmp_path, monkey
 
     monkeypatch.setattr(bench, "run", measured)
     (tmp_path / "a_file").write_text("")
-    for out, problem in ((tmp_path, "it is a folder"), (tmp_path / "a_file" / "bench.json", "a_file is a file, not a folder")):
+    for out, problem in (
+        (tmp_path, "it is a folder"),
+        (tmp_path / "a_file" / "bench.json", "a_file is a file, not a folder"),
+    ):
         assert bench.main(["--device", "cpu", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith(f"error: cannot write {out}: ") and problem in err
@@ -86,5 +109,7 @@ def test_the_out_check_really_writes_and_creates_the_folder(tmp_path, monkeypatc
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refused)
-    with pytest.raises(OutputError, match=r"cannot write .*bench.json: Permission denied in .*deeper; choose another --out"):
+    with pytest.raises(
+        OutputError, match=r"cannot write .*bench.json: Permission denied in .*deeper; choose another --out"
+    ):
         bench.check_output_file(out)

@@ -64,7 +64,9 @@ def test_max_steps_runs_exactly_that_many_steps_and_anneals(tmp_path):
     steps_seen = []
     train, augment, cfg, evaluator = setup(tmp_path, epochs=1, max_steps=15, warmup_epochs=0.5)
     model = toy_model()
-    result = fit(model, train, augment, cfg, evaluate=evaluator, on_step=lambda e, s: steps_seen.append((e, s)), progress=False)
+    result = fit(
+        model, train, augment, cfg, evaluate=evaluator, on_step=lambda e, s: steps_seen.append((e, s)), progress=False
+    )
     per_epoch = len(train)  # 96 // 16 = 6 steps per epoch
     assert per_epoch == 6 and len(steps_seen) == 15
     assert [h["epoch"] for h in result.history] == [1, 2, 3]  # 6 + 6 + 3: the last epoch is short
@@ -78,7 +80,9 @@ def test_max_steps_runs_exactly_that_many_steps_and_anneals(tmp_path):
 
 def test_max_steps_resume_is_exact(tmp_path):
     whole = run(tmp_path, "whole", epochs=1, max_steps=14)
-    run(tmp_path, "split", epochs=1, max_steps=14, on_step=interrupt_at(2, 1), on_interrupt="return")  # inside the short last epoch
+    run(
+        tmp_path, "split", epochs=1, max_steps=14, on_step=interrupt_at(2, 1), on_interrupt="return"
+    )  # inside the short last epoch
     resumed = run(tmp_path, "split", epochs=1, max_steps=14)
     assert_same_run(whole, resumed)
 
@@ -144,16 +148,46 @@ def test_budget_run_resumes_within_the_same_budget(tmp_path, monkeypatch):
     clock = FakeClock(0.1)
     monkeypatch.setattr("helpers.budget.now", clock)
     train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=2.0, warmup_epochs=0.5)
-    whole = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, out_dir=tmp_path / "a", progress=False)
+    whole = fit(
+        toy_model(),
+        train,
+        augment,
+        cfg,
+        evaluate=evaluator,
+        on_step=clock.on_step,
+        out_dir=tmp_path / "a",
+        progress=False,
+    )
 
     clock.t = 0.0
+
     def stop_at_14(epoch, step):
         clock.on_step(epoch, step)
         if (epoch, step) == (2, 2):
             raise KeyboardInterrupt
-    first = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=stop_at_14, out_dir=tmp_path / "b", progress=False, on_interrupt="return")
+
+    first = fit(
+        toy_model(),
+        train,
+        augment,
+        cfg,
+        evaluate=evaluator,
+        on_step=stop_at_14,
+        out_dir=tmp_path / "b",
+        progress=False,
+        on_interrupt="return",
+    )
     assert first.interrupted
-    second = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, out_dir=tmp_path / "b", progress=False)
+    second = fit(
+        toy_model(),
+        train,
+        augment,
+        cfg,
+        evaluate=evaluator,
+        on_step=clock.on_step,
+        out_dir=tmp_path / "b",
+        progress=False,
+    )
     assert second.history[-1]["steps"] == whole.history[-1]["steps"]  # the budget counts both sessions
     assert second.history[-1]["lr"] < 0.05 * 0.05
 
@@ -181,8 +215,16 @@ def test_budget_run_of_the_recognition_runner(tiny_root, tmp_path):
     from helpers.recognition import build_model, build_tiny_imagenet
 
     cfg = RecognitionConfig.build(
-        "T2", "smoke", data_dir=str(tiny_root.parent), out_dir=str(tmp_path), image_size=16, batch_size=8,
-        heldout_fraction=0.0, budget_s=2.0, stem="imagenet", train_per_class=0,
+        "T2",
+        "smoke",
+        data_dir=str(tiny_root.parent),
+        out_dir=str(tmp_path),
+        image_size=16,
+        batch_size=8,
+        heldout_fraction=0.0,
+        budget_s=2.0,
+        stem="imagenet",
+        train_per_class=0,
     )
     data = build_tiny_imagenet(cfg)
     assert data.heldout.num_samples == 0  # every training image is used

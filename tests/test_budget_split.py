@@ -4,18 +4,32 @@ import math
 
 import pytest
 
-from helpers.budget_split import BudgetTooSmall, NotebookWork, Training, parse_duration, smallest_fraction, split_budget, total_seconds
+from helpers.budget_split import (
+    BudgetTooSmall,
+    NotebookWork,
+    Training,
+    parse_duration,
+    smallest_fraction,
+    split_budget,
+    total_seconds,
+)
 from helpers.errors import SettingsError
 
 
 def notebooks():
     """Two notebooks: A trains one model (10 epochs x 100 steps x 0.1 s = 100 s of work, evaluated
     in 2 s), B two (30 epochs x 10 steps x 1 s = 300 s each; one not evaluated)."""
-    a = NotebookWork("A", fixed_seconds=20.0, trainings=(Training("A_model", "budget_s", 10, 100, 0.1, seconds_per_eval=2.0),))
-    b = NotebookWork("B", fixed_seconds=40.0, trainings=(
-        Training("B_classifier", "cls_budget_s", 30, 10, 1.0, seconds_per_eval=1.0),
-        Training("B_pretrain", "pretrain_budget_s", 30, 10, 1.0),
-    ))
+    a = NotebookWork(
+        "A", fixed_seconds=20.0, trainings=(Training("A_model", "budget_s", 10, 100, 0.1, seconds_per_eval=2.0),)
+    )
+    b = NotebookWork(
+        "B",
+        fixed_seconds=40.0,
+        trainings=(
+            Training("B_classifier", "cls_budget_s", 30, 10, 1.0, seconds_per_eval=1.0),
+            Training("B_pretrain", "pretrain_budget_s", 30, 10, 1.0),
+        ),
+    )
     return [a, b]
 
 
@@ -53,7 +67,9 @@ def test_a_budget_too_small_for_one_epoch_is_refused_with_the_smallest_that_work
     low = smallest_fraction(books)
     assert low == pytest.approx(1 / 10)  # A's 10 epochs: one epoch is a tenth of its work
     need = total_seconds(books, low, 30.0)
-    with pytest.raises(BudgetTooSmall, match=r"too small for one evaluated epoch.*give at least --budget \d+m") as caught:
+    with pytest.raises(
+        BudgetTooSmall, match=r"too small for one evaluated epoch.*give at least --budget \d+m"
+    ) as caught:
         split_budget(books, budget_s=need - 1, reserved_s=30.0)
     minimum = int(str(caught.value).split("--budget ")[-1].split("m")[0])
     assert minimum * 60 >= need

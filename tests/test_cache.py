@@ -53,18 +53,46 @@ def out_of_range_labels(ds: CachedTinyImageNet) -> None:
 
 
 DAMAGES = {
-    "images truncated": (lambda ds: truncate(ds.images_path, ds.images_path.stat().st_size // 2), "images_path", r"truncated: .* bytes where its header needs"),
+    "images truncated": (
+        lambda ds: truncate(ds.images_path, ds.images_path.stat().st_size // 2),
+        "images_path",
+        r"truncated: .* bytes where its header needs",
+    ),
     "images header": (lambda ds: overwrite(ds.images_path, 0, b"garbage!"), "images_path", "magic string"),
-    "images extra bytes": (lambda ds: overwrite(ds.images_path, ds.images_path.stat().st_size, b"\0" * 7), "images_path", "bytes where its header needs"),
-    "labels truncated": (lambda ds: truncate(ds.labels_path, ds.labels_path.stat().st_size - 8), "labels_path", "truncated"),
-    "labels modified": (lambda ds: overwrite(ds.labels_path, ds.labels_path.stat().st_size - 8, np.int64(5).tobytes()), "labels_path", "checksum"),
+    "images extra bytes": (
+        lambda ds: overwrite(ds.images_path, ds.images_path.stat().st_size, b"\0" * 7),
+        "images_path",
+        "bytes where its header needs",
+    ),
+    "labels truncated": (
+        lambda ds: truncate(ds.labels_path, ds.labels_path.stat().st_size - 8),
+        "labels_path",
+        "truncated",
+    ),
+    "labels modified": (
+        lambda ds: overwrite(ds.labels_path, ds.labels_path.stat().st_size - 8, np.int64(5).tobytes()),
+        "labels_path",
+        "checksum",
+    ),
     "labels out of range": (out_of_range_labels, "labels_path", "labels 0..6 outside 0..5"),
     "labels deleted": (lambda ds: ds.labels_path.unlink(), "labels_path", "file missing"),
     "sidecar deleted": (lambda ds: ds.sidecar_path.unlink(), "sidecar_path", "no sidecar"),
     "sidecar garbled": (lambda ds: overwrite(ds.sidecar_path, 5, b"\xff{]"), "sidecar_path", "unreadable sidecar"),
-    "sidecar of another source": (lambda ds: edit_sidecar(ds, lambda meta: meta.update(fingerprint="0" * 40)), "sidecar_path", "another source fingerprint"),
-    "sidecar of an older version": (lambda ds: ds.sidecar_path.write_text('{"root": "x", "split": "val", "images": 24}'), "sidecar_path", "another version"),
-    "sidecar of another shape": (lambda ds: edit_sidecar(ds, lambda meta: meta["images"].update(shape=[24, 32, 32, 3])), "images_path", "sidecar records"),
+    "sidecar of another source": (
+        lambda ds: edit_sidecar(ds, lambda meta: meta.update(fingerprint="0" * 40)),
+        "sidecar_path",
+        "another source fingerprint",
+    ),
+    "sidecar of an older version": (
+        lambda ds: ds.sidecar_path.write_text('{"root": "x", "split": "val", "images": 24}'),
+        "sidecar_path",
+        "another version",
+    ),
+    "sidecar of another shape": (
+        lambda ds: edit_sidecar(ds, lambda meta: meta["images"].update(shape=[24, 32, 32, 3])),
+        "images_path",
+        "sidecar records",
+    ),
 }
 
 
@@ -80,7 +108,11 @@ def test_damaged_cache_is_rebuilt_with_a_one_line_notice(tiny_copy, tmp_path, ca
     notice = capsys.readouterr().out
     assert re.fullmatch(rf"cache {re.escape(str(path))} is damaged \(.*{reason}.*\); rebuilding it\n", notice), notice
     fresh = build(tiny_copy, tmp_path / "fresh")
-    assert rebuilt.built and np.array_equal(rebuilt.images, fresh.images) and np.array_equal(rebuilt.targets, fresh.targets)
+    assert (
+        rebuilt.built
+        and np.array_equal(rebuilt.images, fresh.images)
+        and np.array_equal(rebuilt.targets, fresh.targets)
+    )
     again = build(tiny_copy, tmp_path / "cache")
     assert not again.built and capsys.readouterr().out == "", "a repaired cache is reused silently"
 
@@ -122,7 +154,9 @@ def test_odd_sized_image_is_cached_as_the_lazy_path_decodes_it(tiny_copy, tmp_pa
 def test_corrupt_jpeg_while_building_names_the_file(tiny_copy, tmp_path):
     path = Path(TinyImageNet(tiny_copy, "val").samples[2][0])
     path.write_bytes(b"not a jpeg")
-    with pytest.raises(DatasetError, match=rf"{re.escape(str(path))}.*delete {re.escape(str(tiny_copy))} and it is regenerated"):
+    with pytest.raises(
+        DatasetError, match=rf"{re.escape(str(path))}.*delete {re.escape(str(tiny_copy))} and it is regenerated"
+    ):
         build(tiny_copy, tmp_path / "cache")
     assert not list((tmp_path / "cache").glob("*.json"))
 
@@ -141,7 +175,9 @@ def test_disk_full_while_writing_leaves_no_sidecar_and_no_temporary(tiny_copy, t
     with pytest.raises(OSError) as failure:
         build(tiny_copy, cache_dir)
     assert failure.value.errno == errno.ENOSPC
-    assert re.search(rf"could not write {re.escape(str(cache_dir))}/tinyimagenet-val-\w+\.images\.npy", str(failure.value))
+    assert re.search(
+        rf"could not write {re.escape(str(cache_dir))}/tinyimagenet-val-\w+\.images\.npy", str(failure.value)
+    )
     left = sorted(p.name for p in cache_dir.iterdir())
     assert len(left) == 1 and left[0].endswith(".labels.npy"), left
     monkeypatch.undo()

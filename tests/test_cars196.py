@@ -27,7 +27,9 @@ def test_split_by_class_and_labels(fixture, request):
         for path, label in train.samples + test.samples:
             assert label == truth[str(Path(path).relative_to(root))] - 1
     else:
-        truth = {("cars_train", k): v for k, v in mat_classes(root / "devkit" / "cars_train_annos.mat", "fname").items()}
+        truth = {
+            ("cars_train", k): v for k, v in mat_classes(root / "devkit" / "cars_train_annos.mat", "fname").items()
+        }
         truth |= {("cars_test", k): v for k, v in mat_classes(root / "cars_test_annos_withlabels.mat", "fname").items()}
         folders = {Path(p).parent.name for p, _ in train.samples + test.samples}
         assert folders == {"cars_train", "cars_test"}, "the union of both official splits"
@@ -48,7 +50,9 @@ def test_bbox_crop_uses_one_based_inclusive_boxes(cars_devkit_root):
 def test_grayscale_cars_come_back_rgb(tmp_path):
     from helpers.data import synthetic
 
-    root = synthetic.generate("cars", tmp_path, synthetic.CarsParams(images_per_class=1, min_width=32, max_width=40, grayscale_fraction=1.0))
+    root = synthetic.generate(
+        "cars", tmp_path, synthetic.CarsParams(images_per_class=1, min_width=32, max_width=40, grayscale_fraction=1.0)
+    )
     ds = Cars196(root, "train")
     assert Image.open(ds.samples[0][0]).mode == "L" and ds[0][0].mode == "RGB"
 
@@ -76,7 +80,10 @@ def test_missing_images_are_skipped_with_a_warning(devkit_copy):
 
 
 def test_mat_without_expected_fields(devkit_copy):
-    scipy.io.savemat(devkit_copy / "devkit" / "cars_train_annos.mat", {"annotations": np.zeros((1, 2), dtype=[("fname", object), ("bbox_x1", object)])})
+    scipy.io.savemat(
+        devkit_copy / "devkit" / "cars_train_annos.mat",
+        {"annotations": np.zeros((1, 2), dtype=[("fname", object), ("bbox_x1", object)])},
+    )
     with pytest.raises(DatasetError, match=r"lacks the field\(s\) .*class"):
         Cars196(devkit_copy, "train")
 

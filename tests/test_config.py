@@ -17,26 +17,37 @@ def build(task, **params):
     return CONFIGS[task].build(task, "smoke", device="cpu", **params)
 
 
-@pytest.mark.parametrize("task,params,message", [
-    ("T2", {"epochs": "three"}, "epochs='three' is not valid; expected a whole number >= 1"),
-    ("T2", {"epochs": 2.5}, "epochs=2.5 is not valid; expected a whole number >= 1"),
-    ("T2", {"lr": "fast"}, "lr='fast' is not valid; expected a finite number > 0"),
-    ("T2", {"classes": -3}, "classes=-3 is not valid; expected a whole number >= 0"),
-    ("T2", {"heldout_fraction": 1.0}, "heldout_fraction=1.0 is not valid; expected a finite number in [0, 1)"),
-    ("T2", {"budget_s": float("inf")}, "budget_s=inf is not valid; expected a finite number >= 0"),
-    ("T2", {"lr": _resolve_type("inf")}, "lr=inf is not valid; expected a finite number > 0"),
-    ("T2", {"resume": "maybe"}, "resume='maybe' is not valid; expected True or False"),
-    ("T2", {"precision": "fp8"}, "precision='fp8' is not valid; choose one of auto, bf16, fp16, fp32"),
-    ("T2", {"stem": 3}, "stem=3 is not valid; choose one of small, imagenet"),
-    ("T2", {"fashions": "diagonal"}, "fashions='diagonal' is not valid; choose items from parallel, serial12, serial21"),
-    ("T4", {"pk_images": 1}, "pk_images=1 is not valid; expected a whole number >= 2"),
-    ("T4", {"lam": 2}, "lam=2 is not valid; expected a finite number in [-1, 1]"),
-    ("T4", {"ablation": '["ms", "hardest"]'}, "choose items from none, ms, batch_hard, semi_hard, adaptive_ms, xbm"),
-    ("T4", {"image_size": 64, "resize": 56}, "image_size=64 is not valid; it must not exceed resize=56"),
-    ("E2", {"hidden": "64,32"}, "hidden=(64, 32) is not valid; give at least 4 layer sizes"),
-    ("E2", {"hidden": [64, 32, 16, 0]}, "hidden=[64, 32, 16, 0] is not valid; expected every item >= 1"),
-    ("E2", {"hidden": "wide"}, "hidden='wide' is not valid; expected a list of whole numbers"),
-])
+@pytest.mark.parametrize(
+    "task,params,message",
+    [
+        ("T2", {"epochs": "three"}, "epochs='three' is not valid; expected a whole number >= 1"),
+        ("T2", {"epochs": 2.5}, "epochs=2.5 is not valid; expected a whole number >= 1"),
+        ("T2", {"lr": "fast"}, "lr='fast' is not valid; expected a finite number > 0"),
+        ("T2", {"classes": -3}, "classes=-3 is not valid; expected a whole number >= 0"),
+        ("T2", {"heldout_fraction": 1.0}, "heldout_fraction=1.0 is not valid; expected a finite number in [0, 1)"),
+        ("T2", {"budget_s": float("inf")}, "budget_s=inf is not valid; expected a finite number >= 0"),
+        ("T2", {"lr": _resolve_type("inf")}, "lr=inf is not valid; expected a finite number > 0"),
+        ("T2", {"resume": "maybe"}, "resume='maybe' is not valid; expected True or False"),
+        ("T2", {"precision": "fp8"}, "precision='fp8' is not valid; choose one of auto, bf16, fp16, fp32"),
+        ("T2", {"stem": 3}, "stem=3 is not valid; choose one of small, imagenet"),
+        (
+            "T2",
+            {"fashions": "diagonal"},
+            "fashions='diagonal' is not valid; choose items from parallel, serial12, serial21",
+        ),
+        ("T4", {"pk_images": 1}, "pk_images=1 is not valid; expected a whole number >= 2"),
+        ("T4", {"lam": 2}, "lam=2 is not valid; expected a finite number in [-1, 1]"),
+        (
+            "T4",
+            {"ablation": '["ms", "hardest"]'},
+            "choose items from none, ms, batch_hard, semi_hard, adaptive_ms, xbm",
+        ),
+        ("T4", {"image_size": 64, "resize": 56}, "image_size=64 is not valid; it must not exceed resize=56"),
+        ("E2", {"hidden": "64,32"}, "hidden=(64, 32) is not valid; give at least 4 layer sizes"),
+        ("E2", {"hidden": [64, 32, 16, 0]}, "hidden=[64, 32, 16, 0] is not valid; expected every item >= 1"),
+        ("E2", {"hidden": "wide"}, "hidden='wide' is not valid; expected a list of whole numbers"),
+    ],
+)
 def test_bad_values_name_the_parameter_the_value_and_what_is_allowed(task, params, message):
     with pytest.raises(ValueError) as info:
         build(task, **params)
@@ -60,10 +71,18 @@ def test_values_are_coerced_to_their_types():
     assert type(cfg.epochs) is int and type(cfg.lr) is float
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ('["ms"]', ("ms",)), ('["ms", "none"]', ("ms", "none")), ("('ms', 'xbm')", ("ms", "xbm")),
-    ("ms,none", ("ms", "none")), (" ms , none ", ("ms", "none")), ("ms", ("ms",)), (["ms", "none"], ("ms", "none")),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ('["ms"]', ("ms",)),
+        ('["ms", "none"]', ("ms", "none")),
+        ("('ms', 'xbm')", ("ms", "xbm")),
+        ("ms,none", ("ms", "none")),
+        (" ms , none ", ("ms", "none")),
+        ("ms", ("ms",)),
+        (["ms", "none"], ("ms", "none")),
+    ],
+)
 def test_list_parameters_accept_papermill_strings_and_lists(raw, expected):
     value = _resolve_type(raw) if isinstance(raw, str) else raw  # what `papermill -p ablation RAW` passes
     assert build("T4", ablation=value).ablation == expected
@@ -90,20 +109,36 @@ def test_t2_notebook_rejects_bad_parameters_before_loading_data(tmp_path):
 
     with pytest.raises(PapermillExecutionError) as info:
         papermill.execute_notebook(
-            str(project_root() / "notebooks" / "T2_resnet18.ipynb"), str(tmp_path / "T2.ipynb"),
-            parameters={"epochs": _resolve_type("three"), "lr": _resolve_type("fast"), "out_dir": str(tmp_path), "data_dir": str(tmp_path / "nowhere")},
-            kernel_name="python3", progress_bar=False, cwd=str(project_root() / "notebooks"),
+            str(project_root() / "notebooks" / "T2_resnet18.ipynb"),
+            str(tmp_path / "T2.ipynb"),
+            parameters={
+                "epochs": _resolve_type("three"),
+                "lr": _resolve_type("fast"),
+                "out_dir": str(tmp_path),
+                "data_dir": str(tmp_path / "nowhere"),
+            },
+            kernel_name="python3",
+            progress_bar=False,
+            cwd=str(project_root() / "notebooks"),
         )
     error = info.value
-    assert error.ename == "SettingsError" and "epochs='three' is not valid" in error.evalue and "lr='fast' is not valid" in error.evalue
+    assert (
+        error.ename == "SettingsError"
+        and "epochs='three' is not valid" in error.evalue
+        and "lr='fast' is not valid" in error.evalue
+    )
     assert "RecognitionConfig.build" in error.source, "the configuration cell, before any data cell"
 
 
 def test_subsets_beyond_the_data_say_what_the_data_has(tiny_root, tmp_path):
     common = dict(data_dir=str(tiny_root.parent), out_dir=str(tmp_path), image_size=16, train_per_class=0)
-    with pytest.raises(ValueError, match=r"classes=500 is not valid: the data at .* has 6 classes; use 1 to 6 \(0 = all\)"):
+    with pytest.raises(
+        ValueError, match=r"classes=500 is not valid: the data at .* has 6 classes; use 1 to 6 \(0 = all\)"
+    ):
         build_tiny_imagenet(build("T2", **(common | {"classes": 500})))
-    with pytest.raises(ValueError, match=r"train_per_class=50 is not valid: .* has at most 12 training images per class"):
+    with pytest.raises(
+        ValueError, match=r"train_per_class=50 is not valid: .* has at most 12 training images per class"
+    ):
         build_tiny_imagenet(build("T2", **(common | {"train_per_class": 50})))
     e1 = RecognitionConfig.build("E1", "smoke", device="cpu", pk_classes=4, pk_images=20, **common)
     with pytest.raises(ValueError, match=r"pk_images.*more than any class has") as info:
@@ -112,7 +147,17 @@ def test_subsets_beyond_the_data_say_what_the_data_has(tiny_root, tmp_path):
 
 
 def test_t4_p_x_k_beyond_the_data_names_pk_images(cars_devkit_root, tmp_path):
-    cfg = RetrievalConfig.build("T4", "smoke", data_dir=str(cars_devkit_root), out_dir=str(tmp_path), device="cpu", resize=24, image_size=16, pk_classes=4, pk_images=3)
+    cfg = RetrievalConfig.build(
+        "T4",
+        "smoke",
+        data_dir=str(cars_devkit_root),
+        out_dir=str(tmp_path),
+        device="cpu",
+        resize=24,
+        image_size=16,
+        pk_classes=4,
+        pk_images=3,
+    )
     with pytest.raises(ValueError, match=r"pk_images") as info:
         build_cars196(cfg)
     assert "the data has 98 classes" in str(info.value) and "Lower P" not in str(info.value)

@@ -34,7 +34,19 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     (data / cars.name).symlink_to(cars)
     synthetic.generate("stl10", data, synthetic.STL10Params())
     out, budget_s = tmp_path / "out", 180.0
-    command = [sys.executable, "-m", "helpers.pipeline", "--profile", "cpu", "--data-dir", str(data), "--budget", "3m", "--out", str(out)]
+    command = [
+        sys.executable,
+        "-m",
+        "helpers.pipeline",
+        "--profile",
+        "cpu",
+        "--data-dir",
+        str(data),
+        "--budget",
+        "3m",
+        "--out",
+        str(out),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((out / "pipeline.json").read_text())
@@ -42,7 +54,10 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     shared = summary["budget"]
     assert shared["budget_s"] == budget_s and set(shared["notebooks"]) == {s.name for s in pipeline.STEPS}
     # within the budget's tolerance on the machine it planned on (the issue asks +-10 %; 15 % leaves room for a loaded CI machine)
-    assert abs(shared["measured_seconds"] - budget_s) <= 0.15 * budget_s, (shared["measured_seconds"], shared["planned_seconds"])
+    assert abs(shared["measured_seconds"] - budget_s) <= 0.15 * budget_s, (
+        shared["measured_seconds"],
+        shared["planned_seconds"],
+    )
     for name, step in summary["steps"].items():
         if name in shared["notebooks"]:
             assert step["share"] == shared["notebooks"][name]["share"] and step["predicted_seconds"] > 0
@@ -62,9 +77,11 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
 
 def fake_plan(seconds_per_step: float):
     """A plan_pipeline stand-in: every notebook one training of 10 epochs x 10 steps, evaluated in 1 s."""
+
     def plan_pipeline(profile, steps, data_dir, device, out, log=None):
         work = [NotebookWork(name, 5.0, (Training(name, "budget_s", 10, 10, seconds_per_step, 1.0),)) for name in steps]
         return {"profile": profile, "notebooks": {}, "total_seconds": 0.0, "run": {}, "work": work}
+
     return plan_pipeline
 
 
@@ -72,9 +89,14 @@ def test_a_budget_too_small_is_refused_before_anything_runs(tmp_path, monkeypatc
     monkeypatch.setattr(planning, "plan_pipeline", fake_plan(seconds_per_step=1.0))
     ran = []
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: ran.append(a) or ("ok", ""))
-    assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--budget", "30s", "--only", "T1,T2"]) == 2
+    assert (
+        pipeline.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--budget", "30s", "--only", "T1,T2"]) == 2
+    )
     err = capsys.readouterr().err
-    assert err.startswith("error: --budget 30 s is too small for one evaluated epoch of every training") and "give at least --budget 1m" in err
+    assert (
+        err.startswith("error: --budget 30 s is too small for one evaluated epoch of every training")
+        and "give at least --budget 1m" in err
+    )
     assert not ran and not (tmp_path / "out" / "metrics" / "T1_custom_cnn.json").exists()
     assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path / "out"), "--budget", "ninety"]) == 2
     assert "not valid; give a positive time with a unit s, m or h" in capsys.readouterr().err
@@ -93,8 +115,12 @@ def test_each_notebook_gets_its_share_as_parameters_and_the_summary_records_it(t
     shared = summary["budget"]
     assert set(given) == {"T1_custom_cnn", "T2_resnet18"}
     for name, parameters in given.items():
-        assert parameters["budget_s"] == shared["notebooks"][name]["parameters"]["budget_s"] > 10 * 10 * 0.1  # more than the profile's 10 epochs
-        assert parameters["profile"] == "smoke" and summary["steps"][name]["share"] == shared["notebooks"][name]["share"]
+        assert (
+            parameters["budget_s"] == shared["notebooks"][name]["parameters"]["budget_s"] > 10 * 10 * 0.1
+        )  # more than the profile's 10 epochs
+        assert (
+            parameters["profile"] == "smoke" and summary["steps"][name]["share"] == shared["notebooks"][name]["share"]
+        )
     assert shared["planned_seconds"] <= 120.0 and shared["measured_seconds"] >= 0
     assert json.loads((tmp_path / "out" / "pipeline.json").read_text())["budget"]["budget_s"] == 120.0
 
@@ -105,12 +131,17 @@ def test_the_plan_survives_a_missing_dataset_and_writes_what_it_has(tmp_path, mo
     def plan_notebook(name, profile, overrides, out_dir, scratch):
         if name.startswith("E2"):
             raise DatasetError(f"STL-10 not found at {tmp_path}/stl10_binary. Download it with ...")
-        return planning.NotebookPlan(name.split("_")[0], 1.0, [planning.Job(name, 10, 0.5, 2, 0.25, epochs=2)], overhead_seconds=3.0)
+        return planning.NotebookPlan(
+            name.split("_")[0], 1.0, [planning.Job(name, 10, 0.5, 2, 0.25, epochs=2)], overhead_seconds=3.0
+        )
 
     monkeypatch.setattr(planning, "plan_notebook", plan_notebook)
     assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path), "--plan", "--only", "T1,E2"]) == 1
     printed = capsys.readouterr().out
     assert "E2_stl10_layerwise" in printed and "not planned: its data is missing (STL-10 not found" in printed
     written = json.loads((tmp_path / "plan.json").read_text())
-    assert set(written["notebooks"]) == {"T1_custom_cnn"} and written["notebooks"]["T1_custom_cnn"]["predicted_seconds"] == 1.0 + 5.0 + 0.5 + 3.0
+    assert (
+        set(written["notebooks"]) == {"T1_custom_cnn"}
+        and written["notebooks"]["T1_custom_cnn"]["predicted_seconds"] == 1.0 + 5.0 + 0.5 + 3.0
+    )
     assert "STL-10 not found" in written["missing"]["E2_stl10_layerwise"]

@@ -13,7 +13,6 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,7 +21,9 @@ from helpers.data import download as dl
 from helpers.data.cache import cache_subfolder, default_cache_dir, resolve_cache_dir
 from helpers.data.download import TinyImageNetCounts, main
 
-ROOT_READ_ONLY_SKIP = "running as root, which chmod does not stop, and a read-only bind mount (unshare -m) is not permitted here"
+ROOT_READ_ONLY_SKIP = (
+    "running as root, which chmod does not stop, and a read-only bind mount (unshare -m) is not permitted here"
+)
 
 
 @pytest.fixture
@@ -66,7 +67,14 @@ def can_write(folder: Path) -> bool:
 
 
 def bind_read_only_command(folder: Path) -> list[str]:
-    return ["unshare", "-m", "sh", "-c", 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"', str(folder)]
+    return [
+        "unshare",
+        "-m",
+        "sh",
+        "-c",
+        'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"',
+        str(folder),
+    ]
 
 
 @contextmanager
@@ -83,14 +91,19 @@ def read_only(folder: Path):
         return
     if shutil.which("unshare") is None:
         pytest.skip(ROOT_READ_ONLY_SKIP)
-    probe = subprocess.run([*bind_read_only_command(folder), "sh", "-c", '! touch "$0/.probe" 2>/dev/null', str(folder)], capture_output=True)
+    probe = subprocess.run(
+        [*bind_read_only_command(folder), "sh", "-c", '! touch "$0/.probe" 2>/dev/null', str(folder)],
+        capture_output=True,
+    )
     if probe.returncode != 0:
         pytest.skip(ROOT_READ_ONLY_SKIP)
     yield bind_read_only_command(folder)
 
 
 def run_python(prefix: list[str], code: str, *args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(
+        [*prefix, sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 BUILD_BOTH_SPLITS = """
@@ -114,8 +127,12 @@ def test_read_only_data_folder_puts_the_cache_in_the_user_cache_with_one_notice(
     assert len(cache_files(expected)) == 6, "images, labels and sidecar of both splits"
     assert not default_cache_dir(tiny_copy).exists()
     lines = notes(result.stderr)
-    assert len(lines) == 1 and "read-only" in lines[0] and str(tiny_copy.parent) in lines[0] and str(expected) in lines[0], result.stderr
-    reference = [CachedTinyImageNet(tiny_copy, split, cache_dir=tmp_path / "ref", num_workers=0) for split in ("val", "train")]
+    assert (
+        len(lines) == 1 and "read-only" in lines[0] and str(tiny_copy.parent) in lines[0] and str(expected) in lines[0]
+    ), result.stderr
+    reference = [
+        CachedTinyImageNet(tiny_copy, split, cache_dir=tmp_path / "ref", num_workers=0) for split in ("val", "train")
+    ]
     assert [[n, s] for _, n, s in built] == [[len(ds), int(ds.images.sum())] for ds in reference]
 
 
@@ -138,7 +155,9 @@ def test_unwritable_data_folder_falls_back_to_the_user_cache(tiny_copy, cache_en
     assert val.images_path.parent == train.images_path.parent == expected and val.built and train.built
     assert len(cache_files(expected)) == 6 and not beside.exists()
     lines = notes(capsys.readouterr().err)
-    assert lines == [f"note: the data folder {tiny_copy.parent} is read-only, so the decode cache of tiny-imagenet-200 goes to {expected} (set HELPERS_CACHE_DIR to choose the place)"]
+    assert lines == [
+        f"note: the data folder {tiny_copy.parent} is read-only, so the decode cache of tiny-imagenet-200 goes to {expected} (set HELPERS_CACHE_DIR to choose the place)"
+    ]
     assert not CachedTinyImageNet(tiny_copy, "val", num_workers=0).built, "the fallback cache is reused"
 
 
@@ -147,7 +166,9 @@ def test_home_cache_without_xdg(tiny_copy, monkeypatch):
     monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tiny_copy.parent.parent / "home"))
     monkeypatch.setattr(cache, "is_writable_dir", probe_refusing(default_cache_dir(tiny_copy)))
-    assert resolve_cache_dir(tiny_copy) == tiny_copy.parent.parent / "home" / ".cache" / "helpers" / cache_subfolder(tiny_copy)
+    assert resolve_cache_dir(tiny_copy) == tiny_copy.parent.parent / "home" / ".cache" / "helpers" / cache_subfolder(
+        tiny_copy
+    )
 
 
 def test_no_writable_cache_folder_is_one_line_naming_both_and_the_variable(tiny_copy, tmp_path, monkeypatch):
@@ -160,7 +181,12 @@ def test_no_writable_cache_folder_is_one_line_naming_both_and_the_variable(tiny_
     with pytest.raises(DatasetError) as failure:
         CachedTinyImageNet(tiny_copy, "val", num_workers=0)
     message = str(failure.value)
-    assert "\n" not in message and str(beside) in message and str(blocker / "helpers") in message and "HELPERS_CACHE_DIR" in message
+    assert (
+        "\n" not in message
+        and str(beside) in message
+        and str(blocker / "helpers") in message
+        and "HELPERS_CACHE_DIR" in message
+    )
 
 
 def test_writable_data_folder_keeps_the_cache_beside_the_data(tiny_copy, cache_env, capsys):
@@ -170,11 +196,15 @@ def test_writable_data_folder_keeps_the_cache_beside_the_data(tiny_copy, cache_e
     assert not list(ds.images_path.parent.glob(".write-test-*")), "the probe file is removed"
 
 
-def test_helpers_cache_dir_relative_to_the_working_directory_keeps_datasets_apart(tiny_root, tmp_path, monkeypatch, capsys):
+def test_helpers_cache_dir_relative_to_the_working_directory_keeps_datasets_apart(
+    tiny_root, tmp_path, monkeypatch, capsys
+):
     first, second = tmp_path / "a" / "tiny-imagenet-200", tmp_path / "b" / "tiny-imagenet-200"
     shutil.copytree(tiny_root, first)
     shutil.copytree(tiny_root, second)
-    (second / "val" / "val_annotations.txt").write_text("\n".join((second / "val" / "val_annotations.txt").read_text().splitlines()[:10]))
+    (second / "val" / "val_annotations.txt").write_text(
+        "\n".join((second / "val" / "val_annotations.txt").read_text().splitlines()[:10])
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HELPERS_CACHE_DIR", "caches")
     a, b = (CachedTinyImageNet(root, "val", num_workers=0) for root in (first, second))
@@ -183,14 +213,18 @@ def test_helpers_cache_dir_relative_to_the_working_directory_keeps_datasets_apar
     assert a.images_path.parent != b.images_path.parent and (len(a), len(b)) == (24, 10)
     assert re.fullmatch(r"tiny-imagenet-200-[0-9a-f]{10}", a.images_path.parent.name)
     assert not default_cache_dir(first).exists() and notes(capsys.readouterr().err) == []
-    assert CachedTinyImageNet(first, "val", cache_dir=tmp_path / "explicit").images_path.parent == tmp_path / "explicit", "the argument wins"
+    assert (
+        CachedTinyImageNet(first, "val", cache_dir=tmp_path / "explicit").images_path.parent == tmp_path / "explicit"
+    ), "the argument wins"
 
 
 def test_helpers_cache_dir_that_cannot_be_created_is_one_line(tiny_copy, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     monkeypatch.setenv("HELPERS_CACHE_DIR", str(blocker / "caches"))
-    with pytest.raises(DatasetError, match=rf"^Cannot create the cache folder {re.escape(str(blocker / 'caches'))}/.*HELPERS_CACHE_DIR"):
+    with pytest.raises(
+        DatasetError, match=rf"^Cannot create the cache folder {re.escape(str(blocker / 'caches'))}/.*HELPERS_CACHE_DIR"
+    ):
         CachedTinyImageNet(tiny_copy, "val", num_workers=0)
 
 
@@ -212,14 +246,25 @@ def test_tiny_imagenet_ignores_macos_companions(tiny_copy, tmp_path):
     before = {split: TinyImageNet(tiny_copy, split).samples for split in ("train", "val", "test")}
     problems = dl._tiny_imagenet_problems(tiny_copy, TinyImageNetCounts(classes=6, train_per_class=12, val=24, test=5))
     folders = [tiny_copy / "train" / w / "images" for w in (tiny_copy / "wnids.txt").read_text().split()]
-    added = sum(add_macos_companions(folder, "*.JPEG") for folder in [*folders, tiny_copy / "val" / "images", tiny_copy / "test" / "images"])
+    added = sum(
+        add_macos_companions(folder, "*.JPEG")
+        for folder in [*folders, tiny_copy / "val" / "images", tiny_copy / "test" / "images"]
+    )
     assert added == 6 * 12 + 24 + 5
     for split, samples in before.items():
         ds = TinyImageNet(tiny_copy, split)
         assert ds.samples == samples
         assert all(ds[i][0].size == (64, 64) for i in range(len(ds)))
-    assert CachedTinyImageNet(tiny_copy, "train", cache_dir=tmp_path / "cache", num_workers=0).images.shape == (72, 64, 64, 3)
-    assert dl._tiny_imagenet_problems(tiny_copy, TinyImageNetCounts(classes=6, train_per_class=12, val=24, test=5)) == problems
+    assert CachedTinyImageNet(tiny_copy, "train", cache_dir=tmp_path / "cache", num_workers=0).images.shape == (
+        72,
+        64,
+        64,
+        3,
+    )
+    assert (
+        dl._tiny_imagenet_problems(tiny_copy, TinyImageNetCounts(classes=6, train_per_class=12, val=24, test=5))
+        == problems
+    )
 
 
 def test_cars196_ignores_macos_companions(cars_devkit_root, tmp_path):
@@ -247,7 +292,12 @@ def png_declaring(path: Path, width: int, height: int) -> Path:
 
     row = b"\0" + b"\0" * ((width + 7) // 8)
     idat = zlib.compress(row * 64)  # the first rows only: PIL refuses at the header, before decoding
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat)
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -266,7 +316,9 @@ def test_pixel_limit_is_enforced_on_a_real_image(tiny_copy, monkeypatch):
     ds = TinyImageNet(tiny_copy, "train")
     path = ds.samples[0][0]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 = 4,096 > 2 x 1,000: PIL's DecompressionBombError
-    with pytest.raises(DatasetError, match=rf"^Image {re.escape(path)} is too large .*4,096 pixels, over PIL's limit of 2,000"):
+    with pytest.raises(
+        DatasetError, match=rf"^Image {re.escape(path)} is too large .*4,096 pixels, over PIL's limit of 2,000"
+    ):
         ds[0]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3000)  # 4,096 > 3,000: only a DecompressionBombWarning ...
     with warnings.catch_warnings():
@@ -313,7 +365,19 @@ def test_read_only_data_dir_is_one_line_with_status_2(tmp_path):
     data_dir.mkdir()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with read_only(data_dir) as prefix:
-        result = run_python(prefix, DOWNLOAD, "tiny-imagenet", "--data-dir", str(data_dir), "--url", "http://127.0.0.1:9/x.zip", "--quiet", env=env)
+        result = run_python(
+            prefix,
+            DOWNLOAD,
+            "tiny-imagenet",
+            "--data-dir",
+            str(data_dir),
+            "--url",
+            "http://127.0.0.1:9/x.zip",
+            "--quiet",
+            env=env,
+        )
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"error: Cannot write to the data folder {data_dir} ("), result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(
+        f"error: Cannot write to the data folder {data_dir} ("
+    ), result.stderr
     assert list(data_dir.iterdir()) == []

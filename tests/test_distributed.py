@@ -37,7 +37,9 @@ def torchrun(args: list[str], **kwargs) -> subprocess.CompletedProcess:
 def two_ranks(tmp_path_factory) -> dict:
     """What tests/ddp_worker.py found on 2 ranks: {case: [rank 0's result, rank 1's]}."""
     path = tmp_path_factory.mktemp("ddp") / "found.pt"
-    for attempt in range(2):  # (one run of the full suite saw rank 1 abort in gloo's C++ with no Python error: retried once)
+    for attempt in range(
+        2
+    ):  # (one run of the full suite saw rank 1 abort in gloo's C++ with no Python error: retried once)
         done = torchrun([str(ROOT / "tests" / "ddp_worker.py"), str(path)])
         if done.returncode == 0 or "terminate called" not in done.stderr:
             break
@@ -57,7 +59,9 @@ def test_shard_positions_put_every_item_back_in_place(monkeypatch):
             monkeypatch.setattr(distributed, "world_size", lambda: world)
             monkeypatch.setattr(distributed, "is_distributed", lambda: world > 1)
             got = distributed.shard_positions(plan)
-            assert np.array_equal(flat[got], np.concatenate([distributed.shard(b) for b in plan]))  # where this rank's items sit
+            assert np.array_equal(
+                flat[got], np.concatenate([distributed.shard(b) for b in plan])
+            )  # where this rank's items sit
             seen += list(got)
         assert sorted(seen) == list(range(len(flat)))  # every item exactly once
 
@@ -67,7 +71,9 @@ def test_a_two_processes_of_half_batches_train_the_same_weights(two_ranks):
     rank0, rank1 = two_ranks["train"]
     for name, weight in single["weights"].items():
         assert torch.equal(rank0["weights"][name], rank1["weights"][name]), f"{name}: the ranks disagree"
-        assert torch.allclose(rank0["weights"][name], weight, rtol=1e-5, atol=1e-6), f"{name}: 2 x B/2 differs from 1 x B"
+        assert torch.allclose(rank0["weights"][name], weight, rtol=1e-5, atol=1e-6), (
+            f"{name}: 2 x B/2 differs from 1 x B"
+        )
     assert np.allclose(rank0["train_loss"], single["train_loss"], rtol=1e-5)
     assert rank0["train_loss"] == rank1["train_loss"]  # the epoch records sum both ranks
     moved = sum(float((single["weights"][k] - v).abs().max()) for k, v in ddp_worker.initial_weights().items())
@@ -98,7 +104,9 @@ def test_c_gathered_metric_loss_has_the_single_process_gradient(two_ranks):
             assert np.allclose(found[name]["losses"], single[name]["losses"], rtol=1e-12)
             for step, (g, ref) in enumerate(zip(found[name]["grads"], single[name]["grads"])):
                 assert ref.abs().max() > 0
-                assert torch.allclose(g, ref, rtol=1e-10, atol=1e-12), f"{name} step {step}: gradient differs ({float((g - ref).abs().max()):.3g})"
+                assert torch.allclose(g, ref, rtol=1e-10, atol=1e-12), (
+                    f"{name} step {step}: gradient differs ({float((g - ref).abs().max()):.3g})"
+                )
         assert torch.equal(found["xbm"]["memory_labels"], single["xbm"]["memory_labels"])
         assert torch.allclose(found["xbm"]["memory"], single["xbm"]["memory"], atol=1e-12)
 
@@ -107,7 +115,10 @@ def test_c_gathered_metric_loss_has_the_single_process_gradient(two_ranks):
 
 
 def history(out: Path, name: str = "T2_resnet18") -> list[dict]:
-    return [{k: v for k, v in h.items() if k not in TIMING} for h in json.loads((out / "checkpoints" / name / "history.json").read_text())]
+    return [
+        {k: v for k, v in h.items() if k not in TIMING}
+        for h in json.loads((out / "checkpoints" / name / "history.json").read_text())
+    ]
 
 
 def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
@@ -127,11 +138,15 @@ def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert last["world_size"] == 2 and len(last["ranks"]) == 2
 
     out = tmp_path / "stopped"  # Ctrl-C to the launcher after step 9 of 14: within epoch 2 (7 steps each)
-    stopped = torchrun([str(ROOT / "tests" / "ddp_worker.py"), "--interrupt-at", "9", *common[2:], "--out_dir", str(out)])
+    stopped = torchrun(
+        [str(ROOT / "tests" / "ddp_worker.py"), "--interrupt-at", "9", *common[2:], "--out_dir", str(out)]
+    )
     assert stopped.returncode != 0
     text = stopped.stdout + stopped.stderr
     last = torch.load(out / "checkpoints" / "T2_resnet18" / "last.pt", weights_only=False)
-    assert last["epoch"] == 1 and 2 <= last["step"] < 7, text[-3000:]  # stopped within epoch 2 at one step on both ranks
+    assert last["epoch"] == 1 and 2 <= last["step"] < 7, text[
+        -3000:
+    ]  # stopped within epoch 2 at one step on both ranks
     assert len(last["ranks"]) == 2 and "was interrupted in epoch 2/2" in text
     assert not (out / "metrics" / "T2_resnet18.json").exists()  # nothing partial looks finished
 
@@ -150,8 +165,14 @@ def test_e_notebook_with_two_gpus_runs_end_to_end(tmp_path, monkeypatch):
 
     monkeypatch.setenv(distributed.CPU_PROCESSES_SWITCH, "1")
     out = tmp_path / "out"
-    papermill.execute_notebook(str(ROOT / "notebooks" / "T2_resnet18.ipynb"), str(tmp_path / "T2.ipynb"), cwd=str(ROOT / "notebooks"),
-                               parameters={"gpus": 2, "device": "cpu", "out_dir": str(out), "epochs": 2}, progress_bar=False, kernel_name="python3")
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "T2_resnet18.ipynb"),
+        str(tmp_path / "T2.ipynb"),
+        cwd=str(ROOT / "notebooks"),
+        parameters={"gpus": 2, "device": "cpu", "out_dir": str(out), "epochs": 2},
+        progress_bar=False,
+        kernel_name="python3",
+    )
     document = json.loads((out / "metrics" / "T2_resnet18.json").read_text())
     run = document["models"]["T2_resnet18"]
     assert document["complete"] and document["config"]["gpus"] == 2
@@ -162,7 +183,9 @@ def test_e_notebook_with_two_gpus_runs_end_to_end(tmp_path, monkeypatch):
     assert run["fit_seconds"]["wall"] > run["train_seconds"] > 0  # torchrun's session, not the notebook's loading
     notebook = json.loads((tmp_path / "T2.ipynb").read_text())
     printed = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
-    assert "under torchrun" in printed and "epoch 2/2  loss" in printed  # torchrun's progress streamed into the notebook
+    assert (
+        "under torchrun" in printed and "epoch 2/2  loss" in printed
+    )  # torchrun's progress streamed into the notebook
 
 
 def test_gpus_need_cuda_and_even_batches():
@@ -177,7 +200,9 @@ def test_gpus_need_cuda_and_even_batches():
     with pytest.raises(ValueError, match="budget_s=60.0 cannot be combined with gpus=2"):
         RecognitionConfig.build("T2", "smoke", gpus=2, budget_s=60)
     assert RetrievalConfig.build("T4", "smoke", gpus=2).fit_config("embedding").sync_bn
-    assert not RetrievalConfig.build("T4", "smoke").fit_config("embedding").sync_bn  # one process: nothing to synchronise
+    assert (
+        not RetrievalConfig.build("T4", "smoke").fit_config("embedding").sync_bn
+    )  # one process: nothing to synchronise
 
 
 def test_train_command_line_errors_say_what_to_do(capsys):

@@ -125,9 +125,7 @@ def cars_metric_files(prefix: str = "") -> dict[str, bytes]:
 
 def cars_devkit_files(prefix: str = "", train: bool = True, test: bool = True) -> dict[str, bytes]:
     """Cars-196, devkit release, with the train and/or test split."""
-    files = {
-        "devkit/cars_meta.mat": mat_bytes({"class_names": np.array(["AM General Hummer"], dtype=object)})
-    }
+    files = {"devkit/cars_meta.mat": mat_bytes({"class_names": np.array(["AM General Hummer"], dtype=object)})}
     if train:
         files |= {f"cars_train/{i + 1:05d}.jpg": jpeg_bytes(i) for i in range(2)}
         files["devkit/cars_train_annos.mat"] = mat_bytes(cars_annotations(2))
@@ -719,9 +717,7 @@ def test_prepare_cars196_installs_the_real_devkit_mini_archive(tmp_path):
 
 
 def test_prepare_cars196_returns_an_installed_copy_without_a_source(tmp_path):
-    installed = prepare_cars196(
-        cars_source(tmp_path, cars_metric_files(), "zip"), tmp_path / "data", progress=False
-    )
+    installed = prepare_cars196(cars_source(tmp_path, cars_metric_files(), "zip"), tmp_path / "data", progress=False)
 
     assert prepare_cars196(None, tmp_path / "data") == installed
 

@@ -29,8 +29,13 @@ def toy_data(n=96, classes=4, seed=0):
 def toy_model(seed=0, classes=4):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Dropout(0.3), nn.Linear(32, classes),
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Dropout(0.3),
+        nn.Linear(32, classes),
     )
 
 
@@ -48,7 +53,18 @@ def setup(tmp_path, epochs=4, **overrides):
 def run(tmp_path, name, model_seed=0, on_step=None, on_interrupt="raise", resume=True, **overrides):
     train, augment, cfg, evaluator = setup(tmp_path, **overrides)
     model = toy_model(model_seed)
-    result = fit(model, train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / name, on_step=on_step, progress=False, on_interrupt=on_interrupt, resume=resume)
+    result = fit(
+        model,
+        train,
+        augment,
+        cfg,
+        evaluate=evaluator,
+        out_dir=tmp_path / name,
+        on_step=on_step,
+        progress=False,
+        on_interrupt=on_interrupt,
+        resume=resume,
+    )
     return model, result
 
 
@@ -56,6 +72,7 @@ def interrupt_at(epoch, step):
     def hook(e, s):
         if (e, s) == (epoch, step):
             raise KeyboardInterrupt
+
     return hook
 
 
@@ -71,7 +88,10 @@ def assert_same_run(a, b):
 def test_interrupted_and_resumed_run_equals_uninterrupted(tmp_path, epoch, step):
     straight = run(tmp_path, "straight")
     assert straight[1].resumed_from is None and straight[1].planned_epochs == 4
-    with pytest.raises(TrainingInterrupted, match=rf"interrupted in epoch {epoch + 1}/4 at step {step}; its state is saved in .*last.pt.*rerun") as info:
+    with pytest.raises(
+        TrainingInterrupted,
+        match=rf"interrupted in epoch {epoch + 1}/4 at step {step}; its state is saved in .*last.pt.*rerun",
+    ) as info:
         run(tmp_path, "resumed", on_step=interrupt_at(epoch, step))
     stopped = info.value.result
     assert stopped.interrupted and len(stopped.history) == epoch and stopped.planned_epochs == 4
@@ -101,7 +121,10 @@ def test_interrupt_can_return_the_partial_result_instead(tmp_path, capsys):
 
 def test_a_checkpoint_of_another_length_is_refused_not_stretched(tmp_path):
     run(tmp_path, "len", epochs=2)
-    with pytest.raises(ValueError, match=r"is a 2-epoch run \(finished\); epochs is now 3.*Set epochs=2 to resume it, or pass resume=False"):
+    with pytest.raises(
+        ValueError,
+        match=r"is a 2-epoch run \(finished\); epochs is now 3.*Set epochs=2 to resume it, or pass resume=False",
+    ):
         run(tmp_path, "len", epochs=3)
     with pytest.raises(TrainingInterrupted):
         run(tmp_path, "half", epochs=3, on_step=interrupt_at(1, 1))
@@ -129,18 +152,44 @@ def test_real_ctrl_c_finishes_the_step_saves_and_raises(tmp_path):
 
 def test_early_stopping_on_a_flat_heldout_metric(tmp_path):
     train, augment, cfg, _ = setup(tmp_path, epochs=10, patience=2)
-    result = fit(toy_model(), train, augment, cfg, evaluate=lambda m: {"heldout_top1": 0.5}, out_dir=tmp_path / "es", progress=False)
+    result = fit(
+        toy_model(),
+        train,
+        augment,
+        cfg,
+        evaluate=lambda m: {"heldout_top1": 0.5},
+        out_dir=tmp_path / "es",
+        progress=False,
+    )
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
-    again = fit(toy_model(), train, augment, cfg, evaluate=lambda m: {"heldout_top1": 0.5}, out_dir=tmp_path / "es", progress=False)
+    again = fit(
+        toy_model(),
+        train,
+        augment,
+        cfg,
+        evaluate=lambda m: {"heldout_top1": 0.5},
+        out_dir=tmp_path / "es",
+        progress=False,
+    )
     assert len(again.history) == 3, "a finished (early-stopped) run is not continued"
-    assert result.record()["complete"] and again.record() | {"resumed_from": None} == result.record(), "and is still complete"
+    assert result.record()["complete"] and again.record() | {"resumed_from": None} == result.record(), (
+        "and is still complete"
+    )
 
 
 def test_best_checkpoint_is_restored(tmp_path):
     scores = iter([0.2, 0.9, 0.4])
     train, augment, cfg, _ = setup(tmp_path, epochs=3)
     model = toy_model()
-    result = fit(model, train, augment, cfg, evaluate=lambda m: {"heldout_top1": next(scores)}, out_dir=tmp_path / "best", progress=False)
+    result = fit(
+        model,
+        train,
+        augment,
+        cfg,
+        evaluate=lambda m: {"heldout_top1": next(scores)},
+        out_dir=tmp_path / "best",
+        progress=False,
+    )
     best = torch.load(tmp_path / "best" / "best.pt", weights_only=False)
     assert result.best_epoch == 2 == best["epoch"] and result.best_value == 0.9
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), best["model"].values()))
@@ -157,7 +206,16 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
     train, augment, cfg, evaluator = setup(tmp_path, epochs=3)
     with pytest.raises(TrainingDiverged, match=r"NaN or infinite in epoch 2.*Lower the learning rate"):
-        fit(toy_model(), train, augment, cfg, objective=Poisoned(), evaluate=evaluator, out_dir=tmp_path / "nan", progress=False)
+        fit(
+            toy_model(),
+            train,
+            augment,
+            cfg,
+            objective=Poisoned(),
+            evaluate=evaluator,
+            out_dir=tmp_path / "nan",
+            progress=False,
+        )
     ckpt = torch.load(tmp_path / "nan" / "last.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
@@ -223,7 +281,10 @@ def test_a_format_1_checkpoint_resumes_exactly_and_unknown_formats_are_refused(t
     assert_same_run(straight, resumed)
     for stamp, says in [(3, "written in checkpoint format 3;"), (None, "written without a format number;")]:
         torch.save({k: v for k, v in ckpt.items() if k != "format"} | ({"format": stamp} if stamp else {}), path)
-        with pytest.raises(CheckpointError, match=rf"{re.escape(str(path))} was {says} this version .* resumes format {CHECKPOINT_FORMAT} only: delete that folder or pass resume=False"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"{re.escape(str(path))} was {says} this version .* resumes format {CHECKPOINT_FORMAT} only: delete that folder or pass resume=False",
+        ):
             run(tmp_path, "old", schedule="plateau", plateau_patience=0, patience=3)
     _, fresh = run(tmp_path, "old", epochs=1, resume=False)
     assert fresh.resumed_from is None and torch.load(path, weights_only=False)["format"] == CHECKPOINT_FORMAT
@@ -264,17 +325,27 @@ def test_epoch_monitor_drives_early_stopping_and_plateau_cuts_as_before(higher_i
     rng = np.random.default_rng(0)
     for trial in range(300):
         # few distinct values: many ties; None: an epoch without evaluation (eval_every > 1)
-        values = [None if rng.random() < 0.15 else float(rng.choice([0.1, 0.2, 0.3, 0.4])) for _ in range(rng.integers(1, 25))]
+        values = [
+            None if rng.random() < 0.15 else float(rng.choice([0.1, 0.2, 0.3, 0.4])) for _ in range(rng.integers(1, 25))
+        ]
         patience, plateau_patience = int(rng.integers(0, 4)), int(rng.integers(0, 4))
-        schedule = LRSchedule(FitConfig(schedule="plateau", plateau_patience=plateau_patience, plateau_factor=0.5), steps_per_epoch=10)
+        schedule = LRSchedule(
+            FitConfig(schedule="plateau", plateau_patience=plateau_patience, plateau_factor=0.5), steps_per_epoch=10
+        )
         monitor, got = EpochMonitor(higher_is_better), []
         for epoch, value in enumerate(values, 1):
             monitor.update(value, epoch)
             schedule.epoch_end(monitor)
             got.append((monitor.best, monitor.best_epoch, monitor.stalled(patience), schedule.plateau_factor))
-        expected = zip(early_stopping_reference(values, higher_is_better, patience), plateau_reference(values, higher_is_better, plateau_patience, 0.5))
+        expected = zip(
+            early_stopping_reference(values, higher_is_better, patience),
+            plateau_reference(values, higher_is_better, plateau_patience, 0.5),
+        )
         assert got == [(*stopping, scale) for stopping, scale in expected], (values, patience, plateau_patience)
-    assert EpochMonitor.for_metric("heldout_loss").higher_is_better is False and EpochMonitor.for_metric("heldout_top1").higher_is_better
+    assert (
+        EpochMonitor.for_metric("heldout_loss").higher_is_better is False
+        and EpochMonitor.for_metric("heldout_top1").higher_is_better
+    )
 
 
 def test_epoch_monitor_on_a_lower_is_better_metric_with_ties():
@@ -315,10 +386,22 @@ def test_tensorboard_curves_go_on_across_a_resume_without_duplicate_steps(tmp_pa
     train, augment, cfg, evaluator = setup(tmp_path, log_every=2)
     board = tmp_path / "tensorboard" / "run"
     with pytest.raises(TrainingInterrupted):
-        fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, on_step=interrupt_at(2, 3), board_dir=board)
+        fit(
+            toy_model(),
+            train,
+            augment,
+            cfg,
+            evaluate=evaluator,
+            out_dir=tmp_path / "run",
+            progress=False,
+            on_step=interrupt_at(2, 3),
+            board_dir=board,
+        )
     from torch.utils.tensorboard import SummaryWriter
 
-    killed = SummaryWriter(str(board))  # what a session killed after its checkpoint (step 2 x 6 + 3) had written beyond it
+    killed = SummaryWriter(
+        str(board)
+    )  # what a session killed after its checkpoint (step 2 x 6 + 3) had written beyond it
     killed.add_scalar("train/loss", 999.0, 2 * len(train) + 5)
     killed.close()
     fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board)
@@ -330,5 +413,7 @@ def test_tensorboard_curves_go_on_across_a_resume_without_duplicate_steps(tmp_pa
     epochs = scalars(board, "epoch/heldout_top1")
     assert [s for s, _ in epochs] == [len(train) * e for e in range(1, 5)], "one point per epoch at its last step"
     assert [s for s, _ in scalars(board, "train/lr")] == steps
-    fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board)  # finished: rerun
+    fit(
+        toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board
+    )  # finished: rerun
     assert scalars(board, "epoch/heldout_top1") == epochs, "a rerun of a finished run keeps its curves"

@@ -28,7 +28,9 @@ def test_train_help_lists_every_parameter_of_a_task_with_its_meaning(capsys):
     for field in ("cls_budget_s", "emb_budget_s", "miner", "num_workers"):
         assert f"--{field} (default " in printed
     assert "--emb_budget_s (default 0.0): > 0: each stage-2 run" in printed
-    assert printed.count("\n  --") >= len(RetrievalConfig.__dataclass_fields__) - 2  # (task and profile are not parameters)
+    assert (
+        printed.count("\n  --") >= len(RetrievalConfig.__dataclass_fields__) - 2
+    )  # (task and profile are not parameters)
 
 
 def test_the_licence_and_citation_are_there_and_agree():
@@ -58,10 +60,15 @@ def test_environment_yml_installs_what_pyproject_declares():
     pinned = [d for d in project["dependencies"] if d.split(">")[0] in ("torch", "torchvision")]
     assert [d for d in pip if not d.startswith("-e")] == pinned
     editable = next(d for d in pip if d.startswith("-e"))
-    assert editable.startswith("-e .[") and {"dev"} <= set(editable[5:-1].split(",")) <= set(project["optional-dependencies"])
-    assert "helpers[pipeline,board]" in project["optional-dependencies"]["dev"], "make (.[dev]) installs the pipeline's and TensorBoard's extras"
-    assert not {"papermill", "ipykernel", "nbconvert", "ipywidgets"} & {d.split(">")[0] for d in project["dependencies"]}, \
-        "a notebook's runtime keeps its own ipykernel: the pipeline's tools are an extra"
+    assert editable.startswith("-e .[") and {"dev"} <= set(editable[5:-1].split(",")) <= set(
+        project["optional-dependencies"]
+    )
+    assert "helpers[pipeline,board]" in project["optional-dependencies"]["dev"], (
+        "make (.[dev]) installs the pipeline's and TensorBoard's extras"
+    )
+    assert not {"papermill", "ipykernel", "nbconvert", "ipywidgets"} & {
+        d.split(">")[0] for d in project["dependencies"]
+    }, "a notebook's runtime keeps its own ipykernel: the pipeline's tools are an extra"
 
 
 def test_the_pipeline_without_its_extra_says_how_to_install_it(monkeypatch, tmp_path, capsys):
@@ -72,4 +79,7 @@ def test_the_pipeline_without_its_extra_says_how_to_install_it(monkeypatch, tmp_
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "papermill" else real(name, *a))
     assert pipeline.main(["--profile", "smoke", "--out", str(tmp_path / "out")]) == 2
-    assert "error: the pipeline runs notebooks with papermill, which are not installed: pip install -e '.[pipeline]'" in capsys.readouterr().err
+    assert (
+        "error: the pipeline runs notebooks with papermill, which are not installed: pip install -e '.[pipeline]'"
+        in capsys.readouterr().err
+    )

@@ -17,7 +17,14 @@ from helpers.runinfo import PROFILES, Runtime, generated_data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK_MODULES = {"recognition", "retrieval", "layerwise"}
-NOTEBOOK_TASK = {"T1": "recognition", "T2": "recognition", "T3": "recognition", "E1": "recognition", "T4": "retrieval", "E2": "layerwise"}
+NOTEBOOK_TASK = {
+    "T1": "recognition",
+    "T2": "recognition",
+    "T3": "recognition",
+    "E1": "recognition",
+    "T4": "retrieval",
+    "E2": "layerwise",
+}
 
 
 def helpers_imports(source: str) -> set[str]:
@@ -39,14 +46,49 @@ def test_no_task_module_imports_another():
     shared = ("experiment", "config", "engine", "evaluation", "runinfo", "plots", "report")
     for name in shared:
         imported = helpers_imports((ROOT / "helpers" / f"{name}.py").read_text())
-        assert not imported & TASK_MODULES, f"the shared helpers/{name}.py imports the task module(s) {imported & TASK_MODULES}"
+        assert not imported & TASK_MODULES, (
+            f"the shared helpers/{name}.py imports the task module(s) {imported & TASK_MODULES}"
+        )
 
 
 LAYERS = {  # the README's layout: a module imports only its own layer and those above it
-    "runinfo": 0, "atomic": 0, "errors": 0, "lock": 0, "tasks": 0, "distributed": 0, "data": 0, "models": 0, "objectives": 0, "losses": 0, "miners": 0, "metrics": 0,
-    "engine": 1, "board": 1, "fit_config": 1, "optim": 1, "checkpoint": 1, "console": 1, "evaluation": 1, "budget": 1, "budget_split": 1, "precision": 1, "memory": 1,
-    "config": 2, "experiment": 2, "recognition": 2, "retrieval": 2, "layerwise": 2,
-    "plots": 3, "report": 3, "pipeline": 3, "execution": 3, "plan": 3, "bench": 3, "peer": 3, "proof": 3, "train": 3,
+    "runinfo": 0,
+    "atomic": 0,
+    "errors": 0,
+    "lock": 0,
+    "tasks": 0,
+    "distributed": 0,
+    "data": 0,
+    "models": 0,
+    "objectives": 0,
+    "losses": 0,
+    "miners": 0,
+    "metrics": 0,
+    "engine": 1,
+    "board": 1,
+    "fit_config": 1,
+    "optim": 1,
+    "checkpoint": 1,
+    "console": 1,
+    "evaluation": 1,
+    "budget": 1,
+    "budget_split": 1,
+    "precision": 1,
+    "memory": 1,
+    "config": 2,
+    "experiment": 2,
+    "recognition": 2,
+    "retrieval": 2,
+    "layerwise": 2,
+    "plots": 3,
+    "report": 3,
+    "pipeline": 3,
+    "execution": 3,
+    "plan": 3,
+    "bench": 3,
+    "peer": 3,
+    "proof": 3,
+    "train": 3,
 }
 
 
@@ -64,7 +106,10 @@ def test_every_module_imports_only_its_own_layer_and_those_above():
 def module_graph() -> dict[str, set[str]]:
     """{helpers module (dotted, packages included): the helpers modules it imports}, counting
     function-local and type-checking imports, and `from helpers.data import X` as the package."""
-    paths = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p for p in (ROOT / "helpers").rglob("*.py")}
+    paths = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (ROOT / "helpers").rglob("*.py")
+    }
     graph = {}
     for name, path in paths.items():
         package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
@@ -86,7 +131,7 @@ def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
 
     def visit(module):
         if module in path:
-            return path[path.index(module):] + [module]
+            return path[path.index(module) :] + [module]
         if module in done:
             return None
         path.append(module)
@@ -102,7 +147,9 @@ def import_circle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_circles():
     graph = module_graph()
-    assert {"helpers.engine", "helpers.data.images", "helpers.pipeline"} <= set(graph) and "helpers.fit_config" in graph["helpers.optim"]
+    assert {"helpers.engine", "helpers.data.images", "helpers.pipeline"} <= set(
+        graph
+    ) and "helpers.fit_config" in graph["helpers.optim"]
     circle = import_circle(graph)
     assert circle is None, "import circle: " + " -> ".join(circle or [])
 
@@ -110,12 +157,17 @@ def test_no_import_circles():
 def test_the_circle_check_sees_a_circle():
     assert import_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
     assert import_circle({"a": {"b"}, "b": set()}) is None
-    assert import_circle({**module_graph(), "helpers.runinfo": {"helpers.pipeline"}}) is not None  # the real graph, one edge added
+    assert (
+        import_circle({**module_graph(), "helpers.runinfo": {"helpers.pipeline"}}) is not None
+    )  # the real graph, one edge added
 
 
 def test_the_import_scan_sees_local_imports():
     assert helpers_imports("def f():\n    from helpers.recognition import load_metrics\n") == {"recognition"}
-    assert helpers_imports("import helpers.retrieval as r\nfrom helpers import layerwise\n") == {"retrieval", "layerwise"}
+    assert helpers_imports("import helpers.retrieval as r\nfrom helpers import layerwise\n") == {
+        "retrieval",
+        "layerwise",
+    }
 
 
 def test_notebooks_import_their_own_task_module_only():
@@ -138,17 +190,58 @@ def test_fit_reads_in_one_screen():
 def test_every_stage_builds_its_fit_config_from_the_fields_it_reads():
     t4 = RetrievalConfig.build("T4", "smoke", device="cpu", emb_epochs=8, cls_lr=0.03, emb_lr=2e-4)
     classifier, embedding = t4.fit_config("classifier"), t4.fit_config("embedding")
-    assert (classifier.lr, classifier.epochs, classifier.optimizer, classifier.monitor) == (0.03, t4.cls_epochs, t4.cls_optimizer, "")
-    assert (embedding.lr, embedding.epochs, embedding.weight_decay, embedding.warmup_epochs) == (2e-4, 8, t4.emb_weight_decay, 1.0)
+    assert (classifier.lr, classifier.epochs, classifier.optimizer, classifier.monitor) == (
+        0.03,
+        t4.cls_epochs,
+        t4.cls_optimizer,
+        "",
+    )
+    assert (embedding.lr, embedding.epochs, embedding.weight_decay, embedding.warmup_epochs) == (
+        2e-4,
+        8,
+        t4.emb_weight_decay,
+        1.0,
+    )
     e2 = LayerwiseConfig.build("E2", "smoke", device="cpu", epochs=10)
     pretrain, train = e2.fit_config("pretrain"), e2.fit_config("train")
-    assert (pretrain.optimizer, pretrain.schedule, pretrain.min_lr_ratio, pretrain.warmup_epochs, pretrain.channels_last) == ("adam", "cosine", 0.1, 0.0, False)
+    assert (
+        pretrain.optimizer,
+        pretrain.schedule,
+        pretrain.min_lr_ratio,
+        pretrain.warmup_epochs,
+        pretrain.channels_last,
+    ) == ("adam", "cosine", 0.1, 0.0, False)
     assert (train.monitor, train.warmup_epochs, train.channels_last) == ("heldout_top1", 1.0, False)
     t2 = RecognitionConfig.build("T2", "smoke", device="cpu", momentum=0.8, budget_s=5.0)
-    assert t2.fit_config() == FitConfig(**{**dataclasses.asdict(FitConfig()), **{k: getattr(t2, k) for k in (
-        "epochs", "optimizer", "lr", "momentum", "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "patience", "precision",
-        "channels_last", "compile", "seed", "eval_every", "budget_s")}, "monitor": "heldout_top1"})
-    assert RetrievalConfig.build("T4", "smoke", device="cpu", miner="xbm", ablation=("ms", "xbm", "none")).miner_runs == ("xbm", "ms", "none")
+    assert t2.fit_config() == FitConfig(
+        **{
+            **dataclasses.asdict(FitConfig()),
+            **{
+                k: getattr(t2, k)
+                for k in (
+                    "epochs",
+                    "optimizer",
+                    "lr",
+                    "momentum",
+                    "weight_decay",
+                    "schedule",
+                    "warmup_epochs",
+                    "label_smoothing",
+                    "patience",
+                    "precision",
+                    "channels_last",
+                    "compile",
+                    "seed",
+                    "eval_every",
+                    "budget_s",
+                )
+            },
+            "monitor": "heldout_top1",
+        }
+    )
+    assert RetrievalConfig.build(
+        "T4", "smoke", device="cpu", miner="xbm", ablation=("ms", "xbm", "none")
+    ).miner_runs == ("xbm", "ms", "none")
     with pytest.raises(ValueError, match="stage='embedding' is not valid; choose one of train"):
         t2.fit_config("embedding")
 
@@ -156,21 +249,37 @@ def test_every_stage_builds_its_fit_config_from_the_fields_it_reads():
 def test_run_keys_hold_what_each_stage_reads():
     t4 = RetrievalConfig.build("T4", "smoke", device="cpu")
     key = {stage: t4.run_key(stage) for stage in ("classifier", "embedding")}
-    assert "alpha" not in key["classifier"] and "emb_lr" not in key["classifier"] and "cls_epochs" not in key["classifier"]
-    assert {"alpha", "emb_lr", "pk_images", "cls_lr", "cls_epochs"} <= set(key["embedding"]), "stage 2 starts from stage 1"
+    assert (
+        "alpha" not in key["classifier"] and "emb_lr" not in key["classifier"] and "cls_epochs" not in key["classifier"]
+    )
+    assert {"alpha", "emb_lr", "pk_images", "cls_lr", "cls_epochs"} <= set(key["embedding"]), (
+        "stage 2 starts from stage 1"
+    )
     assert "emb_epochs" not in key["embedding"], "the engine compares the length itself"
     assert not {"device", "miner", "ablation", "out_dir"} & set(key["embedding"]), "runtime settings"
     e2 = LayerwiseConfig.build("E2", "smoke", device="cpu")
     assert "use_unlabeled" in e2.run_key("pretrain") and not {"lr", "dropout"} & set(e2.run_key("pretrain"))
-    assert {"use_unlabeled", "pretrain_lr", "pretrain_epochs", "dropout"} <= set(e2.run_key("train")), "fine-tuning starts from pretraining"
-    assert not {"use_unlabeled", "pretrain_lr", "pretrain_epochs"} & set(e2.run_key("baseline")) and "dropout" in e2.run_key("baseline")
+    assert {"use_unlabeled", "pretrain_lr", "pretrain_epochs", "dropout"} <= set(e2.run_key("train")), (
+        "fine-tuning starts from pretraining"
+    )
+    assert not {"use_unlabeled", "pretrain_lr", "pretrain_epochs"} & set(
+        e2.run_key("baseline")
+    ) and "dropout" in e2.run_key("baseline")
     assert e2.fit_config("baseline") == e2.fit_config("train")
     assert "channels_last" not in dataclasses.asdict(e2), "E2's MLP has no channels_last setting"
     e1 = RecognitionConfig.build("E1", "smoke", device="cpu")
     center, triplet, plain = (set(e1.run_key(stage)) for stage in ("center", "triplet", "train"))
     assert {"center_weight", "center_lr"} <= center and not {"triplet_margin", "pk_classes", "embedding_dim"} & center
-    assert {"triplet_margin", "pk_classes", "pk_images", "embedding_dim", "ncm_per_class"} <= triplet and "center_weight" not in triplet
-    assert not {"center_weight", "triplet_margin", "pk_images"} & plain, "E1's loss settings do not block the cross-entropy run"
+    assert {
+        "triplet_margin",
+        "pk_classes",
+        "pk_images",
+        "embedding_dim",
+        "ncm_per_class",
+    } <= triplet and "center_weight" not in triplet
+    assert not {"center_weight", "triplet_margin", "pk_images"} & plain, (
+        "E1's loss settings do not block the cross-entropy run"
+    )
 
 
 def test_presets_are_literal_data():
@@ -219,7 +328,9 @@ def test_gpu_data_path_needs_cuda_in_every_task():
 def test_gpu_data_path_without_cuda_is_refused_for_cars(cars_devkit_root, tmp_path):
     from helpers.retrieval import build_cars196
 
-    cfg = RetrievalConfig.build("T4", "smoke", data_dir=str(cars_devkit_root), out_dir=str(tmp_path), device="cpu", data_path="gpu")
+    cfg = RetrievalConfig.build(
+        "T4", "smoke", data_dir=str(cars_devkit_root), out_dir=str(tmp_path), device="cpu", data_path="gpu"
+    )
     with pytest.raises(ValueError, match="data_path='gpu' needs device='cuda'"):
         build_cars196(cfg)
 
@@ -228,8 +339,12 @@ def test_gpu_data_path_without_cuda_is_refused_for_cars(cars_devkit_root, tmp_pa
 
 
 def test_runtime_of_each_task():
-    assert Runtime.of(RecognitionConfig.build("T2", "smoke", device="cpu", precision="fp16")) == Runtime("cpu", "fp16", True)
-    assert Runtime.of(LayerwiseConfig.build("E2", "smoke", device="cpu")) == Runtime("cpu", "fp32", False), "auto is fp32 on the CPU"
+    assert Runtime.of(RecognitionConfig.build("T2", "smoke", device="cpu", precision="fp16")) == Runtime(
+        "cpu", "fp16", True
+    )
+    assert Runtime.of(LayerwiseConfig.build("E2", "smoke", device="cpu")) == Runtime("cpu", "fp32", False), (
+        "auto is fp32 on the CPU"
+    )
     x = torch.zeros(2, 3, 4, 4)
     assert Runtime("cpu", "fp32", True).prepare(x) is x, "channels_last acts on CUDA only"
 
@@ -237,14 +352,37 @@ def test_runtime_of_each_task():
 def test_records_round_trip_through_the_metrics_json(tmp_path):
     cfg = RecognitionConfig.build("T3", "smoke", device="cpu", out_dir=str(tmp_path))
     history = [{"epoch": 1, "train_loss": 1.5}]
-    training = {"epochs_planned": 1, "epochs_done": 1, "interrupted": False, "stopped_early": False, "resumed_from": None, "complete": True}
-    run = RunSummary("T3_parallel", {"class": "ResNet", "cubs": "parallel"}, 1, 1, training, 2.0, {"wall": 3.0, "evaluation": 1.0}, 100.0,
-                     str(tmp_path / "best.pt"), {"top1": 0.5}, {"top1": 0.4}, history)
+    training = {
+        "epochs_planned": 1,
+        "epochs_done": 1,
+        "interrupted": False,
+        "stopped_early": False,
+        "resumed_from": None,
+        "complete": True,
+    }
+    run = RunSummary(
+        "T3_parallel",
+        {"class": "ResNet", "cubs": "parallel"},
+        1,
+        1,
+        training,
+        2.0,
+        {"wall": 3.0, "evaluation": 1.0},
+        100.0,
+        str(tmp_path / "best.pt"),
+        {"top1": 0.5},
+        {"top1": 0.4},
+        history,
+    )
     selection = T3Selection("held-out top-1", run.name, "parallel", run.checkpoint, "imagenet")
     assert T3Selection.load(tmp_path) is None, "T3 has not run"
     save_metrics("T3_cubs_resnet18", {"models": {run.name: run}, "selection": selection, "bonus": None}, cfg)
     document = json.loads((tmp_path / "metrics" / "T3_cubs_resnet18.json").read_text())
-    assert document["complete"] and list(document["models"]["T3_parallel"])[:3] == ["name", "architecture", "best_epoch"]
+    assert document["complete"] and list(document["models"]["T3_parallel"])[:3] == [
+        "name",
+        "architecture",
+        "best_epoch",
+    ]
     assert RunSummary.from_dict(document["models"]["T3_parallel"]) == run and T3Selection.load(tmp_path) == selection
     partial = dataclasses.replace(run, training=training | {"complete": False, "interrupted": True})
     save_metrics("T3_cubs_resnet18", {"models": {run.name: partial}}, cfg)
@@ -262,5 +400,6 @@ def test_the_report_and_the_pipeline_name_the_same_notebooks():
 def test_one_percentage_format():
     from helpers import plots, report
 
-    assert report.pct is plots.pct and plots.pct(0.4321) == "43.2%" and plots.pct(None) == plots.pct(float("nan")) == "n/a"
-
+    assert (
+        report.pct is plots.pct and plots.pct(0.4321) == "43.2%" and plots.pct(None) == plots.pct(float("nan")) == "n/a"
+    )

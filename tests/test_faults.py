@@ -46,7 +46,9 @@ def hold_lock(folder: Path, name: str = RUN_LOCK) -> subprocess.Popen:
 def test_a_live_holder_is_named_and_a_dead_one_is_taken_over(tmp_path):
     holder = hold_lock(tmp_path)
     try:
-        with pytest.raises(FolderInUse, match=rf"{tmp_path} is in use by another run: pid {holder.pid} on \S+, started .*Wait for it"):
+        with pytest.raises(
+            FolderInUse, match=rf"{tmp_path} is in use by another run: pid {holder.pid} on \S+, started .*Wait for it"
+        ):
             FolderLock(tmp_path).acquire()
     finally:
         holder.kill()  # SIGKILL: no clean-up, the lock file stays behind
@@ -64,7 +66,14 @@ def test_a_run_into_a_folder_another_run_trains_is_refused(tmp_path):
         model = nn.Linear(4, 2)
         data = TensorBatches(torch.zeros(8, 2, 2, 3, dtype=torch.uint8), torch.tensor([0, 1] * 4), batch_size=4)
         with pytest.raises(FolderInUse, match=f"pid {holder.pid}"):
-            fit(model, data, BatchAugment(num_classes=2), FitConfig(epochs=1, monitor=""), out_dir=tmp_path / "run", progress=False)
+            fit(
+                model,
+                data,
+                BatchAugment(num_classes=2),
+                FitConfig(epochs=1, monitor=""),
+                out_dir=tmp_path / "run",
+                progress=False,
+            )
     finally:
         holder.kill()
         holder.wait()
@@ -85,7 +94,18 @@ sys.exit(main(sys.argv[2:]))
 
 
 def train_t1(tiny_root: Path, out: Path, *extra: str, slow: float = 0.0, background: bool = False):
-    args = ["T1", "--data_dir", str(tiny_root.parent), "--out_dir", str(out), "--train_per_class", "0", "--device", "cpu", *extra]
+    args = [
+        "T1",
+        "--data_dir",
+        str(tiny_root.parent),
+        "--out_dir",
+        str(out),
+        "--train_per_class",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     command = [sys.executable, "-c", DRIVER, str(slow), *args]
     if background:
         return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
@@ -113,13 +133,17 @@ def test_two_processes_on_one_folder_then_sigterm_then_resume(tiny_root, tmp_pat
         b = train_t1(tiny_root, out, "--epochs", "1", "--width", "8", "--resume", "False")
         assert b.returncode == 2, b.stdout + b.stderr
         lines = b.stderr.strip().splitlines()
-        assert len(lines) == 1 and f"is in use by another run: pid {a.pid}" in lines[0] and "another out_dir" in lines[0], b.stderr
+        assert (
+            len(lines) == 1 and f"is in use by another run: pid {a.pid}" in lines[0] and "another out_dir" in lines[0]
+        ), b.stderr
         a.send_signal(signal.SIGTERM)
         stdout, stderr = a.communicate(timeout=300)
     finally:
         a.kill()
     assert a.returncode == 143, stdout + stderr
-    assert "SIGTERM: stopping after this step" in stdout and "state is saved in" in stderr and "Traceback" not in stderr, stderr
+    assert (
+        "SIGTERM: stopping after this step" in stdout and "state is saved in" in stderr and "Traceback" not in stderr
+    ), stderr
     assert not (out / "metrics" / "T1_custom_cnn.json").exists(), "an interrupted run writes no metrics"
     done_before = torch.load(run_dir / LAST, weights_only=False)["epoch"]
 
@@ -141,7 +165,12 @@ def test_a_second_pipeline_into_the_same_out_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and f"in use by another pipeline: pid {holder.pid}" in err[0] and "another --out" in err[0], err
+    assert (
+        code == 2
+        and len(err) == 1
+        and f"in use by another pipeline: pid {holder.pid}" in err[0]
+        and "another --out" in err[0]
+    ), err
 
 
 # ------------------------------------------------------------------------------------ damaged checkpoints
@@ -164,8 +193,17 @@ def tiny_fit(out: Path, epochs: int = 3, interrupt_after: int | None = None, **o
         if interrupt_after is not None and epoch * 4 + step == interrupt_after:
             raise KeyboardInterrupt
 
-    result = fit(model, data, BatchAugment(crop="none", num_classes=2), FitConfig(epochs=epochs, lr=0.05), evaluate=evaluate, out_dir=out,
-                 progress=False, on_step=stop, **options)
+    result = fit(
+        model,
+        data,
+        BatchAugment(crop="none", num_classes=2),
+        FitConfig(epochs=epochs, lr=0.05),
+        evaluate=evaluate,
+        out_dir=out,
+        progress=False,
+        on_step=stop,
+        **options,
+    )
     return model, result
 
 
@@ -196,7 +234,10 @@ def test_nothing_usable_left_says_delete_the_folder_or_resume_false(tmp_path):
         tiny_fit(tmp_path, interrupt_after=10)
     DAMAGE["truncated"](tmp_path / LAST)
     DAMAGE["random bytes"](tmp_path / PREVIOUS)
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / LAST} is damaged or not a checkpoint .*last.prev.pt is damaged too; delete that folder or pass resume=False"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{tmp_path / LAST} is damaged or not a checkpoint .*last.prev.pt is damaged too; delete that folder or pass resume=False",
+    ):
         tiny_fit(tmp_path)
     tiny_fit(tmp_path, resume=False)  # what the message says works
 
@@ -207,7 +248,10 @@ def test_a_damaged_best_pt_is_named_before_any_training(tmp_path, damage):
         tiny_fit(tmp_path, interrupt_after=6)
     DAMAGE[damage](tmp_path / BEST)
     mtime = (tmp_path / LAST).stat().st_mtime_ns
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / BEST} is damaged or not a checkpoint.*delete that folder or pass resume=False"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{tmp_path / BEST} is damaged or not a checkpoint.*delete that folder or pass resume=False",
+    ):
         tiny_fit(tmp_path)
     assert (tmp_path / LAST).stat().st_mtime_ns == mtime, "nothing was trained or written"
 
@@ -242,12 +286,18 @@ class Payload:
 def test_checkpoints_load_safely_and_a_file_holding_code_is_refused_with_its_path(tmp_path, capsys):
     with pytest.raises(TrainingInterrupted):
         tiny_fit(tmp_path, interrupt_after=6)
-    for name in (LAST, BEST):  # what the project writes loads with weights_only=True (RNG states as tensors and plain values)
+    for name in (
+        LAST,
+        BEST,
+    ):  # what the project writes loads with weights_only=True (RNG states as tensors and plain values)
         assert isinstance(torch.load(tmp_path / name, weights_only=True), dict)
     state = torch.load(tmp_path / LAST, weights_only=True)
     torch.save(state | {"extra": Payload()}, tmp_path / LAST)
     (tmp_path / PREVIOUS).unlink(missing_ok=True)
-    with pytest.raises(CheckpointError, match=rf"{tmp_path / LAST} holds more than tensors and plain values .*posix.system.*Pass resume=False"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"{tmp_path / LAST} holds more than tensors and plain values .*posix.system.*Pass resume=False",
+    ):
         tiny_fit(tmp_path)
     assert "loaded-unsafely" not in capsys.readouterr().out
 
@@ -256,7 +306,9 @@ def test_checkpoints_load_safely_and_a_file_holding_code_is_refused_with_its_pat
 
 
 def small_cfg(tiny_copy: Path, out: Path, **params) -> RecognitionConfig:
-    return RecognitionConfig.build("T1", data_dir=str(tiny_copy.parent), out_dir=str(out), device="cpu", train_per_class=0, epochs=2, **params)
+    return RecognitionConfig.build(
+        "T1", data_dir=str(tiny_copy.parent), out_dir=str(out), device="cpu", train_per_class=0, epochs=2, **params
+    )
 
 
 def test_changed_data_is_never_resumed_silently(tiny_root, tmp_path):
@@ -266,12 +318,20 @@ def test_changed_data_is_never_resumed_silently(tiny_root, tmp_path):
     data = build_tiny_imagenet(cfg)
     assert len(data.info["fingerprint"]) == 40
     with pytest.raises(TrainingInterrupted):
-        train_classifier("T1_custom_cnn", build_model("custom_cnn", cfg, data.num_classes), data, cfg, on_step=lambda e, s: (_ for _ in ()).throw(KeyboardInterrupt) if e == 1 else None)
+        train_classifier(
+            "T1_custom_cnn",
+            build_model("custom_cnn", cfg, data.num_classes),
+            data,
+            cfg,
+            on_step=lambda e, s: (_ for _ in ()).throw(KeyboardInterrupt) if e == 1 else None,
+        )
     for folder in (data_dir / "tiny-imagenet-200" / "train").iterdir():  # half of each class's images
         for image in sorted((folder / "images").iterdir())[::2]:
             image.unlink()
     data = build_tiny_imagenet(cfg)
-    with pytest.raises(SettingsError, match="was trained on other data: the files under .* have changed since .*pass resume=False"):
+    with pytest.raises(
+        SettingsError, match="was trained on other data: the files under .* have changed since .*pass resume=False"
+    ):
         train_classifier("T1_custom_cnn", build_model("custom_cnn", cfg, data.num_classes), data, cfg)
 
 
@@ -281,7 +341,9 @@ def test_metrics_are_written_only_by_the_run_that_trained_them(tiny_root, tmp_pa
     a = train_classifier("T1_custom_cnn", build_model("custom_cnn", cfg, data.num_classes), data, cfg, progress=False)
     other = small_cfg(tiny_root, tmp_path, lr=0.2, resume=False)  # a second run into the same folder, after the first
     train_classifier("T1_custom_cnn", build_model("custom_cnn", other, data.num_classes), data, other, progress=False)
-    with pytest.raises(MetricsError, match=r"T1_custom_cnn.json was not written: .*checkpoints/T1_custom_cnn now holds another run"):
+    with pytest.raises(
+        MetricsError, match=r"T1_custom_cnn.json was not written: .*checkpoints/T1_custom_cnn now holds another run"
+    ):
         save_metrics("T1_custom_cnn", {"models": {a.name: a}}, cfg, data.info)
     assert not (tmp_path / "metrics" / "T1_custom_cnn.json").exists()
 
@@ -309,19 +371,28 @@ def test_t4_finds_t3s_checkpoint_in_a_moved_output_folder(tmp_path, absolute):
     shutil.rmtree(tmp_path / "first") if absolute else None
     cfg = RetrievalConfig.build("T4", out_dir=str(tmp_path / "copy"), device="cpu")
     concrete, note = apply_t3_selection(cfg)
-    assert concrete.init == "tinyimagenet" and concrete.checkpoint == str(tmp_path / "copy" / "checkpoints" / "T3_parallel" / BEST), note
+    assert concrete.init == "tinyimagenet" and concrete.checkpoint == str(
+        tmp_path / "copy" / "checkpoints" / "T3_parallel" / BEST
+    ), note
 
 
 def test_t4_refuses_to_train_from_scratch_when_t3s_checkpoint_is_missing_or_replaced(tmp_path):
     out = t3_output(tmp_path / "out")
     cfg = RetrievalConfig.build("T4", out_dir=str(out), device="cpu")
     save_best(out / "checkpoints" / "T3_parallel", nn.Linear(2, 2), 1, "heldout_top1", 0.5, {}, "another", None)
-    with pytest.raises(SettingsError, match="written by another run.*rerun T3 into this output folder, or pass init='scratch'"):
+    with pytest.raises(
+        SettingsError, match="written by another run.*rerun T3 into this output folder, or pass init='scratch'"
+    ):
         apply_t3_selection(cfg)
     (out / "checkpoints" / "T3_parallel" / BEST).unlink()
-    with pytest.raises(SettingsError, match=r"T3's metrics \(.*T3_cubs_resnet18.json\) name the checkpoint .*best.pt, which is missing; rerun T3"):
+    with pytest.raises(
+        SettingsError,
+        match=r"T3's metrics \(.*T3_cubs_resnet18.json\) name the checkpoint .*best.pt, which is missing; rerun T3",
+    ):
         apply_t3_selection(cfg)
-    concrete, _ = apply_t3_selection(RetrievalConfig.build("T4", out_dir=str(out), device="cpu", init="scratch"))  # explicit: allowed
+    concrete, _ = apply_t3_selection(
+        RetrievalConfig.build("T4", out_dir=str(out), device="cpu", init="scratch")
+    )  # explicit: allowed
     assert concrete.init == "scratch"
 
 
@@ -329,7 +400,10 @@ def test_t4_refuses_to_train_from_scratch_when_t3s_checkpoint_is_missing_or_repl
 def test_a_damaged_t3_metrics_file_is_named(tmp_path, content):
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(content)
-    with pytest.raises(MetricsError, match=rf"{tmp_path / 'metrics' / 'T3_cubs_resnet18.json'} is (unreadable|not a metrics file).*rerun T3_cubs_resnet18"):
+    with pytest.raises(
+        MetricsError,
+        match=rf"{tmp_path / 'metrics' / 'T3_cubs_resnet18.json'} is (unreadable|not a metrics file).*rerun T3_cubs_resnet18",
+    ):
         load_metrics(tmp_path, "T3_cubs_resnet18")
     with pytest.raises(MetricsError):
         apply_t3_selection(RetrievalConfig.build("T4", out_dir=str(tmp_path), device="cpu"))
@@ -347,8 +421,12 @@ def one_line_error(code: int, capsys) -> str:
 def test_pipeline_out_that_is_a_file_or_under_one_fails_before_any_kernel(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(pipeline, "run_step", lambda *a, **k: pytest.fail("a kernel was started"))
     (tmp_path / "file").write_text("x")
-    assert "is a file, not a folder" in one_line_error(pipeline.main(["--out", str(tmp_path / "file"), "--only", "T1"]), capsys)
-    assert "cannot be written" in one_line_error(pipeline.main(["--out", str(tmp_path / "file" / "sub"), "--only", "T1"]), capsys)
+    assert "is a file, not a folder" in one_line_error(
+        pipeline.main(["--out", str(tmp_path / "file"), "--only", "T1"]), capsys
+    )
+    assert "cannot be written" in one_line_error(
+        pipeline.main(["--out", str(tmp_path / "file" / "sub"), "--only", "T1"]), capsys
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -358,7 +436,9 @@ def test_pipeline_device_cuda_without_a_gpu_fails_before_any_kernel(tmp_path, ca
     assert "no CUDA GPU is visible" in line and not (tmp_path / "report.pdf").exists()
 
 
-@pytest.mark.parametrize("content, says", [(None, "no such file"), ("[1, 2]", "holds a JSON list"), ("{oops", "is not readable JSON")])
+@pytest.mark.parametrize(
+    "content, says", [(None, "no such file"), ("[1, 2]", "holds a JSON list"), ("{oops", "is not readable JSON")]
+)
 def test_train_config_file_problems_are_one_line_naming_it(tmp_path, capsys, content, says):
     from helpers.train import main
 
@@ -378,8 +458,13 @@ def test_relative_environment_folders_mean_the_directory_the_command_ran_from(tm
     absolute_env_paths()
     assert os.environ["HELPERS_DATA_DIR"] == str(tmp_path / "gen") and os.environ["HELPERS_LAUNCH_DIR"] == str(tmp_path)
     (tmp_path / "notebooks").mkdir()
-    kernel = subprocess.run([sys.executable, "-c", "from helpers.runinfo import generated_data_dir; print(generated_data_dir())"],
-                            cwd=tmp_path / "notebooks", capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    kernel = subprocess.run(
+        [sys.executable, "-c", "from helpers.runinfo import generated_data_dir; print(generated_data_dir())"],
+        cwd=tmp_path / "notebooks",
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     assert kernel.stdout.strip() == str(tmp_path / "gen"), "a kernel running in notebooks/ uses the same folder"
     monkeypatch.setenv("HELPERS_DATA_DIR", "gen2")  # not made absolute: relative to HELPERS_LAUNCH_DIR
     monkeypatch.chdir(tmp_path / "notebooks")

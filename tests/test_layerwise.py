@@ -22,7 +22,9 @@ def snapshot(model):
 def test_greedy_pretraining_trains_one_layer_at_a_time(tmp_path, monkeypatch):
     model = MLP(in_dim=64, hidden=(32, 24, 16, 12), num_classes=3)
     before = snapshot(model)
-    cfg = LayerwiseConfig.build("E2", "smoke", device="cpu", out_dir=str(tmp_path), hidden=(32, 24, 16, 12), pretrain_epochs=2, pretrain_lr=1e-2)
+    cfg = LayerwiseConfig.build(
+        "E2", "smoke", device="cpu", out_dir=str(tmp_path), hidden=(32, 24, 16, 12), pretrain_epochs=2, pretrain_lr=1e-2
+    )
     states = []
     import helpers.layerwise as layerwise
 
@@ -91,6 +93,8 @@ def test_build_stl10_splits(stl10_root, tmp_path):
     assert data.train.num_samples + data.heldout.num_samples == 30 and data.test.num_samples == 20
     x, y = next(data.test.epoch(0))
     assert data.augment.eval(x).shape == (len(y), 9216)
-    with_unlabeled = LayerwiseConfig.build("E2", "smoke", data_dir=str(stl10_root.parent), out_dir=str(tmp_path), use_unlabeled=True)
+    with_unlabeled = LayerwiseConfig.build(
+        "E2", "smoke", data_dir=str(stl10_root.parent), out_dir=str(tmp_path), use_unlabeled=True
+    )
     _, pretrain = build_stl10(with_unlabeled)
     assert pretrain.num_samples == data.train.num_samples + 4

@@ -221,7 +221,9 @@ def test_ms_loss_with_references_matches_reference():
     emb, labels = batch(6, 5, 3, seed=6)
     refs, ref_labels = batch(10, 5, 3, seed=7)
     loss = MultiSimilarityLoss()(emb, labels, refs, ref_labels)
-    expected = ref_ms_loss(emb.numpy(), labels.tolist(), 2.0, 50.0, 0.5, ref_emb=refs.numpy(), ref_labels=ref_labels.tolist())
+    expected = ref_ms_loss(
+        emb.numpy(), labels.tolist(), 2.0, 50.0, 0.5, ref_emb=refs.numpy(), ref_labels=ref_labels.tolist()
+    )
     assert loss.item() == pytest.approx(expected, rel=1e-10)
     with pytest.raises(ValueError):
         MultiSimilarityLoss()(emb, labels, refs)
@@ -263,8 +265,17 @@ def test_cross_batch_memory_matches_reference_over_steps():
                 return sim[i][j] - 0.1 < max(neg, default=-math.inf)
             return sim[i][j] + 0.1 > min(pos, default=math.inf)
 
-        expected = ref_ms_loss(emb.detach().numpy(), labels.tolist(), 2.0, 50.0, 0.5, keep=keep,
-                               ref_emb=refs, ref_labels=ref_labels, self_mask=self_mask)
+        expected = ref_ms_loss(
+            emb.detach().numpy(),
+            labels.tolist(),
+            2.0,
+            50.0,
+            0.5,
+            keep=keep,
+            ref_emb=refs,
+            ref_labels=ref_labels,
+            self_mask=self_mask,
+        )
         assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6), step
         assert_finite_grad(loss, emb)
         history_emb.append(list(emb.detach().numpy()))

@@ -149,7 +149,9 @@ def test_recall_at_k_matches_reference(case):
 @pytest.mark.parametrize("case", CASE_VALUES, ids=CASE_IDS)
 def test_precision_at_k_matches_reference(case):
     emb, labels = case
-    assert_same_dict(precision_at_k(torch.from_numpy(emb), torch.from_numpy(labels), KS), ref_precision(emb, labels, KS))
+    assert_same_dict(
+        precision_at_k(torch.from_numpy(emb), torch.from_numpy(labels), KS), ref_precision(emb, labels, KS)
+    )
 
 
 @pytest.mark.parametrize("case", CASE_VALUES, ids=CASE_IDS)
@@ -176,7 +178,11 @@ def test_retrieval_metrics_one_pass_agrees(case):
     evaluated, excluded = ref_evaluated(emb, labels)
     assert (out["queries"], out["excluded_queries"]) == (len(evaluated), excluded)
     assert type(out["queries"]) is int and type(out["excluded_queries"]) is int
-    assert list(out) == [f"recall@{k}" for k in KS] + [f"precision@{k}" for k in KS] + ["map@r", "queries", "excluded_queries"]
+    assert list(out) == [f"recall@{k}" for k in KS] + [f"precision@{k}" for k in KS] + [
+        "map@r",
+        "queries",
+        "excluded_queries",
+    ]
 
 
 def test_hand_example():
@@ -200,12 +206,22 @@ def test_singleton_is_excluded_as_query_but_ranks_as_negative():
     angles = np.radians([0, 20, 10])
     emb, labels = np.stack([np.cos(angles), np.sin(angles)], axis=1), np.array([0, 0, 1])
     out = retrieval_metrics(emb, labels, (1, 2))
-    assert out == {"recall@1": 0.0, "recall@2": 1.0, "precision@1": 0.0, "precision@2": 0.5, "map@r": 0.0, "queries": 2, "excluded_queries": 1}
+    assert out == {
+        "recall@1": 0.0,
+        "recall@2": 1.0,
+        "precision@1": 0.0,
+        "precision@2": 0.5,
+        "map@r": 0.0,
+        "queries": 2,
+        "excluded_queries": 1,
+    }
     # without the lone item both queries hit at once: it took rank 1 as a negative
     assert recall_at_k(emb[:2], labels[:2], (1,)) == {1: 1.0}
 
 
-@pytest.mark.parametrize("labels", [np.arange(5), np.array([3]), np.zeros(0, dtype=int)], ids=["all_singletons", "single_item", "empty"])
+@pytest.mark.parametrize(
+    "labels", [np.arange(5), np.array([3]), np.zeros(0, dtype=int)], ids=["all_singletons", "single_item", "empty"]
+)
 def test_no_query_with_a_positive_gives_nan_and_counts_them(labels):
     emb = clustered(len(labels), seed=4)[0] if len(labels) else np.zeros((0, 6))
     for values in (recall_at_k(emb, labels, (1, 2)), precision_at_k(emb, labels, (1, 2))):
@@ -306,7 +322,9 @@ def test_recall_on_16k_embeddings():
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(16_000, 128, generator=g)
     labels = torch.randint(0, 98, (16_000,), generator=g)
-    recall = recall_at_k(emb, labels)  # (the full Cars-196 test size, in bounded memory; its speed is the bench's business)
+    recall = recall_at_k(
+        emb, labels
+    )  # (the full Cars-196 test size, in bounded memory; its speed is the bench's business)
     # random embeddings: Recall@K close to 1 - (1 - 1/98)^K
     for k, value in recall.items():
         assert value == pytest.approx(1 - (1 - 1 / 98) ** k, abs=0.01)
@@ -354,7 +372,9 @@ def test_nearest_class_mean_matches_reference(metric):
     train, train_labels = clustered(40, 4, 5, seed=9)
     train_labels[train_labels == 3] = 4  # class 3 has no training item
     query, _ = clustered(15, 4, 5, seed=10)
-    preds, scores = nearest_class_mean_predict(torch.from_numpy(train), torch.from_numpy(train_labels), torch.from_numpy(query), metric)
+    preds, scores = nearest_class_mean_predict(
+        torch.from_numpy(train), torch.from_numpy(train_labels), torch.from_numpy(query), metric
+    )
     assert scores.shape == (15, 5)
     for q in range(15):
         best, best_score = None, -math.inf

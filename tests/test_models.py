@@ -141,11 +141,14 @@ def test_fashions_differ():
     assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[1], outputs[2])
 
 
-@pytest.mark.parametrize("model_fn", [
-    lambda: resnet18(5, stem="small", cubs="serial12"),
-    lambda: resnet18(5, cubs="parallel", cubs_variant="scaled"),
-    lambda: CustomCNN(5, width=16),
-])
+@pytest.mark.parametrize(
+    "model_fn",
+    [
+        lambda: resnet18(5, stem="small", cubs="serial12"),
+        lambda: resnet18(5, cubs="parallel", cubs_variant="scaled"),
+        lambda: CustomCNN(5, width=16),
+    ],
+)
 def test_every_parameter_gets_a_finite_gradient(model_fn):
     torch.manual_seed(0)
     model = model_fn()
@@ -154,11 +157,14 @@ def test_every_parameter_gets_a_finite_gradient(model_fn):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(stem="tiny"), "'imagenet', 'small'"),
-    (dict(cubs="both"), "None, 'parallel', 'serial12', 'serial21'"),
-    (dict(cubs="parallel", cubs_variant="fancy"), "'plain', 'scaled'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(stem="tiny"), "'imagenet', 'small'"),
+        (dict(cubs="both"), "None, 'parallel', 'serial12', 'serial21'"),
+        (dict(cubs="parallel", cubs_variant="fancy"), "'plain', 'scaled'"),
+    ],
+)
 def test_unknown_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         resnet18(10, **kwargs)

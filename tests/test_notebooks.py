@@ -30,7 +30,9 @@ def test_parameters_are_flat_plain_values(path):
     tree = ast.parse("".join(cell["source"]))
     names = []
     for node in tree.body:
-        assert isinstance(node, (ast.Assign, ast.AnnAssign)), f"only assignments in the parameters cell: {ast.unparse(node)}"
+        assert isinstance(node, (ast.Assign, ast.AnnAssign)), (
+            f"only assignments in the parameters cell: {ast.unparse(node)}"
+        )
         value = node.value
         ast.literal_eval(value)  # plain values only: nothing derived, no calls
         target = node.targets[0] if isinstance(node, ast.Assign) else node.target
@@ -51,8 +53,12 @@ def test_papermill_sees_every_parameter(path):
 
     nb = json.loads(path.read_text())
     cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    assigned = [n.targets[0].id if isinstance(n, ast.Assign) else n.target.id for n in ast.parse("".join(cell["source"])).body]
-    assert list(papermill.inspect_notebook(str(path))) == assigned, "papermill --help-notebook must list every parameter"
+    assigned = [
+        n.targets[0].id if isinstance(n, ast.Assign) else n.target.id for n in ast.parse("".join(cell["source"])).body
+    ]
+    assert list(papermill.inspect_notebook(str(path))) == assigned, (
+        "papermill --help-notebook must list every parameter"
+    )
 
 
 def test_t4_and_e1_expose_p_and_k():

@@ -6,7 +6,16 @@ import torch
 import torchvision
 
 from helpers.data import TinyImageNet
-from helpers.peer import PeerConfig, PILImages, measure_peer_step, peer_evaluate, peer_loader, peer_resnet18, peer_train, peer_transforms
+from helpers.peer import (
+    PeerConfig,
+    PILImages,
+    measure_peer_step,
+    peer_evaluate,
+    peer_loader,
+    peer_resnet18,
+    peer_train,
+    peer_transforms,
+)
 
 
 def test_pil_dataset_reads_rgb_and_labels(tiny_root):
@@ -54,7 +63,9 @@ def test_peer_train_runs_exactly_the_planned_steps_and_learns(tiny_root):
     seconds = measure_peer_step(model, loader, cfg, "cpu", warmup=1, steps=2)
     assert seconds > 0
     evals = []
-    result = peer_train(model, loader, cfg, "cpu", total_steps=40, evaluate=lambda m: evals.append(1) or {"top1": 0.0}, eval_every=2)
+    result = peer_train(
+        model, loader, cfg, "cpu", total_steps=40, evaluate=lambda m: evals.append(1) or {"top1": 0.0}, eval_every=2
+    )
     assert result["steps"] == 40 and result["images"] == 40 * 12
     assert len(loader) == 6 and [h["steps"] for h in result["history"]] == [6, 12, 18, 24, 30, 36, 40]
     assert len(evals) == 4  # epochs 2, 4, 6 and the last

@@ -45,15 +45,23 @@ def test_mps_is_accepted_where_it_exists_and_refused_clearly_where_not(monkeypat
 # ------------------------------------------------------------------------------------ precision
 
 
-@pytest.mark.parametrize("device,capability,used,says", [
-    ("cuda", (9, 0), "bf16", "native on this GPU (compute capability 9.0 >= 8.0)"),  # H100
-    ("cuda", (8, 0), "bf16", "compute capability 8.0 >= 8.0"),  # A100
-    ("cuda", (8, 6), "bf16", "8.6"),  # RTX 30xx
-    ("cuda", (7, 5), "fp16", "fp16 autocast with a gradient scaler (compute capability 7.5 < 8.0 has no native bf16)"),  # Colab's T4
-    ("cuda", (6, 0), "fp16", "6.0 < 8.0"),  # P100
-    ("cpu", None, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster"),
-    ("mps", None, "fp32", "auto: fp32 on mps"),
-])
+@pytest.mark.parametrize(
+    "device,capability,used,says",
+    [
+        ("cuda", (9, 0), "bf16", "native on this GPU (compute capability 9.0 >= 8.0)"),  # H100
+        ("cuda", (8, 0), "bf16", "compute capability 8.0 >= 8.0"),  # A100
+        ("cuda", (8, 6), "bf16", "8.6"),  # RTX 30xx
+        (
+            "cuda",
+            (7, 5),
+            "fp16",
+            "fp16 autocast with a gradient scaler (compute capability 7.5 < 8.0 has no native bf16)",
+        ),  # Colab's T4
+        ("cuda", (6, 0), "fp16", "6.0 < 8.0"),  # P100
+        ("cpu", None, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster"),
+        ("mps", None, "fp32", "auto: fp32 on mps"),
+    ],
+)
 def test_auto_precision_per_device(device, capability, used, says):
     choice = choose_precision("auto", device, capability)
     assert (choice.setting, choice.used) == ("auto", used) and says in choice.reason
@@ -72,12 +80,19 @@ def test_explicit_precisions_are_used_as_asked_or_degrade_with_a_notice(monkeypa
     assert emulated.used == "bf16" and "emulated on this GPU (compute capability 7.5 < 8.0)" in emulated.reason
     assert "precision='bf16' on a GPU without native bf16" in capsys.readouterr().err
     monkeypatch.setattr(runinfo, "_grad_scaler_works", lambda device_type: False)  # MPS before PyTorch 2.8
-    assert choose_precision("fp16", "mps").used == "fp32" and "the fp16 gradient scaler is not available on mps" in capsys.readouterr().err
+    assert (
+        choose_precision("fp16", "mps").used == "fp32"
+        and "the fp16 gradient scaler is not available on mps" in capsys.readouterr().err
+    )
     monkeypatch.setattr(runinfo, "_autocast_works", lambda device_type, used: False)  # e.g. bf16 on MPS before macOS 14
     fallback = choose_precision("bf16", "mps")
     assert fallback.used == "fp32" and "unavailable on mps" in fallback.reason
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "autocast to bf16 is not available on mps with PyTorch" in err and err.endswith("training in fp32\n")
+    assert (
+        err.count("\n") == 1
+        and "autocast to bf16 is not available on mps with PyTorch" in err
+        and err.endswith("training in fp32\n")
+    )
     choose_precision("bf16", "mps")
     assert capsys.readouterr().err == "", "a notice is shown once per process"
     with pytest.raises(ValueError, match="precision='fp8' is not valid; choose one of auto, bf16, fp16, fp32"):
@@ -94,7 +109,9 @@ def test_runtime_autocast_and_scaler_follow_the_precision():
             assert (x @ w).dtype == dtype, precision
         assert (runtime.grad_scaler() is not None) == (precision == "fp16")
     cfg = RecognitionConfig.build("T2", "smoke", device="cpu")
-    assert cfg.precision == "auto" and Runtime.of(cfg).precision == "fp32", "auto is fp32 on the CPU (the smoke metrics stay as they were)"
+    assert cfg.precision == "auto" and Runtime.of(cfg).precision == "fp32", (
+        "auto is fp32 on the CPU (the smoke metrics stay as they were)"
+    )
 
 
 def test_evaluation_follows_the_precision(monkeypatch):
@@ -122,17 +139,23 @@ def test_fp16_training_uses_a_gradient_scaler_that_is_checkpointed(tmp_path):
     assert ckpt["scaler"]["scale"] > 0 and "_growth_tracker" in ckpt["scaler"]
     fp32 = run(tmp_path, "fp32", precision="fp32", epochs=3)
     assert torch.load(tmp_path / "fp32" / "last.pt", weights_only=False)["scaler"] is None
-    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fp32[0].state_dict().values())), "fp16 really ran"
+    assert not all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fp32[0].state_dict().values())), (
+        "fp16 really ran"
+    )
 
 
 def start_scaler_at(monkeypatch, scale: float) -> None:
     original = torch.amp.GradScaler.__init__
-    monkeypatch.setattr(torch.amp.GradScaler, "__init__", lambda self, *a, **k: original(self, *a, **(k | {"init_scale": scale})))
+    monkeypatch.setattr(
+        torch.amp.GradScaler, "__init__", lambda self, *a, **k: original(self, *a, **(k | {"init_scale": scale}))
+    )
 
 
 @pytest.mark.parametrize("epoch,step", [(0, 3), (1, 4)])
 def test_fp16_run_interrupted_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, epoch, step):
-    start_scaler_at(monkeypatch, 2.0**30)  # its first steps overflow and are skipped: the scale's state matters on resume
+    start_scaler_at(
+        monkeypatch, 2.0**30
+    )  # its first steps overflow and are skipped: the scale's state matters on resume
     straight = run(tmp_path, "straight", precision="fp16", epochs=3, grad_clip=1.0)
     with pytest.raises(TrainingInterrupted):
         run(tmp_path, "resumed", precision="fp16", epochs=3, grad_clip=1.0, on_step=interrupt_at(epoch, step))
@@ -160,7 +183,9 @@ def test_resuming_in_another_precision_says_so(tmp_path, capsys):
     path = tmp_path / "moved" / "last.pt"
     state = torch.load(path, weights_only=False)
     assert state["precision"] == "fp32"
-    torch.save(state | {"precision": "bf16", "precision_choice": None}, path)  # as if written by precision "auto" on an A100
+    torch.save(
+        state | {"precision": "bf16", "precision_choice": None}, path
+    )  # as if written by precision "auto" on an A100
     capsys.readouterr()
     run(tmp_path, "moved", epochs=2)
     assert "was trained in bf16 and continues in fp32" in capsys.readouterr().err
@@ -169,7 +194,10 @@ def test_resuming_in_another_precision_says_so(tmp_path, capsys):
 def test_checkpoints_written_with_amp_resume_under_precision():
     state = {"config": {"amp": True, "lr": 0.1}, "run_key": {"amp": False, "seed": 0}}
     upgraded = upgrade_amp(state)
-    assert upgraded["config"] == {"lr": 0.1, "precision": "auto"} and upgraded["run_key"] == {"seed": 0, "precision": "fp32"}
+    assert upgraded["config"] == {"lr": 0.1, "precision": "auto"} and upgraded["run_key"] == {
+        "seed": 0,
+        "precision": "fp32",
+    }
     assert state["config"] == {"amp": True, "lr": 0.1}, "the loaded dict is not changed in place"
 
 
@@ -186,9 +214,16 @@ def test_what_mps_cannot_do_degrades_with_a_one_line_notice(capsys):
     assert not wants_compile(FitConfig(compile=True), torch.device("mps"))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "torch.compile is not used on MPS" in err
-    assert wants_compile(FitConfig(compile=True), torch.device("cpu")) and not wants_compile(FitConfig(), torch.device("mps"))
+    assert wants_compile(FitConfig(compile=True), torch.device("cpu")) and not wants_compile(
+        FitConfig(), torch.device("mps")
+    )
     images, labels = torch.zeros(4, 8, 8, 3, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
-    loader = LoaderBatches(torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2), labels), batch_size=2, device="mps", labels=labels.tolist())
+    loader = LoaderBatches(
+        torch.utils.data.TensorDataset(images.permute(0, 3, 1, 2), labels),
+        batch_size=2,
+        device="mps",
+        labels=labels.tolist(),
+    )
     assert loader.loader.pin_memory is False, "pinned memory is for CUDA copies only"
 
 
@@ -204,11 +239,15 @@ def test_fitting_batch_size_from_a_probe():
     assert fitting_batch_size(MemoryProbe(1, 1000, 15000, 16000), 4) == 0
     assert fitting_batch_size(MemoryProbe(4, 1000, 1040, 16000), 6) == 5, "below 8 no rounding"
     text = advice("T2_resnet18", "CUDA", 1024, 0.4, probe, 664)
-    assert "A batch that fits: batch_size (or pk_classes x pk_images for P x K batches) = 664, with the learning rate scaled " \
+    assert (
+        "A batch that fits: batch_size (or pk_classes x pk_images for P x K batches) = 664, with the learning rate scaled "
         "linearly with the batch: 0.4 x 664/1024 = 0.2594." in text
+    )
     assert "each image about 20.0 MiB" in text and "peak 2.23 GiB" in text
     assert "not even one image fits" in advice("x", "CUDA", 4, 0.1, MemoryProbe(1, 1000, 15000, 16000), 0)
-    assert "(not measured on this device). Try batch_size (or pk_classes x pk_images for P x K batches) = 16" in advice("x", "MPS", 32, 0.1, None, 0)
+    assert "(not measured on this device). Try batch_size (or pk_classes x pk_images for P x K batches) = 16" in advice(
+        "x", "MPS", 32, 0.1, None, 0
+    )
 
 
 def test_optimizer_state_not_yet_created_is_counted():
@@ -263,12 +302,22 @@ def fit_out_of_memory(tmp_path, memory, batch_size, error=torch.OutOfMemoryError
             return super().forward(model, x, targets)
 
     images = torch.randint(0, 256, (2 * batch_size, 8, 8, 3), dtype=torch.uint8)
-    train = TensorBatches(images, torch.randint(0, 4, (2 * batch_size,)), batch_size=batch_size, shuffle=True, drop_last=True)
+    train = TensorBatches(
+        images, torch.randint(0, 4, (2 * batch_size,)), batch_size=batch_size, shuffle=True, drop_last=True
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(engine, "device_memory", lambda device: memory)
         with pytest.raises(BatchDoesNotFit) as info:
-            fit(toy_model(), train, BatchAugment(crop="none", flip=False), FitConfig(epochs=1, lr=0.2, monitor=""), objective=Hungry(),
-                out_dir=tmp_path / "oom", progress=False, name="T2_resnet18")
+            fit(
+                toy_model(),
+                train,
+                BatchAugment(crop="none", flip=False),
+                FitConfig(epochs=1, lr=0.2, monitor=""),
+                objective=Hungry(),
+                out_dir=tmp_path / "oom",
+                progress=False,
+                name="T2_resnet18",
+            )
     assert info.value.__cause__ is None and info.value.__suppress_context__, "no raw CUDA traceback chained"
     assert not (tmp_path / "oom" / "last.pt").exists(), "nothing partial is saved"
     return str(info.value)
@@ -277,7 +326,9 @@ def fit_out_of_memory(tmp_path, memory, batch_size, error=torch.OutOfMemoryError
 def test_out_of_memory_in_a_step_gives_one_clear_message_with_a_batch_that_fits(tmp_path):
     message = fit_out_of_memory(tmp_path, FakeMemory(per_image=4.0), 256)
     # probe: 64 images -> 4 MiB each; (0.9 * 1024 - 100 - the SGD momentum buffers (a few KiB)) / 4 -> 205 -> 200
-    assert message.startswith("T2_resnet18 (epoch 1, step 1): out of CPU memory at a batch of 256 images."), "(the CUDA counters are mocked on the CPU)"
+    assert message.startswith("T2_resnet18 (epoch 1, step 1): out of CPU memory at a batch of 256 images."), (
+        "(the CUDA counters are mocked on the CPU)"
+    )
     assert "each image about 4.0 MiB more (measured on 64 images" in message
     assert "= 200, with the learning rate scaled linearly with the batch: 0.2 x 200/256 = 0.1562." in message
 
@@ -289,20 +340,37 @@ def test_a_probe_that_runs_out_of_memory_too_is_repeated_smaller(tmp_path):
 
 
 def test_mps_out_of_memory_is_recognised_too(tmp_path):
-    message = fit_out_of_memory(tmp_path, FakeMemory(per_image=16.0), 512, error=lambda text: RuntimeError("MPS backend out of memory (MPS allocated: 8 GiB)"))
+    message = fit_out_of_memory(
+        tmp_path,
+        FakeMemory(per_image=16.0),
+        512,
+        error=lambda text: RuntimeError("MPS backend out of memory (MPS allocated: 8 GiB)"),
+    )
     assert "measured on 32 images" in message
 
 
 # ------------------------------------------------------------------------------------ precision "auto" on the CPU, measured
 
 
-@pytest.mark.parametrize("timings, expected", [
-    ({"fp32": 0.30, "bf16": 0.20, "bf16 + channels_last": 0.12}, ("bf16", True)),   # AMX-like: bf16 + channels_last 2.5x
-    ({"fp32": 0.30, "bf16": 0.20, "bf16 + channels_last": 0.25}, ("bf16", False)),
-    ({"fp32": 0.10, "bf16": 0.095, "bf16 + channels_last": 0.097}, ("fp32", False)),  # 5 % faster is not enough to round activations
-    ({"fp32": 0.10, "bf16": 0.17, "bf16 + channels_last": 0.16}, ("fp32", False)),    # 32 px, ImageNet stem on a Xeon: bf16 0.6x
-    ({"fp32": 0.10}, ("fp32", False)),                                               # no bf16 autocast on this CPU
-])
+@pytest.mark.parametrize(
+    "timings, expected",
+    [
+        (
+            {"fp32": 0.30, "bf16": 0.20, "bf16 + channels_last": 0.12},
+            ("bf16", True),
+        ),  # AMX-like: bf16 + channels_last 2.5x
+        ({"fp32": 0.30, "bf16": 0.20, "bf16 + channels_last": 0.25}, ("bf16", False)),
+        (
+            {"fp32": 0.10, "bf16": 0.095, "bf16 + channels_last": 0.097},
+            ("fp32", False),
+        ),  # 5 % faster is not enough to round activations
+        (
+            {"fp32": 0.10, "bf16": 0.17, "bf16 + channels_last": 0.16},
+            ("fp32", False),
+        ),  # 32 px, ImageNet stem on a Xeon: bf16 0.6x
+        ({"fp32": 0.10}, ("fp32", False)),  # no bf16 autocast on this CPU
+    ],
+)
 def test_the_fastest_measured_precision_is_chosen_bf16_only_when_clearly_faster(timings, expected):
     used, channels_last, reason = precision.choose(timings)
     assert (used, channels_last) == expected
@@ -321,13 +389,17 @@ def test_the_measurement_runs_for_real_on_this_cpu():
 def test_a_long_enough_cpu_run_trains_in_the_measured_choice_and_its_resume_keeps_it(tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "MIN_STEPS", 10)  # (the toy run has 4 x 4 = 16 steps)
     calls = []
-    monkeypatch.setattr(precision, "measure", lambda *a, **k: calls.append(1) or {"fp32": 0.3, "bf16": 0.2, "bf16 + channels_last": 0.1})
+    monkeypatch.setattr(
+        precision, "measure", lambda *a, **k: calls.append(1) or {"fp32": 0.3, "bf16": 0.2, "bf16 + channels_last": 0.1}
+    )
     with pytest.raises(TrainingInterrupted):
         run(tmp_path, "auto", on_step=interrupt_at(1, 2), precision="auto")
     saved = torch.load(tmp_path / "auto" / "last.pt", weights_only=False)
     assert saved["precision"] == "bf16" and saved["precision_choice"]["channels_last"] and calls == [1]
     model, result = run(tmp_path, "auto", precision="auto")  # resumed: the checkpoint's choice, not measured again
-    assert calls == [1] and result.precision["used"] == "bf16" and result.record()["precision"]["timings"]["fp32"] == 0.3
+    assert (
+        calls == [1] and result.precision["used"] == "bf16" and result.record()["precision"]["timings"]["fp32"] == 0.3
+    )
     assert result.resumed_from == {"epoch": 1, "step": 2}
     monkeypatch.setattr(precision, "MIN_STEPS", 10**6)
     _, short = run(tmp_path, "short", precision="auto")

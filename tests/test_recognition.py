@@ -20,7 +20,18 @@ from helpers.recognition import (
 
 
 def config(tiny_root, tmp_path, task="T2", **kw):
-    options = dict(data_dir=str(tiny_root.parent), out_dir=str(tmp_path), device="cpu", image_size=16, epochs=1, batch_size=16, stem="imagenet", width=8, cubs_width=8, train_per_class=0)
+    options = dict(
+        data_dir=str(tiny_root.parent),
+        out_dir=str(tmp_path),
+        device="cpu",
+        image_size=16,
+        epochs=1,
+        batch_size=16,
+        stem="imagenet",
+        width=8,
+        cubs_width=8,
+        train_per_class=0,
+    )
     return RecognitionConfig.build(task, "smoke", **(options | kw))
 
 
@@ -54,7 +65,9 @@ def test_data_paths_give_the_same_splits(tiny_root, tmp_path, path):
     assert data.train.num_samples + data.heldout.num_samples == 72 and data.test.num_samples == 24
     assert np.bincount(data.heldout.labels).tolist() == [1] * 6, "5 % of 12 per class, at least one"
     x, y = next(data.train.epoch(0))
-    assert x.dtype == torch.uint8 and data.augment.train(x, y, __import__("helpers").data.AugmentRNG(0))[0].shape[-1] == 16
+    assert (
+        x.dtype == torch.uint8 and data.augment.train(x, y, __import__("helpers").data.AugmentRNG(0))[0].shape[-1] == 16
+    )
 
 
 def test_first_classes_subset(tiny_root, tmp_path):
@@ -70,15 +83,31 @@ def test_classifier_summary_metrics_json_and_selection(tiny_root, tmp_path):
     assert len(run.test["per_class_accuracy"]) == 6 and len(run.test["confusion"]) == 6
     path = save_metrics("T2_resnet18", {"models": {run.name: run}}, cfg, data.info)
     saved = load_metrics(cfg.out_dir, "T2_resnet18")
-    assert path.name == "T2_resnet18.json" and saved["config"]["epochs"] == 1 and saved["run"]["torch"] == torch.__version__
+    assert (
+        path.name == "T2_resnet18.json"
+        and saved["config"]["epochs"] == 1
+        and saved["run"]["torch"] == torch.__version__
+    )
     assert "commit" in saved["run"]["git"] and saved["run"]["device"] == "cpu"
-    assert RunSummary.from_dict(saved["models"]["T2_resnet18"]) == RunSummary.from_dict(run.as_dict()), "the record survives JSON"
+    assert RunSummary.from_dict(saved["models"]["T2_resnet18"]) == RunSummary.from_dict(run.as_dict()), (
+        "the record survives JSON"
+    )
     assert "budget" not in saved["models"]["T2_resnet18"], "only budget runs record a budget"
-    other = dataclasses.replace(run, name="b", heldout={"top1": run.heldout["top1"] + 0.1}, test={"top1": 0.0}, architecture={"cubs": "parallel"})
+    other = dataclasses.replace(
+        run,
+        name="b",
+        heldout={"top1": run.heldout["top1"] + 0.1},
+        test={"top1": 0.0},
+        architecture={"cubs": "parallel"},
+    )
     assert select_best({"a": run, "b": other}) == "b", "selection reads held-out, not test"
     selection = select_t3({"a": run, "b": other}, cfg)
-    assert selection == T3Selection("held-out top-1", "b", "parallel", other.checkpoint, cfg.stem, run.training["run_id"])
-    assert other.checkpoint == "checkpoints/T2_resnet18/best.pt", "relative to the output folder: T4 finds it in a moved copy"
+    assert selection == T3Selection(
+        "held-out top-1", "b", "parallel", other.checkpoint, cfg.stem, run.training["run_id"]
+    )
+    assert other.checkpoint == "checkpoints/T2_resnet18/best.pt", (
+        "relative to the output folder: T4 finds it in a moved copy"
+    )
     gap = gap_to_t2(dataclasses.replace(run, name="x", test={"top1": run.test["top1"] - 0.03}), saved, cfg)
     assert gap["available"] and not gap["within_2_points"] and gap["config_differences"] == []
     assert gap_to_t2(run, None, cfg)["available"] is False
@@ -88,7 +117,11 @@ def test_e1_triplet_and_center_runners(tiny_root, tmp_path):
     cfg = config(tiny_root, tmp_path, task="E1", pk_classes=3, pk_images=4, embedding_dim=8, ncm_per_class=5)
     data = build_tiny_imagenet(cfg)
     net, triplet = train_triplet("E1_triplet", data, cfg, progress=False)
-    assert triplet.test["loss"] is None and "heldout_top1" in triplet.history[0] and triplet.history[0]["train_top1"] is None
+    assert (
+        triplet.test["loss"] is None
+        and "heldout_top1" in triplet.history[0]
+        and triplet.history[0]["train_top1"] is None
+    )
     assert net(torch.zeros(2, 3, 16, 16)).shape == (2, 8)
     model, center = train_center_loss("E1_center", data, cfg, progress=False)
     assert center.architecture["loss"].startswith("cross-entropy +") and center.history[0]["train_top1"] is not None
@@ -106,8 +139,17 @@ def test_center_objective_needs_hard_labels():
 def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_root, tmp_path, kind):
     """First 10 classes of the real mini Tiny ImageNet (950 train / 500 test images), 32 px, CPU."""
     cfg = RecognitionConfig.build(
-        "T1" if kind == "custom_cnn" else "T2", "smoke", data_dir=str(real_tiny_root.parent), out_dir=str(tmp_path),
-        device="cpu", classes=10, train_per_class=0, epochs=5, image_size=32, stem="imagenet", width=16,
+        "T1" if kind == "custom_cnn" else "T2",
+        "smoke",
+        data_dir=str(real_tiny_root.parent),
+        out_dir=str(tmp_path),
+        device="cpu",
+        classes=10,
+        train_per_class=0,
+        epochs=5,
+        image_size=32,
+        stem="imagenet",
+        width=16,
     )
     data = build_tiny_imagenet(cfg)
     assert data.info["test_images"] == 500 and data.info["generated"] is False
@@ -123,11 +165,23 @@ def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_pat
     other = config(tiny_root, tmp_path, classes=3)
     other_data = build_tiny_imagenet(other)
     with pytest.raises(ValueError, match="different configuration.*classes"):
-        train_classifier("T2_resnet18", build_model("resnet18", other, other_data.num_classes), other_data, other, progress=False)
+        train_classifier(
+            "T2_resnet18", build_model("resnet18", other, other_data.num_classes), other_data, other, progress=False
+        )
     longer = config(tiny_root, tmp_path, epochs=2, device="cpu")
     with pytest.raises(ValueError, match="is a 1-epoch run \\(finished\\); epochs is now 2.*pass resume=False"):
         train_classifier("T2_resnet18", build_model("resnet18", longer, data.num_classes), data, longer, progress=False)
     afresh = dataclasses.replace(longer, resume=False)
-    run = train_classifier("T2_resnet18", build_model("resnet18", afresh, data.num_classes), data, afresh, progress=False)
-    assert run.epochs_run == 2 and {k: v for k, v in run.training.items() if k not in ("run_id", "run_dir", "precision")} == {
-        "epochs_planned": 2, "epochs_done": 2, "interrupted": False, "stopped_early": False, "resumed_from": None, "complete": True}
+    run = train_classifier(
+        "T2_resnet18", build_model("resnet18", afresh, data.num_classes), data, afresh, progress=False
+    )
+    assert run.epochs_run == 2 and {
+        k: v for k, v in run.training.items() if k not in ("run_id", "run_dir", "precision")
+    } == {
+        "epochs_planned": 2,
+        "epochs_done": 2,
+        "interrupted": False,
+        "stopped_early": False,
+        "resumed_from": None,
+        "complete": True,
+    }

@@ -36,7 +36,9 @@ def test_a_section_whose_metrics_lack_a_key_is_named_and_the_rest_is_built(tmp_p
     edit(tmp_path, "T4_cars196_retrieval", lambda d: d.pop("ablation"))
     edit(tmp_path, "E2_stl10_layerwise", lambda d: d.update(models=[]))  # a list where an object belongs
     laid_out = []
-    monkeypatch.setattr(report, "lay_out", lambda out, lay_out=report.lay_out: laid_out.append(lay_out(out)) or laid_out[-1])
+    monkeypatch.setattr(
+        report, "lay_out", lambda out, lay_out=report.lay_out: laid_out.append(lay_out(out)) or laid_out[-1]
+    )
     pdf = report.build_report(tmp_path)
     assert pdf.is_file() and b"/Count 2" in pdf.read_bytes()
     assert (tmp_path / "report-1.png").is_file() and (tmp_path / "report-2.png").is_file()
@@ -45,7 +47,9 @@ def test_a_section_whose_metrics_lack_a_key_is_named_and_the_rest_is_built(tmp_p
     assert "T4_cars196_retrieval: left out, its metrics lack 'ablation'" in page1
     assert "E2_stl10_layerwise: left out, its metrics do not have the expected form (AttributeError" in page1
     assert "T4: left out (its metrics lack 'ablation')." in page2 and "R@1" not in page2, "no half of the T4 section"
-    assert "Custom CNN (T1, our own design" in page1 and "T3_serial12 *" in page1 and "One engine for every model" in page1
+    assert (
+        "Custom CNN (T1, our own design" in page1 and "T3_serial12 *" in page1 and "One engine for every model" in page1
+    )
     assert "E1, ResNet-18 on Tiny ImageNet with three losses" in page2 and "E2, MLP" not in page2
 
 
@@ -109,8 +113,16 @@ def test_the_report_states_the_data_each_run_used_its_real_length_and_the_budget
         d["data"].update(num_classes=10, train_images=400, test_images=500, image_size=32)
 
     edit(tmp_path, "T2_resnet18", budget_run)
-    edit(tmp_path, "T4_cars196_retrieval", lambda d: d["data"].update(partial="partial Cars-196: cars_test/ missing at /x; the train classes come from cars_train/ alone"))
-    (tmp_path / "pipeline.json").write_text(json.dumps({"budget": {"budget_s": 3600, "measured_seconds": 3570, "fraction": 0.27}}))
+    edit(
+        tmp_path,
+        "T4_cars196_retrieval",
+        lambda d: d["data"].update(
+            partial="partial Cars-196: cars_test/ missing at /x; the train classes come from cars_train/ alone"
+        ),
+    )
+    (tmp_path / "pipeline.json").write_text(
+        json.dumps({"budget": {"budget_s": 3600, "measured_seconds": 3570, "fraction": 0.27}})
+    )
     one, two = texts(tmp_path)
     assert "10 classes, 400 train (40 per class) / 500 test images at 32 px" in one
     assert "partial Cars-196: cars_test/ missing: PARTIAL" in one
@@ -121,10 +133,29 @@ def test_the_report_states_the_data_each_run_used_its_real_length_and_the_budget
 
 
 def test_the_precision_line_says_what_each_cpu_run_measured_and_chose():
-    fast = {"used": "bf16", "channels_last": True, "reason": "...", "timings": {"fp32": 0.3, "bf16": 0.25, "bf16 + channels_last": 0.2}}
+    fast = {
+        "used": "bf16",
+        "channels_last": True,
+        "reason": "...",
+        "timings": {"fp32": 0.3, "bf16": 0.25, "bf16 + channels_last": 0.2},
+    }
     faster = fast | {"timings": {"fp32": 0.3, "bf16": 0.25, "bf16 + channels_last": 0.15}}
-    short = {"used": "fp32", "channels_last": False, "reason": "auto: fp32 on cpu (a 21-step run is too short to measure bf16)", "timings": {}}
-    assert report.precision_label(None, [fast, faster, short]) == "auto on cpu, measured per run: bf16 + channels_last in 2 runs (1.5-2x fp32), fp32 in 1 run"
-    assert report.precision_label({"used": "bf16", "reason": "auto: bf16 autocast, native on this GPU"}, []) == "bf16 (auto: bf16 autocast, native on this GPU)"
-    document = {"models": {"a": {"training": {"precision": fast}}}, "training": {"classifier": {"precision": short}, "ms": {"precision": None}}}
+    short = {
+        "used": "fp32",
+        "channels_last": False,
+        "reason": "auto: fp32 on cpu (a 21-step run is too short to measure bf16)",
+        "timings": {},
+    }
+    assert (
+        report.precision_label(None, [fast, faster, short])
+        == "auto on cpu, measured per run: bf16 + channels_last in 2 runs (1.5-2x fp32), fp32 in 1 run"
+    )
+    assert (
+        report.precision_label({"used": "bf16", "reason": "auto: bf16 autocast, native on this GPU"}, [])
+        == "bf16 (auto: bf16 autocast, native on this GPU)"
+    )
+    document = {
+        "models": {"a": {"training": {"precision": fast}}},
+        "training": {"classifier": {"precision": short}, "ms": {"precision": None}},
+    }
     assert report.measured_choices(document) == [fast, short]

@@ -25,7 +25,20 @@ from helpers.retrieval import (
 
 
 def config(root, tmp_path, **kw):
-    options = dict(data_dir=str(root), out_dir=str(tmp_path), device="cpu", resize=24, image_size=16, cls_epochs=1, emb_epochs=1, batch_size=32, pk_classes=4, pk_images=2, cubs_width=8, num_workers=0)
+    options = dict(
+        data_dir=str(root),
+        out_dir=str(tmp_path),
+        device="cpu",
+        resize=24,
+        image_size=16,
+        cls_epochs=1,
+        emb_epochs=1,
+        batch_size=32,
+        pk_classes=4,
+        pk_images=2,
+        cubs_width=8,
+        num_workers=0,
+    )
     return RetrievalConfig.build("T4", "smoke", **(options | kw))
 
 
@@ -150,7 +163,13 @@ def test_init_options(tmp_path, torch_home):  # torch_home: a test that tried a 
     with pytest.raises(ValueError, match=r"imagenet_weights='.*none\.pth' does not exist"):
         build_backbone(imagenet_config(imagenet_weights=missing), "serial12", 98)
     with pytest.raises(ValueError, match="Run T3 first"):
-        build_backbone(RetrievalConfig.build("T4", "smoke", device="cpu", init="tinyimagenet", checkpoint=str(tmp_path / "none.pt")), "serial12", 98)
+        build_backbone(
+            RetrievalConfig.build(
+                "T4", "smoke", device="cpu", init="tinyimagenet", checkpoint=str(tmp_path / "none.pt")
+            ),
+            "serial12",
+            98,
+        )
 
 
 def test_imagenet_weights_come_from_torchvisions_cache(torch_home):
@@ -166,7 +185,11 @@ def test_imagenet_weights_come_from_torchvisions_cache(torch_home):
     torch.save(state, cached)
     cfg = imagenet_config()
     model, report = build_backbone(cfg, "serial12", 98)
-    assert report["weights"] == str(cached) and report["pretrained"] == "ImageNet-1k (torchvision)" and report["loaded"] == 120
+    assert (
+        report["weights"] == str(cached)
+        and report["pretrained"] == "ImageNet-1k (torchvision)"
+        and report["loaded"] == 120
+    )
     assert torch.equal(model.layer3[1].conv2.weight, state["layer3.1.conv2.weight"])
     assert torch.equal(model.bn1.running_mean, state["bn1.running_mean"])
     assert init_weights_key(cfg) == {"init_weights_sha1": hashlib.sha1(cached.read_bytes()).hexdigest()}
@@ -180,10 +203,15 @@ def test_imagenet_weights_offline_without_cache_say_where_to_put_the_file(torch_
         with pytest.raises(ValueError) as caught:
             call(imagenet_config())
         message = str(caught.value)
-        assert "https://download.pytorch.org/models/resnet18-f37072fd.pth failed" in message and "no network in tests" in message
+        assert (
+            "https://download.pytorch.org/models/resnet18-f37072fd.pth failed" in message
+            and "no network in tests" in message
+        )
         assert f"to {expected} " in message and "imagenet_weights=<path" in message
         assert caught.value.__cause__ is None and caught.value.__suppress_context__, "one message, no traceback chain"
-        assert seen and seen[-1].startswith("resnet18-f37072fd.pth.") and seen[-1].endswith(".partial"), "torch.hub's download ran"
+        assert seen and seen[-1].startswith("resnet18-f37072fd.pth.") and seen[-1].endswith(".partial"), (
+            "torch.hub's download ran"
+        )
         assert list(cache_dir.iterdir()) == [], "no partial download left in the cache"
 
 
@@ -195,12 +223,30 @@ def test_t3_selection_feeds_t4(tmp_path):
     ckpt.parent.mkdir(parents=True)
     torch.save({"model": resnet18(20, stem="imagenet", cubs="serial21").state_dict()}, ckpt)
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(json.dumps({"selection": {"criterion": "held-out top-1", "best": "T3_serial21", "fashion": "serial21", "checkpoint": str(ckpt), "stem": "imagenet"}}))
+    (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(
+        json.dumps(
+            {
+                "selection": {
+                    "criterion": "held-out top-1",
+                    "best": "T3_serial21",
+                    "fashion": "serial21",
+                    "checkpoint": str(ckpt),
+                    "stem": "imagenet",
+                }
+            }
+        )
+    )
     concrete, note = apply_t3_selection(cfg)
-    assert (concrete.fashion, concrete.init, concrete.checkpoint) == ("serial21", "tinyimagenet", str(ckpt)) and "held-out selection" in note
+    assert (concrete.fashion, concrete.init, concrete.checkpoint) == (
+        "serial21",
+        "tinyimagenet",
+        str(ckpt),
+    ) and "held-out selection" in note
     model, report = build_backbone(concrete, concrete.fashion, 98)
     assert report["loaded"] > 100 and report["checkpoint"] == str(ckpt)
-    given, _ = apply_t3_selection(RetrievalConfig.build("T4", "smoke", device="cpu", out_dir=str(tmp_path), fashion="parallel", init="scratch"))
+    given, _ = apply_t3_selection(
+        RetrievalConfig.build("T4", "smoke", device="cpu", out_dir=str(tmp_path), fashion="parallel", init="scratch")
+    )
     assert (given.fashion, given.init) == ("parallel", "scratch")
 
 

@@ -33,11 +33,16 @@ def test_seeded_per_epoch():
 
 def test_impossible_settings_are_explained():
     labels = np.repeat(np.arange(5), [4, 4, 2, 4, 4])
-    with pytest.raises(ValueError, match=r"K=3 .*\(pk_images\) is impossible.*class 2 has 2.*Lower pk_images to at most 2, or pass drop_small_classes=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"K=3 .*\(pk_images\) is impossible.*class 2 has 2.*Lower pk_images to at most 2, or pass drop_small_classes=True",
+    ):
         PKBatchSampler(labels, p=2, k=3)
     sampler = PKBatchSampler(labels, p=2, k=3, drop_small_classes=True)
     assert 2 not in set(labels[np.concatenate(list(sampler))].tolist())
-    with pytest.raises(ValueError, match=r"P=6 classes per batch \(pk_classes\) is more classes than there are: the data has 5 classes"):
+    with pytest.raises(
+        ValueError, match=r"P=6 classes per batch \(pk_classes\) is more classes than there are: the data has 5 classes"
+    ):
         PKBatchSampler(labels, p=6, k=2)
 
 
@@ -68,9 +73,13 @@ def test_k_larger_than_every_class_names_pk_images(drop_small_classes):
 def test_k_too_large_for_some_classes_without_dropping():
     labels = np.repeat(np.arange(4), SIZES)
     text = message(labels, p=2, k=6)
-    assert text.startswith("PKBatchSampler: K=6 images per class (pk_images) is impossible: 2 of the 4 classes have fewer (e.g. class 0 has 3); ")
+    assert text.startswith(
+        "PKBatchSampler: K=6 images per class (pk_images) is impossible: 2 of the 4 classes have fewer (e.g. class 0 has 3); "
+    )
     assert DATA.format(2, 6) in text
-    assert text.endswith("Lower pk_images to at most 3, or pass drop_small_classes=True to use only the 2 classes with >= K images.")
+    assert text.endswith(
+        "Lower pk_images to at most 3, or pass drop_small_classes=True to use only the 2 classes with >= K images."
+    )
     # dropping would not leave P classes: only lowering K is offered, and to where P classes remain
     text = message(labels, p=3, k=6)
     assert text.endswith("Lower pk_images to at most 3, or to at most 5 with drop_small_classes=True.")
@@ -79,7 +88,9 @@ def test_k_too_large_for_some_classes_without_dropping():
 def test_p_larger_than_the_classes_with_k_images():
     labels = np.repeat(np.arange(4), SIZES)
     text = message(labels, p=3, k=6, drop_small_classes=True)
-    assert text.startswith("PKBatchSampler: P=3 classes per batch (pk_classes), but drop_small_classes=True left 2 of the 4 classes: ")
+    assert text.startswith(
+        "PKBatchSampler: P=3 classes per batch (pk_classes), but drop_small_classes=True left 2 of the 4 classes: "
+    )
     assert DATA.format(2, 6) in text
     assert text.endswith("Lower pk_classes to at most 2, or pk_images to at most 5 (3 classes have >= 5 images).")
     assert "Lower P." not in text
@@ -91,15 +102,22 @@ def test_p_larger_than_the_classes_with_k_images():
 def test_p_larger_than_the_number_of_classes():
     labels = np.repeat(np.arange(4), SIZES)
     text = message(labels, p=5, k=2)
-    assert text == f"PKBatchSampler: P=5 classes per batch (pk_classes) is more classes than there are: {DATA.format(4, 2)}. Lower pk_classes to at most 4."
+    assert (
+        text
+        == f"PKBatchSampler: P=5 classes per batch (pk_classes) is more classes than there are: {DATA.format(4, 2)}. Lower pk_classes to at most 4."
+    )
     text = message(labels, p=5, k=4, drop_small_classes=True)
     assert text.endswith(f"{DATA.format(3, 4)}. Lower pk_classes to at most 3 (or to at most 4 with pk_images <= 3).")
     # K too large and P too large at once: both settings are named
-    assert message(labels, p=5, k=10, drop_small_classes=True).endswith("Lower pk_images to at most 3 and pk_classes to at most 4.")
+    assert message(labels, p=5, k=10, drop_small_classes=True).endswith(
+        "Lower pk_images to at most 3 and pk_classes to at most 4."
+    )
 
 
 def test_invalid_and_empty_inputs():
-    assert message(np.arange(4), p=0, k=2) == "PKBatchSampler: P (pk_classes) and K (pk_images) must be >= 1, got P=0, K=2"
+    assert (
+        message(np.arange(4), p=0, k=2) == "PKBatchSampler: P (pk_classes) and K (pk_images) must be >= 1, got P=0, K=2"
+    )
     assert "empty" in message(np.zeros(0, dtype=int), p=2, k=2)
     labels = np.repeat(np.arange(3), 4)
     assert "(all of 4 images)" in message(labels, p=4, k=2)

@@ -16,7 +16,17 @@ from helpers import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 # what cannot repeat between two runs of the same configuration
-VARYING = {"train_seconds", "images_per_s", "eval_seconds", "fit_seconds", "budget_seconds_used", "seconds", "run", "run_id", "wall_seconds"}
+VARYING = {
+    "train_seconds",
+    "images_per_s",
+    "eval_seconds",
+    "fit_seconds",
+    "budget_seconds_used",
+    "seconds",
+    "run",
+    "run_id",
+    "wall_seconds",
+}
 
 pytestmark = pytest.mark.slow
 
@@ -68,12 +78,25 @@ def test_the_same_seed_gives_identical_metrics(smoke_out, tmp_path):
     field is the same. (The engine's resume-exactness tests and the center loss's repeated-backward
     test cover the other losses without another minute of training here.)"""
     again = tmp_path / "again"
-    command = [sys.executable, "-m", "helpers.pipeline", "--profile", "smoke", "--out", str(again), "--only", "T1", "--no-report"]
+    command = [
+        sys.executable,
+        "-m",
+        "helpers.pipeline",
+        "--profile",
+        "smoke",
+        "--out",
+        str(again),
+        "--only",
+        "T1",
+        "--no-report",
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     first, second = metrics(smoke_out), metrics(again)
     for name in ("T1_custom_cnn",):
-        assert canonical(first[name], smoke_out) == canonical(second[name], again), f"{name} differs between two runs of the same seed"
+        assert canonical(first[name], smoke_out) == canonical(second[name], again), (
+            f"{name} differs between two runs of the same seed"
+        )
 
 
 def test_resume_keeps_what_is_current_and_reruns_what_changed(smoke_out, tmp_path):
@@ -82,8 +105,14 @@ def test_resume_keeps_what_is_current_and_reruns_what_changed(smoke_out, tmp_pat
     for step in pipeline.STEPS:
         assert pipeline.stale_reason(smoke_out, step, notebooks / f"{step.name}.ipynb", "smoke", same) == "", step.name
     t1 = pipeline.STEPS[0]
-    other_data = pipeline.stale_reason(smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"data_dir": str(tmp_path)})
-    assert other_data.startswith("changed: data_dir") and f"-> '{tmp_path}'" in other_data and "the data under" in other_data, other_data
+    other_data = pipeline.stale_reason(
+        smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"data_dir": str(tmp_path)}
+    )
+    assert (
+        other_data.startswith("changed: data_dir")
+        and f"-> '{tmp_path}'" in other_data
+        and "the data under" in other_data
+    ), other_data
     fp32 = pipeline.stale_reason(smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"precision": "fp32"})
     assert fp32 == "changed: precision 'auto' -> 'fp32'", fp32
 
@@ -95,7 +124,9 @@ def test_the_executed_notebooks_read_well(smoke_out):
     for step in pipeline.STEPS:
         executed = json.loads((smoke_out / "notebooks" / f"{step.name}.ipynb").read_text())
         outputs = [o for c in executed["cells"] for o in c.get("outputs", [])]
-        assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], f"{step.name}: a widget bar was saved"
+        assert not [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})], (
+            f"{step.name}: a widget bar was saved"
+        )
         text = "".join("".join(o.get("text", "")) for o in outputs)
         assert not re.search(r"\b0/\d+ \[00:00", text), f"{step.name}: a bar's first state was saved"
         assert re.search(r"epoch \d+/\d+ ", text), f"{step.name}: no epoch line"
@@ -110,9 +141,13 @@ def test_the_smoke_run_has_tensorboard_curves_and_t4s_projector(smoke_out):
     t2 = json.loads((smoke_out / "metrics" / "T2_resnet18.json").read_text())["models"]["T2_resnet18"]
     events = EventAccumulator(str(smoke_out / "tensorboard" / "T2_resnet18"), size_guidance={"scalars": 0})
     events.Reload()
-    assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/heldout_top1", "epoch/test_top1"} <= set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "epoch/train_loss", "epoch/heldout_top1", "epoch/test_top1"} <= set(
+        events.Tags()["scalars"]
+    )
     curve = [e.value for e in events.Scalars("epoch/train_loss")]
-    assert curve == pytest.approx([h["train_loss"] for h in t2["history"]], rel=1e-6), "the curve is the metrics' history"
+    assert curve == pytest.approx([h["train_loss"] for h in t2["history"]], rel=1e-6), (
+        "the curve is the metrics' history"
+    )
     assert (smoke_out / "tensorboard" / "T4_embedding_ms" / "projector_config.pbtxt").is_file()
 
 
@@ -134,4 +169,6 @@ def test_the_parameter_counts_the_notebooks_print_are_the_models_they_trained(sm
         assert counts and counts[0] in trained, (name, counts, trained)
     t3 = documents["T3_cubs_resnet18"]
     counts = printed_counts("T3_cubs_resnet18")[: len(t3["models"])]
-    assert counts == [run["architecture"]["parameters"] for run in t3["models"].values()], "one line per fashion, in order"
+    assert counts == [run["architecture"]["parameters"] for run in t3["models"].values()], (
+        "one line per fashion, in order"
+    )

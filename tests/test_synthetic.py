@@ -20,7 +20,11 @@ def test_deterministic_by_seed(tmp_path):
     params = synthetic.TinyParams(num_classes=3, train_per_class=3, val_per_class=2, test_images=2)
     a = synthetic.generate("tiny", tmp_path / "a", params)
     b = synthetic.generate("tiny", tmp_path / "b", params)
-    c = synthetic.generate("tiny", tmp_path / "c", synthetic.TinyParams(num_classes=3, train_per_class=3, val_per_class=2, test_images=2, seed=1))
+    c = synthetic.generate(
+        "tiny",
+        tmp_path / "c",
+        synthetic.TinyParams(num_classes=3, train_per_class=3, val_per_class=2, test_images=2, seed=1),
+    )
     assert tree_digest(a) == tree_digest(b) != tree_digest(c)
 
 
@@ -42,8 +46,24 @@ def test_reuse_regenerate_and_refuse_foreign_folders(tmp_path):
 
 
 def test_command_line_prints_a_summary(tmp_path, capsys):
-    code = synthetic.main(["--out", str(tmp_path), "--which", "tiny,stl10", "--tiny-classes", "3", "--tiny-train-per-class", "2",
-                           "--tiny-val-per-class", "1", "--stl10-train-per-class", "1", "--stl10-test-per-class", "1"])
+    code = synthetic.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--which",
+            "tiny,stl10",
+            "--tiny-classes",
+            "3",
+            "--tiny-train-per-class",
+            "2",
+            "--tiny-val-per-class",
+            "1",
+            "--stl10-train-per-class",
+            "1",
+            "--stl10-test-per-class",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "Tiny ImageNet layout" in out and "train: 6 images" in out and "STL-10 layout" in out
 
@@ -55,16 +75,30 @@ def test_classes_are_distinct():
 
 def test_a_tiny_model_learns_the_generated_data_far_above_chance(tmp_path):
     torch.manual_seed(0)
-    root = synthetic.generate("tiny", tmp_path, synthetic.TinyParams(num_classes=10, train_per_class=30, val_per_class=10, test_images=0))
+    root = synthetic.generate(
+        "tiny", tmp_path, synthetic.TinyParams(num_classes=10, train_per_class=30, val_per_class=10, test_images=0)
+    )
     prep = ToUint8Tensor(resize=32)
-    x_train = torch.from_numpy(decode_all(TinyImageNet(root, "train", transform=prep))).permute(0, 3, 1, 2).float() / 255
+    x_train = (
+        torch.from_numpy(decode_all(TinyImageNet(root, "train", transform=prep))).permute(0, 3, 1, 2).float() / 255
+    )
     y_train = torch.tensor(TinyImageNet(root, "train").targets)
     x_val = torch.from_numpy(decode_all(TinyImageNet(root, "val", transform=prep))).permute(0, 3, 1, 2).float() / 255
     y_val = torch.tensor(TinyImageNet(root, "val").targets)
     model = nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
         nn.Linear(64, 10),
     )
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

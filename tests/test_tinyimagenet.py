@@ -13,7 +13,10 @@ from helpers.data import CachedTinyImageNet, DatasetError, TinyImageNet, ToUint8
 
 
 def read_val_annotations(root: Path) -> dict[str, str]:
-    return {line.split("\t")[0]: line.split("\t")[1] for line in (root / "val" / "val_annotations.txt").read_text().splitlines()}
+    return {
+        line.split("\t")[0]: line.split("\t")[1]
+        for line in (root / "val" / "val_annotations.txt").read_text().splitlines()
+    }
 
 
 def test_train_split_reads_layout(tiny_root):
@@ -30,7 +33,9 @@ def test_train_split_reads_layout(tiny_root):
     assert isinstance(label, int) and label == 0
     # natural order inside a class: _2 before _10
     names = [Path(p).name for p, l in ds.samples if l == 0]
-    assert names[:3] == [f"{wnids[0]}_0.JPEG", f"{wnids[0]}_1.JPEG", f"{wnids[0]}_2.JPEG"] and names[10].endswith("_10.JPEG")
+    assert names[:3] == [f"{wnids[0]}_0.JPEG", f"{wnids[0]}_1.JPEG", f"{wnids[0]}_2.JPEG"] and names[10].endswith(
+        "_10.JPEG"
+    )
 
 
 def test_grayscale_images_come_back_rgb(tiny_root):

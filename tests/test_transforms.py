@@ -21,7 +21,12 @@ def test_random_crop_is_a_window_of_the_padded_image():
     padded = F.pad(x, (3, 3, 3, 3))
     offsets = set()
     for b in range(6):
-        matches = [(oy, ox) for oy in range(9) for ox in range(9) if torch.equal(padded[b, :, oy : oy + 10, ox : ox + 10], out[b])]
+        matches = [
+            (oy, ox)
+            for oy in range(9)
+            for ox in range(9)
+            if torch.equal(padded[b, :, oy : oy + 10, ox : ox + 10], out[b])
+        ]
         assert matches, f"image {b} is not a window of its padded input"
         offsets.add(matches[0])
     assert len(offsets) > 1, "offsets differ between images"
@@ -98,7 +103,9 @@ def test_eval_is_normalised_centre_crop_and_resize():
     assert torch.allclose(out, (x[..., 2:18, 2:18].float() - mean) / std)
     small = BatchAugment(crop="pad", resize_to=10).eval(x)
     assert small.shape == (2, 3, 10, 10)
-    assert BatchAugment(crop="pad", resize_to=10).train(x, torch.zeros(2, dtype=torch.long), AugmentRNG(0))[0].shape == (2, 3, 10, 10)
+    assert BatchAugment(crop="pad", resize_to=10).train(x, torch.zeros(2, dtype=torch.long), AugmentRNG(0))[
+        0
+    ].shape == (2, 3, 10, 10)
 
 
 def test_bad_options():

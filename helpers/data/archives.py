@@ -35,7 +35,9 @@ def top_folder(archive: Path) -> str | None:
 def archives_in(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SUFFIXES) and not p.name.startswith("."))
+    return sorted(
+        p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(SUFFIXES) and not p.name.startswith(".")
+    )
 
 
 def extraction_dir(data_dir: Path) -> Path:

@@ -145,7 +145,9 @@ def npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype]:
     if fortran_order:
         raise ValueError("array stored in Fortran order")
     if size != expected:
-        raise ValueError(f"{'truncated: ' if size < expected else ''}{size:,} bytes where its header needs {expected:,}")
+        raise ValueError(
+            f"{'truncated: ' if size < expected else ''}{size:,} bytes where its header needs {expected:,}"
+        )
     return tuple(shape), dtype
 
 
@@ -160,7 +162,10 @@ def cache_damage(
     try:
         meta = json.loads(sidecar_path.read_text())
         if meta.get("format") != CACHE_FORMAT:
-            return sidecar_path, f"written by another version of this code: sidecar format {meta.get('format')}, expected {CACHE_FORMAT}"
+            return (
+                sidecar_path,
+                f"written by another version of this code: sidecar format {meta.get('format')}, expected {CACHE_FORMAT}",
+            )
         recorded = {
             images_path: (tuple(meta["images"]["shape"]), np.dtype(meta["images"]["dtype"])),
             labels_path: ((meta["labels"]["count"],), np.dtype(np.int64)),

@@ -64,14 +64,18 @@ def load_mat(path: Path) -> dict:
     except FileNotFoundError:
         raise DatasetError(f"Missing annotation file {path}. {GET_IT}") from None
     except Exception as exc:  # scipy raises several types for a damaged file
-        raise DatasetError(f"Cannot read {path} as a MATLAB .mat file ({exc}). Replace it with an intact copy.") from None
+        raise DatasetError(
+            f"Cannot read {path} as a MATLAB .mat file ({exc}). Replace it with an intact copy."
+        ) from None
 
 
 def struct_fields(mat: dict, path: Path, name: str, fields: tuple[str, ...]) -> dict[str, list]:
     """Flatten a MATLAB struct array `name` into {field: [value per element]}, checking the fields."""
     if name not in mat:
         found = ", ".join(k for k in mat if not k.startswith("__"))
-        raise DatasetError(f"{path} has no variable '{name}' (found: {found}). It is not the expected Cars-196 annotation file.")
+        raise DatasetError(
+            f"{path} has no variable '{name}' (found: {found}). It is not the expected Cars-196 annotation file."
+        )
     records = mat[name].ravel()
     present = records.dtype.names or ()
     missing = [f for f in fields if f not in present]
@@ -133,7 +137,7 @@ def read_devkit(root: Path) -> tuple[list[CarRecord], list[str]]:
 
 
 def partial_note(root: Path, layout: str, split: str) -> str:
-    """"" for a complete devkit release; else what is missing (e.g. the mini archive, or a download
+    """ "" for a complete devkit release; else what is missing (e.g. the mini archive, or a download
     without cars_test/, holds half the images: both retrieval halves then come from cars_train/)."""
     if layout != "devkit":
         return ""
@@ -170,9 +174,13 @@ class Cars196(Dataset):
         self.layout = detect_layout(self.root) if layout == "auto" else layout
         self.split, self.bbox_crop = split, bbox_crop
         self.transform, self.target_transform = transform, target_transform
-        records, self.class_names = (read_metric_learning if self.layout == "metric_learning" else read_devkit)(self.root)
+        records, self.class_names = (read_metric_learning if self.layout == "metric_learning" else read_devkit)(
+            self.root
+        )
         if len(self.class_names) != NUM_CLASSES:
-            raise DatasetError(f"Cars-196 at {self.root} names {len(self.class_names)} classes, expected {NUM_CLASSES}.")
+            raise DatasetError(
+                f"Cars-196 at {self.root} names {len(self.class_names)} classes, expected {NUM_CLASSES}."
+            )
         bad = [r.cls for r in records if not 1 <= r.cls <= NUM_CLASSES]
         if bad:
             raise DatasetError(f"Cars-196 annotations at {self.root} hold class ids outside 1..196 (e.g. {bad[0]}).")
@@ -187,7 +195,9 @@ class Cars196(Dataset):
                 stacklevel=2,
             )
         if not present:
-            raise DatasetError(f"Cars-196 at {self.root} holds no {split} images (classes {'1..98' if split == 'train' else '99..196'}). {GET_IT}")
+            raise DatasetError(
+                f"Cars-196 at {self.root} holds no {split} images (classes {'1..98' if split == 'train' else '99..196'}). {GET_IT}"
+            )
         self.partial = partial_note(self.root, self.layout, split)
         self.samples = [(r.path, r.cls - 1) for r in present]
         self.boxes = [r.box for r in present]

@@ -152,9 +152,7 @@ def download_file(
     try:
         received, declared, actual_md5 = _stream_to_file(url, part, dest, timeout, progress)
         if declared is not None and received != declared:
-            raise DatasetError(
-                f"Download of {url} stopped early: got {received:,} of {declared:,} bytes. {retry}"
-            )
+            raise DatasetError(f"Download of {url} stopped early: got {received:,} of {declared:,} bytes. {retry}")
         if expected_size is not None and received != expected_size:
             raise DatasetError(
                 f"{url} gave {received:,} bytes, expected {expected_size:,}: the file is truncated "
@@ -162,8 +160,7 @@ def download_file(
             )
         if md5 and actual_md5 != md5:
             raise DatasetError(
-                f"{url} has MD5 {actual_md5}, expected {md5}: the file is damaged or a different "
-                f"version. {retry}"
+                f"{url} has MD5 {actual_md5}, expected {md5}: the file is damaged or a different version. {retry}"
             )
     except BaseException:
         part.unlink(missing_ok=True)  # never leave a partial file behind, even on Ctrl-C
@@ -177,9 +174,7 @@ def _retry_hint(url: str, dest: Path) -> str:
     return f"Retry, or download {url} by hand (browser, wget) and save it as {dest}."
 
 
-def _stream_to_file(
-    url: str, part: Path, dest: Path, timeout: float, progress: bool
-) -> tuple[int, int | None, str]:
+def _stream_to_file(url: str, part: Path, dest: Path, timeout: float, progress: bool) -> tuple[int, int | None, str]:
     """Write the body of ``url`` to ``part``; return (bytes received, Content-Length or None, MD5)."""
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     digest = hashlib.md5(usedforsecurity=False)
@@ -202,9 +197,7 @@ def _stream_to_file(
         ) from exc
     except http.client.IncompleteRead as exc:
         got = received + len(exc.partial)
-        raise DatasetError(
-            f"Download of {url} stopped early after {got:,} bytes. {_retry_hint(url, dest)}"
-        ) from exc
+        raise DatasetError(f"Download of {url} stopped early after {got:,} bytes. {_retry_hint(url, dest)}") from exc
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise DatasetError(
@@ -275,9 +268,7 @@ def _progress_bar(total: int | None, desc: str, unit: str, enabled: bool):
 # Extracting archives
 
 
-def extract_archive(
-    archive: str | Path, dest_dir: str | Path, expected_top: str, progress: bool = False
-) -> Path:
+def extract_archive(archive: str | Path, dest_dir: str | Path, expected_top: str, progress: bool = False) -> Path:
     """Extract a zip or tar(.gz) whose top folder is ``expected_top`` into ``dest_dir/expected_top``.
 
     Members with absolute paths or '..' are refused. An existing ``dest_dir/expected_top`` is
@@ -302,9 +293,7 @@ def _staging_dir(parent: Path, label: str) -> Iterator[Path]:
 
 
 @contextmanager
-def _extracted(
-    archive: Path, parent: Path, label: str, progress: bool, remedy: str | None = None
-) -> Iterator[Path]:
+def _extracted(archive: Path, parent: Path, label: str, progress: bool, remedy: str | None = None) -> Iterator[Path]:
     """Extract ``archive`` into a staging folder inside ``parent``; yield it; remove it afterwards.
 
     ``remedy`` ends the message for a damaged archive (default: delete it and download it again).
@@ -332,8 +321,7 @@ def _extract_all(archive: Path, target: Path, progress: bool, redo: str) -> None
         raise DatasetError(f"{archive} is corrupt or truncated ({exc}). {redo}.") from exc
     except OSError as exc:
         raise DatasetError(
-            f"Could not extract {archive} into {target.parent}: {exc}. Check free disk space and "
-            "write permission."
+            f"Could not extract {archive} into {target.parent}: {exc}. Check free disk space and write permission."
         ) from exc
 
 
@@ -361,8 +349,7 @@ def _extract_tar(archive: Path, target: Path, progress: bool) -> None:
                     tf.extract(member, target, **safe_filter)
                 except _TAR_FILTER_ERRORS as exc:
                     raise DatasetError(
-                        f"{archive} is unsafe: {exc}. Nothing was installed; get the archive from a "
-                        "trusted source."
+                        f"{archive} is unsafe: {exc}. Nothing was installed; get the archive from a trusted source."
                     ) from exc
                 bar.update()
         _require_clean_tar_end(tf)
@@ -472,9 +459,7 @@ def _raise_if_problems(root: Path, title: str, problems: list[str], how_to_get: 
     if not root.is_dir():
         raise DatasetError(f"{title} not found at {root}. To get it, {how_to_get}.")
     if problems:
-        raise DatasetError(
-            f"{root} is not a complete {title}: {_summarize(problems)}. To fix it, {how_to_get}."
-        )
+        raise DatasetError(f"{root} is not a complete {title}: {_summarize(problems)}. To fix it, {how_to_get}.")
 
 
 def _summarize(problems: list[str]) -> str:
@@ -662,8 +647,7 @@ def _check_data_dir(data_dir: Path, write: bool = False) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise DatasetError(
-            f"Cannot write to the data folder {data_dir} ({exc.strerror or exc}): pass a writable "
-            "folder as --data-dir."
+            f"Cannot write to the data folder {data_dir} ({exc.strerror or exc}): pass a writable folder as --data-dir."
         ) from exc
 
 
@@ -727,8 +711,7 @@ def prepare_cars196(
         return installed
     if source is None:
         raise DatasetError(
-            f"Cars-196 not found in {data_dir} (looked for {CARS_METRIC_DIR}/ and "
-            f"{CARS_DEVKIT_DIR}/). {_CARS_HELP}"
+            f"Cars-196 not found in {data_dir} (looked for {CARS_METRIC_DIR}/ and {CARS_DEVKIT_DIR}/). {_CARS_HELP}"
         )
     source = Path(source).expanduser()
     if not source.exists():
@@ -766,12 +749,8 @@ def _find_cars_layout(folder: Path, shown_as: Path, depth: int = 2) -> tuple[str
     if layout is not None:
         return layout, folder
     if problems:  # it looks like Cars-196, but something is missing: say what
-        raise DatasetError(
-            f"{shown_as} is not a usable Cars-196 source: {_summarize(problems)}. {_CARS_HELP}"
-        )
-    entries = [
-        p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in _IGNORED_TOP_ENTRIES
-    ]
+        raise DatasetError(f"{shown_as} is not a usable Cars-196 source: {_summarize(problems)}. {_CARS_HELP}")
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".") and p.name not in _IGNORED_TOP_ENTRIES]
     subfolders = [p for p in entries if p.is_dir()]
     if depth > 0 and len(subfolders) == 1:
         return _find_cars_layout(subfolders[0], shown_as, depth - 1)
@@ -795,9 +774,7 @@ def _cars_layout(folder: Path) -> tuple[str | None, list[str]]:
 def _cars_problems(folder: Path, layout: str) -> list[str]:
     """What ``folder`` lacks to be a usable Cars-196 tree in ``layout`` (empty when usable)."""
     if layout == CARS_LAYOUT_METRIC:
-        return _mat_problems(folder, "cars_annos.mat", "annotations") + _image_folder_problems(
-            folder, "car_ims"
-        )
+        return _mat_problems(folder, "cars_annos.mat", "annotations") + _image_folder_problems(folder, "car_ims")
     problems = _mat_problems(folder, _devkit_mat(folder, "cars_meta.mat"), "class_names")
     has_train = _count_images_if_dir(folder / "cars_train") > 0
     has_test = _count_images_if_dir(folder / "cars_test") > 0

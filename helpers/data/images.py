@@ -31,9 +31,16 @@ def load_rgb(path: str | Path) -> Image.Image:
             f"Image file not found: {path}. The dataset folder is incomplete; "
             + repair_advice(path, "re-extract or re-download it.")
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning when warnings are errors
+    except (
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as exc:  # the warning when warnings are errors
         found = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", str(exc))
-        size = f"{int(found.group(1)):,} pixels, over PIL's limit of {int(found.group(2)):,}" if found else "over PIL's limit"
+        size = (
+            f"{int(found.group(1)):,} pixels, over PIL's limit of {int(found.group(2)):,}"
+            if found
+            else "over PIL's limit"
+        )
         raise DatasetError(
             f"Image {path} is too large to decode safely ({size}; a decompression-bomb guard): "
             "it is not a normal dataset image; remove it or resize it."

@@ -62,7 +62,9 @@ class _PlannedBatches:
 
     def global_plan(self, epoch: int) -> list[np.ndarray]:
         """The index arrays of the epoch's (global, unsharded) batches."""
-        return epoch_plan(self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler)
+        return epoch_plan(
+            self.num_samples, self.batch_size, self.shuffle, self.drop_last, self.seed, epoch, self.batch_sampler
+        )
 
     def local_plan(self, epoch: int, start: int = 0) -> list[np.ndarray]:
         """This rank's part of every batch from batch `start` on (all of it in one process); a
@@ -107,7 +109,17 @@ class TensorBatches(_PlannedBatches):
 
     def rebatched(self, batch_sampler) -> "TensorBatches":
         """The same data (not copied) in the batches of `batch_sampler` (e.g. a PKBatchSampler)."""
-        return TensorBatches(self.images, self.labels, self.batch_size, True, True, self.seed, self.device, batch_sampler, self.output_device)
+        return TensorBatches(
+            self.images,
+            self.labels,
+            self.batch_size,
+            True,
+            True,
+            self.seed,
+            self.device,
+            batch_sampler,
+            self.output_device,
+        )
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         copy = self.output_device != self.device
@@ -173,12 +185,34 @@ class LoaderBatches(_PlannedBatches):
         if num_workers > 0:
             extra["persistent_workers"] = True if persistent_workers is None else persistent_workers
             extra["prefetch_factor"] = prefetch_factor or 4
-        self.loader = DataLoader(dataset, batch_sampler=self._plan, num_workers=num_workers, pin_memory=pin, generator=torch.Generator(), **extra)
-        self._options = dict(num_workers=num_workers, pin_memory=pin_memory, persistent_workers=persistent_workers, prefetch_factor=prefetch_factor)
+        self.loader = DataLoader(
+            dataset,
+            batch_sampler=self._plan,
+            num_workers=num_workers,
+            pin_memory=pin,
+            generator=torch.Generator(),
+            **extra,
+        )
+        self._options = dict(
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+        )
 
     def rebatched(self, batch_sampler) -> "LoaderBatches":
         """The same dataset in the batches of `batch_sampler` (e.g. a PKBatchSampler)."""
-        return LoaderBatches(self.dataset, self.batch_size, True, True, self.seed, self.device, batch_sampler=batch_sampler, labels=self.labels, **self._options)
+        return LoaderBatches(
+            self.dataset,
+            self.batch_size,
+            True,
+            True,
+            self.seed,
+            self.device,
+            batch_sampler=batch_sampler,
+            labels=self.labels,
+            **self._options,
+        )
 
     def __len__(self) -> int:
         return num_batches(self.num_samples, self.batch_size, self.drop_last, self.batch_sampler)

@@ -77,17 +77,31 @@ def _check_pk(counts: np.ndarray, p: int, k: int, drop_small_classes: bool, exam
     qualifying = int((counts >= k).sum())
     data = (
         f"the data has {num_classes} classes ("
-        + (f"all of {smallest} images" if smallest == largest else f"the smallest of {smallest} images, the largest of {largest}")
+        + (
+            f"all of {smallest} images"
+            if smallest == largest
+            else f"the smallest of {smallest} images, the largest of {largest}"
+        )
         + f"), {qualifying} of them with >= K={k} images"
     )
     # The largest K for which min(P, C) classes have >= K images: what drop_small_classes=True can use.
     k_fit = int(np.sort(counts)[::-1][min(p, num_classes) - 1])
     lower_p_too = f" and pk_classes to at most {num_classes}" if p > num_classes else ""
     if qualifying < num_classes and not drop_small_classes:
-        problem = "is more than any class has" if qualifying == 0 else (
-            f"is impossible: {num_classes - qualifying} of the {num_classes} classes have fewer (e.g. class {example} has {smallest})")
-        drop_hint = (f", or pass drop_small_classes=True to use only the {qualifying} classes with >= K images" if qualifying >= p
-                     else f", or to at most {k_fit}{lower_p_too} with drop_small_classes=True" if k_fit > smallest else "")
+        problem = (
+            "is more than any class has"
+            if qualifying == 0
+            else (
+                f"is impossible: {num_classes - qualifying} of the {num_classes} classes have fewer (e.g. class {example} has {smallest})"
+            )
+        )
+        drop_hint = (
+            f", or pass drop_small_classes=True to use only the {qualifying} classes with >= K images"
+            if qualifying >= p
+            else f", or to at most {k_fit}{lower_p_too} with drop_small_classes=True"
+            if k_fit > smallest
+            else ""
+        )
         raise SettingsError(
             f"PKBatchSampler: K={k} images per class (pk_images) {problem}; {data}. "
             f"Lower pk_images to at most {smallest}{lower_p_too}{drop_hint}."

@@ -21,7 +21,9 @@ def stratified_split(labels: Sequence[int], fraction: float = 0.05, seed: int = 
     held = []
     for cls in np.unique(labels):
         members = np.flatnonzero(labels == cls)
-        n_held = 0 if fraction == 0 or len(members) < 2 else min(len(members) - 1, max(1, round(fraction * len(members))))
+        n_held = (
+            0 if fraction == 0 or len(members) < 2 else min(len(members) - 1, max(1, round(fraction * len(members))))
+        )
         held.append(rng.permutation(members)[:n_held])
     held_out = np.sort(np.concatenate(held)) if held else np.zeros(0, dtype=np.int64)
     mask = np.ones(len(labels), dtype=bool)

@@ -35,7 +35,9 @@ def decode_planes(raw: np.ndarray) -> np.ndarray:
 
 def encode_planes(images: np.ndarray) -> np.ndarray:
     """Inverse of `decode_planes`: (n, 96, 96, 3) -> (n, 27648) bytes in STL-10 order."""
-    return np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 2, 1)).reshape(len(images), IMAGE_BYTES)
+    return np.ascontiguousarray(np.asarray(images, dtype=np.uint8).transpose(0, 3, 2, 1)).reshape(
+        len(images), IMAGE_BYTES
+    )
 
 
 class STL10(Dataset):
@@ -81,7 +83,9 @@ class STL10(Dataset):
             return np.full(self.num_images, -1, dtype=np.int64)
         path = self.root / f"{self.split}_y.bin"
         if not path.is_file():
-            raise DatasetError(f"STL-10 at {self.root} has {self.images_path.name} but no {path.name} (its labels). {GET_IT}")
+            raise DatasetError(
+                f"STL-10 at {self.root} has {self.images_path.name} but no {path.name} (its labels). {GET_IT}"
+            )
         labels = np.fromfile(path, dtype=np.uint8).astype(np.int64)
         if len(labels) != self.num_images:
             raise DatasetError(
@@ -89,7 +93,9 @@ class STL10(Dataset):
                 "One of them is truncated; " + repair_advice(path, "re-download or re-extract.")
             )
         if len(labels) and (labels.min() < 1 or labels.max() > 10):
-            raise DatasetError(f"{path} holds labels outside 1..10 (found {labels.min()}..{labels.max()}): not STL-10 labels.")
+            raise DatasetError(
+                f"{path} holds labels outside 1..10 (found {labels.min()}..{labels.max()}): not STL-10 labels."
+            )
         return labels - 1
 
     def _read_folds(self) -> list[np.ndarray] | None:

@@ -70,7 +70,9 @@ def class_styles(num_classes: int, seed: int) -> list[ClassStyle]:
         shape, colour, texture = combos[i]
         styles.append(
             ClassStyle(
-                shape, colour, texture,
+                shape,
+                colour,
+                texture,
                 angle=float(rng.uniform(0, np.pi)),
                 frequency=float(rng.uniform(2.0, 4.0)),
                 position=(0.2 * (k % 3 - 1), 0.2 * ((k // 3) % 3 - 1)),
@@ -121,7 +123,9 @@ def texture_value(style: ClassStyle, u: np.ndarray, v: np.ndarray) -> np.ndarray
     raise ValueError(style.texture)
 
 
-def render(style: ClassStyle, rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+def render(
+    style: ClassStyle, rng: np.random.Generator, height: int, width: int
+) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """One image (height, width, 3) uint8 of a class and its object box (x0, y0, x1, y1), 0-based inclusive."""
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
     side = min(height, width)
@@ -287,7 +291,9 @@ def write_cars196(root: Path, p: CarsParams) -> None:
             save_jpeg(root / name, r["image"], r["gray"])
             rows.append(row(r, relative_im_path=name, test=r["test"]))
         fields = ("relative_im_path",) + box_fields + ("class", "test")
-        scipy.io.savemat(root / "cars_annos.mat", {"annotations": annotation_struct(rows, fields), "class_names": class_names})
+        scipy.io.savemat(
+            root / "cars_annos.mat", {"annotations": annotation_struct(rows, fields), "class_names": class_names}
+        )
     elif p.layout == "devkit":
         (root / "devkit").mkdir(parents=True)
         scipy.io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": class_names})
@@ -328,7 +334,11 @@ def write_stl10(root: Path, p: STL10Params) -> None:
         write_split("unlabeled", np.random.default_rng([p.seed, 8]).integers(0, 10, p.unlabeled), 8)
 
 
-WRITERS = {"tiny": (write_tiny_imagenet, TinyParams), "cars": (write_cars196, CarsParams), "stl10": (write_stl10, STL10Params)}
+WRITERS = {
+    "tiny": (write_tiny_imagenet, TinyParams),
+    "cars": (write_cars196, CarsParams),
+    "stl10": (write_stl10, STL10Params),
+}
 FOLDERS = {"tiny": "tiny-imagenet-200", "cars": "stanford_cars", "stl10": "stl10_binary"}
 
 
@@ -354,7 +364,9 @@ def generate(which: str, out_dir: str | Path, params=None, force: bool = False) 
     if root.exists():
         existing = root / STAMP
         if not existing.is_file():
-            raise DatasetError(f"{root} exists and is not generated data (no {STAMP}); refusing to overwrite it. Choose another --out.")
+            raise DatasetError(
+                f"{root} exists and is not generated data (no {STAMP}); refusing to overwrite it. Choose another --out."
+            )
         if not force and json.loads(existing.read_text()) == stamp:
             return root
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +400,9 @@ def summary(which: str, root: Path) -> str:
 
         splits = {s: TinyImageNet(root, s) for s in ("train", "val", "test")}
         train = splits["train"]
-        lines = [f"Tiny ImageNet layout at {root}: {len(train.classes)} classes ({', '.join(train.class_names[:3])}, ...)"]
+        lines = [
+            f"Tiny ImageNet layout at {root}: {len(train.classes)} classes ({', '.join(train.class_names[:3])}, ...)"
+        ]
         lines += [f"  {s}: {len(ds)} images" for s, ds in splits.items()]
     elif which == "cars":
         from helpers.data.cars196 import Cars196
@@ -404,7 +418,10 @@ def summary(which: str, root: Path) -> str:
 
         splits = {s: STL10(root, s) for s in ("train", "test")}
         lines = [f"STL-10 layout at {root}: classes {', '.join(splits['train'].class_names)}"]
-        lines += [f"  {s}: {len(ds)} images, per class {sorted(Counter(ds.targets.tolist()).values())[0]}+" for s, ds in splits.items()]
+        lines += [
+            f"  {s}: {len(ds)} images, per class {sorted(Counter(ds.targets.tolist()).values())[0]}+"
+            for s, ds in splits.items()
+        ]
     return "\n".join(lines)
 
 
@@ -426,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
     params = {
         "tiny": TinyParams(args.tiny_classes, args.tiny_train_per_class, args.tiny_val_per_class, seed=args.seed),
         "cars": CarsParams(layout=args.cars_layout, images_per_class=args.cars_per_class, seed=args.seed),
-        "stl10": STL10Params(args.stl10_train_per_class, args.stl10_test_per_class, args.stl10_unlabeled, seed=args.seed),
+        "stl10": STL10Params(
+            args.stl10_train_per_class, args.stl10_test_per_class, args.stl10_unlabeled, seed=args.seed
+        ),
     }
     try:
         for which in [w.strip() for w in args.which.split(",") if w.strip()]:

@@ -113,7 +113,9 @@ class TinyImageNet(Dataset):
                     "Re-extract the archive."
                 )
             if fields[0] not in present:
-                raise DatasetError(f"{annotations} line {number} names {images / fields[0]}, which is missing. Re-extract the archive.")
+                raise DatasetError(
+                    f"{annotations} line {number} names {images / fields[0]}, which is missing. Re-extract the archive."
+                )
             samples.append((str(images / fields[0]), self.class_to_idx[fields[1]]))
         if not samples:
             raise DatasetError(f"{annotations} lists no images. Re-extract the archive.")

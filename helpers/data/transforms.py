@@ -159,7 +159,9 @@ def mixup(x: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor
     return lam * x + (1 - lam) * x[perm], lam * targets + (1 - lam) * targets[perm]
 
 
-def cutmix(x: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor, centre: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+def cutmix(
+    x: torch.Tensor, targets: torch.Tensor, lam: float, perm: torch.Tensor, centre: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Paste a box of area about (1 - lam) centred at `centre` (fractions of H, W) from x[perm];
     targets weighted by the area actually pasted."""
     _, _, h, w = x.shape

@@ -170,9 +170,7 @@ def chunked_column_softmax_features(
     return f.to(q.dtype)
 
 
-def column_softmax_features(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "auto"
-) -> torch.Tensor:
+def column_softmax_features(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, method: str = "auto") -> torch.Tensor:
     """f_j = sum_i v_i softmax_i(q_i k_j), without building the (B, L, L) matrix.
 
     q, k, v: (B, L) -> f: (B, L), in q's dtype, or in the autocast dtype when autocast is on for

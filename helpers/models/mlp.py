@@ -18,7 +18,9 @@ class MLP(nn.Module):
     CNNs: forward_features (the last hidden code), forward_head, num_features.
     """
 
-    def __init__(self, in_dim: int = 96 * 96, hidden: Sequence[int] = DEFAULT_HIDDEN, num_classes: int = 10, dropout: float = 0.0):
+    def __init__(
+        self, in_dim: int = 96 * 96, hidden: Sequence[int] = DEFAULT_HIDDEN, num_classes: int = 10, dropout: float = 0.0
+    ):
         super().__init__()
         if not hidden:
             raise ValueError("hidden must list at least one layer size")

@@ -201,7 +201,8 @@ def load_torchvision_resnet18(
     missing = [key for key in target if key not in copied]
     # Old torchvision checkpoints predate BN's num_batches_tracked buffer: not worth failing for.
     absent = [
-        key for key in missing
+        key
+        for key in missing
         if not key.startswith(("fc.", *cubs_prefixes)) and not key.endswith("num_batches_tracked")
     ]
     if absent:
