@@ -21,6 +21,7 @@ run: $(STAMP)
 	$(BIN)/python -m helpers.pipeline --profile smoke --out outputs/smoke
 
 test: $(STAMP)
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
 
 clean-outputs:
