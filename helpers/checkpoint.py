@@ -130,6 +130,17 @@ def drop_previous(out: Path) -> None:
     (out / PREVIOUS).unlink(missing_ok=True)
 
 
+def slim_finished(out: Path, weights_in_best: bool) -> None:
+    """A finished run's last.pt without what only continuing its training would need: the optimizer
+    state (as large as the model for SGD with momentum, twice for Adam) and, when best.pt holds the
+    very weights the run ended with (`weights_in_best`: the last epoch was the best), the model.
+    Resuming the finished run (a notebook rerun) still works: it reads the weights from best.pt then,
+    and trains nothing."""
+    state = _read(out / LAST, "cpu")
+    state |= {"optimizer": None, "slim": True} | ({"model": None} if weights_in_best else {})
+    atomic_torch_save(state, out / LAST, verify=_verified(("format", "epoch", "slim")))
+
+
 def load_last(out: Path, device: torch.device) -> dict:
     """out/last.pt (a format-1 file is read as format 2); when it is missing or unreadable,
     out/last.prev.pt with a notice. A CheckpointError when neither is usable or the format is unknown."""

@@ -48,6 +48,7 @@ from helpers.checkpoint import (
     check_same_run,
     claim_run,
     drop_previous,
+    slim_finished,
     has_checkpoint,
     load_best,
     load_best_weights,
@@ -257,6 +258,9 @@ def _train(
         model.load_state_dict(load_best_weights(run.out, run.device, run.run_id))
     if run.out is not None and distributed.is_main() and result.record()["complete"]:
         drop_previous(run.out)
+        slim_finished(
+            run.out, weights_in_best=run.monitor.best_epoch == len(run.history)
+        )  # (best.pt then holds the final weights)
     return result
 
 
@@ -591,8 +595,10 @@ def _resume(run: _RunState) -> None:
     then restore model, objective, optimizer, schedule, monitor, position and RNG states."""
     ckpt = load_last(run.out, run.device)
     check_same_run(ckpt, run.out / LAST, run.cfg, run.run_key, run.steps_per_epoch)
-    try:
-        run.model.load_state_dict(ckpt["model"])
+    try:  # (a finished run's slim last.pt keeps its weights in best.pt only: checkpoint.slim_finished)
+        run.model.load_state_dict(
+            ckpt["model"] if ckpt["model"] is not None else load_best_weights(run.out, "cpu", ckpt.get("run_id"))
+        )
         run.objective.load_state_dict(ckpt["objective"])
     except RuntimeError as exc:
         raise SettingsError(
@@ -604,7 +610,8 @@ def _resume(run: _RunState) -> None:
         load_best(
             run.out / BEST, "cpu", run.run_id
         )  # (now, not after the training: its best weights must still be there)
-    run.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt["optimizer"] is not None:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
     run.schedule.load_state_dict(ckpt["schedule"])
     run.monitor.load_state_dict(ckpt["monitor"])
     run.epoch, run.step, run.history = ckpt["epoch"], ckpt["step"], ckpt["history"]

@@ -278,6 +278,17 @@ def run(
         return _run(profile, out, steps, data_dir, device, resume, report, log, precision, gpus, only, budget_s)
 
 
+def folder_bytes(folder: Path) -> int:
+    """The bytes of every file under `folder` (files that vanish meanwhile are skipped)."""
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            total += path.stat().st_size if path.is_file() else 0
+        except OSError:
+            continue
+    return total
+
+
 def check_pipeline_tools() -> None:
     """papermill, nbconvert and a Jupyter kernel (the `pipeline` extra): a SettingsError saying how to install them."""
     import importlib.util
@@ -466,6 +477,7 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
                 }
         summary["ok"] = not summary["interrupted"] and all(s["status"] in ("ok", "up to date") for s in status.values())
         summary["seconds"] = round(time.perf_counter() - started, 1)
+        summary["output_mb"] = round(folder_bytes(out) / 2**20, 1)  # (Colab users keep OUT on a 15 GB Drive)
         if shared:
             shared["measured_seconds"] = summary["seconds"]
         if plan:
@@ -581,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[pipeline] done in {summary['seconds']} s: {len(summary['steps']) - len(failed)} ok"
         + (f", {len(failed)} not: {', '.join(failed)}" if failed else "")
+        + f"; {summary['out']} holds {summary['output_mb']:.0f} MB"
     )
     return 1 if failed else 0
 

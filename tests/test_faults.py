@@ -469,3 +469,17 @@ def test_relative_environment_folders_mean_the_directory_the_command_ran_from(tm
     monkeypatch.setenv("HELPERS_DATA_DIR", "gen2")  # not made absolute: relative to HELPERS_LAUNCH_DIR
     monkeypatch.chdir(tmp_path / "notebooks")
     assert generated_data_dir() == tmp_path / "gen2"
+
+
+def test_a_finished_run_keeps_a_slim_last_pt_and_a_rerun_still_loads_it(tmp_path):
+    """No optimizer state in a finished run's last.pt (nor the model when best.pt holds the final
+    weights); a rerun of the finished run (a notebook rerun) resumes it and trains nothing."""
+    model, result = tiny_fit(tmp_path)
+    state = torch.load(tmp_path / LAST, weights_only=True)
+    assert state["slim"] and state["optimizer"] is None and not (tmp_path / PREVIOUS).exists()
+    if result.best_epoch == len(result.history):
+        assert state["model"] is None, "best.pt holds the final weights: not stored twice"
+    again, rerun = tiny_fit(tmp_path)
+    assert rerun.resumed_from == {"epoch": len(result.history), "step": 0} and rerun.history == result.history
+    for a, b in zip(again.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)

@@ -54,6 +54,9 @@ def models_of(document: dict) -> list[dict]:
 def test_the_smoke_pipeline_completes_and_learned(smoke_out):
     summary = json.loads((smoke_out / "pipeline.json").read_text())
     assert summary["ok"] and (smoke_out / "report.pdf").is_file(), summary["steps"]
+    assert 0 < summary["output_mb"] < 1500, (
+        f"the smoke run's output: {summary['output_mb']} MB"
+    )  # (2.5 GB before finished runs were slimmed)
     documents = metrics(smoke_out)
     assert set(documents) == {step.name for step in pipeline.STEPS} and all(d["complete"] for d in documents.values())
     for name, document in documents.items():
