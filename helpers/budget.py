@@ -2,7 +2,8 @@
 
 A budget run must still anneal: its LR schedule has to know the total number of steps. `fit` with
 `FitConfig(budget_s=...)` measures its own first steps (during the LR warm-up, whose length does not
-depend on the total), fixes the total at the end of the warm-up, and corrects it at every epoch end
+depend on the total), fixes the total after 12 steps (a warm-up longer than a quarter of the planned
+run is then shortened to a quarter, LRSchedule.replan), and corrects it at every epoch end
 from the step time measured so far; the schedule keeps its progress across a correction, so the LR
 never jumps (`LRSchedule.replan`). Evaluation does not count against the budget.
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 from helpers.errors import SettingsError
 
+PLAN_MARGIN = 0.99  # helpers.budget.BudgetClock: the share of a budget the engine plans steps for
+
 
 class BudgetTooSmall(SettingsError):
     """A budget that cannot give every training one evaluated epoch."""
@@ -44,9 +46,12 @@ class Training:
         return self.epochs * self.steps_per_epoch * self.seconds_per_step
 
     def eval_passes(self, fraction: float) -> int:
+        """Evaluation passes of a budget run of `fraction` x its work: the engine plans
+        PLAN_MARGIN x budget / step time steps and evaluates every epoch, the last (partial) one
+        included, and once more at the end."""
         if self.seconds_per_eval <= 0:
             return 0
-        epochs = max(1, math.floor(fraction * self.epochs))
+        epochs = max(1, math.ceil(PLAN_MARGIN * fraction * self.epochs))
         return math.ceil(epochs / self.eval_every) + 1
 
     def seconds(self, fraction: float) -> float:
@@ -81,6 +86,8 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
     does not fit."""
     if budget_s <= 0:
         raise SettingsError(f"--budget {budget_s:g} s is not valid; give a positive time such as 90m")
+    if not any(t.work > 0 for n in notebooks for t in n.trainings):
+        raise SettingsError("--budget: nothing to share out, no training of the selected notebooks could be planned (see above why)")
     low = smallest_fraction(notebooks)
     need = total_seconds(notebooks, low, reserved_s)
     if need > budget_s:
@@ -90,7 +97,7 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
             "or fewer notebooks with --only"
         )
     high = max(low, 1.0)
-    while total_seconds(notebooks, high, reserved_s) < budget_s:
+    while total_seconds(notebooks, high, reserved_s) < budget_s and high < 1e6:
         high *= 2
     for _ in range(60):  # the total grows with the fraction (in steps where an evaluation is added)
         middle = (low + high) / 2
@@ -106,7 +113,7 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
             "share": round(planned / budget_s, 4),
             "planned_seconds": round(planned, 1),
             "training_seconds": round(sum(fraction * t.work for t in n.trainings), 1),
-            "parameters": {p: round(sum(v) / len(v), 1) for p, v in parameters.items()},
+            "parameters": {p: max(0.1, math.ceil(10 * sum(v) / len(v)) / 10) for p, v in parameters.items()},  # (never 0: "no budget")
         }
     return {
         "fraction": fraction,

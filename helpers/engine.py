@@ -378,7 +378,7 @@ class _RunState:
                 self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
-        self.first_plan_step = max(self.schedule.warmup, 12)
+        self.first_plan_step = 12  # (within a long warm-up too: a budget shorter than 4 warm-ups shortens it, LRSchedule.replan)
         if (
             distributed.is_main()
             and self.board_dir is not None

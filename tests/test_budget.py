@@ -9,7 +9,7 @@ import torch
 from helpers import budget
 from helpers.budget import StepClock, measure_seconds_per_step, plan_steps
 from helpers.plan import measure_fit_step
-from helpers.engine import FitConfig, fit
+from helpers.engine import FitConfig, TrainingInterrupted, fit
 from helpers.optim import LRSchedule
 
 from test_engine import assert_same_run, interrupt_at, run, setup, toy_model
@@ -240,3 +240,36 @@ def test_a_budget_run_holds_its_peak_lr_until_planned():
     assert schedule.factor(0) == 1.0 and schedule.factor(11) == pytest.approx(1.0)
     schedule.replan(12, 112)
     assert schedule.factor(12) == pytest.approx(1.0, abs=1e-9) and schedule.factor(111) < 1e-3
+
+
+def test_a_warmup_longer_than_a_quarter_of_the_run_is_shortened_with_a_notice(tmp_path, monkeypatch, capsys):
+    from helpers import runinfo
+
+    monkeypatch.setattr(runinfo, "_NOTICED", set())
+    # a fixed-length run: 1 epoch of 6 steps with a 2-epoch warm-up -> a quarter of the run (1 step)
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, warmup_epochs=2.0)
+    schedule = LRSchedule(cfg, len(train))
+    assert schedule.warmup == 6 // 4 and "warming up over 0.167 epochs instead" in capsys.readouterr().err
+    assert schedule.factor(schedule.warmup) == pytest.approx(1.0) and schedule.factor(5) < 0.2, "it anneals after its peak"
+    # a budget run (0.1 s a step, 3 s: about 30 steps) with a 4-epoch warm-up (24 steps): planned after 12 steps, shortened then
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+    train, augment, cfg, evaluator = setup(tmp_path / "budget", epochs=1, budget_s=3.0, warmup_epochs=4.0)
+    result = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, progress=False)
+    lrs = [h["lr"] for h in result.history]
+    assert result.history[-1]["steps"] <= 30 and lrs[-1] < 0.05 * 0.1, "it still anneals to the end"
+    assert "is longer than a quarter of this" in capsys.readouterr().err
+    assert max(lrs) == pytest.approx(0.05, rel=0.05) or lrs[0] > lrs[-1]
+
+
+def test_the_shortened_warmup_is_the_same_after_a_resume(tmp_path, monkeypatch):
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+    straight = run(tmp_path, "straight", epochs=1, budget_s=3.0, warmup_epochs=4.0, on_step=clock.on_step)
+    clock.t = 0.0
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path, "resumed", epochs=1, budget_s=3.0, warmup_epochs=4.0, on_step=lambda e, s: (clock.on_step(e, s), interrupt_at(2, 2)(e, s)))
+    resumed = run(tmp_path, "resumed", epochs=1, budget_s=3.0, warmup_epochs=4.0, on_step=clock.on_step)
+    a, b = straight[1].history, resumed[1].history
+    assert [h["lr"] for h in a[:2]] == [h["lr"] for h in b[:2]], "the same shortened warm-up before the interruption"
+    assert a[-1]["steps"] == b[-1]["steps"] and b[-1]["lr"] < 0.05 * 0.1, "the same length, annealed (the budget counts both sessions)"
