@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from helpers.errors import SettingsError
 
 PLAN_MARGIN = 0.99  # helpers.budget.BudgetClock: the share of a budget the engine plans steps for
+MEASURED_PRECISION_S = 60.0  # a CPU budget of at least this measures its precision (helpers.precision)
 
 
 class BudgetTooSmall(SettingsError):
@@ -39,6 +40,8 @@ class Training:
     seconds_per_step: float
     seconds_per_eval: float = 0.0  # one evaluation pass (0: the training is not evaluated)
     eval_every: int = 1
+    speed_ratio: float = 1.0  # CPU precision "auto": the chosen precision's step time / fp32's (helpers.precision)
+    probe_seconds: float = 0.0  # ... and what measuring it costs
 
     @property
     def work(self) -> float:
@@ -51,11 +54,18 @@ class Training:
         included, and once more at the end."""
         if self.seconds_per_eval <= 0:
             return 0
+        if self.measures(fraction):  # faster steps: more epochs, so more evaluations, in the same seconds
+            fraction /= self.speed_ratio
         epochs = max(1, math.ceil(PLAN_MARGIN * fraction * self.epochs))
         return math.ceil(epochs / self.eval_every) + 1
 
+    def measures(self, fraction: float) -> bool:
+        """Whether the training, given `fraction` of its work, measures its CPU precision first."""
+        return (self.speed_ratio != 1.0 or self.probe_seconds > 0) and fraction * self.work >= MEASURED_PRECISION_S
+
     def seconds(self, fraction: float) -> float:
-        return fraction * self.work + self.eval_passes(fraction) * self.seconds_per_eval
+        probe = self.probe_seconds if self.measures(fraction) else 0.0
+        return fraction * self.work + self.eval_passes(fraction) * self.seconds_per_eval + probe
 
 
 @dataclass(frozen=True)
@@ -87,7 +97,9 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
     if budget_s <= 0:
         raise SettingsError(f"--budget {budget_s:g} s is not valid; give a positive time such as 90m")
     if not any(t.work > 0 for n in notebooks for t in n.trainings):
-        raise SettingsError("--budget: nothing to share out, no training of the selected notebooks could be planned (see above why)")
+        raise SettingsError(
+            "--budget: nothing to share out, no training of the selected notebooks could be planned (see above why)"
+        )
     low = smallest_fraction(notebooks)
     need = total_seconds(notebooks, low, reserved_s)
     if need > budget_s:
@@ -113,7 +125,9 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
             "share": round(planned / budget_s, 4),
             "planned_seconds": round(planned, 1),
             "training_seconds": round(sum(fraction * t.work for t in n.trainings), 1),
-            "parameters": {p: max(0.1, math.ceil(10 * sum(v) / len(v)) / 10) for p, v in parameters.items()},  # (never 0: "no budget")
+            "parameters": {
+                p: max(0.1, math.ceil(10 * sum(v) / len(v)) / 10) for p, v in parameters.items()
+            },  # (never 0: "no budget")
         }
     return {
         "fraction": fraction,

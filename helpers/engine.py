@@ -378,7 +378,9 @@ class _RunState:
                 self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
-        self.first_plan_step = 12  # (within a long warm-up too: a budget shorter than 4 warm-ups shortens it, LRSchedule.replan)
+        self.first_plan_step = (
+            12  # (within a long warm-up too: a budget shorter than 4 warm-ups shortens it, LRSchedule.replan)
+        )
         if (
             distributed.is_main()
             and self.board_dir is not None
@@ -519,17 +521,15 @@ def _choose_cpu_precision(run: _RunState) -> None:
     choice = run.precision_choice
     if choice is None:
         total = run.cfg.total_steps(run.steps_per_epoch)
-        if not precision.worth_measuring(total, run.cfg.budget_s):
-            choice = {
-                "used": "fp32",
-                "channels_last": False,
-                "reason": f"auto: fp32 on cpu (a {total}-step run is too short to measure bf16)",
-                "timings": {},
-            }
+        worth = precision.worth_measuring(total, run.cfg.budget_s)
+        batch = next(iter(run.train.epoch(0)), None) if worth else None
+        if batch is None:  # a run too short to pay for the measurement (or without a batch)
+            why = "no training batch" if worth else f"a {total}-step run is too short to measure bf16"
+            choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu ({why})", "timings": {}}
         else:
-            images, labels = next(iter(run.train.epoch(0)))
-            x = run.augment.eval(images.to(run.device))
-            timings = precision.measure(run.model, run.objective, x, labels.to(run.device))
+            images, labels = batch
+            x, targets = run.augment.eval(images.to(run.device)), labels.to(run.device)
+            timings = precision.measure(run.model, run.objective, x, targets)
             used, channels_last, reason = precision.choose(timings)
             choice = {"used": used, "channels_last": channels_last, "reason": reason, "timings": timings}
         run.precision_choice = choice

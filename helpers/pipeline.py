@@ -320,6 +320,21 @@ def check_output_folder(out: Path) -> Path:
 REPORT_S = 6.0  # the report's allowance in a budget (two pages from the metrics: 3-5 s on a 2-core CPU)
 
 
+def earlier_shares(out: Path, profile: str, budget_s: float, steps: list) -> dict | None:
+    """The budget split an earlier run into `out` recorded in pipeline.json, when it was of this
+    profile and budget and covered these notebooks (so --resume continues its trainings); else None."""
+    try:
+        earlier = json.loads((out / "pipeline.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    shared = earlier.get("budget") if isinstance(earlier, dict) else None
+    if earlier.get("profile") != profile or not isinstance(shared, dict) or shared.get("budget_s") != budget_s:
+        return None
+    if not {s.name for s in steps} <= set(shared.get("notebooks", {})):
+        return None
+    return {k: v for k, v in shared.items() if k != "measured_seconds"}
+
+
 def share_budget(profile: str, out: Path, steps: list, data_dir, device, budget_s: float, started: float, log) -> dict:
     """Plan the selected notebooks (measured step, evaluation and t-SNE times on this device) and
     share `budget_s` out (helpers.budget_split); BudgetTooSmall before anything runs."""
@@ -370,7 +385,13 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
         parameters["gpus"] = gpus
     status: dict[str, dict] = {}
     started = time.perf_counter()
-    shared = share_budget(profile, out, steps, data_dir, device, budget_s, started, log) if budget_s else None
+    shared = None
+    if budget_s:
+        shared = earlier_shares(out, profile, budget_s, steps) if resume else None
+        if shared is not None:  # (a new split would give every training another budget_s: nothing could be resumed)
+            log(f"[pipeline] --resume: the shares of the {budget_s:.0f} s budget planned by the run this continues")
+        else:
+            shared = share_budget(profile, out, steps, data_dir, device, budget_s, started, log)
     plan = None if shared else load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     summary = {
@@ -507,6 +528,8 @@ def interrupted_line(summary: dict) -> str:
     for key in ("data_dir", "device", "precision", "gpus"):
         if key in summary["parameters"]:
             options += [f"--{key.replace('_', '-')}", summary["parameters"][key]]
+    if summary.get("budget"):
+        options += ["--budget", f"{summary['budget']['budget_s']:g}s"]
     options += [] if summary.get("report_requested", True) else ["--no-report"]
     command = "python -m helpers.pipeline " + " ".join(shlex.quote(str(o)) for o in options + ["--resume"])
     if stopped is None:

@@ -82,6 +82,8 @@ class Job:
     seconds_per_eval: float = 0.0
     parameter: str = "budget_s"
     epochs: int = 1
+    speed_ratio: float = 1.0  # CPU precision "auto": the chosen precision's step time / fp32's
+    probe_seconds: float = 0.0  # what that measurement costs the run
 
     @property
     def seconds(self) -> float:
@@ -107,6 +109,8 @@ class NotebookPlan:
                 j.seconds_per_step,
                 j.seconds_per_eval if j.eval_passes else 0.0,
                 eval_every,
+                j.speed_ratio,
+                j.probe_seconds,
             )
             for j in self.jobs
         )
@@ -125,6 +129,21 @@ class NotebookPlan:
             "overhead_seconds": self.overhead_seconds,
             "jobs": [dataclasses.asdict(j) | {"seconds": round(j.seconds, 1)} for j in self.jobs],
         }
+
+
+def precision_speed(model, train, augment, fit_cfg, device) -> tuple[float, float]:
+    """(chosen step time / fp32 step time, seconds of the measurement) of a run of `model` that
+    measures its CPU precision (helpers.precision.probe; (1.0, 0.0) on a GPU or with a fixed precision)."""
+    from helpers.objectives import CrossEntropyObjective
+    from helpers.precision import probe
+
+    return probe(model, CrossEntropyObjective(0.0), train, augment, fit_cfg, device)
+
+
+def with_speed(jobs: list[Job], speed: tuple[float, float]) -> list[Job]:
+    for job in jobs:
+        job.speed_ratio, job.probe_seconds = speed
+    return jobs
 
 
 def eval_pass_seconds(fn, sources, augment, runtime) -> float:
@@ -238,7 +257,8 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
             names = ["E1_cross_entropy", "E1_center"]
         else:
             names = [{"T1": "T1_custom_cnn", "T2": "T2_resnet18"}[task]]
-        plan.jobs += [Job(name, steps, step, evals, evaluation, epochs=cfg.epochs) for name in names]
+        speed = precision_speed(model, data.train, data.augment, fit_cfg, cfg.device)
+        plan.jobs += with_speed([Job(name, steps, step, evals, evaluation, epochs=cfg.epochs) for name in names], speed)
         if task == "E1":  # triplet: P x K batches, nearest-class-mean evaluation (reference pass too)
             from helpers.data import PKBatchSampler
 
@@ -247,16 +267,15 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
             )
             scale = cfg.pk_classes * cfg.pk_images / cfg.batch_size
             reference = min(1.0, cfg.ncm_per_class * data.num_classes / max(1, data.train.num_samples))
-            plan.jobs.append(
-                Job(
-                    "E1_triplet",
-                    cfg.epochs * len(sampler),
-                    step * scale,
-                    evals,
-                    evaluation * (1 + reference),
-                    epochs=cfg.epochs,
-                )
+            triplet = Job(
+                "E1_triplet",
+                cfg.epochs * len(sampler),
+                step * scale,
+                evals,
+                evaluation * (1 + reference),
+                epochs=cfg.epochs,
             )
+            plan.jobs += with_speed([triplet], speed)
     if task == "E1":  # three maps of the test embeddings (the notebook's max_points=2000)
         plan.extra_seconds += 3 * tsne_seconds(min(2000, data.test.num_samples))
     return plan
@@ -277,6 +296,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     step = measure_fit_step(
         model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS
     )
+    speed = precision_speed(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device)
     embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
     plan.jobs.append(
         Job(
@@ -302,6 +322,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
                 cfg.emb_epochs,
             )
         )
+    with_speed(plan.jobs, speed)
     # the "before" embeddings, and two t-SNE maps (before, after)
     plan.extra_seconds = embed + 2 * tsne_seconds(min(cfg.tsne_points, data.test.num_samples))
     return plan
@@ -320,6 +341,7 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
         model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS
     )
     evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
+    speed = precision_speed(model, data.train, data.augment, cfg.fit_config("train"), cfg.device)
     plan.jobs += [
         Job(
             f"E2_pretrain_layer{i + 1}",
@@ -334,6 +356,7 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     ]
     for name in ("E2_pretrained", "E2_baseline"):
         plan.jobs.append(Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs))
+    with_speed(plan.jobs, speed)
     plan.extra_seconds = tsne_seconds(min(cfg.tsne_per_class * 10, data.test.num_samples))  # the X[3] map
     return plan
 

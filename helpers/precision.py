@@ -19,12 +19,13 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from helpers.budget_split import MEASURED_PRECISION_S
 from helpers.runinfo import Runtime, _autocast_works
 
 CANDIDATES = (("fp32", False), ("bf16", False), ("bf16", True))  # (precision, channels_last)
 BF16_GAIN = 1.10  # bf16 is chosen only when at least 10 % faster than fp32
 MIN_STEPS = 200  # a shorter run keeps fp32: the measurement costs about a dozen steps
-MIN_BUDGET_S = 60.0  # ... and so does a shorter time budget
+MIN_BUDGET_S = MEASURED_PRECISION_S  # ... and so does a shorter time budget
 TIMED_STEPS = 3
 
 
@@ -86,3 +87,19 @@ def choose(timings: dict[str, float]) -> tuple[str, bool, str]:
 def worth_measuring(total_steps: int, budget_s: float) -> bool:
     """Whether a run is long enough for the measurement to pay for itself."""
     return budget_s >= MIN_BUDGET_S if budget_s > 0 else total_steps >= MIN_STEPS
+
+
+def probe(model: nn.Module, objective: nn.Module, train, augment, cfg, device) -> tuple[float, float]:
+    """(chosen step time / fp32 step time, seconds the measurement takes) for a training of `model`
+    with `cfg` on `device` that measures its precision (CPU, "auto"); (1.0, 0.0) elsewhere. For
+    planning a budget (helpers.plan): the engine makes the same measurement and choice."""
+    if torch.device(device).type != "cpu" or cfg.precision != "auto":
+        return 1.0, 0.0
+    images, labels = next(iter(train.epoch(0)), (None, None))
+    if images is None:
+        return 1.0, 0.0
+    tic = time.perf_counter()
+    timings = measure(model, objective, augment.eval(images), labels)
+    spent = time.perf_counter() - tic
+    used, channels_last, _ = choose(timings)
+    return timings[label(used, channels_last)] / timings["fp32"], spent

@@ -250,7 +250,9 @@ def test_a_warmup_longer_than_a_quarter_of_the_run_is_shortened_with_a_notice(tm
     train, augment, cfg, evaluator = setup(tmp_path, epochs=1, warmup_epochs=2.0)
     schedule = LRSchedule(cfg, len(train))
     assert schedule.warmup == 6 // 4 and "warming up over 0.167 epochs instead" in capsys.readouterr().err
-    assert schedule.factor(schedule.warmup) == pytest.approx(1.0) and schedule.factor(5) < 0.2, "it anneals after its peak"
+    assert schedule.factor(schedule.warmup) == pytest.approx(1.0) and schedule.factor(5) < 0.2, (
+        "it anneals after its peak"
+    )
     # a budget run (0.1 s a step, 3 s: about 30 steps) with a 4-epoch warm-up (24 steps): planned after 12 steps, shortened then
     clock = FakeClock(0.1)
     monkeypatch.setattr("helpers.budget.now", clock)
@@ -268,8 +270,17 @@ def test_the_shortened_warmup_is_the_same_after_a_resume(tmp_path, monkeypatch):
     straight = run(tmp_path, "straight", epochs=1, budget_s=3.0, warmup_epochs=4.0, on_step=clock.on_step)
     clock.t = 0.0
     with pytest.raises(TrainingInterrupted):
-        run(tmp_path, "resumed", epochs=1, budget_s=3.0, warmup_epochs=4.0, on_step=lambda e, s: (clock.on_step(e, s), interrupt_at(2, 2)(e, s)))
+        run(
+            tmp_path,
+            "resumed",
+            epochs=1,
+            budget_s=3.0,
+            warmup_epochs=4.0,
+            on_step=lambda e, s: (clock.on_step(e, s), interrupt_at(2, 2)(e, s)),
+        )
     resumed = run(tmp_path, "resumed", epochs=1, budget_s=3.0, warmup_epochs=4.0, on_step=clock.on_step)
     a, b = straight[1].history, resumed[1].history
     assert [h["lr"] for h in a[:2]] == [h["lr"] for h in b[:2]], "the same shortened warm-up before the interruption"
-    assert a[-1]["steps"] == b[-1]["steps"] and b[-1]["lr"] < 0.05 * 0.1, "the same length, annealed (the budget counts both sessions)"
+    assert a[-1]["steps"] == b[-1]["steps"] and b[-1]["lr"] < 0.05 * 0.1, (
+        "the same length, annealed (the budget counts both sessions)"
+    )

@@ -93,7 +93,10 @@ def test_nothing_to_plan_is_refused_and_tiny_shares_never_round_to_no_budget():
         split_budget([], 600.0)  # (every dataset missing: once a loop without end)
     with pytest.raises(SettingsError, match="nothing to share out"):
         split_budget([NotebookWork("A", 5.0, (Training("A_x", "budget_s", 3, 0, 0.1),))], 600.0)
-    tiny = [NotebookWork("A", 1.0, (Training("A_x", "budget_s", 1, 1, 0.001),)), NotebookWork("B", 1.0, (Training("B_x", "budget_s", 1, 100, 1.0),))]
+    tiny = [
+        NotebookWork("A", 1.0, (Training("A_x", "budget_s", 1, 1, 0.001),)),
+        NotebookWork("B", 1.0, (Training("B_x", "budget_s", 1, 100, 1.0),)),
+    ]
     plan = split_budget(tiny, 110.0)
     assert plan["notebooks"]["A"]["parameters"]["budget_s"] >= 0.1
 
@@ -108,6 +111,26 @@ def test_the_planned_evaluations_are_those_a_budget_run_of_the_engine_makes(tmp_
         monkeypatch.setattr("helpers.budget.now", clock)
         train, augment, cfg, evaluator = setup(tmp_path / str(budget_s), epochs=4, budget_s=budget_s, warmup_epochs=0.0)
         calls = []
-        fit(toy_model(), train, augment, cfg, evaluate=lambda m: calls.append(1) or evaluator(m), on_step=clock.on_step, progress=False)
+        fit(
+            toy_model(),
+            train,
+            augment,
+            cfg,
+            evaluate=lambda m: calls.append(1) or evaluator(m),
+            on_step=clock.on_step,
+            progress=False,
+        )
         training = Training("x", "budget_s", 4, len(train), 0.1, seconds_per_eval=1.0)
-        assert training.eval_passes(budget_s / training.work) == len(calls) + 1, budget_s  # (+1: the notebook's final test pass)
+        assert training.eval_passes(budget_s / training.work) == len(calls) + 1, (
+            budget_s
+        )  # (+1: the notebook's final test pass)
+
+
+def test_a_faster_measured_precision_means_more_epochs_and_evaluations_in_the_same_seconds():
+    plain = Training("x", "budget_s", 10, 10, 1.0, seconds_per_eval=1.0)
+    bf16 = Training("x", "budget_s", 10, 10, 1.0, seconds_per_eval=1.0, speed_ratio=0.5, probe_seconds=4.0)
+    long, short = 0.5, 0.05  # 50 s and 5 s of training: only a run of 60 s or more measures (helpers.precision)
+    assert bf16.eval_passes(0.8) == max(1, math.ceil(0.99 * 0.8 * 10 / 0.5)) + 1 > plain.eval_passes(0.8)
+    assert bf16.seconds(0.8) == pytest.approx(0.8 * 100 + bf16.eval_passes(0.8) * 1.0 + 4.0)
+    assert bf16.eval_passes(short) == plain.eval_passes(short) and bf16.seconds(short) == plain.seconds(short)
+    assert bf16.eval_passes(long) == plain.eval_passes(long)  # (50 s: below the 60 s at which a run measures)

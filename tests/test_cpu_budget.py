@@ -145,3 +145,35 @@ def test_the_plan_survives_a_missing_dataset_and_writes_what_it_has(tmp_path, mo
         and written["notebooks"]["T1_custom_cnn"]["predicted_seconds"] == 1.0 + 5.0 + 0.5 + 3.0
     )
     assert "STL-10 not found" in written["missing"]["E2_stl10_layerwise"]
+
+
+def test_resuming_a_budget_run_keeps_its_shares_so_its_trainings_can_continue(tmp_path, monkeypatch):
+    planned = []
+
+    def plan_pipeline(*args, **kwargs):
+        planned.append(1)
+        return fake_plan(seconds_per_step=0.1 + 0.01 * len(planned))(
+            *args, **kwargs
+        )  # each plan measures a bit differently
+
+    monkeypatch.setattr(planning, "plan_pipeline", plan_pipeline)
+    given = []
+    monkeypatch.setattr(
+        pipeline, "run_step", lambda step, out, parameters, *a, **k: given.append(parameters) or ("ok", "fine")
+    )
+    out = tmp_path / "out"
+    first = pipeline.run("smoke", out, only="T1", report=False, log=lambda *a: None, budget_s=120.0)
+    again = pipeline.run("smoke", out, only="T1", report=False, log=lambda *a: None, budget_s=120.0, resume=True)
+    assert planned == [1], "--resume with the same budget reuses the recorded split"
+    assert (
+        given[0]["budget_s"]
+        == given[-1]["budget_s"]
+        == first["budget"]["notebooks"]["T1_custom_cnn"]["parameters"]["budget_s"]
+    )
+    assert again["budget"]["fraction"] == first["budget"]["fraction"]
+    pipeline.run("smoke", out, only="T1", report=False, log=lambda *a: None, budget_s=150.0, resume=True)
+    assert planned == [1, 1], "another budget is planned afresh"
+    line = pipeline.interrupted_line(
+        first | {"steps": {"T1_custom_cnn": {"status": "interrupted", "message": "TrainingInterrupted"}}}
+    )
+    assert "--budget 120s" in line and line.endswith("--resume")
