@@ -465,9 +465,8 @@ class RecognitionConfig(ConfigBase):
     device: str = "auto"
     resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
     data_path: str = "auto"  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
-    num_workers: int = (
-        -1
-    )  # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
+    # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
+    num_workers: int = -1
     classes: int = 0  # keep only the first N classes of wnids.txt (0 = all)
     train_per_class: int = 0  # at most N training images per class (0 = all)
     heldout_fraction: float = 0.05  # stratified held-out part of train for model selection
@@ -640,9 +639,8 @@ class RetrievalConfig(ConfigBase):
     imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth ("" = torchvision's download-once cache, $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)
     # stage 1: classifier
     cls_epochs: int = 3
-    cls_budget_s: float = (
-        0.0  # > 0: train stage 1 for this many seconds (cls_epochs ignored; pipeline --budget sets it)
-    )
+    # > 0: train stage 1 for this many seconds (cls_epochs ignored; pipeline --budget sets it)
+    cls_budget_s: float = 0.0
     batch_size: int = 64
     cls_optimizer: str = "sgd"
     cls_lr: float = 0.05
@@ -669,9 +667,8 @@ class RetrievalConfig(ConfigBase):
     precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
-    gpus: int = (
-        1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
-    )
+    # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
+    gpus: int = 1
     sync_bn: bool = True  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
     seed: int = 0
     tsne_points: int = 2000  # at most this many test embeddings in each t-SNE
@@ -828,9 +825,8 @@ class LayerwiseConfig(ConfigBase):
     unlabeled_limit: int = 0  # at most this many unlabeled images (0 = all)
     flip: bool = True  # random horizontal flips while training
     pretrain_epochs: int = 3  # per layer
-    pretrain_budget_s: float = (
-        0.0  # > 0: pretrain each layer for this many seconds (pretrain_epochs ignored; pipeline --budget sets it)
-    )
+    # > 0: pretrain each layer for this many seconds (pretrain_epochs ignored; pipeline --budget sets it)
+    pretrain_budget_s: float = 0.0
     pretrain_lr: float = 1e-3
     epochs: int = 8  # fine-tuning (and the baseline)
     budget_s: float = 0.0  # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
@@ -892,21 +888,22 @@ class LayerwiseConfig(ConfigBase):
 
 
 def parameter_help(cls) -> list[tuple[str, str, str]]:
-    """(name, default, comment) of every parameter of a configuration class, as written in its
-    source (the comment after the field), for command-line help."""
+    """(name, default, meaning) of every parameter of a configuration class, for command-line help:
+    the meaning is the comment after the field, or the comment line right above it, in its source."""
     import inspect
     import re
 
-    described = {}
+    meaning, above = {}, ""
     for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"^    (\w+): [^=]+= (.+?)(?:\s+#\s*(.*))?$", line)
-        if match:
-            described[match.group(1)] = (match.group(2), match.group(3) or "")
-    return [
-        (f.name, *described.get(f.name, (repr(f.default), "")))
-        for f in fields(cls)
-        if f.name not in ("task", "profile")
-    ]
+        stripped = line.strip()
+        field_line = re.match(r"^    (\w+): [^=]+=.*?(?:\s#\s*(.*))?$", line)
+        if field_line and not stripped.startswith("#"):
+            meaning[field_line.group(1)] = field_line.group(2) or above
+            above = ""
+        else:
+            above = stripped[1:].strip() if stripped.startswith("#") and line.startswith("    # ") else ""
+    defaults = {f.name: (repr(f.default) if f.default is not dataclasses.MISSING else "required") for f in fields(cls)}
+    return [(name, defaults[name], meaning.get(name, "")) for name in defaults if name not in ("task", "profile")]
 
 
 def config_class(task: str):

@@ -28,6 +28,10 @@ def test_train_help_lists_every_parameter_of_a_task_with_its_meaning(capsys):
     for field in ("cls_budget_s", "emb_budget_s", "miner", "num_workers"):
         assert f"--{field} (default " in printed
     assert "--emb_budget_s (default 0.0): > 0: each stage-2 run" in printed
+    assert "--cls_budget_s (default 0.0): > 0: train stage 1" in printed, (
+        "a meaning written above its field is found too"
+    )
+    assert "--gpus (default 1): > 1: train on this many GPUs" in printed and "(default ()" not in printed
     assert (
         printed.count("\n  --") >= len(RetrievalConfig.__dataclass_fields__) - 2
     )  # (task and profile are not parameters)
