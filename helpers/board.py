@@ -23,7 +23,9 @@ class Board:
         from torch.utils.tensorboard import SummaryWriter
 
         self.folder = Path(folder)
-        self.writer = SummaryWriter(str(self.folder), purge_step=purge_step if purge_step > 1 else None)
+        self.writer = SummaryWriter(
+            str(self.folder), purge_step=max(1, purge_step)
+        )  # (a fresh run: 1, the old curves go)
 
     def steps(self, step: int, loss: float, lr: float) -> None:
         self.writer.add_scalar("train/loss", loss, step)

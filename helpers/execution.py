@@ -100,7 +100,9 @@ def kernel_manager_class():
     warning to print into every run's log. (Windows has no IPC transport: TCP there.)"""
     from jupyter_client.manager import AsyncKernelManager
 
-    if os.name == "nt":
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    if os.name == "nt" or len(jupyter_runtime_dir()) > 60:  # (a socket path must stay under ~107 bytes)
         return AsyncKernelManager
 
     class IPCKernelManager(AsyncKernelManager):

@@ -23,6 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from helpers.errors import SettingsError
 from helpers.budget import measure_seconds_per_step, plan_steps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -46,7 +47,7 @@ class PeerConfig:
 
     def __post_init__(self):
         if self.amp not in PEER_AMP:
-            raise ValueError(f"amp={self.amp!r} is not valid; choose one of {', '.join(PEER_AMP)}")
+            raise SettingsError(f"amp={self.amp!r} is not valid; choose one of {', '.join(PEER_AMP)}")
 
 
 class PILImages(Dataset):
@@ -97,7 +98,7 @@ def peer_resnet18(num_classes: int, stem: str = "imagenet") -> nn.Module:
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     elif stem != "imagenet":
-        raise ValueError(f"stem={stem!r} is not valid; choose one of imagenet, small")
+        raise SettingsError(f"stem={stem!r} is not valid; choose one of imagenet, small")
     return model
 
 

@@ -377,7 +377,7 @@ def plan_pipeline(
     """{"notebooks": {notebook: plan dict}, "total_seconds", "missing": {notebook: why}} for the
     pipeline's notebooks `steps`. A notebook whose dataset is missing is named in "missing" and the
     rest is planned (`log` says so as it happens); "work" holds what a budget is split over."""
-    from helpers.data.errors import DatasetError
+    from helpers.errors import ProjectError
     from helpers.runinfo import resolve_device, run_info
 
     overrides = {}
@@ -391,7 +391,7 @@ def plan_pipeline(
             tic = time.perf_counter()
             try:
                 plan = plan_notebook(name, profile, overrides, out_dir, Path(tmp))
-            except DatasetError as exc:
+            except ProjectError as exc:  # missing data, or what it reads from another notebook (T4: T3's selection)
                 missing[name] = str(exc)
                 if log is not None:
                     log(f"[plan] {name}: not planned, its data is missing: {str(exc)[:200]}")

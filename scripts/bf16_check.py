@@ -1,6 +1,6 @@
 """Is a bf16 run's accuracy within the fp32 seed spread? T2 (ResNet-18, the cpu profile's 32 px /
 ImageNet-stem recipe) on the first classes of the real mini Tiny ImageNet, the same epochs, several
-seeds in fp32 and in bf16 autocast (+ channels_last), on this CPU. Writes a JSON and a markdown table.
+seeds in fp32 and in bf16 autocast (precision="bf16": no channels_last), on this CPU. Writes a JSON and a markdown table.
 
     python scripts/bf16_check.py --data-dir data/mini --classes 10 --epochs 6 --seeds 3 --out docs/bf16-check
 """
@@ -41,7 +41,9 @@ def one_run(data_dir: str, out: Path, classes: int, epochs: int, seed: int, prec
         "--resume",
         "False",
     ]
-    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"error: {' '.join(command)} failed:\n{done.stderr[-3000:]}")
     document = json.loads((run_dir / "metrics" / "T2_resnet18.json").read_text())
     run = document["models"]["T2_resnet18"]
     return {
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "docs" / "bf16-check"))
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
+    args.data_dir = str(Path(args.data_dir).resolve())  # (the runs start in the project folder)
     work = ROOT / "outputs" / "bf16-check"
     records = [
         one_run(args.data_dir, work, args.classes, args.epochs, seed, p)

@@ -417,3 +417,25 @@ def test_tensorboard_curves_go_on_across_a_resume_without_duplicate_steps(tmp_pa
         toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board
     )  # finished: rerun
     assert scalars(board, "epoch/heldout_top1") == epochs, "a rerun of a finished run keeps its curves"
+
+
+def test_a_fresh_run_replaces_the_old_curves(tmp_path):
+    pytest.importorskip("tensorboard")
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=2, log_every=2)
+    board = tmp_path / "tensorboard" / "run"
+    fit(toy_model(), train, augment, cfg, evaluate=evaluator, out_dir=tmp_path / "run", progress=False, board_dir=board)
+    first = scalars(board, "epoch/train_loss")
+    fit(
+        toy_model(seed=5),
+        train,
+        augment,
+        cfg,
+        evaluate=evaluator,
+        out_dir=tmp_path / "run",
+        progress=False,
+        board_dir=board,
+        resume=False,
+    )
+    second = scalars(board, "epoch/train_loss")
+    assert [s for s, _ in second] == [s for s, _ in first] == [len(train), 2 * len(train)], "one curve, not two mixed"
+    assert second != first
