@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "cpu-mini"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "cpu-report"))
     parser.add_argument("--skip-run", action="store_true", help="rebuild the docs from --out as it is")
+    parser.add_argument("--note", default="", help="a caveat to print with the results (e.g. what else ran on the machine meanwhile)")
     args = parser.parse_args(argv)
     data, out, docs = ROOT / "data" / "mini", Path(args.out).resolve(), Path(args.docs).resolve()
     command = f"python -m helpers.pipeline --profile cpu --data-dir data/mini --budget {args.budget} --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     docs.mkdir(parents=True, exist_ok=True)
     for page in ("report-1.png", "report-2.png"):
         shutil.copyfile(out / page, docs / page)
-    results = results_markdown(out, command)
+    results = results_markdown(out, command) + (f"\nNote: {args.note}\n" if args.note else "")
     (docs / "results.md").write_text(results)
     update_readme(ROOT / "README.md", docs, results)
     print(f"[cpu_report] wrote {docs}/report-1.png, report-2.png, results.md and the README's table")
