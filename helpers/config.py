@@ -546,8 +546,8 @@ class RecognitionConfig(ConfigBase):
                 crop="pad",
                 padding=4,
                 label_smoothing=0.1,
-                pk_classes=32,
-                pk_images=4,
+                pk_classes=8,
+                pk_images=16,
                 embedding_dim=128,
             ),
             "full": dict(

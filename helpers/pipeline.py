@@ -342,7 +342,7 @@ def share_budget(profile: str, out: Path, steps: list, data_dir, device, budget_
     from helpers.plan import plan_pipeline
 
     log(f"[pipeline] planning a budget of {format_seconds(budget_s)}: measuring every training on this device ...")
-    plan = plan_pipeline(profile, [s.name for s in steps], data_dir, device, out, log=log)
+    plan = plan_pipeline(profile, [s.name for s in steps], data_dir, device, out, log=log, budget_s=budget_s)
     planning = time.perf_counter() - started
     shared = split_budget(plan.pop("work"), budget_s, reserved_s=planning + REPORT_S)
     shared |= {

@@ -137,7 +137,14 @@ def precision_speed(model, train, augment, fit_cfg, device) -> tuple[float, floa
     from helpers.objectives import CrossEntropyObjective
     from helpers.precision import probe
 
+    if not PROBE_PRECISION[0]:
+        return 1.0, 0.0
     return probe(model, CrossEntropyObjective(0.0), train, augment, fit_cfg, device)
+
+
+# Whether planning probes the CPU precision: not for a budget in which no training can reach the
+# minute from which a run measures it (helpers.precision.MIN_BUDGET_S; over 20 trainings share a budget)
+PROBE_PRECISION = [True]
 
 
 def with_speed(jobs: list[Job], speed: tuple[float, float]) -> list[Job]:
@@ -372,7 +379,13 @@ def plan_notebook(name: str, profile: str, overrides: dict, out_dir: Path, scrat
 
 
 def plan_pipeline(
-    profile: str, steps: list[str], data_dir: str | None, device: str | None, out_dir: Path, log=None
+    profile: str,
+    steps: list[str],
+    data_dir: str | None,
+    device: str | None,
+    out_dir: Path,
+    log=None,
+    budget_s: float = 0.0,
 ) -> dict:
     """{"notebooks": {notebook: plan dict}, "total_seconds", "missing": {notebook: why}} for the
     pipeline's notebooks `steps`. A notebook whose dataset is missing is named in "missing" and the
@@ -386,6 +399,7 @@ def plan_pipeline(
     if device:
         overrides["device"] = device
     notebooks, missing, work = {}, {}, []
+    PROBE_PRECISION[0] = not budget_s or budget_s >= 600.0
     with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
         for name in steps:
             tic = time.perf_counter()
