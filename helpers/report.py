@@ -618,7 +618,7 @@ def lay_out(out: str | Path) -> tuple[list[Page], dict[str, str]]:
 
     A notebook whose metrics lack what a section reads is left out and the pages are laid out
     again without it, so no page keeps half of a section."""
-    out = Path(out)
+    out = Path(out).resolve()  # (the metrics name absolute paths: a relative `out` would cut them in the middle)
     metrics, refused = load(out)
     broken: dict[str, str] = {}
     curves, curves_of = None, None

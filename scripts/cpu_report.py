@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "outputs" / "cpu-mini"))
     parser.add_argument("--docs", default=str(ROOT / "docs" / "cpu-report"))
     parser.add_argument("--skip-run", action="store_true", help="rebuild the docs from --out as it is")
-    parser.add_argument("--note", default="", help="a caveat to print with the results (e.g. what else ran on the machine meanwhile)")
+    parser.add_argument(
+        "--note", default="", help="a caveat to print with the results (e.g. what else ran on the machine meanwhile)"
+    )
     args = parser.parse_args(argv)
     data, out, docs = ROOT / "data" / "mini", Path(args.out).resolve(), Path(args.docs).resolve()
     command = f"python -m helpers.pipeline --profile cpu --data-dir data/mini --budget {args.budget} --out {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}"
