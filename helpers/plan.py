@@ -131,20 +131,15 @@ class NotebookPlan:
         }
 
 
-def precision_speed(model, train, augment, fit_cfg, device) -> tuple[float, float]:
+def precision_speed(model, train, augment, fit_cfg, device, probe_precision: bool = True) -> tuple[float, float]:
     """(chosen step time / fp32 step time, seconds of the measurement) of a run of `model` that
     measures its CPU precision (helpers.precision.probe; (1.0, 0.0) on a GPU or with a fixed precision)."""
     from helpers.objectives import CrossEntropyObjective
     from helpers.precision import probe
 
-    if not PROBE_PRECISION[0]:
+    if not probe_precision:
         return 1.0, 0.0
     return probe(model, CrossEntropyObjective(0.0), train, augment, fit_cfg, device)
-
-
-# Whether planning probes the CPU precision: not for a budget in which no training can reach the
-# minute from which a run measures it (helpers.precision.MIN_BUDGET_S; over 20 trainings share a budget)
-PROBE_PRECISION = [True]
 
 
 def with_speed(jobs: list[Job], speed: tuple[float, float]) -> list[Job]:
@@ -237,7 +232,9 @@ def tsne_seconds(points: int, probe: int = 300) -> float:
     return _TSNE_SECONDS[probe] * max(scale, points / probe)
 
 
-def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) -> NotebookPlan:
+def plan_recognition(
+    task: str, profile: str, overrides: dict, out_dir: Path, probe_precision: bool = True
+) -> NotebookPlan:
     """T1, T2, T3 or E1: the notebook's data, then each model kind measured once."""
     from helpers.config import RecognitionConfig
     from helpers.recognition import build_model, build_tiny_imagenet
@@ -264,7 +261,7 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
             names = ["E1_cross_entropy", "E1_center"]
         else:
             names = [{"T1": "T1_custom_cnn", "T2": "T2_resnet18"}[task]]
-        speed = precision_speed(model, data.train, data.augment, fit_cfg, cfg.device)
+        speed = precision_speed(model, data.train, data.augment, fit_cfg, cfg.device, probe_precision)
         plan.jobs += with_speed([Job(name, steps, step, evals, evaluation, epochs=cfg.epochs) for name in names], speed)
         if task == "E1":  # triplet: P x K batches, nearest-class-mean evaluation (reference pass too)
             from helpers.data import PKBatchSampler
@@ -288,7 +285,7 @@ def plan_recognition(task: str, profile: str, overrides: dict, out_dir: Path) ->
     return plan
 
 
-def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan:
+def plan_retrieval(profile: str, overrides: dict, out_dir: Path, probe_precision: bool = True) -> NotebookPlan:
     """T4: stage-1 classifier steps, then one stage-2 run per miner (main + ablation) on P x K batches."""
     from helpers.config import RetrievalConfig
     from helpers.models import resnet18
@@ -303,7 +300,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     step = measure_fit_step(
         model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS
     )
-    speed = precision_speed(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device)
+    speed = precision_speed(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, probe_precision)
     embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
     plan.jobs.append(
         Job(
@@ -335,7 +332,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     return plan
 
 
-def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan:
+def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision: bool = True) -> NotebookPlan:
     """E2: greedy pretraining of every layer, then fine-tuning and the baseline."""
     from helpers.config import LayerwiseConfig
     from helpers.layerwise import build_mlp, build_stl10
@@ -348,7 +345,7 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
         model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS
     )
     evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
-    speed = precision_speed(model, data.train, data.augment, cfg.fit_config("train"), cfg.device)
+    speed = precision_speed(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, probe_precision)
     plan.jobs += [
         Job(
             f"E2_pretrain_layer{i + 1}",
@@ -368,14 +365,16 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path) -> NotebookPlan
     return plan
 
 
-def plan_notebook(name: str, profile: str, overrides: dict, out_dir: Path, scratch: Path) -> NotebookPlan:
+def plan_notebook(
+    name: str, profile: str, overrides: dict, out_dir: Path, scratch: Path, probe_precision: bool = True
+) -> NotebookPlan:
     """The plan of one pipeline notebook (by its name, e.g. "T4_cars196_retrieval")."""
     task = name.split("_")[0]
     if task in ("T1", "T2", "T3", "E1"):
-        return plan_recognition(task, profile, overrides, scratch)
+        return plan_recognition(task, profile, overrides, scratch, probe_precision)
     if task == "T4":
-        return plan_retrieval(profile, overrides, out_dir)  # reads T3's selection when it exists
-    return plan_layerwise(profile, overrides, scratch)
+        return plan_retrieval(profile, overrides, out_dir, probe_precision)  # reads T3's selection when it exists
+    return plan_layerwise(profile, overrides, scratch, probe_precision)
 
 
 def plan_pipeline(
@@ -399,12 +398,14 @@ def plan_pipeline(
     if device:
         overrides["device"] = device
     notebooks, missing, work = {}, {}, []
-    PROBE_PRECISION[0] = not budget_s or budget_s >= 600.0
+    # no precision probe for a budget in which no training can reach the minute from which a run
+    # measures its precision (helpers.precision.MIN_BUDGET_S; over 20 trainings share a budget)
+    probe_precision = not budget_s or budget_s >= 600.0
     with tempfile.TemporaryDirectory(prefix="plan-") as tmp:
         for name in steps:
             tic = time.perf_counter()
             try:
-                plan = plan_notebook(name, profile, overrides, out_dir, Path(tmp))
+                plan = plan_notebook(name, profile, overrides, out_dir, Path(tmp), probe_precision)
             except ProjectError as exc:  # missing data, or what it reads from another notebook (T4: T3's selection)
                 missing[name] = str(exc)
                 if log is not None:

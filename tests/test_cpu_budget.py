@@ -139,7 +139,7 @@ def test_each_notebook_gets_its_share_as_parameters_and_the_summary_records_it(t
 def test_the_plan_survives_a_missing_dataset_and_writes_what_it_has(tmp_path, monkeypatch, capsys):
     from helpers.data.errors import DatasetError
 
-    def plan_notebook(name, profile, overrides, out_dir, scratch):
+    def plan_notebook(name, profile, overrides, out_dir, scratch, probe_precision=True):
         if name.startswith("E2"):
             raise DatasetError(f"STL-10 not found at {tmp_path}/stl10_binary. Download it with ...")
         return planning.NotebookPlan(
