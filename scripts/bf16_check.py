@@ -17,7 +17,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def one_run(data_dir: str, out: Path, classes: int, epochs: int, seed: int, precision: str) -> dict:
+def one_run(
+    data_dir: str, out: Path, classes: int, epochs: int, seed: int, precision: str, image_size: int = 32
+) -> dict:
     run_dir = out / f"{precision}-seed{seed}"
     command = [
         sys.executable,
@@ -40,6 +42,8 @@ def one_run(data_dir: str, out: Path, classes: int, epochs: int, seed: int, prec
         precision,
         "--resume",
         "False",
+        "--image_size",
+        str(image_size),
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
@@ -63,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--out", default=str(ROOT / "docs" / "bf16-check"))
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     args.data_dir = str(Path(args.data_dir).resolve())  # (the runs start in the project folder)
-    work = ROOT / "outputs" / "bf16-check"
+    work = ROOT / "outputs" / f"bf16-check-{args.classes}x{args.image_size}"
     records = [
-        one_run(args.data_dir, work, args.classes, args.epochs, seed, p)
+        one_run(args.data_dir, work, args.classes, args.epochs, seed, p, args.image_size)
         for seed in range(args.seeds)
         for p in ("fp32", "bf16")
     ]
@@ -92,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     lines = [
-        f"T2 (cpu profile) on {args.classes} classes of the mini Tiny ImageNet, {args.epochs} epochs, seeds 0-{args.seeds - 1}; made by "
-        f"`python scripts/bf16_check.py --classes {args.classes} --epochs {args.epochs} --seeds {args.seeds}`.",
+        f"T2 (cpu profile) on {args.classes} classes of the mini Tiny ImageNet at {args.image_size} px, {args.epochs} epochs, "
+        f"seeds 0-{args.seeds - 1}; made by `python scripts/bf16_check.py --classes {args.classes} --epochs {args.epochs} "
+        f"--seeds {args.seeds} --image-size {args.image_size} --out {args.out}`.",
         "",
         "| precision | test top-1 per seed | mean | range | train img/s (median) |",
         "|---|---|---:|---:|---:|",
