@@ -7,10 +7,12 @@ training, its step time and evaluation pass time. This module is the arithmetic 
     budget = planning + report + sum(fixed) + sum over trainings of (train_j + evals_j x eval_j)
 
 Every training gets the same fraction r of the work its profile asks of it (train_j = r x epochs_j
-x steps_per_epoch_j x seconds_per_step_j): the profile's proportions between notebooks and between
-the runs of a notebook are kept. An evaluated training runs r x epochs_j epochs and evaluates after
-each of them and once more at the end, so the evaluation time grows with r; the largest r that fits
-is found by bisection. The smallest budget is the one that gives every training one whole epoch.
+x steps_per_epoch_j x seconds_per_step_j), and at least one epoch (r_j = max(r, 1 / epochs_j)): the
+profile's proportions between notebooks and between the runs of a notebook are kept above that
+floor. An evaluated training runs r_j x epochs_j epochs and evaluates after each of them and once
+more at the end, so the evaluation time grows with r; the largest r that fits is found by bisection.
+The smallest budget is the one that gives every training one evaluated epoch (r = 0: every r_j at
+its floor).
 """
 
 from __future__ import annotations
@@ -48,24 +50,33 @@ class Training:
         """Training seconds of the profile's whole schedule."""
         return self.epochs * self.steps_per_epoch * self.seconds_per_step
 
+    def share(self, fraction: float) -> float:
+        """The fraction of its work this training gets when the pipeline's is `fraction`: at least one epoch."""
+        return max(fraction, 1.0 / max(1, self.epochs))
+
+    def budget(self, fraction: float) -> float:
+        """Its training seconds (the budget parameter it is given)."""
+        return self.share(fraction) * self.work
+
     def eval_passes(self, fraction: float) -> int:
         """Evaluation passes of a budget run of `fraction` x its work: the engine plans
         PLAN_MARGIN x budget / step time steps and evaluates every epoch, the last (partial) one
         included, and once more at the end."""
         if self.seconds_per_eval <= 0:
             return 0
+        share = self.share(fraction)
         if self.measures(fraction):  # faster steps: more epochs, so more evaluations, in the same seconds
-            fraction /= self.speed_ratio
-        epochs = max(1, math.ceil(PLAN_MARGIN * fraction * self.epochs))
+            share /= self.speed_ratio
+        epochs = max(1, math.ceil(PLAN_MARGIN * share * self.epochs))
         return math.ceil(epochs / self.eval_every) + 1
 
     def measures(self, fraction: float) -> bool:
         """Whether the training, given `fraction` of its work, measures its CPU precision first."""
-        return (self.speed_ratio != 1.0 or self.probe_seconds > 0) and fraction * self.work >= MEASURED_PRECISION_S
+        return (self.speed_ratio != 1.0 or self.probe_seconds > 0) and self.budget(fraction) >= MEASURED_PRECISION_S
 
     def seconds(self, fraction: float) -> float:
         probe = self.probe_seconds if self.measures(fraction) else 0.0
-        return fraction * self.work + self.eval_passes(fraction) * self.seconds_per_eval + probe
+        return self.budget(fraction) + self.eval_passes(fraction) * self.seconds_per_eval + probe
 
 
 @dataclass(frozen=True)
@@ -82,11 +93,6 @@ def total_seconds(notebooks: list[NotebookWork], fraction: float, reserved_s: fl
     return reserved_s + sum(n.seconds(fraction) for n in notebooks)
 
 
-def smallest_fraction(notebooks: list[NotebookWork]) -> float:
-    """The fraction of the profile's work that gives every training one whole epoch."""
-    return max((1.0 / t.epochs for n in notebooks for t in n.trainings), default=0.0)
-
-
 def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: float = 0.0) -> dict:
     """{"fraction", "notebooks": {name: {"share", "planned_seconds", "training_seconds",
     "parameters": {parameter: seconds per training}}}, "planned_seconds"}.
@@ -100,7 +106,7 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
         raise SettingsError(
             "--budget: nothing to share out, no training of the selected notebooks could be planned (see above why)"
         )
-    low = smallest_fraction(notebooks)
+    low = 0.0  # every training at its floor of one epoch
     need = total_seconds(notebooks, low, reserved_s)
     if need > budget_s:
         raise BudgetTooSmall(
@@ -119,12 +125,12 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
     for n in notebooks:
         parameters: dict[str, list[float]] = {}
         for t in n.trainings:
-            parameters.setdefault(t.parameter, []).append(fraction * t.work)
+            parameters.setdefault(t.parameter, []).append(t.budget(fraction))
         planned = n.seconds(fraction)
         out[n.name] = {
             "share": round(planned / budget_s, 4),
             "planned_seconds": round(planned, 1),
-            "training_seconds": round(sum(fraction * t.work for t in n.trainings), 1),
+            "training_seconds": round(sum(t.budget(fraction) for t in n.trainings), 1),
             "parameters": {
                 p: max(0.1, math.ceil(10 * sum(v) / len(v)) / 10) for p, v in parameters.items()
             },  # (never 0: "no budget")

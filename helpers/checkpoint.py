@@ -133,9 +133,9 @@ def drop_previous(out: Path) -> None:
 def slim_finished(out: Path, weights_in_best: bool) -> None:
     """A finished run's last.pt without what only continuing its training would need: the optimizer
     state (as large as the model for SGD with momentum, twice for Adam) and, when best.pt holds the
-    very weights the run ended with (`weights_in_best`: the last epoch was the best), the model.
-    Resuming the finished run (a notebook rerun) still works: it reads the weights from best.pt then,
-    and trains nothing."""
+    weights anyone reads afterwards (`weights_in_best`: the run restores its best weights at the end,
+    or the last epoch was the best), the model. A finished run is never continued (the engine refuses
+    another length), so resuming it (a notebook rerun) reads the weights from best.pt and trains nothing."""
     state = _read(out / LAST, "cpu")
     state |= {"optimizer": None, "slim": True} | ({"model": None} if weights_in_best else {})
     atomic_torch_save(state, out / LAST, verify=_verified(("format", "epoch", "slim")))

@@ -98,6 +98,7 @@ RANGES = {
     "pretrain_budget_s": NON_NEGATIVE,
     "dropout": FRACTION,
     "width": AT_LEAST_1,
+    "resnet_width": AT_LEAST_1,
     "cubs_width": NON_NEGATIVE,
     "embedding_dim": AT_LEAST_1,
     "hidden": AT_LEAST_1,
@@ -404,7 +405,8 @@ CLASSIFIER_READS = same_names(
 )
 
 # T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
-# one), a narrow custom CNN and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
+# one), a narrow custom CNN and ResNet-18 (width 16: its checkpoints are 1/16 of the published
+# width's 45 MB) and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
 TINY_IMAGENET_PRESETS = {
     "smoke": dict(
         image_size=32,
@@ -415,6 +417,7 @@ TINY_IMAGENET_PRESETS = {
         warmup_epochs=0.5,
         stem="imagenet",
         width=16,
+        resnet_width=16,
         cubs_width=32,
         num_workers=0,
     ),
@@ -500,6 +503,7 @@ class RecognitionConfig(ConfigBase):
     # models
     stem: str = "small"  # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
     width: int = 64  # custom CNN base width
+    resnet_width: int = 64  # ResNet-18's first-stage channels (64 as published; stages x 1, 2, 4, 8)
     fashions: tuple = FASHIONS  # T3: the CUBS fashions to train and select from
     cubs_width: int = 0  # N of CUBS Block 1 (0 = C, the channel count, as specified)
     bonus: bool = True  # T3: also train the bonus CUBS variant in the selected fashion
@@ -528,6 +532,7 @@ class RecognitionConfig(ConfigBase):
                 warmup_epochs=0.5,
                 stem="imagenet",
                 width=16,
+                resnet_width=16,
                 cubs_width=32,
                 num_workers=0,
                 pk_classes=8,
@@ -633,6 +638,9 @@ class RetrievalConfig(ConfigBase):
     # architecture and initialisation
     fashion: str = ""  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
     stem: str = "imagenet"
+    resnet_width: int = (
+        64  # ResNet-18's first-stage channels (64 as published; T3's checkpoint and ImageNet weights need theirs)
+    )
     cubs_width: int = 0  # N of CUBS Block 1 (0 = C)
     init: str = "auto"  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
     checkpoint: str = ""  # init="tinyimagenet": a T3 best.pt ("" = the one T3's metrics name)
@@ -681,6 +689,7 @@ class RetrievalConfig(ConfigBase):
             "smoke": dict(
                 resize=40,
                 image_size=32,
+                resnet_width=16,
                 cubs_width=32,
                 cls_epochs=2,
                 emb_epochs=2,
@@ -842,7 +851,9 @@ class LayerwiseConfig(ConfigBase):
 
     PRESETS = {
         "E2": {
-            "smoke": dict(pretrain_epochs=1, epochs=5, batch_size=64),
+            # smoke: five layers as X, narrower (X's 9216 x 1024 first layer alone is 38 MB in each of ten
+            # checkpoints), and 15 epochs (on the generated stand-in both models then leave chance: 30 steps did not)
+            "smoke": dict(pretrain_epochs=1, epochs=15, batch_size=64, hidden=(256, 256, 128, 128, 64)),
             "cpu": dict(pretrain_epochs=10, epochs=40, batch_size=128),  # the real sizes: an MLP is cheap
             "full": dict(pretrain_epochs=20, epochs=60, batch_size=128),
         }

@@ -258,9 +258,8 @@ def _train(
         model.load_state_dict(load_best_weights(run.out, run.device, run.run_id))
     if run.out is not None and distributed.is_main() and result.record()["complete"]:
         drop_previous(run.out)
-        slim_finished(
-            run.out, weights_in_best=run.monitor.best_epoch == len(run.history)
-        )  # (best.pt then holds the final weights)
+        best = run.monitor.best_epoch
+        slim_finished(run.out, weights_in_best=best is not None and (cfg.restore_best or best == len(run.history)))
     return result
 
 

@@ -296,7 +296,13 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path, probe_precision
     data, data_seconds = _timed_data(lambda: build_cars196(cfg))
     plan = NotebookPlan("T4", data_seconds)
     torch.manual_seed(cfg.seed)
-    model = resnet18(data.num_train_classes, stem=cfg.stem, cubs=cfg.fashion, cubs_width=cfg.cubs_width or None)
+    model = resnet18(
+        data.num_train_classes,
+        stem=cfg.stem,
+        cubs=cfg.fashion,
+        cubs_width=cfg.cubs_width or None,
+        width=cfg.resnet_width,
+    )
     step = measure_fit_step(
         model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS
     )

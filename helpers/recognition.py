@@ -156,7 +156,7 @@ def build_model(kind: str, cfg: RecognitionConfig, num_classes: int, **options) 
     if kind == "resnet18":
         if options.get("cubs"):
             options.setdefault("cubs_width", cfg.cubs_width or None)
-        return resnet18(num_classes, stem=cfg.stem, **options)
+        return resnet18(num_classes, stem=cfg.stem, width=cfg.resnet_width, **options)
     raise SettingsError(f"model kind {kind!r} is not valid; choose one of custom_cnn, resnet18")
 
 
@@ -197,7 +197,7 @@ def train_triplet(
     """E1 (b): ResNet-18 + an L2-normalised embedding trained with the batch-hard triplet loss on
     P x K batches; classified by the nearest class mean of train embeddings. Returns (net, summary)."""
     torch.manual_seed(cfg.seed)
-    net = EmbeddingNet(resnet18(data.num_classes, stem=cfg.stem), cfg.embedding_dim)
+    net = EmbeddingNet(resnet18(data.num_classes, stem=cfg.stem, width=cfg.resnet_width), cfg.embedding_dim)
     sampler = PKBatchSampler(data.train.labels, cfg.pk_classes, cfg.pk_images, seed=cfg.seed, drop_small_classes=True)
     train_pk = data.train.rebatched(sampler)
     evaluator = NearestClassMeanEvaluator(

@@ -352,7 +352,8 @@ def page_one(
         r18 = first_model(t2)
         cfg2 = (t2 or {}).get("config", {})
         page.text(
-            f"ResNet-18 (T2, written in the package, random init): BasicBlock x [2, 2, 2, 2], {r18['architecture']['parameters']:,} "
+            f"ResNet-18 (T2, written in the package, random init): BasicBlock x [2, 2, 2, 2]"
+            f"{'' if cfg2.get('resnet_width', 64) == 64 else ', width ' + str(cfg2['resnet_width']) + ' (the published 64 narrowed)'}, {r18['architecture']['parameters']:,} "
             f"parameters, '{cfg2.get('stem')}' stem ({'3x3 stride-1 conv, no max-pool, for 64x64 input' if cfg2.get('stem') == 'small' else '7x7 stride-2 conv + max-pool, as torchvision'})."
             if r18
             else f"ResNet-18 (T2): {absent(T2, left_out)}."
@@ -523,8 +524,8 @@ def page_two(page: Page, metrics: dict, out: Path, left_out: dict[str, str] | No
             init = t4["init"]
             page.text(
                 f"From T3: {t4['t3'].replace(str(out) + '/', '')} Stage 1: the T3 architecture as a 98-way classifier ({t4_length(t4, 'classifier', c['cls_epochs'], c.get('cls_budget_s'))}, {c['cls_optimizer'].upper()} lr {c['cls_lr']}, "
-                f"{c['image_size']} px random-resized crops of {c['resize']} px images + flip); 'before' = its pooled 512-d features. Stage 2: "
-                f"classifier cropped, one 512-d L2-normalised embedding layer, the whole network trained with the multi-similarity loss "
+                f"{c['image_size']} px random-resized crops of {c['resize']} px images + flip); 'before' = its pooled {8 * c.get('resnet_width', 64)}-d features. Stage 2: "
+                f"classifier cropped, one {c['embedding_dim']}-d L2-normalised embedding layer, the whole network trained with the multi-similarity loss "
                 f"(alpha {c['alpha']}, beta {c['beta']}, lambda {c['lam']}) on P x K = {c['pk_classes']} x {c['pk_images']} batches for {t4_length(t4, t4['miner'], c['emb_epochs'], c.get('emb_budget_s'))} "
                 f"({c['emb_optimizer'].upper()} lr {c['emb_lr']})."
                 + (f" Initialisation: {init.get('pretrained')} weights (pretrained)." if init.get("pretrained") else "")

@@ -159,7 +159,9 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
     torchvision's download cache, downloaded once (`imagenet_weights_file`); pretrained: labelled as
     such, with the file used under "weights"."""
     torch.manual_seed(cfg.seed)
-    model = resnet18(num_classes, stem=cfg.stem, cubs=fashion, cubs_width=cfg.cubs_width or None)
+    model = resnet18(
+        num_classes, stem=cfg.stem, cubs=fashion, cubs_width=cfg.cubs_width or None, width=cfg.resnet_width
+    )
     report = {"init": cfg.init}
     if cfg.init == "tinyimagenet":
         if not cfg.checkpoint or not Path(cfg.checkpoint).is_file():
@@ -168,8 +170,19 @@ def build_backbone(cfg: RetrievalConfig, fashion: str | None, num_classes: int) 
                 "Run T3 first (its metrics name the selected checkpoint) or pass checkpoint=<path to best.pt>."
             )
         state = load_best(Path(cfg.checkpoint), "cpu", remedy="pass another checkpoint, or rerun T3")
+        width = state["model"]["bn1.weight"].shape[0] if "bn1.weight" in state["model"] else cfg.resnet_width
+        if width != cfg.resnet_width:
+            raise SettingsError(
+                f"the T3 checkpoint {cfg.checkpoint} is a ResNet-18 of width {width}, this one of resnet_width={cfg.resnet_width}; "
+                f"pass resnet_width={width}, or init='scratch'"
+            )
         report.update(load_backbone(model, state["model"]), checkpoint=cfg.checkpoint)
     elif cfg.init == "imagenet":
+        if cfg.resnet_width != 64:
+            raise SettingsError(
+                f"init='imagenet' loads torchvision's ResNet-18, of width 64; resnet_width={cfg.resnet_width} cannot take its weights: "
+                "pass resnet_width=64, or another init"
+            )
         weights = imagenet_weights_file(cfg.imagenet_weights)
         loaded = load_torchvision_resnet18(model, weights)
         report.update(

@@ -9,7 +9,6 @@ from helpers.budget_split import (
     NotebookWork,
     Training,
     parse_duration,
-    smallest_fraction,
     split_budget,
     total_seconds,
 )
@@ -64,9 +63,9 @@ def test_a_larger_budget_gives_more_training_and_never_exceeds_itself():
 
 def test_a_budget_too_small_for_one_epoch_is_refused_with_the_smallest_that_works():
     books = notebooks()
-    low = smallest_fraction(books)
-    assert low == pytest.approx(1 / 10)  # A's 10 epochs: one epoch is a tenth of its work
-    need = total_seconds(books, low, 30.0)
+    need = total_seconds(books, 0.0, 30.0)
+    # one epoch of each training, evaluated after it and at the end: A 10 s + 2 x 2 s, B 10 s + 2 x 1 s and 10 s
+    assert need == pytest.approx(30 + 20 + (10 + 4) + 40 + (10 + 2) + 10)
     with pytest.raises(
         BudgetTooSmall, match=r"too small for one evaluated epoch.*give at least --budget \d+m"
     ) as caught:
@@ -74,7 +73,22 @@ def test_a_budget_too_small_for_one_epoch_is_refused_with_the_smallest_that_work
     minimum = int(str(caught.value).split("--budget ")[-1].split("m")[0])
     assert minimum * 60 >= need
     plan = split_budget(books, budget_s=minimum * 60, reserved_s=30.0)  # the budget it names works
-    assert plan["fraction"] >= low
+    assert (
+        plan["notebooks"]["A"]["parameters"]["budget_s"] >= 10
+        and plan["notebooks"]["B"]["parameters"]["cls_budget_s"] >= 10
+    )
+
+
+def test_a_short_budget_gives_every_training_one_epoch_and_shares_the_rest_in_proportion():
+    """Just above the smallest budget the common fraction r is below A's one epoch (1/10 of its
+    work): A gets that one epoch, B's trainings r x 300 s, at least their own one epoch (10 s)."""
+    books = notebooks()
+    plan = split_budget(books, budget_s=total_seconds(books, 0.0, 30.0) + 20.0, reserved_s=30.0)
+    r = plan["fraction"]
+    assert 1 / 30 < r < 1 / 10
+    assert plan["notebooks"]["A"]["parameters"]["budget_s"] == pytest.approx(10.0, abs=0.1)
+    assert plan["notebooks"]["B"]["parameters"]["cls_budget_s"] == pytest.approx(300 * r, abs=0.1)
+    assert plan["planned_seconds"] <= total_seconds(books, 0.0, 30.0) + 20.0
 
 
 @pytest.mark.parametrize("text, seconds", [("90m", 5400), ("1.5h", 5400), ("300s", 300), ("45", 45), (" 2H ", 7200)])

@@ -176,7 +176,7 @@ def test_a_second_pipeline_into_the_same_out_is_refused(tmp_path, capsys):
 # ------------------------------------------------------------------------------------ damaged checkpoints
 
 
-def tiny_fit(out: Path, epochs: int = 3, interrupt_after: int | None = None, **options):
+def tiny_fit(out: Path, epochs: int = 3, interrupt_after: int | None = None, restore_best: bool = True, **options):
     """A 2-class linear model on fixed data with a held-out monitor (best.pt written)."""
     torch.manual_seed(0)
     x = torch.randint(0, 255, (32, 4, 4, 3), dtype=torch.uint8)
@@ -197,7 +197,7 @@ def tiny_fit(out: Path, epochs: int = 3, interrupt_after: int | None = None, **o
         model,
         data,
         BatchAugment(crop="none", num_classes=2),
-        FitConfig(epochs=epochs, lr=0.05),
+        FitConfig(epochs=epochs, lr=0.05, restore_best=restore_best),
         evaluate=evaluate,
         out_dir=out,
         progress=False,
@@ -472,13 +472,18 @@ def test_relative_environment_folders_mean_the_directory_the_command_ran_from(tm
 
 
 def test_a_finished_run_keeps_a_slim_last_pt_and_a_rerun_still_loads_it(tmp_path):
-    """No optimizer state in a finished run's last.pt (nor the model when best.pt holds the final
-    weights); a rerun of the finished run (a notebook rerun) resumes it and trains nothing."""
+    """No optimizer state in a finished run's last.pt, nor the model when the run restores its best
+    weights (nothing reads the final ones again: a finished run is never continued); a rerun of the
+    finished run (a notebook rerun) resumes it and trains nothing."""
     model, result = tiny_fit(tmp_path)
     state = torch.load(tmp_path / LAST, weights_only=True)
     assert state["slim"] and state["optimizer"] is None and not (tmp_path / PREVIOUS).exists()
-    if result.best_epoch == len(result.history):
-        assert state["model"] is None, "best.pt holds the final weights: not stored twice"
+    assert state["model"] is None, "best.pt holds the weights the run ends with: not stored twice"
+    _, kept = tiny_fit(tmp_path / "final", restore_best=False)
+    final = torch.load(tmp_path / "final" / LAST, weights_only=True)
+    assert (final["model"] is None) == (kept.best_epoch == len(kept.history)), (
+        "without restore_best the final weights are kept"
+    )
     again, rerun = tiny_fit(tmp_path)
     assert rerun.resumed_from == {"epoch": len(result.history), "step": 0} and rerun.history == result.history
     for a, b in zip(again.state_dict().values(), model.state_dict().values()):

@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 from helpers.config import RetrievalConfig
+from helpers.errors import SettingsError
 from helpers.models import resnet18
 from helpers.retrieval import (
     apply_t3_selection,
@@ -97,7 +98,7 @@ def test_stage_one_is_not_resumed_from_other_t3_weights_at_the_same_path(cars_de
     """A rerun of T3 rewrites its best.pt in place: T4's runs begun from the old file are refused."""
     ckpt = tmp_path / "t3_best.pt"
     torch.manual_seed(0)
-    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8).state_dict()}, ckpt)
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8, width=16).state_dict()}, ckpt)
     cfg = config(cars_devkit_root, tmp_path, fashion="serial12", init="tinyimagenet", checkpoint=str(ckpt))
     data = build_cars196(cfg)
 
@@ -107,9 +108,16 @@ def test_stage_one_is_not_resumed_from_other_t3_weights_at_the_same_path(cars_de
     stage1()
     assert stage1().resumed_from == {"epoch": 1, "step": 0}, "the same weights: resumed"
     torch.manual_seed(1)
-    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8).state_dict()}, ckpt)
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8, width=16).state_dict()}, ckpt)
     with pytest.raises(ValueError, match="different configuration.*init_weights_sha1"):
         stage1()
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial12", cubs_width=8).state_dict()}, ckpt)
+    with pytest.raises(
+        SettingsError, match="is a ResNet-18 of width 64, this one of resnet_width=16; pass resnet_width=64"
+    ):
+        build_backbone(cfg, cfg.fashion, data.num_train_classes)
+    with pytest.raises(SettingsError, match="init='imagenet' loads torchvision's ResNet-18, of width 64"):
+        build_backbone(dataclasses.replace(cfg, init="imagenet"), cfg.fashion, data.num_train_classes)
 
 
 def test_xbm_objective_state_is_checkpointed():
@@ -130,7 +138,7 @@ def test_load_backbone_reports_what_kept_its_init():
 
 
 def imagenet_config(**kw):
-    return RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet", cubs_width=8, **kw)
+    return RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet", cubs_width=8, resnet_width=64, **kw)
 
 
 @pytest.fixture
@@ -221,7 +229,7 @@ def test_t3_selection_feeds_t4(tmp_path):
     assert (concrete.fashion, concrete.init) == ("serial12", "scratch") and "T3 has not run" in note
     ckpt = tmp_path / "checkpoints" / "T3_serial21" / "best.pt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial21").state_dict()}, ckpt)
+    torch.save({"model": resnet18(20, stem="imagenet", cubs="serial21", width=cfg.resnet_width).state_dict()}, ckpt)
     (tmp_path / "metrics").mkdir()
     (tmp_path / "metrics" / "T3_cubs_resnet18.json").write_text(
         json.dumps(

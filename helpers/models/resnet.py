@@ -75,10 +75,12 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet with BasicBlocks: (B, 3, H, W) -> (B, num_classes); forward_features gives (B, 512).
+    """ResNet with BasicBlocks: (B, 3, H, W) -> (B, num_classes); forward_features gives (B, 8 * width).
 
     stem "imagenet": conv 7x7/2 + BN + ReLU + maxpool 3x3/2 (torchvision's); "small": conv 3x3/1 + BN + ReLU,
     no maxpool (for 64x64 inputs). `cubs`, `cubs_width`, `cubs_variant` configure every BasicBlock.
+    `width`: the channels of the stem and first stage (64 as published, stages width x 1, 2, 4, 8);
+    a narrower one (the smoke profile's 16) keeps the layout at 1/16 of the parameters.
     """
 
     def __init__(
@@ -90,23 +92,26 @@ class ResNet(nn.Module):
         cubs_width: int | None = None,
         cubs_variant: str = "plain",
         zero_init_residual: bool = False,
+        width: int = 64,
     ) -> None:
         super().__init__()
         _check_choice("stem", stem, STEMS)
+        if width < 1:
+            raise ValueError(f"ResNet width {width} is not valid; give a positive channel count (64 as published)")
         _check_choice("cubs", cubs, CUBS_FASHIONS)
         _check_choice("cubs_variant", cubs_variant, CUBS_VARIANTS)
         self.stem, self.cubs, self.cubs_variant = stem, cubs, cubs_variant
         if stem == "imagenet":
-            self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+            self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
             self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         else:
-            self.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+            self.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
             self.maxpool = nn.Identity()
-        self.bn1 = nn.BatchNorm2d(64)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         block_kwargs = dict(cubs=cubs, cubs_width=cubs_width, cubs_variant=cubs_variant)
-        in_channels = 64
-        for index, (channels, depth) in enumerate(zip((64, 128, 256, 512), layers)):
+        in_channels = width
+        for index, (channels, depth) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), layers)):
             stride = 1 if index == 0 else 2
             blocks = []
             for b in range(depth):
@@ -137,20 +142,20 @@ class ResNet(nn.Module):
                     m.cubs2.reset_parameters()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, 512) pooled features."""
+        """(B, 3, H, W) -> (B, 8 * width) pooled features."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return torch.flatten(self.avgpool(x), 1)
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        """(B, 512) -> (B, num_classes) logits (or the features when num_classes is 0)."""
+        """(B, 8 * width) -> (B, num_classes) logits (or the features when num_classes is 0)."""
         return self.fc(features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
     def reset_classifier(self, num_classes: int) -> None:
-        """Replace fc by a fresh Linear(512, num_classes); num_classes=0 gives nn.Identity."""
+        """Replace fc by a fresh Linear(8 * width, num_classes); num_classes=0 gives nn.Identity."""
         self.num_classes = num_classes
         self.fc = linear_classifier(self.num_features, num_classes)
 
@@ -162,9 +167,10 @@ def resnet18(
     cubs_width: int | None = None,
     cubs_variant: str = "plain",
     zero_init_residual: bool = False,
+    width: int = 64,
 ) -> ResNet:
     """ResNet-18, random init. See ResNet for the arguments."""
-    return ResNet((2, 2, 2, 2), num_classes, stem, cubs, cubs_width, cubs_variant, zero_init_residual)
+    return ResNet((2, 2, 2, 2), num_classes, stem, cubs, cubs_width, cubs_variant, zero_init_residual, width)
 
 
 def load_torchvision_resnet18(
@@ -189,7 +195,7 @@ def load_torchvision_resnet18(
         elif key not in target:
             raise ValueError(f"checkpoint key {key!r} is not in this model: not a ResNet-18 state_dict?")
         elif not same_shape:
-            hint = " (torchvision weights need stem='imagenet')" if key == "conv1.weight" else ""
+            hint = " (torchvision weights need stem='imagenet' and width 64)" if key == "conv1.weight" else ""
             raise ValueError(
                 f"shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model {tuple(target[key].shape)}{hint}"
             )
