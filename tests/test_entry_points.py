@@ -17,6 +17,26 @@ def test_help_exits_0_and_lists_the_parameters(name, capsys):
     assert printed.startswith("usage:") and "--" in printed
 
 
+def test_console_scripts_are_the_module_entry_points():
+    """pyproject's [project.scripts] name exactly the `python -m helpers.*` entry points; where the
+    installed scripts are on this interpreter's bin folder, each answers --help with exit status 0."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    scripts = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(target.split(":")[0] for target in scripts.values()) == sorted(f"helpers.{n}" for n in ENTRY_POINTS)
+    assert all(target.endswith(":main") and name.startswith("cubs-") for name, target in scripts.items())
+    installed = [Path(sys.executable).parent / name for name in scripts]
+    installed = [path for path in installed if path.is_file() and os.access(path, os.X_OK)]
+    for path in installed[:2]:  # (each start costs the imports of torch: two show the wrappers work)
+        done = subprocess.run([str(path), "--help"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and done.stdout.startswith("usage:"), (path, done.stderr[-500:])
+
+
 def test_train_help_lists_every_parameter_of_a_task_with_its_meaning(capsys):
     from helpers.config import RetrievalConfig
     from helpers.train import main

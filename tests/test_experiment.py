@@ -57,6 +57,7 @@ LAYERS = {  # the README's layout: a module imports only its own layer and those
     "errors": 0,
     "lock": 0,
     "tasks": 0,
+    "colab": 0,
     "distributed": 0,
     "data": 0,
     "models": 0,
