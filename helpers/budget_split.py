@@ -4,7 +4,7 @@ The planner (helpers.plan) measures, for each notebook, the time it needs whatev
 (data preparation, the kernel start and imports, t-SNE, figures: `fixed_seconds`) and, for each
 training, its step time and evaluation pass time. This module is the arithmetic on those numbers:
 
-    budget = planning + report + sum(fixed) + sum over trainings of (train_j + evals_j x eval_j)
+    budget = planning + report + sum(fixed) + sum over trainings of (train_j + evals_j x eval_j + run_j)
 
 Every training gets the same fraction r of the work its profile asks of it (train_j = r x epochs_j
 x steps_per_epoch_j x seconds_per_step_j), and at least one epoch (r_j = max(r, 1 / epochs_j)): the
@@ -44,6 +44,7 @@ class Training:
     eval_every: int = 1
     speed_ratio: float = 1.0  # CPU precision "auto": the chosen precision's step time / fp32's (helpers.precision)
     probe_seconds: float = 0.0  # ... and what measuring it costs
+    run_seconds: float = 0.0  # the run's cost beyond its steps: set-up, checkpoints, finishing
 
     @property
     def work(self) -> float:
@@ -76,7 +77,7 @@ class Training:
 
     def seconds(self, fraction: float) -> float:
         probe = self.probe_seconds if self.measures(fraction) else 0.0
-        return self.budget(fraction) + self.eval_passes(fraction) * self.seconds_per_eval + probe
+        return self.budget(fraction) + self.eval_passes(fraction) * self.seconds_per_eval + probe + self.run_seconds
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ allowance for the kernel, figures and HTML export (`OVERHEAD_S`, measured on a 2
 
 Approximations, stated: runs of one notebook with the same architecture share one measurement (the
 three CUBS fashions are timed once); a metric-loss step on P x K batches is the classifier step
-scaled by the batch size; a greedy pretraining step is costed as a full MLP step (an upper bound).
+scaled by the batch size; a greedy pretraining step is costed as a full MLP step (an upper bound);
+each run's cost beyond its steps (set-up, checkpoints, finishing) is that of a one-step run of the
+notebook's first model.
 """
 
 from __future__ import annotations
@@ -70,6 +72,34 @@ def measure_fit_step(
     return clock.seconds_per_step
 
 
+def measure_run_seconds(
+    model: nn.Module, train, augment, cfg, device, seconds_per_step: float, objective: nn.Module | None = None
+) -> float:
+    """Seconds a training run costs beyond its steps: its set-up, the checkpoint of the model and
+    its optimizer it writes, finishing (the slim rewrite of last.pt). A one-step run of `fit` into a
+    scratch folder, timed, less one step; on deep copies, so `model` is left untouched."""
+    from helpers.engine import fit
+
+    probe_cfg = dataclasses.replace(
+        cfg, max_steps=1, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9, warmup_epochs=0.0
+    )
+    probe_objective = copy.deepcopy(objective) if objective is not None else None
+    with tempfile.TemporaryDirectory(prefix="plan-run-") as scratch:
+        tic = time.perf_counter()
+        fit(
+            copy.deepcopy(model),
+            train,
+            augment,
+            probe_cfg,
+            objective=probe_objective,
+            device=device,
+            progress=False,
+            out_dir=scratch,
+        )
+        seconds = time.perf_counter() - tic
+    return max(0.0, seconds - seconds_per_step)
+
+
 @dataclass
 class Job:
     """One training run inside a notebook; `parameter` is the notebook parameter that gives it a
@@ -84,10 +114,11 @@ class Job:
     epochs: int = 1
     speed_ratio: float = 1.0  # CPU precision "auto": the chosen precision's step time / fp32's
     probe_seconds: float = 0.0  # what that measurement costs the run
+    run_seconds: float = 0.0  # the run's cost beyond its steps (measure_run_seconds)
 
     @property
     def seconds(self) -> float:
-        return self.steps * self.seconds_per_step + self.eval_passes * self.seconds_per_eval
+        return self.steps * self.seconds_per_step + self.eval_passes * self.seconds_per_eval + self.run_seconds
 
 
 @dataclass
@@ -111,6 +142,7 @@ class NotebookPlan:
                 eval_every,
                 j.speed_ratio,
                 j.probe_seconds,
+                j.run_seconds,
             )
             for j in self.jobs
         )
@@ -142,9 +174,10 @@ def precision_speed(model, train, augment, fit_cfg, device, probe_precision: boo
     return probe(model, CrossEntropyObjective(0.0), train, augment, fit_cfg, device)
 
 
-def with_speed(jobs: list[Job], speed: tuple[float, float]) -> list[Job]:
+def with_speed(jobs: list[Job], speed: tuple[float, float], run_seconds: float = 0.0) -> list[Job]:
     for job in jobs:
         job.speed_ratio, job.probe_seconds = speed
+        job.run_seconds = run_seconds
     return jobs
 
 
@@ -252,6 +285,7 @@ def plan_recognition(
     for kind, options in kinds:
         model = build_model(kind, cfg, data.num_classes, **options)
         step = measure_fit_step(model, data.train, data.augment, fit_cfg, cfg.device, warmup=WARMUP, steps=STEPS)
+        run = measure_run_seconds(model, data.train, data.augment, fit_cfg, cfg.device, step)
         evaluation = eval_pass_seconds(model.eval(), splits, data.augment, Runtime.of(cfg))
         if task == "T3":
             names = [f"T3_{f}" for f in cfg.fashions] + (
@@ -262,7 +296,9 @@ def plan_recognition(
         else:
             names = [{"T1": "T1_custom_cnn", "T2": "T2_resnet18"}[task]]
         speed = precision_speed(model, data.train, data.augment, fit_cfg, cfg.device, probe_precision)
-        plan.jobs += with_speed([Job(name, steps, step, evals, evaluation, epochs=cfg.epochs) for name in names], speed)
+        plan.jobs += with_speed(
+            [Job(name, steps, step, evals, evaluation, epochs=cfg.epochs) for name in names], speed, run
+        )
         if task == "E1":  # triplet: P x K batches, nearest-class-mean evaluation (reference pass too)
             from helpers.data import PKBatchSampler
 
@@ -279,7 +315,7 @@ def plan_recognition(
                 evaluation * (1 + reference),
                 epochs=cfg.epochs,
             )
-            plan.jobs += with_speed([triplet], speed)
+            plan.jobs += with_speed([triplet], speed, run)
     if task == "E1":  # three maps of the test embeddings (the notebook's max_points=2000)
         plan.extra_seconds += 3 * tsne_seconds(min(2000, data.test.num_samples))
     return plan
@@ -306,6 +342,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path, probe_precision
     step = measure_fit_step(
         model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, warmup=WARMUP, steps=STEPS
     )
+    run = measure_run_seconds(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, step)
     speed = precision_speed(model, data.train, data.augment, cfg.fit_config("classifier"), cfg.device, probe_precision)
     embed = eval_pass_seconds(model.eval().forward_features, (data.test,), data.augment, Runtime.of(cfg))
     plan.jobs.append(
@@ -332,7 +369,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path, probe_precision
                 cfg.emb_epochs,
             )
         )
-    with_speed(plan.jobs, speed)
+    with_speed(plan.jobs, speed, run)
     # the "before" embeddings, and two t-SNE maps (before, after)
     plan.extra_seconds = embed + 2 * tsne_seconds(min(cfg.tsne_points, data.test.num_samples))
     return plan
@@ -341,7 +378,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path, probe_precision
 def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision: bool = True) -> NotebookPlan:
     """E2: greedy pretraining of every layer, then fine-tuning and the baseline."""
     from helpers.config import LayerwiseConfig
-    from helpers.layerwise import build_mlp, build_stl10
+    from helpers.layerwise import LayerReconstruction, build_mlp, build_stl10, freeze_all_but
 
     cfg = LayerwiseConfig.build("E2", profile, out_dir=str(out_dir), resume=False, **overrides)
     (data, pretrain), data_seconds = _timed_data(lambda: build_stl10(cfg))
@@ -350,6 +387,16 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision
     step = measure_fit_step(
         model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS
     )
+    run = measure_run_seconds(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, step)
+    try:  # a pretraining run checkpoints its layer's decoder and Adam state too: layer 0's, the largest
+        freeze_all_but(model, 0)
+        first = model.layers[0]
+        reconstruction = LayerReconstruction(0, first.out_features, first.in_features)
+        pretrain_run = measure_run_seconds(
+            model, pretrain, data.augment, cfg.fit_config("pretrain"), cfg.device, step, reconstruction
+        )
+    finally:
+        freeze_all_but(model, None)
     evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
     speed = precision_speed(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, probe_precision)
     plan.jobs += [
@@ -364,9 +411,11 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision
         )
         for i in range(len(cfg.hidden))
     ]
+    with_speed(plan.jobs, speed, pretrain_run)
     for name in ("E2_pretrained", "E2_baseline"):
-        plan.jobs.append(Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs))
-    with_speed(plan.jobs, speed)
+        plan.jobs += with_speed(
+            [Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs)], speed, run
+        )
     plan.extra_seconds = tsne_seconds(min(cfg.tsne_per_class * 10, data.test.num_samples))  # the X[3] map
     return plan
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import json
 import subprocess
 import sys
 import tempfile
@@ -42,11 +43,16 @@ def stub_wheel(name: str, version: str, folder: Path) -> Path:
     return wheel
 
 
-def freeze(python: Path) -> dict[str, str]:
-    lines = subprocess.run(
-        [str(python), "-m", "pip", "freeze", "--all"], capture_output=True, text=True, check=True
-    ).stdout.splitlines()
-    return dict(line.split("==", 1) if "==" in line else (line, "") for line in lines if line.strip())
+def installed(python: Path) -> dict[str, str]:
+    """{distribution name: version} in the virtualenv of `python`."""
+    listed = subprocess.run(
+        [str(python), "-m", "pip", "list", "--format=json"], capture_output=True, text=True, check=True
+    ).stdout
+    return {d["name"].lower(): d["version"] for d in json.loads(listed)}
+
+
+def freeze(python: Path) -> str:
+    return subprocess.run([str(python), "-m", "pip", "freeze"], capture_output=True, text=True, check=True).stdout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,18 +67,18 @@ def main(argv: list[str] | None = None) -> int:
     python = venv / "bin" / "python"
     stubs = [stub_wheel(name, version, wheels) for name, version in PRESENT.items()]
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-index", *map(str, stubs)], check=True)
-    before = freeze(python)
-    print("pip freeze before `pip install -e .`:\n  " + "\n  ".join(f"{k}=={v}" for k, v in sorted(before.items())))
+    before = installed(python)
+    print("pip freeze before `pip install -e .`:\n" + freeze(python))
     done = subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)], capture_output=True, text=True)
     if done.returncode != 0:
         print(done.stdout[-3000:] + done.stderr[-3000:])
         return 1
-    after = freeze(python)
-    added = {k: v for k, v in after.items() if k not in before}
-    changed = {k: (before[k], after[k]) for k in before if k in after and before[k] != after[k]}
-    print("pip freeze after:\n  " + "\n  ".join(f"{k}=={v}" for k, v in sorted(after.items()) if v))
-    print(f"added by `pip install -e .`: {', '.join(sorted(added)) or 'nothing'}")
-    print(f"changed: {changed or 'nothing'}")
+    after = installed(python)
+    print("pip freeze after:\n" + freeze(python))
+    added = sorted(f"{k}=={v}" for k, v in after.items() if k not in before)
+    changed = {k: f"{before[k]} -> {after.get(k)}" for k in before if after.get(k) != before[k]}
+    print(f"added by `pip install -e .`: {', '.join(added) or 'nothing'}")
+    print(f"changed or removed: {changed or 'nothing'}")
     kept = all(after.get(name) == version for name, version in PRESENT.items())
     print(("ok: " if kept else "FAILED: ") + ", ".join(f"{n} {after.get(n)} (was {v})" for n, v in PRESENT.items()))
     return 0 if kept else 1

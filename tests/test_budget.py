@@ -8,7 +8,7 @@ import torch
 
 from helpers import budget
 from helpers.budget import StepClock, measure_seconds_per_step, plan_steps
-from helpers.plan import measure_fit_step
+from helpers.plan import measure_fit_step, measure_run_seconds
 from helpers.engine import FitConfig, TrainingInterrupted, fit
 from helpers.optim import LRSchedule
 
@@ -109,6 +109,10 @@ def test_measure_fit_step_leaves_the_model_untouched(tmp_path):
     seconds = measure_fit_step(model, train, augment, cfg, warmup=2, steps=3)
     assert seconds > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    run = measure_run_seconds(model, train, augment, cfg, "cpu", seconds)
+    assert run > 0, "a run's set-up and checkpoint cost something beyond its steps"
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(tmp_path.glob("**/last.pt")), "the run's scratch folder is gone"
 
 
 def test_fit_config_validates_the_new_fields():
