@@ -20,7 +20,8 @@ def test_committed_clean_with_one_parameters_cell(path):
     code = [c for c in nb["cells"] if c["cell_type"] == "code"]
     assert all(not c.get("outputs") and not c.get("execution_count") for c in code), "commit notebooks without outputs"
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1 and tagged[0] is code[0], "exactly one parameters cell, the first code cell"
+    assert "colab-install" in code[0]["metadata"].get("tags", []), "first the Colab install cell (tests/test_colab.py)"
+    assert len(tagged) == 1 and tagged[0] is code[1], "exactly one parameters cell, the first code cell after it"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -136,12 +136,12 @@ def test_center_objective_needs_hard_labels():
 
 @pytest.mark.realdata
 @pytest.mark.parametrize("kind", ["custom_cnn", "resnet18"])
-def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_root, tmp_path, kind):
+def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_10_root, tmp_path, kind):
     """First 10 classes of the real mini Tiny ImageNet (950 train / 500 test images), 32 px, CPU."""
     cfg = RecognitionConfig.build(
         "T1" if kind == "custom_cnn" else "T2",
         "smoke",
-        data_dir=str(real_tiny_root.parent),
+        data_dir=str(real_tiny_10_root.parent),
         out_dir=str(tmp_path),
         device="cpu",
         classes=10,
