@@ -132,9 +132,11 @@ def tiny_archive_cut(source: Path, target: Path, classes: int) -> Path:
     return target
 
 
-def cars_archive_cut(source: Path, target: Path, per_class: int) -> Path:
+def cars_archive_cut(source: Path, target: Path, per_class: int, classes_per_half: int = 98) -> Path:
     """A zip of the real mini Cars-196 archive with at most `per_class` images of each class, in the
-    same devkit layout (devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/)."""
+    same devkit layout (devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/); with
+    `classes_per_half` < 98, only the first that many classes of the train half (1-98) and of the
+    test half (99-196)."""
     import io
 
     import scipy.io
@@ -150,7 +152,7 @@ def cars_archive_cut(source: Path, target: Path, per_class: int) -> Path:
         fields = struct_fields(annos, Path(annos_name), "annotations", ("fname", "class") + BOX_FIELDS)
         kept, count = [], {}
         for i, cls in enumerate(fields["class"]):
-            if count.get(int(cls), 0) < per_class:
+            if count.get(int(cls), 0) < per_class and (int(cls) - 1) % 98 < classes_per_half:
                 count[int(cls)] = count.get(int(cls), 0) + 1
                 kept.append(
                     {**{b: int(fields[b][i]) for b in BOX_FIELDS}, "class": int(cls), "fname": str(fields["fname"][i])}
