@@ -401,7 +401,7 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision
     speed = precision_speed(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, probe_precision)
     plan.jobs += [
         Job(
-            f"E2_pretrain_layer{i + 1}",
+            f"E2_pretrain_layer{i}",
             cfg.pretrain_epochs * len(pretrain),
             step,
             0,

@@ -93,6 +93,29 @@ def test_the_same_seed_gives_identical_metrics_and_helpers_train_runs_the_notebo
     )
 
 
+def test_the_planners_runs_are_the_runs_that_happened(smoke_out, monkeypatch):
+    """helpers.plan names the trainings it costs in each notebook; they are exactly the run folders
+    the smoke pipeline wrote (T3's bonus in the fashion T3 selected). The measurements are mocked:
+    names and counts are what is checked here, the timings are tests/test_pipeline.py's."""
+    from helpers import plan as planning
+
+    for name, value in (
+        ("measure_fit_step", 0.01),
+        ("measure_run_seconds", 0.0),
+        ("eval_pass_seconds", 0.0),
+        ("precision_speed", (1.0, 0.0)),
+        ("tsne_seconds", 0.0),
+        ("import_seconds", 0.0),
+    ):
+        monkeypatch.setattr(planning, name, lambda *a, value=value, **k: value)
+    plan = planning.plan_pipeline("smoke", [s.name for s in pipeline.STEPS], None, "cpu", smoke_out)
+    assert not plan.get("missing") and set(plan["notebooks"]) == {s.name for s in pipeline.STEPS}
+    bonus = metrics(smoke_out)["T3_cubs_resnet18"]["bonus"]["name"]
+    planned = [j["name"].replace("T3_<selected>_scaled", bonus) for n in plan["notebooks"].values() for j in n["jobs"]]
+    ran = sorted(p.name for p in (smoke_out / "checkpoints").iterdir() if p.is_dir())
+    assert sorted(planned) == ran
+
+
 def test_resume_keeps_what_is_current_and_reruns_what_changed(smoke_out, tmp_path):
     notebooks = ROOT / "notebooks"
     same = {"profile": "smoke", "out_dir": str(smoke_out), "resume": True}
