@@ -269,13 +269,19 @@ def run_owner(out: Path) -> dict | None:
     return owner if isinstance(owner, dict) else None
 
 
+# Fields added to the configurations' run keys since checkpoints were first written, with the value
+# every older checkpoint was trained with: such a checkpoint resumes when the field still has it.
+ADDED_RUN_KEYS = {"resnet_width": 64}
+
+
 def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per_epoch: int) -> None:
     """Refuse (SettingsError) to resume the checkpoint `state` read from `path` under the FitConfig
     `cfg` and `run_key` when it was written with other settings or for another length."""
     # (a field added since the checkpoint was written counts as its default)
     saved_config = {f.name: f.default for f in fields(cfg)} | state["config"]
+    saved_key = {k: v for k, v in ADDED_RUN_KEYS.items() if k in (run_key or {})} | (state["run_key"] or {})
     saved = {k: v for k, v in saved_config.items() if k not in _not_compared(saved_config)} | {
-        f"run.{k}": v for k, v in (state["run_key"] or {}).items() if k != "epochs"
+        f"run.{k}": v for k, v in saved_key.items() if k != "epochs"
     }
     current = {k: v for k, v in asdict(cfg).items() if k not in _not_compared(asdict(cfg))} | {
         f"run.{k}": v for k, v in (run_key or {}).items() if k != "epochs"

@@ -22,7 +22,10 @@ if "google.colab" in sys.modules and importlib.util.find_spec("helpers") is None
     if not PROJECT:
         raise SystemExit("set PROJECT in this cell to this project's git URL or to a folder holding it")
     if "://" in PROJECT or PROJECT.startswith("git@"):
-        subprocess.run(["git", "clone", "-q", "--depth", "1", PROJECT, "/content/project"], check=True)
+        import os
+
+        if not os.path.isdir("/content/project"):  # (a rerun after a failed install: cloned already)
+            subprocess.run(["git", "clone", "-q", "--depth", "1", PROJECT, "/content/project"], check=True)
         PROJECT = "/content/project"
     # --no-deps would miss a dependency Colab lacks; pip keeps Colab's own torch, torchvision, ipykernel
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "-e", PROJECT], check=True)
@@ -36,7 +39,10 @@ def install_cell(project: str) -> str:
 
 def repository_url(pyproject: Path) -> str:
     """pyproject.toml's [project.urls] Repository, or "" when it names none."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     project = tomllib.loads(pyproject.read_text())["project"]
     return str(project.get("urls", {}).get("Repository", ""))

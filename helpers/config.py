@@ -620,8 +620,8 @@ INITS = ("auto", "scratch", "tinyimagenet", "imagenet")
 
 @dataclass(frozen=True)
 class RetrievalConfig(ConfigBase):
-    """T4: Cars-196 retrieval. Stage 1: the T3 architecture as a 98-way classifier; stage 2: a 512-d
-    embedding trained with the multi-similarity loss and a miner on P x K batches."""
+    """T4: Cars-196 retrieval. Stage 1: the T3 architecture as a 98-way classifier; stage 2: an
+    `embedding_dim` (512) embedding trained with the multi-similarity loss and a miner on P x K batches."""
 
     task: str
     profile: str = "smoke"
@@ -638,9 +638,7 @@ class RetrievalConfig(ConfigBase):
     # architecture and initialisation
     fashion: str = ""  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
     stem: str = "imagenet"
-    resnet_width: int = (
-        64  # ResNet-18's first-stage channels (64 as published; T3's checkpoint and ImageNet weights need theirs)
-    )
+    resnet_width: int = 64  # ResNet-18's first-stage channels (64 as published; T3's and ImageNet weights need theirs)
     cubs_width: int = 0  # N of CUBS Block 1 (0 = C)
     init: str = "auto"  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
     checkpoint: str = ""  # init="tinyimagenet": a T3 best.pt ("" = the one T3's metrics name)
@@ -803,6 +801,11 @@ class RetrievalConfig(ConfigBase):
         problems = gpus_problems(self, batch_size=self.batch_size, pk_classes=self.pk_classes)
         if self.image_size > self.resize:
             problems.append(f"image_size={self.image_size} is not valid; it must not exceed resize={self.resize}")
+        if self.init == "imagenet" and self.resnet_width != 64:
+            problems.append(
+                f"init='imagenet' loads torchvision's ResNet-18, of width 64; resnet_width={self.resnet_width} cannot take its weights: "
+                "pass resnet_width=64, or another init"
+            )
         return problems
 
 

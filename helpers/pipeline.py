@@ -117,6 +117,7 @@ def stale_reason(out: Path, step: Step, notebook: Path, profile: str, parameters
 def configuration_changes(step: Step, metrics: dict, parameters: dict) -> str:
     """What differs between the configuration and data a notebook's metrics record and what the
     notebook would use now with the pipeline's `parameters` ("" when nothing does)."""
+    from helpers.checkpoint import ADDED_RUN_KEYS
     from helpers.config import config_class
     from helpers.experiment import TASK_DATA, data_fingerprint
 
@@ -126,6 +127,7 @@ def configuration_changes(step: Step, metrics: dict, parameters: dict) -> str:
     names = {f.name for f in dataclasses.fields(cls)} - {"task", "profile"}
     cfg = cls.build(step.task, parameters["profile"], **{k: v for k, v in parameters.items() if k in names})
     saved = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
+    saved = {k: v for k, v in ADDED_RUN_KEYS.items() if k in cfg.as_dict()} | saved  # (older metrics lack them)
     changes = [
         f"{k} {saved.get(k)!r} -> {v!r}"
         for k, v in cfg.as_dict().items()

@@ -239,7 +239,7 @@ def train_center_loss(
     name: str, data: ClassificationData, cfg: RecognitionConfig, progress: bool = True
 ) -> tuple[nn.Module, RunSummary]:
     """E1 (c): ResNet-18 trained with cross-entropy + center_weight * center loss on the pooled
-    512-d features; the centers have their own learning rate. Returns (model, summary)."""
+    512-d (8 x resnet_width) features; the centers have their own learning rate. Returns (model, summary)."""
     model = build_model("resnet18", cfg, data.num_classes)
     objective = CenterLossObjective(data.num_classes, model.num_features, cfg.center_weight, cfg.label_smoothing)
     describe = describe_model(model, stem=cfg.stem, loss=f"cross-entropy + {cfg.center_weight} x center loss")

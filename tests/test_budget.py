@@ -3,6 +3,8 @@
 import math
 import time
 
+import tempfile
+
 import pytest
 import torch
 
@@ -102,17 +104,20 @@ def test_eval_every_skips_epochs_but_always_evaluates_the_last(tmp_path):
     assert result.eval_seconds > 0 and result.wall_seconds >= result.train_seconds + result.eval_seconds * 0.99
 
 
-def test_measure_fit_step_leaves_the_model_untouched(tmp_path):
+def test_measure_fit_step_leaves_the_model_untouched(tmp_path, monkeypatch):
     train, augment, cfg, _ = setup(tmp_path, epochs=1)
     model = toy_model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     seconds = measure_fit_step(model, train, augment, cfg, warmup=2, steps=3)
     assert seconds > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where its one-step run writes
     run = measure_run_seconds(model, train, augment, cfg, "cpu", seconds)
     assert run > 0, "a run's set-up and checkpoint cost something beyond its steps"
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert not list(tmp_path.glob("**/last.pt")), "the run's scratch folder is gone"
+    assert not list(scratch.iterdir()), "the run's scratch folder, with its last.pt, is gone"
 
 
 def test_fit_config_validates_the_new_fields():

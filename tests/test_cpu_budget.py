@@ -84,8 +84,9 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
         for n in ("T1_custom_cnn", "T2_resnet18", "T3_cubs_resnet18", "E1_metric_losses")
         for r in metrics[n]["models"].values()
     ]
-    best = max(r["test"]["top1"] for r in runs)
-    assert best >= 1.25 * 0.125, f"T1-T3, E1 on 8 real classes: best test top-1 {best:.3f} (chance 0.125)"
+    top1 = [r["test"]["top1"] for r in runs]
+    assert max(top1) >= 1.25 * 0.125, f"T1-T3, E1 on 8 real classes: best test top-1 {max(top1):.3f} (chance 0.125)"
+    assert sum(top1) / len(top1) > 0.125, f"T1-T3, E1 on 8 real classes: mean test top-1 {top1} (chance 0.125)"
     t4 = metrics["T4_cars196_retrieval"]
     assert t4["data"]["partial"] and t4["config"]["cls_budget_s"] > 0 and t4["config"]["emb_budget_s"] > 0
     assert "generated stand-in" in metrics["E2_stl10_layerwise"]["data"]["dataset"]  # labelled as the stand-in it is

@@ -488,3 +488,18 @@ def test_a_finished_run_keeps_a_slim_last_pt_and_a_rerun_still_loads_it(tmp_path
     assert rerun.resumed_from == {"epoch": len(result.history), "step": 0} and rerun.history == result.history
     for a, b in zip(again.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_a_checkpoint_from_before_a_run_key_field_resumes_at_that_fields_old_value(tmp_path):
+    """resnet_width joined the run keys after checkpoints existed: an older checkpoint, trained at
+    width 64 without the key, still resumes at 64 and is refused at another width."""
+    from dataclasses import asdict
+
+    from helpers.checkpoint import ADDED_RUN_KEYS, check_same_run
+
+    assert ADDED_RUN_KEYS["resnet_width"] == 64
+    cfg = FitConfig(epochs=2)
+    old = {"config": asdict(cfg), "run_key": {"stem": "small"}, "epoch": 1}
+    check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "resnet_width": 64}, 10)
+    with pytest.raises(SettingsError, match="resnet_width"):
+        check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "resnet_width": 16}, 10)

@@ -118,6 +118,8 @@ def test_stage_one_is_not_resumed_from_other_t3_weights_at_the_same_path(cars_de
         build_backbone(cfg, cfg.fashion, data.num_train_classes)
     with pytest.raises(SettingsError, match="init='imagenet' loads torchvision's ResNet-18, of width 64"):
         build_backbone(dataclasses.replace(cfg, init="imagenet"), cfg.fashion, data.num_train_classes)
+    with pytest.raises(SettingsError, match="init='imagenet' loads torchvision's ResNet-18, of width 64"):
+        RetrievalConfig.build("T4", "smoke", device="cpu", init="imagenet")  # (smoke: width 16) before any data is read
 
 
 def test_xbm_objective_state_is_checkpointed():
