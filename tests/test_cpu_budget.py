@@ -25,9 +25,9 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     """Real images in a shape a test affords: 8 classes of the mini Tiny ImageNet, and 4 images of
     each of the first 32 classes of both Cars-196 halves from the mini archive (its cars_train/ half:
     a partial copy, named as such), both as zips in the data folder, and a generated STL-10
-    stand-in; all six notebooks and the report in a 2.5-minute budget. One evaluated epoch of every
-    training needs 2.1 min on this 2-core EPYC, planning included; a CPU that needs more is given
-    the smallest budget it names + 1 min (a second plan may measure a little slower)."""
+    stand-in; all six notebooks and the report in a 3-minute budget. One evaluated epoch of every
+    training needs 2.1 min on this 2-core EPYC, planning included; a CPU that needs more than 3 min
+    gets the smallest budget it names + 1 min."""
     tiny, cars = SHARED_DATA / "tiny-imagenet-200-mini.zip", SHARED_DATA / "stanford-cars-mini.zip"
     if not (tiny.is_file() and cars.is_file()):
         pytest.skip(f"the real mini archives are not in {SHARED_DATA}")
@@ -36,7 +36,7 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     tiny_archive_cut(tiny, data / "tiny-imagenet-200-mini-8.zip", classes=8)
     cars_archive_cut(cars, data / "stanford-cars-mini-4.zip", per_class=4, classes_per_half=32)
     synthetic.generate("stl10", data, synthetic.STL10Params())
-    out, budget_s = tmp_path / "out", 150.0
+    out, budget_s = tmp_path / "out", 180.0
 
     def pipeline_run(budget: float):
         command = [
