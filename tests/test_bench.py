@@ -20,7 +20,6 @@ def test_quick_cpu_benchmark_writes_every_record(tmp_path):
             and record["batch_size"] > 0
             and record["peak_mem_mb"] > 0
         )
-    assert len({r["image_size"] for r in models.values()}) == 1, "all models at the same input size"
     ratio = next(r for r in records if r["what"] == "ratio" and r["name"] == "data paths")
     assert ratio["cached/lazy"] == data["cached"]["images_per_s"] / data["lazy"]["images_per_s"]
     e2e = {(r["model"], r["who"]): r for r in records if r["what"] == "end_to_end"}
@@ -32,7 +31,7 @@ def test_quick_cpu_benchmark_writes_every_record(tmp_path):
         assert project["images_per_s"] > 0 and peer["images_per_s"] > 0
         ratio_row = next(r for r in records if r["what"] == "ratio" and r.get("model") == name)
         assert ratio_row["project/peer"] == project["images_per_s"] / peer["images_per_s"]
-    assert e2e[("cubs_serial21", "peer")]["peer_model"].startswith(
+    assert type(bench.peer_model("cubs_serial21", 10, "small")).__module__.startswith(
         "helpers.models"
     )  # (no torchvision twin of a CUBS model)
     assert type(bench.peer_model("resnet18", 10, "small")).__module__ == "torchvision.models.resnet", (
