@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from helpers.errors import SettingsError
 
 PLAN_MARGIN = 0.99  # helpers.budget.BudgetClock: the share of a budget the engine plans steps for
+# helpers.budget.BudgetClock: a budget run can plan its length once `skip` (3) + 2 steps are timed, and
+# does so at an epoch's end: an epoch of fewer steps makes it run whole epochs up to that many steps
+MIN_BUDGET_STEPS = 5
 MEASURED_PRECISION_S = 60.0  # a CPU budget of at least this measures its precision (helpers.precision)
 
 
@@ -52,8 +55,10 @@ class Training:
         return self.epochs * self.steps_per_epoch * self.seconds_per_step
 
     def share(self, fraction: float) -> float:
-        """The fraction of its work this training gets when the pipeline's is `fraction`: at least one epoch."""
-        return max(fraction, 1.0 / max(1, self.epochs))
+        """The fraction of its work this training gets when the pipeline's is `fraction`: at least one
+        epoch, and at least the epochs a budget run needs to plan itself (MIN_BUDGET_STEPS)."""
+        floor_epochs = max(1, math.ceil(MIN_BUDGET_STEPS / max(1, self.steps_per_epoch)))
+        return max(fraction, min(1.0, floor_epochs / max(1, self.epochs)))
 
     def budget(self, fraction: float) -> float:
         """Its training seconds (the budget parameter it is given)."""

@@ -148,3 +148,17 @@ def test_a_faster_measured_precision_means_more_epochs_and_evaluations_in_the_sa
     assert bf16.seconds(0.8) == pytest.approx(0.8 * 100 + bf16.eval_passes(0.8) * 1.0 + 4.0)
     assert bf16.eval_passes(short) == plain.eval_passes(short) and bf16.seconds(short) == plain.seconds(short)
     assert bf16.eval_passes(long) == plain.eval_passes(long)  # (50 s: below the 60 s at which a run measures)
+
+
+def test_a_training_of_short_epochs_gets_the_epochs_a_budget_run_needs_to_plan_itself():
+    """An epoch of 2 steps: the engine times 5 steps before it can plan, at an epoch's end, so even
+    the smallest budget run makes 3 epochs (6 steps) and evaluates after each; the split counts them."""
+    from helpers.budget import BudgetClock
+    from helpers.budget_split import MIN_BUDGET_STEPS
+
+    assert BudgetClock(1.0).skip + 2 == MIN_BUDGET_STEPS
+    short = Training("T4_embedding_ms", "emb_budget_s", 20, 2, 0.5, seconds_per_eval=1.0)
+    assert short.share(0.0) == pytest.approx(3 / 20) and short.budget(0.0) == pytest.approx(3.0)
+    assert short.eval_passes(0.0) == 3 + 1
+    long = Training("T1_custom_cnn", "budget_s", 30, 50, 0.1)
+    assert long.share(0.0) == pytest.approx(1 / 30), "5 steps fit in one epoch: one epoch"
