@@ -7,9 +7,9 @@ training, its step time and evaluation pass time. This module is the arithmetic 
     budget = planning + report + sum(fixed) + sum over trainings of (train_j + evals_j x eval_j + run_j)
 
 Every training gets the same fraction r of the work its profile asks of it (train_j = r x epochs_j
-x steps_per_epoch_j x seconds_per_step_j), and at least one epoch (r_j = max(r, 1 / epochs_j)): the
-profile's proportions between notebooks and between the runs of a notebook are kept above that
-floor. An evaluated training runs r_j x epochs_j epochs and evaluates after each of them and once
+x steps_per_epoch_j x seconds_per_step_j), and at least the whole epochs a budget run needs to
+plan itself, one or more (r_j = max(r, floor_j), `Training.share`): the profile's proportions
+between notebooks and between the runs of a notebook are kept above that floor. An evaluated training runs r_j x epochs_j epochs and evaluates after each of them and once
 more at the end, so the evaluation time grows with r; the largest r that fits is found by bisection.
 The smallest budget is the one that gives every training one evaluated epoch (r = 0: every r_j at
 its floor).
