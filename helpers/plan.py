@@ -57,9 +57,17 @@ def measure_fit_step(
     probe = copy.deepcopy(model)
     probe_objective = copy.deepcopy(objective) if objective is not None else None
     clock = StepClock(warmup, device)
-    probe_cfg = dataclasses.replace(
+    probe_cfg = _probe_config(cfg, warmup + steps)
+    fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
+    del probe, probe_objective
+    return clock.seconds_per_step
+
+
+def _probe_config(cfg, steps: int):
+    """`cfg` for a measuring run of `steps` steps: no budget, evaluation, early stop, warm-up or logging."""
+    return dataclasses.replace(
         cfg,
-        max_steps=warmup + steps,
+        max_steps=steps,
         budget_s=0.0,
         monitor="",
         patience=0,
@@ -67,9 +75,6 @@ def measure_fit_step(
         log_every=10**9,
         warmup_epochs=0.0,
     )
-    fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
-    del probe, probe_objective
-    return clock.seconds_per_step
 
 
 def measure_run_seconds(
@@ -80,9 +85,6 @@ def measure_run_seconds(
     scratch folder, timed, less one step; on deep copies, so `model` is left untouched."""
     from helpers.engine import fit
 
-    probe_cfg = dataclasses.replace(
-        cfg, max_steps=1, budget_s=0.0, monitor="", patience=0, restore_best=False, log_every=10**9, warmup_epochs=0.0
-    )
     probe_objective = copy.deepcopy(objective) if objective is not None else None
     with tempfile.TemporaryDirectory(prefix="plan-run-") as scratch:
         tic = time.perf_counter()
@@ -90,7 +92,7 @@ def measure_run_seconds(
             copy.deepcopy(model),
             train,
             augment,
-            probe_cfg,
+            _probe_config(cfg, 1),
             objective=probe_objective,
             device=device,
             progress=False,
