@@ -428,8 +428,13 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
             tic = time.perf_counter()
             current = step.name
             budgets = shared["notebooks"].get(step.name, {}).get("parameters", {}) if shared else {}
+            unplanned = shared["missing"].get(step.name) if shared else None
             if broken:
                 result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
+            elif (
+                unplanned
+            ):  # (its kernel would fail on the same check, after the budget's other notebooks lost the time)
+                result = {"status": "skipped", "message": f"not planned for the budget: {unplanned}"}
             elif resume and not (why := stale_reason(out, step, notebook, profile, parameters | budgets)):
                 result = {"status": "up to date", "message": "outputs newer than inputs, same configuration and data"}
             else:

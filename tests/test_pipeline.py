@@ -456,3 +456,26 @@ def test_notebooks_run_over_local_ipc_without_the_kernels_tcp_warning(tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["n.ipynb", "out.ipynb"], (
         "no IPC socket files left in the notebook's folder"
     )
+
+
+def test_a_budget_skips_a_notebook_the_plan_could_not_cost_without_starting_it(fake_project, tmp_path, monkeypatch):
+    why = "PKBatchSampler: P=8 classes per batch (pk_classes) is more classes than there are. Lower pk_classes to at most 4."
+
+    def shares(profile, out, steps, data_dir, device, budget_s, started, log):
+        return {
+            "budget_s": budget_s,
+            "notebooks": {"C_alone": {"share": 1.0, "planned_seconds": 5.0, "parameters": {}}},
+            "missing": {"A_fail": why},
+        }
+
+    monkeypatch.setattr(pipeline, "share_budget", shares)
+    summary = pipeline.run("smoke", tmp_path / "out", report=False, log=lambda *a: None, budget_s=60.0)
+    assert summary["steps"]["A_fail"] | {"seconds": 0} == {
+        "status": "skipped",
+        "message": f"not planned for the budget: {why}",
+        "seconds": 0,
+    }
+    assert summary["steps"]["B_needs_a"]["status"] == "skipped", "and what needs it"
+    for name in ("A_fail", "B_needs_a"):
+        assert not (tmp_path / "out" / "notebooks" / f"{name}.ipynb").exists(), "its kernel never started"
+    assert summary["steps"]["C_alone"]["status"] == "ok" and not summary["ok"]
