@@ -1,11 +1,14 @@
 """Notebook configuration: flat parameters (papermill-overridable) -> one small frozen dataclass.
 
-Each notebook's `parameters` cell holds plain values, `None` meaning "the profile's value". The
-next cell calls e.g. `RecognitionConfig.build("T1", profile=profile, epochs=epochs, ...)`, which
-starts from the dataclass defaults, applies the profile preset (`PRESETS`, literal data: `smoke`:
-generated data, CPU, about a minute; `full`: the real dataset with the recipe recommended for one
-CUDA GPU), then every parameter that is not None. Unknown names or values raise SettingsError (a ValueError) listing
-the valid ones.
+Each notebook's `parameters` cell holds plain annotated values, `None` meaning "the profile's
+value". The next cell calls e.g. `RecognitionConfig.from_parameters("T1", globals())`, which
+passes every name declared there to `build`: it starts from the dataclass defaults, applies the
+profile preset (`PRESETS`, literal data: `smoke`: generated data, CPU, about a minute; `cpu`: the
+real data sized for a CPU budget; `full`: the real dataset with the recipe recommended for one CUDA
+GPU), then every parameter that is not None. Each field declares its rules beside it
+(`param(default, range=..., choices=..., runtime=...)`); unknown names or invalid values raise one
+SettingsError (a ValueError) listing what is allowed. Adding a parameter is its field and a line
+of the notebook's parameters cell.
 
 Each training stage of a task (`STAGES`: "train"; T4: "classifier" and "embedding"; E2: "pretrain"
 and "train") declares which fields it reads: `cfg.fit_config(stage)` is the engine's FitConfig
@@ -61,65 +64,22 @@ class Range(NamedTuple):
 AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE = Range(1), Range(2), Range(0), Range(0, low_open=True)
 FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 
-# the allowed range of every numeric parameter of every task (a test checks none is missing)
-RANGES = {
-    "epochs": AT_LEAST_1,
-    "cls_epochs": AT_LEAST_1,
-    "emb_epochs": AT_LEAST_1,
-    "pretrain_epochs": AT_LEAST_1,
-    "batch_size": AT_LEAST_1,
-    "image_size": Range(8),
-    "resize": Range(8),
-    "eval_every": AT_LEAST_1,
-    "num_workers": Range(-1),
-    "seed": NON_NEGATIVE,
-    "classes": NON_NEGATIVE,
-    "train_per_class": NON_NEGATIVE,
-    "heldout_fraction": FRACTION,
-    "padding": NON_NEGATIVE,
-    "rrc_scale_min": Range(0, 1, low_open=True),
-    "mixup": NON_NEGATIVE,
-    "cutmix": NON_NEGATIVE,
-    "mix_prob": Range(0, 1),
-    "lr": POSITIVE,
-    "cls_lr": POSITIVE,
-    "emb_lr": POSITIVE,
-    "pretrain_lr": POSITIVE,
-    "center_lr": POSITIVE,
-    "momentum": FRACTION,
-    "weight_decay": NON_NEGATIVE,
-    "emb_weight_decay": NON_NEGATIVE,
-    "warmup_epochs": NON_NEGATIVE,
-    "label_smoothing": FRACTION,
-    "patience": NON_NEGATIVE,
-    "budget_s": NON_NEGATIVE,
-    "cls_budget_s": NON_NEGATIVE,
-    "emb_budget_s": NON_NEGATIVE,
-    "pretrain_budget_s": NON_NEGATIVE,
-    "dropout": FRACTION,
-    "width": AT_LEAST_1,
-    "resnet_width": AT_LEAST_1,
-    "cubs_width": NON_NEGATIVE,
-    "embedding_dim": AT_LEAST_1,
-    "hidden": AT_LEAST_1,
-    "triplet_margin": NON_NEGATIVE,
-    "center_weight": NON_NEGATIVE,
-    "ncm_per_class": AT_LEAST_1,
-    "pk_classes": AT_LEAST_2,
-    "pk_images": AT_LEAST_2,  # P >= 2: negatives need another class; K >= 2: positives
-    "alpha": POSITIVE,
-    "beta": POSITIVE,
-    "lam": Range(-1, 1),
-    "epsilon": NON_NEGATIVE,
-    "memory_size": AT_LEAST_1,
-    "memory_warmup_steps": NON_NEGATIVE,
-    "unlabeled_limit": NON_NEGATIVE,
-    "tsne_points": AT_LEAST_1,
-    "tsne_per_class": AT_LEAST_1,
-    "grid_queries": AT_LEAST_1,
-    "gpus": AT_LEAST_1,
-}
-ITEM_TYPES = {"hidden": int}  # element types of list parameters (others hold names)
+
+def param(default, *, range: Range | None = None, choices: tuple | None = None, runtime: bool = False, items=None):
+    """A configuration field with its rules beside it: the `range` of a number (of every item of a
+    list), the valid `choices` of a name (of every item of a list), whether it is `runtime` (where
+    things run, what is shown, which runs a notebook makes: it may change between a run and its
+    resumption and is not part of a run key), and the type of a list's `items` (int; else names)."""
+    return dataclasses.field(
+        default=default, metadata={"range": range, "choices": choices, "runtime": runtime, "items": items}
+    )
+
+
+def rule(f: dataclasses.Field, what: str):
+    """One of `param`'s rules of a field (None where the field has none)."""
+    return f.metadata.get(what)
+
+
 TRUE_WORDS, FALSE_WORDS = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
 
 
@@ -232,7 +192,6 @@ class ConfigBase:
     """Shared builder and helpers of the task configurations."""
 
     PRESETS: dict = {}  # task -> profile -> values
-    CHOICES: dict = {}  # parameter -> its valid values (for list parameters: of each item)
     STAGES: dict = {}  # stage name -> Stage
 
     def _validate(self) -> None:
@@ -240,27 +199,25 @@ class ConfigBase:
         SettingsError listing every problem (parameter, value, what is allowed)."""
         problems = []
         for f in fields(self):
-            value = getattr(self, f.name)
+            value, valid, choices = getattr(self, f.name), rule(f, "range"), rule(f, "choices")
             try:
-                coerced = _coerce(f.type, value, ITEM_TYPES.get(f.name))
+                coerced = _coerce(f.type, value, rule(f, "items"))
             except TypeError:
-                rule = RANGES.get(f.name)
-                if f.type == "str" and f.name in self.CHOICES:
-                    problems.append(f"{f.name}={value!r} is not valid; choose one of {_listing(self.CHOICES[f.name])}")
+                if f.type == "str" and choices:
+                    problems.append(f"{f.name}={value!r} is not valid; choose one of {_listing(choices)}")
                     continue
-                detail = LIST_EXAMPLE[ITEM_TYPES.get(f.name)] if f.type == "tuple" else f" {rule}" if rule else ""
+                detail = LIST_EXAMPLE[rule(f, "items")] if f.type == "tuple" else f" {valid}" if valid else ""
                 problems.append(f"{f.name}={value!r} is not valid; expected {EXPECTED[f.type]}{detail}")
                 continue
             object.__setattr__(self, f.name, coerced)
-            rule = RANGES.get(f.name)
             for x in coerced if f.type == "tuple" else (coerced,):
-                if rule is not None and x not in rule:
+                if valid is not None and x not in valid:
                     what = "every item" if f.type == "tuple" else EXPECTED[f.type]
-                    problems.append(f"{f.name}={value!r} is not valid; expected {what} {rule}")
+                    problems.append(f"{f.name}={value!r} is not valid; expected {what} {valid}")
                     break
-                if f.name in self.CHOICES and x not in self.CHOICES[f.name]:
+                if choices and x not in choices:
                     problems.append(
-                        f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {_listing(self.CHOICES[f.name])}"
+                        f"{f.name}={value!r} is not valid; choose {'items from' if f.type == 'tuple' else 'one of'} {_listing(choices)}"
                     )
                     break
         if not problems:
@@ -291,6 +248,14 @@ class ConfigBase:
         values.update({k: v for k, v in params.items() if v is not None})
         return cls(task=task, profile=profile, **values).resolved()
 
+    @classmethod
+    def from_parameters(cls, task: str, namespace: dict):
+        """A notebook's configuration: `build` from every name its parameters cell declares (the
+        annotated names IPython keeps in `namespace["__annotations__"]`), with the values papermill
+        may have injected after it."""
+        declared = namespace.get("__annotations__", {})
+        return cls.build(task, **{name: namespace[name] for name in declared if name in namespace})
+
     def resolved(self):
         """A copy with data_dir, out_dir and device made concrete. Defaults: smoke reads generated
         data (created on first use), full reads <project>/data; results go to outputs/<profile>."""
@@ -314,29 +279,14 @@ class ConfigBase:
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    # settings that may change between a run and its resumption (where things run, what is shown,
-    # which runs a notebook makes: each run has its own checkpoint folder), as opposed to
-    # everything that defines a trained model (eval_every: the engine compares it when a monitor
-    # selects on the evaluations)
-    # (gpus and sync_bn: the engine compares the number of processes itself, see engine._resume)
     RESOLVED_BY_TASK: tuple = ()  # fields the task fills in when it runs (their saved values are not the parameters)
-    RUNTIME_KEYS = (
-        "out_dir",
-        "device",
-        "resume",
-        "data_path",
-        "num_workers",
-        "fashions",
-        "bonus",
-        "ablation",
-        "miner",
-        "tsne_points",
-        "tsne_per_class",
-        "grid_queries",
-        "eval_every",
-        "gpus",
-        "sync_bn",
-    )
+
+    @classmethod
+    def runtime_keys(cls) -> tuple[str, ...]:
+        """The fields declared `param(..., runtime=True)` (gpus and sync_bn too: the engine compares
+        the number of processes itself; eval_every too: the engine compares it when a monitor
+        selects on the evaluations)."""
+        return tuple(f.name for f in fields(cls) if rule(f, "runtime"))
 
     def fit_config(self, stage: str = "train") -> FitConfig:
         """The engine's FitConfig for one training stage (see Stage)."""
@@ -352,7 +302,7 @@ class ConfigBase:
         from theirs). Its own epoch count is left to the engine, which refuses another length."""
         check_choice("stage", stage, tuple(self.STAGES))
         spec = self.STAGES[stage]
-        skip = set(self.RUNTIME_KEYS) | {spec.reads["epochs"]}
+        skip = set(self.runtime_keys()) | {spec.reads["epochs"]}
         for name, other in self.STAGES.items():
             if name != stage and name not in spec.after:
                 skip |= other.uses() - spec.uses()
@@ -464,56 +414,76 @@ class RecognitionConfig(ConfigBase):
     profile: str = "smoke"
     # data
     data_dir: str = ""  # the folder holding tiny-imagenet-200/, or that folder ("" = the profile's default)
-    out_dir: str = ""  # metrics/, figures/, checkpoints/ go here ("" = outputs/<profile>)
-    device: str = "auto"
-    resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
-    data_path: str = "auto"  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
+    out_dir: str = param("", runtime=True)  # metrics/, figures/, checkpoints/ go here ("" = outputs/<profile>)
+    device: str = param("auto", runtime=True)
+    resume: bool = param(
+        True, runtime=True
+    )  # continue the checkpoints of an identical earlier run (False: train afresh)
+    data_path: str = param(
+        "auto", choices=DATA_PATHS, runtime=True
+    )  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
     # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
-    num_workers: int = -1
-    classes: int = 0  # keep only the first N classes of wnids.txt (0 = all)
-    train_per_class: int = 0  # at most N training images per class (0 = all)
-    heldout_fraction: float = 0.05  # stratified held-out part of train for model selection
+    num_workers: int = param(-1, range=Range(-1), runtime=True)
+    classes: int = param(0, range=NON_NEGATIVE)  # keep only the first N classes of wnids.txt (0 = all)
+    train_per_class: int = param(0, range=NON_NEGATIVE)  # at most N training images per class (0 = all)
+    heldout_fraction: float = param(0.05, range=FRACTION)  # stratified held-out part of train for model selection
     # augmentation
-    image_size: int = 64  # training/eval input side (images are resized first when smaller than 64)
-    crop: str = "pad"  # pad (random crop with zero padding) | rrc (random-resized crop)
-    padding: int = 4
-    rrc_scale_min: float = 0.35
-    mixup: float = 0.0  # Beta alpha; 0 = off
-    cutmix: float = 0.0  # Beta alpha; 0 = off
-    mix_prob: float = 0.5  # fraction of batches mixed when mixup/cutmix is on
+    image_size: int = param(
+        64, range=Range(8)
+    )  # training/eval input side (images are resized first when smaller than 64)
+    crop: str = param("pad", choices=("pad", "rrc"))  # pad (random crop with zero padding) | rrc (random-resized crop)
+    padding: int = param(4, range=NON_NEGATIVE)
+    rrc_scale_min: float = param(0.35, range=Range(0, 1, low_open=True))
+    mixup: float = param(0.0, range=NON_NEGATIVE)  # Beta alpha; 0 = off
+    cutmix: float = param(0.0, range=NON_NEGATIVE)  # Beta alpha; 0 = off
+    mix_prob: float = param(0.5, range=Range(0, 1))  # fraction of batches mixed when mixup/cutmix is on
     # optimisation
-    epochs: int = 3
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.1
-    patience: int = 0  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
-    budget_s: float = 0.0  # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
-    eval_every: int = 1  # evaluate held-out and test every N epochs (and after the last)
-    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    epochs: int = param(3, range=AT_LEAST_1)
+    batch_size: int = param(64, range=AT_LEAST_1)
+    optimizer: str = param("sgd", choices=OPTIMIZERS)
+    lr: float = param(0.05, range=POSITIVE)
+    momentum: float = param(0.9, range=FRACTION)
+    weight_decay: float = param(5e-4, range=NON_NEGATIVE)
+    schedule: str = param("cosine", choices=SCHEDULES)
+    warmup_epochs: float = param(0.5, range=NON_NEGATIVE)
+    label_smoothing: float = param(0.1, range=FRACTION)
+    patience: int = param(
+        0, range=NON_NEGATIVE
+    )  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
+    budget_s: float = param(
+        0.0, range=NON_NEGATIVE
+    )  # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
+    eval_every: int = param(
+        1, range=AT_LEAST_1, runtime=True
+    )  # evaluate held-out and test every N epochs (and after the last)
+    precision: str = param(
+        "auto", choices=PRECISIONS
+    )  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
-    gpus: int = 1  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size is the global batch
-    sync_bn: bool = False  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
-    seed: int = 0
+    gpus: int = param(
+        1, range=AT_LEAST_1, runtime=True
+    )  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size is the global batch
+    sync_bn: bool = param(False, runtime=True)  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
+    seed: int = param(0, range=NON_NEGATIVE)
     # models
-    stem: str = "small"  # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
-    width: int = 64  # custom CNN base width
-    resnet_width: int = 64  # ResNet-18's first-stage channels (64 as published; stages x 1, 2, 4, 8)
-    fashions: tuple = FASHIONS  # T3: the CUBS fashions to train and select from
-    cubs_width: int = 0  # N of CUBS Block 1 (0 = C, the channel count, as specified)
-    bonus: bool = True  # T3: also train the bonus CUBS variant in the selected fashion
-    embedding_dim: int = 128  # E1: embedding size of the metric-loss heads
-    triplet_margin: float = 0.2  # E1
-    center_weight: float = 0.01  # E1: lambda in CE + lambda * center loss
-    center_lr: float = 0.5  # E1: SGD learning rate of the centers
-    pk_classes: int = 16  # E1 triplet batches: P classes x K images
-    pk_images: int = 4
-    ncm_per_class: int = 50  # E1: train images per class whose embeddings give the class means
+    stem: str = param(
+        "small", choices=STEMS
+    )  # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
+    width: int = param(64, range=AT_LEAST_1)  # custom CNN base width
+    resnet_width: int = param(
+        64, range=AT_LEAST_1
+    )  # ResNet-18's first-stage channels (64 as published; stages x 1, 2, 4, 8)
+    fashions: tuple = param(FASHIONS, choices=FASHIONS, runtime=True)  # T3: the CUBS fashions to train and select from
+    cubs_width: int = param(0, range=NON_NEGATIVE)  # N of CUBS Block 1 (0 = C, the channel count, as specified)
+    bonus: bool = param(True, runtime=True)  # T3: also train the bonus CUBS variant in the selected fashion
+    embedding_dim: int = param(128, range=AT_LEAST_1)  # E1: embedding size of the metric-loss heads
+    triplet_margin: float = param(0.2, range=NON_NEGATIVE)  # E1
+    center_weight: float = param(0.01, range=NON_NEGATIVE)  # E1: lambda in CE + lambda * center loss
+    center_lr: float = param(0.5, range=POSITIVE)  # E1: SGD learning rate of the centers
+    pk_classes: int = param(16, range=AT_LEAST_2)  # E1 triplet batches: P classes x K images
+    pk_images: int = param(4, range=AT_LEAST_2)
+    ncm_per_class: int = param(50, range=AT_LEAST_1)  # E1: train images per class whose embeddings give the class means
 
     PRESETS = {
         "T1": TINY_IMAGENET_PRESETS,
@@ -590,16 +560,6 @@ class RecognitionConfig(ConfigBase):
         ),
     }
 
-    CHOICES = {
-        "precision": PRECISIONS,
-        "data_path": DATA_PATHS,
-        "crop": ("pad", "rrc"),
-        "optimizer": OPTIMIZERS,
-        "schedule": SCHEDULES,
-        "stem": STEMS,
-        "fashions": FASHIONS,
-    }
-
     def __post_init__(self):
         self._validate()
 
@@ -626,59 +586,79 @@ class RetrievalConfig(ConfigBase):
     task: str
     profile: str = "smoke"
     data_dir: str = ""  # holds stanford_cars/ (devkit) or cars196/ (metric-learning), or is one of them
-    out_dir: str = ""
-    device: str = "auto"
-    resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
-    data_path: str = "auto"  # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
-    num_workers: int = -1  # (-1: follow the machine's cores)
+    out_dir: str = param("", runtime=True)
+    device: str = param("auto", runtime=True)
+    resume: bool = param(
+        True, runtime=True
+    )  # continue the checkpoints of an identical earlier run (False: train afresh)
+    data_path: str = param(
+        "auto", choices=DATA_PATHS, runtime=True
+    )  # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
+    num_workers: int = param(-1, range=Range(-1), runtime=True)  # (-1: follow the machine's cores)
     bbox_crop: bool = False  # crop to the annotated bounding box first
-    resize: int = 256  # shorter side before the crops (train: random-resized crop; test: centre crop)
-    image_size: int = 224
-    rrc_scale_min: float = 0.16
+    resize: int = param(
+        256, range=Range(8)
+    )  # shorter side before the crops (train: random-resized crop; test: centre crop)
+    image_size: int = param(224, range=Range(8))
+    rrc_scale_min: float = param(0.16, range=Range(0, 1, low_open=True))
     # architecture and initialisation
-    fashion: str = ""  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
-    stem: str = "imagenet"
-    resnet_width: int = 64  # ResNet-18's first-stage channels (64 as published; T3's and ImageNet weights need theirs)
-    cubs_width: int = 0  # N of CUBS Block 1 (0 = C)
-    init: str = "auto"  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
+    fashion: str = param(
+        "", choices=("",) + FASHIONS
+    )  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
+    stem: str = param("imagenet", choices=STEMS)
+    resnet_width: int = param(
+        64, range=AT_LEAST_1
+    )  # ResNet-18's first-stage channels (64 as published; T3's and ImageNet weights need theirs)
+    cubs_width: int = param(0, range=NON_NEGATIVE)  # N of CUBS Block 1 (0 = C)
+    init: str = param(
+        "auto", choices=INITS
+    )  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
     checkpoint: str = ""  # init="tinyimagenet": a T3 best.pt ("" = the one T3's metrics name)
     imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth ("" = torchvision's download-once cache, $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)
     # stage 1: classifier
-    cls_epochs: int = 3
+    cls_epochs: int = param(3, range=AT_LEAST_1)
     # > 0: train stage 1 for this many seconds (cls_epochs ignored; pipeline --budget sets it)
-    cls_budget_s: float = 0.0
-    batch_size: int = 64
-    cls_optimizer: str = "sgd"
-    cls_lr: float = 0.05
-    weight_decay: float = 5e-4
-    label_smoothing: float = 0.1
-    warmup_epochs: float = 0.5
+    cls_budget_s: float = param(0.0, range=NON_NEGATIVE)
+    batch_size: int = param(64, range=AT_LEAST_1)
+    cls_optimizer: str = param("sgd", choices=OPTIMIZERS)
+    cls_lr: float = param(0.05, range=POSITIVE)
+    weight_decay: float = param(5e-4, range=NON_NEGATIVE)
+    label_smoothing: float = param(0.1, range=FRACTION)
+    warmup_epochs: float = param(0.5, range=NON_NEGATIVE)
     # stage 2: embedding + multi-similarity loss
-    emb_epochs: int = 2
-    emb_budget_s: float = 0.0  # > 0: each stage-2 run (the main miner and every ablation run) trains this many seconds
-    emb_optimizer: str = "adamw"
-    emb_lr: float = 3e-4
-    emb_weight_decay: float = 1e-4
-    embedding_dim: int = 512
-    pk_classes: int = 8  # P classes per batch
-    pk_images: int = 4  # K images per class
-    alpha: float = 2.0
-    beta: float = 50.0
-    lam: float = 0.5
-    miner: str = "ms"  # the main run's miner
-    epsilon: float = 0.1  # MS miner margin
-    memory_size: int = 2048  # "xbm": cross-batch memory size
-    memory_warmup_steps: int = 0
-    ablation: tuple = MINERS  # miners compared in the ablation table (each a stage-2 run from the same stage 1)
-    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    emb_epochs: int = param(2, range=AT_LEAST_1)
+    emb_budget_s: float = param(
+        0.0, range=NON_NEGATIVE
+    )  # > 0: each stage-2 run (the main miner and every ablation run) trains this many seconds
+    emb_optimizer: str = param("adamw", choices=OPTIMIZERS)
+    emb_lr: float = param(3e-4, range=POSITIVE)
+    emb_weight_decay: float = param(1e-4, range=NON_NEGATIVE)
+    embedding_dim: int = param(512, range=AT_LEAST_1)
+    pk_classes: int = param(8, range=AT_LEAST_2)  # P classes per batch
+    pk_images: int = param(4, range=AT_LEAST_2)  # K images per class
+    alpha: float = param(2.0, range=POSITIVE)
+    beta: float = param(50.0, range=POSITIVE)
+    lam: float = param(0.5, range=Range(-1, 1))
+    miner: str = param("ms", choices=MINERS, runtime=True)  # the main run's miner
+    epsilon: float = param(0.1, range=NON_NEGATIVE)  # MS miner margin
+    memory_size: int = param(2048, range=AT_LEAST_1)  # "xbm": cross-batch memory size
+    memory_warmup_steps: int = param(0, range=NON_NEGATIVE)
+    ablation: tuple = param(
+        MINERS, choices=MINERS, runtime=True
+    )  # miners compared in the ablation table (each a stage-2 run from the same stage 1)
+    precision: str = param(
+        "auto", choices=PRECISIONS
+    )  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     channels_last: bool = True
     compile: bool = False
     # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
-    gpus: int = 1
-    sync_bn: bool = True  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
-    seed: int = 0
-    tsne_points: int = 2000  # at most this many test embeddings in each t-SNE
-    grid_queries: int = 3  # queries shown with their nearest / farthest 10
+    gpus: int = param(1, range=AT_LEAST_1, runtime=True)
+    sync_bn: bool = param(
+        True, runtime=True
+    )  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
+    seed: int = param(0, range=NON_NEGATIVE)
+    tsne_points: int = param(2000, range=AT_LEAST_1, runtime=True)  # at most this many test embeddings in each t-SNE
+    grid_queries: int = param(3, range=AT_LEAST_1, runtime=True)  # queries shown with their nearest / farthest 10
 
     PRESETS = {
         "T4": {
@@ -777,18 +757,6 @@ class RetrievalConfig(ConfigBase):
 
     RESOLVED_BY_TASK = ("fashion", "init", "checkpoint")  # from T3's metrics (retrieval.apply_t3_selection)
 
-    CHOICES = {
-        "precision": PRECISIONS,
-        "data_path": DATA_PATHS,
-        "init": INITS,
-        "stem": STEMS,
-        "cls_optimizer": OPTIMIZERS,
-        "emb_optimizer": OPTIMIZERS,
-        "miner": MINERS,
-        "ablation": MINERS,
-        "fashion": ("",) + FASHIONS,
-    }
-
     def __post_init__(self):
         self._validate()
 
@@ -828,29 +796,39 @@ class LayerwiseConfig(ConfigBase):
     task: str
     profile: str = "smoke"
     data_dir: str = ""  # holds stl10_binary/ (or is it)
-    out_dir: str = ""
-    device: str = "auto"
-    resume: bool = True  # continue the checkpoints of an identical earlier run (False: train afresh)
-    hidden: tuple = (1024, 1200, 728, 512, 128)  # X; the seed report's alternative: (1024, 1000, 500, 256, 128, 64)
-    heldout_fraction: float = 0.1  # stratified part of train for model selection
+    out_dir: str = param("", runtime=True)
+    device: str = param("auto", runtime=True)
+    resume: bool = param(
+        True, runtime=True
+    )  # continue the checkpoints of an identical earlier run (False: train afresh)
+    hidden: tuple = param(
+        (1024, 1200, 728, 512, 128), range=AT_LEAST_1, items=int
+    )  # X; the seed report's alternative: (1024, 1000, 500, 256, 128, 64)
+    heldout_fraction: float = param(0.1, range=FRACTION)  # stratified part of train for model selection
     use_unlabeled: bool = False  # pretrain on train + the unlabeled split (100,000 images) too
-    unlabeled_limit: int = 0  # at most this many unlabeled images (0 = all)
+    unlabeled_limit: int = param(0, range=NON_NEGATIVE)  # at most this many unlabeled images (0 = all)
     flip: bool = True  # random horizontal flips while training
-    pretrain_epochs: int = 3  # per layer
+    pretrain_epochs: int = param(3, range=AT_LEAST_1)  # per layer
     # > 0: pretrain each layer for this many seconds (pretrain_epochs ignored; pipeline --budget sets it)
-    pretrain_budget_s: float = 0.0
-    pretrain_lr: float = 1e-3
-    epochs: int = 8  # fine-tuning (and the baseline)
-    budget_s: float = 0.0  # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
-    batch_size: int = 64
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
-    dropout: float = 0.2
-    label_smoothing: float = 0.0
-    tsne_per_class: int = 500  # first N test images of each class in the X[3] t-SNE
-    precision: str = "auto"  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
-    seed: int = 0
+    pretrain_budget_s: float = param(0.0, range=NON_NEGATIVE)
+    pretrain_lr: float = param(1e-3, range=POSITIVE)
+    epochs: int = param(8, range=AT_LEAST_1)  # fine-tuning (and the baseline)
+    budget_s: float = param(
+        0.0, range=NON_NEGATIVE
+    )  # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
+    batch_size: int = param(64, range=AT_LEAST_1)
+    optimizer: str = param("adam", choices=OPTIMIZERS)
+    lr: float = param(1e-3, range=POSITIVE)
+    weight_decay: float = param(1e-5, range=NON_NEGATIVE)
+    dropout: float = param(0.2, range=FRACTION)
+    label_smoothing: float = param(0.0, range=FRACTION)
+    tsne_per_class: int = param(
+        500, range=AT_LEAST_1, runtime=True
+    )  # first N test images of each class in the X[3] t-SNE
+    precision: str = param(
+        "auto", choices=PRECISIONS
+    )  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    seed: int = param(0, range=NON_NEGATIVE)
 
     PRESETS = {
         "E2": {
@@ -889,8 +867,6 @@ class LayerwiseConfig(ConfigBase):
         # the same MLP and recipe from its random init
         "baseline": Stage(reads=E2_CLASSIFIER_READS, fixed=E2_CLASSIFIER_FIXED, also_reads=("dropout",)),
     }
-
-    CHOICES = {"precision": PRECISIONS, "optimizer": OPTIMIZERS}
 
     def __post_init__(self):
         self._validate()

@@ -1,6 +1,7 @@
 """Static checks of the committed notebooks (they are executed by `pytest --nbval-lax notebooks/`)."""
 
 import ast
+import dataclasses
 import json
 from pathlib import Path
 
@@ -31,14 +32,35 @@ def test_parameters_are_flat_plain_values(path):
     tree = ast.parse("".join(cell["source"]))
     names = []
     for node in tree.body:
-        assert isinstance(node, (ast.Assign, ast.AnnAssign)), (
-            f"only assignments in the parameters cell: {ast.unparse(node)}"
+        assert isinstance(node, ast.AnnAssign), (
+            f"only annotated assignments in the parameters cell (the configuration reads the annotated names): {ast.unparse(node)}"
         )
-        value = node.value
-        ast.literal_eval(value)  # plain values only: nothing derived, no calls
-        target = node.targets[0] if isinstance(node, ast.Assign) else node.target
-        names.append(target.id)
+        ast.literal_eval(node.value)  # plain values only: nothing derived, no calls
+        names.append(node.target.id)
     assert names[:2] == ["profile", "data_dir"] and "device" in names and "seed" in names
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_configuration_is_built_from_the_parameters_cell_alone(path):
+    """Adding a parameter is the field and the parameters cell: the next cell passes every
+    declared name (Config.from_parameters), and each is a field of the task's configuration."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from helpers.config import config_class
+
+    task = path.stem.split("_")[0]
+    cells = [c for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "code"]
+    params, config_cell = "".join(cells[1]["source"]), "".join(cells[2]["source"])
+    assert f'.from_parameters("{task}", globals())' in config_cell
+    shell = InteractiveShell.instance()
+    shell.user_ns.pop("__annotations__", None)
+    shell.run_cell(params).raise_error()
+    shell.run_cell("seed = 7").raise_error()  # as papermill injects a value after the cell
+    declared = dict(shell.user_ns["__annotations__"])
+    fields = {f.name for f in dataclasses.fields(config_class(task))}
+    assert declared and set(declared) <= fields, f"not fields: {sorted(set(declared) - fields)}"
+    cfg = config_class(task).from_parameters(task, shell.user_ns)
+    assert cfg.seed == 7 and cfg.task == task
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
