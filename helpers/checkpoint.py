@@ -24,6 +24,7 @@ import torch
 
 from helpers.atomic import atomic_torch_save, atomic_write_json
 from helpers.errors import CheckpointError, SettingsError
+from helpers.fit_config import OLDER_RUN_KEYS
 
 # 2: the plateau schedule reads the early-stopping monitor ("monitor") instead of keeping its own best
 CHECKPOINT_FORMAT = 2
@@ -142,7 +143,7 @@ def slim_finished(out: Path, weights_in_best: bool) -> None:
 
 
 def load_last(out: Path, device: torch.device) -> dict:
-    """out/last.pt (a format-1 file is read as format 2); when it is missing or unreadable,
+    """out/last.pt; when it is missing or unreadable,
     out/last.prev.pt with a notice. A CheckpointError when neither is usable or the format is unknown."""
     from helpers.runinfo import notice
 
@@ -162,44 +163,12 @@ def load_last(out: Path, device: torch.device) -> dict:
         )
         path = previous
     found = state.get("format")
-    if found == 1 and {"best_value", "best_epoch", "bad_epochs", "schedule"} <= set(state):
-        return upgrade_amp(upgrade_format_1(state))
     if found != CHECKPOINT_FORMAT:
         written = "without a format number" if found is None else f"in checkpoint format {found!r}"
         raise CheckpointError(
             f"{path} was written {written}; this version of the training engine resumes format {CHECKPOINT_FORMAT} only: {AFRESH}"
         )
-    return upgrade_amp(state)
-
-
-def upgrade_amp(state: dict) -> dict:
-    """A training state written before `precision` replaced `amp` (bf16 autocast on CUDA, off
-    elsewhere): amp=True is precision "auto" (the same bf16 on an Ampere or newer GPU, and fp32 on
-    the CPU), amp=False is "fp32"; in the FitConfig and in the run key alike."""
-    for part in ("config", "run_key"):
-        settings = state.get(part)
-        if isinstance(settings, dict) and "amp" in settings and "precision" not in settings:
-            settings = dict(settings)
-            settings["precision"] = "auto" if settings.pop("amp") else "fp32"
-            state = state | {part: settings}
     return state
-
-
-def upgrade_format_1(state: dict) -> dict:
-    """A format-1 training state as format 2: the best value, its epoch and the epochs since it
-    move into "monitor"; the plateau schedule's own best and count go (it reads the monitor, whose
-    epochs-since-best give the same cuts)."""
-    upgraded = {k: v for k, v in state.items() if k not in ("best_value", "best_epoch", "bad_epochs")}
-    upgraded["format"] = CHECKPOINT_FORMAT
-    upgraded["monitor"] = {
-        "best": state["best_value"],
-        "best_epoch": state["best_epoch"],
-        "bad_epochs": state["bad_epochs"],
-    }
-    upgraded["schedule"] = {k: v for k, v in state["schedule"].items() if k not in ("best", "bad_epochs")}
-    for key in ("running", "augment_rng", "run_key", "budget_elapsed"):  # absent from the earliest format-1 files
-        upgraded.setdefault(key, None)
-    return upgraded
 
 
 def save_best(
@@ -269,17 +238,14 @@ def run_owner(out: Path) -> dict | None:
     return owner if isinstance(owner, dict) else None
 
 
-# Fields added to the configurations' run keys since checkpoints were first written, with the value
-# every older checkpoint was trained with: such a checkpoint resumes when the field still has it.
-ADDED_RUN_KEYS = {"resnet_width": 64}
-
-
 def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per_epoch: int) -> None:
     """Refuse (SettingsError) to resume the checkpoint `state` read from `path` under the FitConfig
     `cfg` and `run_key` when it was written with other settings or for another length."""
     # (a field added since the checkpoint was written counts as its default)
     saved_config = {f.name: f.default for f in fields(cfg)} | state["config"]
-    saved_key = {k: v for k, v in ADDED_RUN_KEYS.items() if k in (run_key or {})} | (state["run_key"] or {})
+    saved_key = state["run_key"] or {}
+    if saved_key:  # (a field it predates counts at the value it was trained with, where that is known)
+        saved_key = {k: v for k, v in OLDER_RUN_KEYS.items() if k in (run_key or {})} | saved_key
     saved = {k: v for k, v in saved_config.items() if k not in _not_compared(saved_config)} | {
         f"run.{k}": v for k, v in saved_key.items() if k != "epochs"
     }
@@ -294,6 +260,12 @@ def check_same_run(state: dict, path: Path, cfg, run_key: dict | None, steps_per
             f"{path} is a {saved['epochs']}-epoch run ({progress}); epochs is now {cfg.epochs}. "
             f"Its LR schedule was planned for that length, so continuing it for {cfg.epochs} would equal neither run. "
             f"Set epochs={saved['epochs']} to resume it, or pass resume=False (or another out_dir) to train {cfg.epochs} epochs afresh."
+        )
+    newer = sorted(k.removeprefix("run.") for k in diff if k.startswith("run.") and k[4:] not in saved_key)
+    if newer and state["run_key"]:
+        raise SettingsError(
+            f"{path} was written before the setting(s) {', '.join(newer)} existed, so what it was trained with is unknown. "
+            "Pass resume=False (or another out_dir) to train afresh."
         )
     if "run.data_fingerprint" in diff:
         before, now = diff["run.data_fingerprint"]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import NamedTuple
 
-from helpers.fit_config import OPTIMIZERS, SCHEDULES, FitConfig, check_choice
+from helpers.fit_config import OLDER_RUN_KEYS, OPTIMIZERS, SCHEDULES, FitConfig, check_choice
 from helpers.runinfo import (
     PRECISIONS,
     PROFILES,
@@ -65,13 +65,24 @@ AT_LEAST_1, AT_LEAST_2, NON_NEGATIVE, POSITIVE = Range(1), Range(2), Range(0), R
 FRACTION = Range(0, 1, high_open=True)  # [0, 1)
 
 
-def param(default, *, range: Range | None = None, choices: tuple | None = None, runtime: bool = False, items=None):
+def param(
+    default,
+    *,
+    range: Range | None = None,
+    choices: tuple | None = None,
+    runtime: bool = False,
+    items=None,
+    older=dataclasses.MISSING,
+):
     """A configuration field with its rules beside it: the `range` of a number (of every item of a
     list), the valid `choices` of a name (of every item of a list), whether it is `runtime` (where
     things run, what is shown, which runs a notebook makes: it may change between a run and its
-    resumption and is not part of a run key), and the type of a list's `items` (int; else names)."""
+    resumption and is not part of a run key), the type of a list's `items` (int; else names), and,
+    for a field added after checkpoints existed, the value they were trained with (`older`: they
+    resume at that value; without it such a checkpoint is refused, naming the field)."""
+    metadata = {"range": range, "choices": choices, "runtime": runtime, "items": items}
     return dataclasses.field(
-        default=default, metadata={"range": range, "choices": choices, "runtime": runtime, "items": items}
+        default=default, metadata=metadata | ({"older": older} if older is not dataclasses.MISSING else {})
     )
 
 
@@ -253,7 +264,14 @@ class ConfigBase:
         """A notebook's configuration: `build` from every name its parameters cell declares (the
         annotated names IPython keeps in `namespace["__annotations__"]`), with the values papermill
         may have injected after it."""
-        declared = namespace.get("__annotations__", {})
+        declared = namespace.get("__annotations__")
+        if declared is None and callable(namespace.get("__annotate__")):  # (Python 3.14: annotations made lazily)
+            declared = namespace["__annotate__"](1)
+        if not declared or "profile" not in declared:
+            raise SettingsError(
+                "from_parameters found no parameters cell in this namespace (annotated assignments such as "
+                '`profile: str = "smoke"`); run that cell first, or call build(task, profile, name=value, ...)'
+            )
         return cls.build(task, **{name: namespace[name] for name in declared if name in namespace})
 
     def resolved(self):
@@ -287,6 +305,11 @@ class ConfigBase:
         the number of processes itself; eval_every too: the engine compares it when a monitor
         selects on the evaluations)."""
         return tuple(f.name for f in fields(cls) if rule(f, "runtime"))
+
+    @classmethod
+    def older_values(cls) -> dict:
+        """{field: the value checkpoints and metrics written before it existed were trained with}."""
+        return {f.name: f.metadata["older"] for f in fields(cls) if "older" in f.metadata}
 
     def fit_config(self, stage: str = "train") -> FitConfig:
         """The engine's FitConfig for one training stage (see Stage)."""
@@ -416,22 +439,20 @@ class RecognitionConfig(ConfigBase):
     data_dir: str = ""  # the folder holding tiny-imagenet-200/, or that folder ("" = the profile's default)
     out_dir: str = param("", runtime=True)  # metrics/, figures/, checkpoints/ go here ("" = outputs/<profile>)
     device: str = param("auto", runtime=True)
-    resume: bool = param(
-        True, runtime=True
-    )  # continue the checkpoints of an identical earlier run (False: train afresh)
-    data_path: str = param(
-        "auto", choices=DATA_PATHS, runtime=True
-    )  # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
+    # continue the checkpoints of an identical earlier run (False: train afresh)
+    resume: bool = param(True, runtime=True)
+    # lazy (per-item JPEG decode) | cached (uint8 array, RAM) | gpu (array on the GPU)
+    data_path: str = param("auto", choices=DATA_PATHS, runtime=True)
     # DataLoader workers of the lazy path and of building the cache (-1: follow the machine's cores)
     num_workers: int = param(-1, range=Range(-1), runtime=True)
     classes: int = param(0, range=NON_NEGATIVE)  # keep only the first N classes of wnids.txt (0 = all)
     train_per_class: int = param(0, range=NON_NEGATIVE)  # at most N training images per class (0 = all)
     heldout_fraction: float = param(0.05, range=FRACTION)  # stratified held-out part of train for model selection
     # augmentation
-    image_size: int = param(
-        64, range=Range(8)
-    )  # training/eval input side (images are resized first when smaller than 64)
+    # training/eval input side (images are resized first when smaller than 64)
+    image_size: int = param(64, range=Range(8))
     crop: str = param("pad", choices=("pad", "rrc"))  # pad (random crop with zero padding) | rrc (random-resized crop)
+    flip: bool = param(True, older=True)  # random horizontal flips of the training batches
     padding: int = param(4, range=NON_NEGATIVE)
     rrc_scale_min: float = param(0.35, range=Range(0, 1, low_open=True))
     mixup: float = param(0.0, range=NON_NEGATIVE)  # Beta alpha; 0 = off
@@ -447,33 +468,26 @@ class RecognitionConfig(ConfigBase):
     schedule: str = param("cosine", choices=SCHEDULES)
     warmup_epochs: float = param(0.5, range=NON_NEGATIVE)
     label_smoothing: float = param(0.1, range=FRACTION)
-    patience: int = param(
-        0, range=NON_NEGATIVE
-    )  # early stopping on held-out top-1 after N epochs without improvement (0 = off)
-    budget_s: float = param(
-        0.0, range=NON_NEGATIVE
-    )  # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
-    eval_every: int = param(
-        1, range=AT_LEAST_1, runtime=True
-    )  # evaluate held-out and test every N epochs (and after the last)
-    precision: str = param(
-        "auto", choices=PRECISIONS
-    )  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    # early stopping on held-out top-1 after N epochs without improvement (0 = off)
+    patience: int = param(0, range=NON_NEGATIVE)
+    # > 0: train for this many seconds (step count planned from measured steps; epochs ignored)
+    budget_s: float = param(0.0, range=NON_NEGATIVE)
+    # evaluate held-out and test every N epochs (and after the last)
+    eval_every: int = param(1, range=AT_LEAST_1, runtime=True)
+    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    precision: str = param("auto", choices=PRECISIONS)
     channels_last: bool = True
     compile: bool = False
-    gpus: int = param(
-        1, range=AT_LEAST_1, runtime=True
-    )  # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size is the global batch
+    # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size is the global batch
+    gpus: int = param(1, range=AT_LEAST_1, runtime=True)
     sync_bn: bool = param(False, runtime=True)  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm)
     seed: int = param(0, range=NON_NEGATIVE)
     # models
-    stem: str = param(
-        "small", choices=STEMS
-    )  # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
+    # ResNet stem: small (3x3/1, no max-pool; for 64x64) | imagenet (7x7/2 + max-pool)
+    stem: str = param("small", choices=STEMS)
     width: int = param(64, range=AT_LEAST_1)  # custom CNN base width
-    resnet_width: int = param(
-        64, range=AT_LEAST_1
-    )  # ResNet-18's first-stage channels (64 as published; stages x 1, 2, 4, 8)
+    # ResNet-18's first-stage channels (64 as published; stages x 1, 2, 4, 8)
+    resnet_width: int = param(64, range=AT_LEAST_1, older=64)
     fashions: tuple = param(FASHIONS, choices=FASHIONS, runtime=True)  # T3: the CUBS fashions to train and select from
     cubs_width: int = param(0, range=NON_NEGATIVE)  # N of CUBS Block 1 (0 = C, the channel count, as specified)
     bonus: bool = param(True, runtime=True)  # T3: also train the bonus CUBS variant in the selected fashion
@@ -588,31 +602,25 @@ class RetrievalConfig(ConfigBase):
     data_dir: str = ""  # holds stanford_cars/ (devkit) or cars196/ (metric-learning), or is one of them
     out_dir: str = param("", runtime=True)
     device: str = param("auto", runtime=True)
-    resume: bool = param(
-        True, runtime=True
-    )  # continue the checkpoints of an identical earlier run (False: train afresh)
-    data_path: str = param(
-        "auto", choices=DATA_PATHS, runtime=True
-    )  # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
+    # continue the checkpoints of an identical earlier run (False: train afresh)
+    resume: bool = param(True, runtime=True)
+    # lazy | cached | gpu (decoded, resized images in RAM / on the GPU)
+    data_path: str = param("auto", choices=DATA_PATHS, runtime=True)
     num_workers: int = param(-1, range=Range(-1), runtime=True)  # (-1: follow the machine's cores)
     bbox_crop: bool = False  # crop to the annotated bounding box first
-    resize: int = param(
-        256, range=Range(8)
-    )  # shorter side before the crops (train: random-resized crop; test: centre crop)
+    # shorter side before the crops (train: random-resized crop; test: centre crop)
+    resize: int = param(256, range=Range(8))
     image_size: int = param(224, range=Range(8))
     rrc_scale_min: float = param(0.16, range=Range(0, 1, low_open=True))
     # architecture and initialisation
-    fashion: str = param(
-        "", choices=("",) + FASHIONS
-    )  # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
+    # CUBS fashion ("" = the one T3 selected, from its metrics; serial12 without them)
+    fashion: str = param("", choices=("",) + FASHIONS)
     stem: str = param("imagenet", choices=STEMS)
-    resnet_width: int = param(
-        64, range=AT_LEAST_1
-    )  # ResNet-18's first-stage channels (64 as published; T3's and ImageNet weights need theirs)
+    # ResNet-18's first-stage channels (64 as published; T3's and ImageNet weights need theirs)
+    resnet_width: int = param(64, range=AT_LEAST_1, older=64)
     cubs_width: int = param(0, range=NON_NEGATIVE)  # N of CUBS Block 1 (0 = C)
-    init: str = param(
-        "auto", choices=INITS
-    )  # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
+    # scratch | tinyimagenet (T3 checkpoint) | imagenet (torchvision's ImageNet weights) | auto
+    init: str = param("auto", choices=INITS)
     checkpoint: str = ""  # init="tinyimagenet": a T3 best.pt ("" = the one T3's metrics name)
     imagenet_weights: str = ""  # init="imagenet": path of torchvision's resnet18 ImageNet .pth ("" = torchvision's download-once cache, $TORCH_HOME/hub/checkpoints/resnet18-f37072fd.pth)
     # stage 1: classifier
@@ -627,9 +635,8 @@ class RetrievalConfig(ConfigBase):
     warmup_epochs: float = param(0.5, range=NON_NEGATIVE)
     # stage 2: embedding + multi-similarity loss
     emb_epochs: int = param(2, range=AT_LEAST_1)
-    emb_budget_s: float = param(
-        0.0, range=NON_NEGATIVE
-    )  # > 0: each stage-2 run (the main miner and every ablation run) trains this many seconds
+    # > 0: each stage-2 run (the main miner and every ablation run) trains this many seconds
+    emb_budget_s: float = param(0.0, range=NON_NEGATIVE)
     emb_optimizer: str = param("adamw", choices=OPTIMIZERS)
     emb_lr: float = param(3e-4, range=POSITIVE)
     emb_weight_decay: float = param(1e-4, range=NON_NEGATIVE)
@@ -643,19 +650,16 @@ class RetrievalConfig(ConfigBase):
     epsilon: float = param(0.1, range=NON_NEGATIVE)  # MS miner margin
     memory_size: int = param(2048, range=AT_LEAST_1)  # "xbm": cross-batch memory size
     memory_warmup_steps: int = param(0, range=NON_NEGATIVE)
-    ablation: tuple = param(
-        MINERS, choices=MINERS, runtime=True
-    )  # miners compared in the ablation table (each a stage-2 run from the same stage 1)
-    precision: str = param(
-        "auto", choices=PRECISIONS
-    )  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    # miners compared in the ablation table (each a stage-2 run from the same stage 1)
+    ablation: tuple = param(MINERS, choices=MINERS, runtime=True)
+    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    precision: str = param("auto", choices=PRECISIONS)
     channels_last: bool = True
     compile: bool = False
     # > 1: train on this many GPUs of this machine (torchrun + DDP); batch_size and P x K are global batches
     gpus: int = param(1, range=AT_LEAST_1, runtime=True)
-    sync_bn: bool = param(
-        True, runtime=True
-    )  # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
+    # gpus > 1: BatchNorm statistics over the global batch (SyncBatchNorm): a GPU's part of a P x K batch is small
+    sync_bn: bool = param(True, runtime=True)
     seed: int = param(0, range=NON_NEGATIVE)
     tsne_points: int = param(2000, range=AT_LEAST_1, runtime=True)  # at most this many test embeddings in each t-SNE
     grid_queries: int = param(3, range=AT_LEAST_1, runtime=True)  # queries shown with their nearest / farthest 10
@@ -798,12 +802,10 @@ class LayerwiseConfig(ConfigBase):
     data_dir: str = ""  # holds stl10_binary/ (or is it)
     out_dir: str = param("", runtime=True)
     device: str = param("auto", runtime=True)
-    resume: bool = param(
-        True, runtime=True
-    )  # continue the checkpoints of an identical earlier run (False: train afresh)
-    hidden: tuple = param(
-        (1024, 1200, 728, 512, 128), range=AT_LEAST_1, items=int
-    )  # X; the seed report's alternative: (1024, 1000, 500, 256, 128, 64)
+    # continue the checkpoints of an identical earlier run (False: train afresh)
+    resume: bool = param(True, runtime=True)
+    # X; the seed report's alternative: (1024, 1000, 500, 256, 128, 64)
+    hidden: tuple = param((1024, 1200, 728, 512, 128), range=AT_LEAST_1, items=int)
     heldout_fraction: float = param(0.1, range=FRACTION)  # stratified part of train for model selection
     use_unlabeled: bool = False  # pretrain on train + the unlabeled split (100,000 images) too
     unlabeled_limit: int = param(0, range=NON_NEGATIVE)  # at most this many unlabeled images (0 = all)
@@ -813,21 +815,18 @@ class LayerwiseConfig(ConfigBase):
     pretrain_budget_s: float = param(0.0, range=NON_NEGATIVE)
     pretrain_lr: float = param(1e-3, range=POSITIVE)
     epochs: int = param(8, range=AT_LEAST_1)  # fine-tuning (and the baseline)
-    budget_s: float = param(
-        0.0, range=NON_NEGATIVE
-    )  # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
+    # > 0: fine-tune, and train the baseline, for this many seconds each (epochs ignored)
+    budget_s: float = param(0.0, range=NON_NEGATIVE)
     batch_size: int = param(64, range=AT_LEAST_1)
     optimizer: str = param("adam", choices=OPTIMIZERS)
     lr: float = param(1e-3, range=POSITIVE)
     weight_decay: float = param(1e-5, range=NON_NEGATIVE)
     dropout: float = param(0.2, range=FRACTION)
     label_smoothing: float = param(0.0, range=FRACTION)
-    tsne_per_class: int = param(
-        500, range=AT_LEAST_1, runtime=True
-    )  # first N test images of each class in the X[3] t-SNE
-    precision: str = param(
-        "auto", choices=PRECISIONS
-    )  # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    # first N test images of each class in the X[3] t-SNE
+    tsne_per_class: int = param(500, range=AT_LEAST_1, runtime=True)
+    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    precision: str = param("auto", choices=PRECISIONS)
     seed: int = param(0, range=NON_NEGATIVE)
 
     PRESETS = {
@@ -879,19 +878,27 @@ class LayerwiseConfig(ConfigBase):
 
 def parameter_help(cls) -> list[tuple[str, str, str]]:
     """(name, default, meaning) of every parameter of a configuration class, for command-line help:
-    the meaning is the comment after the field, or the comment line right above it, in its source."""
+    the meaning is the comment after the field (after its closing parenthesis when it spans lines),
+    or the comment line right above it, in its source."""
     import inspect
-    import re
+    import io
+    import textwrap
+    import tokenize
 
-    meaning, above = {}, ""
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        field_line = re.match(r"^    (\w+): [^=]+=.*?(?:\s#\s*(.*))?$", line)
-        if field_line and not stripped.startswith("#"):
-            meaning[field_line.group(1)] = field_line.group(2) or above
-            above = ""
-        else:
-            above = stripped[1:].strip() if stripped.startswith("#") and line.startswith("    # ") else ""
+    source = textwrap.dedent(inspect.getsource(cls))
+    lines = source.splitlines()
+    comments = {
+        t.start[0]: t.string.lstrip("#").strip()
+        for t in tokenize.generate_tokens(io.StringIO(source).readline)
+        if t.type == tokenize.COMMENT
+    }
+    meaning = {}
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above = node.lineno - 1
+            own = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            standalone = above in comments and lines[above - 1].lstrip().startswith("#")
+            meaning[node.target.id] = own[-1] if own else comments[above] if standalone else ""
     defaults = {f.name: (repr(f.default) if f.default is not dataclasses.MISSING else "required") for f in fields(cls)}
     return [(name, defaults[name], meaning.get(name, "")) for name in defaults if name not in ("task", "profile")]
 
@@ -899,3 +906,8 @@ def parameter_help(cls) -> list[tuple[str, str, str]]:
 def config_class(task: str):
     """The configuration class of a task (T1-T3 and E1: RecognitionConfig; T4: RetrievalConfig; E2: LayerwiseConfig)."""
     return {"T4": RetrievalConfig, "E2": LayerwiseConfig}.get(task, RecognitionConfig)
+
+
+# (helpers.checkpoint compares run keys without knowing these classes)
+for _config in (RecognitionConfig, RetrievalConfig, LayerwiseConfig):
+    OLDER_RUN_KEYS.update(_config.older_values())

@@ -174,13 +174,13 @@ def fit(
     called_at = time.perf_counter()
     with run_lock(out_dir):  # (rank 0 of several: the others share its folder)
         run = _prepare(model, train, augment, cfg, objective, device, out_dir, objective_lr, run_key)
-        run.called_at, run.board_dir = called_at, board_dir
+        run.call.started, run.call.board_dir = called_at, board_dir
         if run.out is not None and resume and has_checkpoint(run.out):
             _resume(run)
         _choose_cpu_precision(run)
-        run.run_id = distributed.broadcast_object(run.run_id)  # (every rank names the run as rank 0 does)
+        run.at.run_id = distributed.broadcast_object(run.at.run_id)  # (every rank names the run as rank 0 does)
         if run.out is not None and distributed.is_main():
-            claim_run(run.out, run.run_id)
+            claim_run(run.out, run.at.run_id)
         return _train(run, cfg, model, evaluate, on_step, progress, name, on_interrupt, called_at)
 
 
@@ -217,35 +217,35 @@ def _train(
     run: "_RunState", cfg: FitConfig, model, evaluate, on_step, progress, name, on_interrupt, called_at
 ) -> FitResult:
     """The epochs of a prepared (and maybe resumed) run, Ctrl-C / SIGTERM handling, the best weights restored."""
-    run.start_session()
+    _start_call(run)
     stop_request = StopRequest(distributed.is_distributed())
     interrupted = False
     try:
-        while not run.stopped_early and run.epoch < run.num_epochs():
+        while not run.at.stopped_early and run.at.epoch < run.num_epochs():
             _train_epoch(run, on_step, stop_request, progress, name)
             stop = _end_epoch(run, evaluate, progress, name)
             if distributed.agree(stop_request.pending):
                 raise KeyboardInterrupt
-            run.stopped_early = stop
+            run.at.stopped_early = stop
     except KeyboardInterrupt:
         interrupted = True
         # A first Ctrl-C is deferred to the end of the current step (see StopRequest), so the
         # state here is consistent; a second, forced one may land mid-step: keep the last checkpoint.
-        if run.out is not None and not run.at_boundary and not stop_request.forced:
-            _save_last(run, run.checkpoint())
+        if run.out is not None and not run.call.at_boundary and not stop_request.forced:
+            _save_last(run, _checkpoint(run))
     finally:
         stop_request.release()
-        if run.board is not None:
-            run.board.close()
-    result = run.result(interrupted, wall_seconds=time.perf_counter() - called_at)
+        if run.call.board is not None:
+            run.call.board.close()
+    result = _result(run, interrupted, wall_seconds=time.perf_counter() - called_at)
     if interrupted:
         message = interrupted_message(
             name,
-            run.epoch,
-            run.step,
-            run.at_boundary,
+            run.at.epoch,
+            run.at.step,
+            run.call.at_boundary,
             result.planned_epochs,
-            len(run.history),
+            len(run.at.history),
             run.out,
             stop_request.forced,
         )
@@ -255,11 +255,11 @@ def _train(
         return result
     distributed.barrier()  # rank 0's best.pt is complete before any rank reads it
     if cfg.restore_best and run.out is not None and run.monitor.best_epoch is not None:
-        model.load_state_dict(load_best_weights(run.out, run.device, run.run_id))
+        model.load_state_dict(load_best_weights(run.out, run.device, run.at.run_id))
     if run.out is not None and distributed.is_main() and result.record()["complete"]:
         drop_previous(run.out)
         best = run.monitor.best_epoch
-        slim_finished(run.out, weights_in_best=best is not None and (cfg.restore_best or best == len(run.history)))
+        slim_finished(run.out, weights_in_best=best is not None and (cfg.restore_best or best == len(run.at.history)))
     return result
 
 
@@ -293,6 +293,12 @@ class _EpochSums:
             self.scored += n
         self.seen += n
 
+    def over_ranks(self, device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(loss sum, correct, seen, scored) of the epoch over every rank (in one process: its own)."""
+        counts = torch.tensor([self.seen, self.scored], dtype=torch.float64, device=device)
+        totals = distributed.all_reduce_sum(torch.stack([self.loss_sum, self.correct.double(), *counts]))
+        return totals[0], totals[1], int(totals[2]), int(totals[3])
+
     def state(self) -> dict:
         return {
             "loss_sum": float(self.loss_sum),
@@ -312,8 +318,40 @@ class _EpochSums:
 
 
 @dataclass(eq=False)
+class _Position:
+    """Where a run stands: with the weights, optimizer, schedule and monitor, what last.pt holds."""
+
+    run_id: str = field(default_factory=new_run_id)  # a resumed run keeps its checkpoint's
+    epoch: int = 0
+    step: int = 0  # steps done within `epoch`
+    history: list[dict] = field(default_factory=list)
+    sums: _EpochSums | None = None  # the running sums of `epoch`
+    aug_rng: AugmentRNG | None = None  # and its augmentation draws
+    stopped_early: bool = False
+    budget_spent: float = 0.0  # training seconds of the sessions before this one
+    precision_choice: dict | None = None  # precision "auto" on the CPU: what was measured and chosen
+    resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued
+    last_session: dict | None = None  # a loaded run: what last.pt says of the session that wrote it
+
+
+@dataclass(eq=False)
+class _Call:
+    """What this `fit` call adds to a run (`_start_call`, once resumed)."""
+
+    started: float = 0.0  # perf_counter() when the call began
+    board_dir: str | Path | None = None  # TensorBoard: where its curves go (rank 0 writes them)
+    run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
+    train_step: Callable | None = None  # (x, targets) -> (loss, logits) on run_model, in DDP under torchrun
+    budget: BudgetClock | None = None
+    board: Board | None = None
+    board_mark: tuple[float, int] = (0.0, 0)  # (loss sum, images) of the epoch at the last point written
+    at_boundary: bool = True  # last.pt already describes the current state
+    eval_seconds: float = 0.0
+
+
+@dataclass(eq=False)
 class _RunState:
-    """One `fit` call: what it trains with, and where the run stands (what last.pt holds)."""
+    """One `fit` call: its fixed set-up, where the run stands (`at`) and what the call adds (`call`)."""
 
     cfg: FitConfig
     model: nn.Module
@@ -330,32 +368,8 @@ class _RunState:
     run_key: dict | None
     runtime: Runtime  # precision (autocast) and memory format of the training steps
     scaler: torch.amp.GradScaler | None  # fp16 only: its loss scale is part of the state
-    precision_choice: dict | None = (
-        None  # precision "auto" on the CPU: what was measured and chosen (helpers.precision)
-    )
-    run_id: str = field(default_factory=new_run_id)  # a resumed run keeps its checkpoint's
-    epoch: int = 0
-    step: int = 0  # steps done within `epoch`
-    history: list[dict] = field(default_factory=list)
-    sums: _EpochSums | None = None  # the running sums of `epoch`
-    aug_rng: AugmentRNG | None = None  # and its augmentation draws
-    at_boundary: bool = True  # last.pt already describes the current state
-    stopped_early: bool = False
-    resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued
-    budget_spent: float = 0.0  # training seconds of the sessions before this one
-    eval_seconds: float = 0.0
-    called_at: float = 0.0  # perf_counter() when this `fit` call began
-    session: dict | None = None  # a loaded run: what last.pt says of the session that wrote it
-    # set by start_session, after resuming:
-    run_model: nn.Module | None = None  # the model as called in training and evaluation (compiled or not)
-    train_step: Callable | None = (
-        None  # (x, targets) -> (loss, logits): the objective on run_model, in DDP under torchrun
-    )
-    budget: BudgetClock | None = None
-    first_plan_step: int = 0  # a budget run's total is fixed at this step, then corrected at epoch ends
-    board_dir: str | Path | None = None  # TensorBoard: where its curves go (rank 0 writes them)
-    board: Board | None = None
-    board_mark: tuple[float, int] = (0.0, 0)  # (loss sum, images) of the epoch at the last point written
+    at: _Position = field(default_factory=_Position)
+    call: _Call = field(default_factory=_Call)
 
     def num_epochs(self) -> int:  # a budget run's length changes as it is planned
         return -(-self.schedule.total // max(1, self.steps_per_epoch))
@@ -363,92 +377,87 @@ class _RunState:
     def epochs_label(self) -> str:
         return "?" if self.schedule.total == UNPLANNED else str(self.num_epochs())
 
-    def start_session(self) -> None:
-        """What this call adds once resumed: the model as trained and the budget clock (counting the earlier sessions)."""
-        cfg = self.cfg
-        self.run_model = (
-            torch.compile(self.model, mode=cfg.compile_mode) if wants_compile(cfg, self.device) else self.model
-        )
-        self.train_step = _TrainingStep(self.model, self.objective, self.run_model)
-        if distributed.is_distributed():
-            # (CPU batches are channels_last views, the CPU model is not: DDP only warns of slower bucket copies)
-            warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-            self.train_step = nn.parallel.DistributedDataParallel(
-                self.train_step, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        self.budget = BudgetClock(cfg.budget_s, spent_s=self.budget_spent) if cfg.budget_s > 0 else None
-        self.first_plan_step = (
-            12  # (within a long warm-up too: a budget shorter than 4 warm-ups shortens it, LRSchedule.replan)
-        )
-        if (
-            distributed.is_main()
-            and self.board_dir is not None
-            and not self.stopped_early
-            and self.epoch < self.num_epochs()
-        ):
-            # (a resumed run drops what a killed session wrote after the step it resumes from)
-            self.board = open_board(Path(self.board_dir), purge_step=self.epoch * self.steps_per_epoch + self.step + 1)
 
-    def checkpoint(self, epoch_done: bool = False) -> dict:
-        """The whole state after `step` steps of `epoch` (with the epoch's running sums and
-        augmentation draws), or, when `epoch_done`, at the start of the next epoch."""
-        return {
-            "model": self.model.state_dict(),
-            "objective": self.objective.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "epoch": self.epoch + 1 if epoch_done else self.epoch,
-            "step": 0 if epoch_done else self.step,
-            "history": self.history,
-            "monitor": self.monitor.state_dict(),
-            "running": None if epoch_done else self.sums.state(),
-            "augment_rng": None if epoch_done else self.aug_rng.state(),
-            "rng": rng_state(),
-            "world_size": distributed.world_size(),
-            # several processes: every rank's own part of the above (rank 0's is also at the top level)
-            "ranks": distributed.gather_objects(
-                {
-                    k: state
-                    for k, state in (
-                        ("running", None if epoch_done else self.sums.state()),
-                        ("augment_rng", None if epoch_done else self.aug_rng.state()),
-                        ("rng", rng_state()),
-                    )
-                }
-            )
-            if distributed.is_distributed()
-            else None,
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "precision": self.runtime.precision,
-            "precision_choice": self.precision_choice,
-            "config": asdict(self.cfg),
-            "run_key": self.run_key,
-            "run_id": self.run_id,
-            "budget_elapsed": self.budget.elapsed() if self.budget is not None else None,
-            "session": {
-                "resumed_from": self.resumed_from,
-                "wall_seconds": time.perf_counter() - self.called_at,
-                "eval_seconds": self.eval_seconds,
-            },
-        }
+# a budget run's total is fixed at this step (within a long warm-up too: a budget shorter than 4
+# warm-ups shortens it, LRSchedule.replan), then corrected at epoch ends
+FIRST_PLAN_STEP = 12
 
-    def result(self, interrupted: bool, wall_seconds: float) -> FitResult:
-        return FitResult(
-            history=self.history,
-            monitor=self.cfg.monitor,
-            best_epoch=self.monitor.best_epoch,
-            best_value=self.monitor.best,
-            interrupted=interrupted,
-            stopped_early=self.stopped_early,
-            planned_epochs=self.num_epochs() if self.schedule.total != UNPLANNED else self.cfg.epochs,
-            resumed_from=self.resumed_from,
-            out_dir=self.out,
-            run_id=self.run_id,
-            train_seconds=sum(h["train_seconds"] for h in self.history),
-            wall_seconds=wall_seconds,
-            eval_seconds=self.eval_seconds,
-            precision=self.precision_choice,
+
+def _start_call(run: _RunState) -> None:
+    """What this call adds once resumed: the model as trained, the budget clock (counting the earlier sessions), TensorBoard."""
+    cfg, call = run.cfg, run.call
+    call.run_model = torch.compile(run.model, mode=cfg.compile_mode) if wants_compile(cfg, run.device) else run.model
+    call.train_step = _TrainingStep(run.model, run.objective, call.run_model)
+    if distributed.is_distributed():
+        # (CPU batches are channels_last views, the CPU model is not: DDP only warns of slower bucket copies)
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        call.train_step = nn.parallel.DistributedDataParallel(
+            call.train_step, device_ids=[run.device.index] if run.device.type == "cuda" else None
         )
+    call.budget = BudgetClock(cfg.budget_s, spent_s=run.at.budget_spent) if cfg.budget_s > 0 else None
+    if (
+        distributed.is_main()
+        and call.board_dir is not None
+        and not run.at.stopped_early
+        and run.at.epoch < run.num_epochs()
+    ):
+        # (a resumed run drops what a killed session wrote after the step it resumes from)
+        call.board = open_board(Path(call.board_dir), purge_step=run.at.epoch * run.steps_per_epoch + run.at.step + 1)
+
+
+def _checkpoint(run: _RunState, epoch_done: bool = False) -> dict:
+    """The whole state after `step` steps of `epoch` (with the epoch's running sums and
+    augmentation draws), or, when `epoch_done`, at the start of the next epoch."""
+    at = run.at
+    own = {  # several processes: every rank's own part (rank 0's is also at the top level)
+        "running": None if epoch_done else at.sums.state(),
+        "augment_rng": None if epoch_done else at.aug_rng.state(),
+        "rng": rng_state(),
+    }
+    return own | {
+        "model": run.model.state_dict(),
+        "objective": run.objective.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "schedule": run.schedule.state_dict(),
+        "epoch": at.epoch + 1 if epoch_done else at.epoch,
+        "step": 0 if epoch_done else at.step,
+        "history": at.history,
+        "monitor": run.monitor.state_dict(),
+        "world_size": distributed.world_size(),
+        "ranks": distributed.gather_objects(own) if distributed.is_distributed() else None,
+        "scaler": run.scaler.state_dict() if run.scaler is not None else None,
+        "precision": run.runtime.precision,
+        "precision_choice": at.precision_choice,
+        "config": asdict(run.cfg),
+        "run_key": run.run_key,
+        "run_id": at.run_id,
+        "budget_elapsed": run.call.budget.elapsed() if run.call.budget is not None else None,
+        "session": {
+            "resumed_from": at.resumed_from,
+            "wall_seconds": time.perf_counter() - run.call.started,
+            "eval_seconds": run.call.eval_seconds,
+        },
+    }
+
+
+def _result(run: _RunState, interrupted: bool, wall_seconds: float) -> FitResult:
+    at = run.at
+    return FitResult(
+        history=at.history,
+        monitor=run.cfg.monitor,
+        best_epoch=run.monitor.best_epoch,
+        best_value=run.monitor.best,
+        interrupted=interrupted,
+        stopped_early=at.stopped_early,
+        planned_epochs=run.num_epochs() if run.schedule.total != UNPLANNED else run.cfg.epochs,
+        resumed_from=at.resumed_from,
+        out_dir=run.out,
+        run_id=at.run_id,
+        train_seconds=sum(h["train_seconds"] for h in at.history),
+        wall_seconds=wall_seconds,
+        eval_seconds=run.call.eval_seconds,
+        precision=at.precision_choice,
+    )
 
 
 def wants_compile(cfg: FitConfig, device: torch.device) -> bool:
@@ -517,7 +526,7 @@ def _choose_cpu_precision(run: _RunState) -> None:
     on its first batch and trains in the fastest; a short one stays in fp32."""
     if run.device.type != "cpu" or run.cfg.precision != "auto" or distributed.is_distributed():
         return
-    choice = run.precision_choice
+    choice = run.at.precision_choice
     if choice is None:
         total = run.cfg.total_steps(run.steps_per_epoch)
         worth = precision.worth_measuring(total, run.cfg.budget_s)
@@ -531,7 +540,7 @@ def _choose_cpu_precision(run: _RunState) -> None:
             timings = precision.measure(run.model, run.objective, x, targets)
             used, channels_last, reason = precision.choose(timings)
             choice = {"used": used, "channels_last": channels_last, "reason": reason, "timings": timings}
-        run.precision_choice = choice
+        run.at.precision_choice = choice
     run.runtime = Runtime(
         str(run.device), choice["used"], choice["channels_last"], cpu_channels_last=choice["channels_last"]
     )
@@ -541,17 +550,19 @@ def _choose_cpu_precision(run: _RunState) -> None:
 def _loaded_result(run: _RunState) -> FitResult:
     """The result of a finished run trained by another process (load_finished_run), with the
     best weights restored as after training."""
-    finished = run.out is not None and has_checkpoint(run.out) and (run.stopped_early or run.epoch >= run.num_epochs())
+    finished = (
+        run.out is not None and has_checkpoint(run.out) and (run.at.stopped_early or run.at.epoch >= run.num_epochs())
+    )
     if not finished:
         where = run.out / LAST if run.out is not None else "(no out_dir)"
         raise RuntimeError(
-            f"{where}: the run trained by torchrun did not finish (epoch {run.epoch} of {run.num_epochs()}); its output above says why"
+            f"{where}: the run trained by torchrun did not finish (epoch {run.at.epoch} of {run.num_epochs()}); its output above says why"
         )
-    session = run.session or {}
-    run.resumed_from = session.get("resumed_from")
+    session = run.at.last_session or {}
+    run.at.resumed_from = session.get("resumed_from")
     if run.cfg.restore_best and run.monitor.best_epoch is not None:
-        run.model.load_state_dict(load_best_weights(run.out, run.device, run.run_id))
-    result = run.result(False, wall_seconds=session.get("wall_seconds", 0.0))
+        run.model.load_state_dict(load_best_weights(run.out, run.device, run.at.run_id))
+    result = _result(run, False, wall_seconds=session.get("wall_seconds", 0.0))
     result.eval_seconds = session.get("eval_seconds", 0.0)
     return result
 
@@ -578,7 +589,7 @@ def _check_distributed(cfg: FitConfig, train: BatchSource, device: torch.device)
 
 
 def _save_last(run: _RunState, state: dict) -> None:
-    """Rank 0 writes last.pt (every rank has taken part in `run.checkpoint()`)."""
+    """Rank 0 writes last.pt (every rank has taken part in `_checkpoint(run)`)."""
     if distributed.is_main():
         save_last(run.out, state)
 
@@ -604,26 +615,26 @@ def _resume(run: _RunState) -> None:
             f"{run.out / LAST} holds a different model ({str(exc).splitlines()[0]}). "
             "Pass resume=False or use another out_dir to start afresh."
         ) from None
-    run.run_id = ckpt.get("run_id") or run.run_id
+    run.at.run_id = ckpt.get("run_id") or run.at.run_id
     if run.cfg.restore_best and ckpt["monitor"].get("best_epoch") is not None and distributed.is_main():
         load_best(
-            run.out / BEST, "cpu", run.run_id
+            run.out / BEST, "cpu", run.at.run_id
         )  # (now, not after the training: its best weights must still be there)
     if ckpt["optimizer"] is not None:
         run.optimizer.load_state_dict(ckpt["optimizer"])
     run.schedule.load_state_dict(ckpt["schedule"])
     run.monitor.load_state_dict(ckpt["monitor"])
-    run.epoch, run.step, run.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
-    run.resumed_from = {"epoch": run.epoch, "step": run.step}
-    run.budget_spent = ckpt["budget_elapsed"] or 0.0
-    run.session = ckpt.get("session")
-    run.stopped_early = any(h.get("stopped_early") for h in run.history)  # a finished run is not continued
+    run.at.epoch, run.at.step, run.at.history = ckpt["epoch"], ckpt["step"], ckpt["history"]
+    run.at.resumed_from = {"epoch": run.at.epoch, "step": run.at.step}
+    run.at.budget_spent = ckpt["budget_elapsed"] or 0.0
+    run.at.last_session = ckpt.get("session")
+    run.at.stopped_early = any(h.get("stopped_early") for h in run.at.history)  # a finished run is not continued
     saved_world, world = ckpt.get("world_size", 1), distributed.world_size()
-    finished = run.stopped_early or run.epoch >= run.num_epochs()
+    finished = run.at.stopped_early or run.at.epoch >= run.num_epochs()
     if saved_world != world and not finished:
-        if run.step > 0:
+        if run.at.step > 0:
             raise SettingsError(
-                f"{run.out / LAST} was stopped within epoch {run.epoch + 1} of a run on {saved_world} process(es); every process "
+                f"{run.out / LAST} was stopped within epoch {run.at.epoch + 1} of a run on {saved_world} process(es); every process "
                 f"saved its own position and random state, so it can only continue on {saved_world} (gpus={saved_world}). "
                 "Or pass resume=False / another out_dir to start afresh."
             )
@@ -633,8 +644,8 @@ def _resume(run: _RunState) -> None:
         )
     own = _rank_state(ckpt)
     set_rng_state(own["rng"])
-    run.precision_choice = ckpt.get("precision_choice")
-    if run.precision_choice is None and ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
+    run.at.precision_choice = ckpt.get("precision_choice")
+    if run.at.precision_choice is None and ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
         notice(
             f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
             "(precision 'auto' on another GPU): the resumed run will not equal an uninterrupted one exactly"
@@ -643,10 +654,10 @@ def _resume(run: _RunState) -> None:
         "scaler"
     ):  # (a checkpoint of another precision has none: the scaler starts afresh)
         run.scaler.load_state_dict(ckpt["scaler"])
-    if run.step > 0:  # within an epoch: its sums and augmentation draws so far
-        run.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.epoch), run.device)
-        run.aug_rng.load_state(own["augment_rng"])
-        run.sums = _EpochSums.from_state(own["running"], run.device)
+    if run.at.step > 0:  # within an epoch: its sums and augmentation draws so far
+        run.at.aug_rng = AugmentRNG(_augment_seed(run.cfg.seed, run.at.epoch), run.device)
+        run.at.aug_rng.load_state(own["augment_rng"])
+        run.at.sums = _EpochSums.from_state(own["running"], run.device)
 
 
 def _augment_seed(seed: int, epoch: int) -> int:
@@ -655,82 +666,92 @@ def _augment_seed(seed: int, epoch: int) -> int:
 
 
 def _train_epoch(run: _RunState, on_step, stop_request: StopRequest, progress: bool, name: str) -> None:
-    """The steps of epoch `run.epoch` from `run.step` on, to its end or the run's: one optimizer step
-    per batch at the scheduled LR, the loss and accuracy summed on the device in `run.sums`."""
-    cfg, schedule, optimizer, budget, epoch = run.cfg, run.schedule, run.optimizer, run.budget, run.epoch
-    steps_per_epoch = run.steps_per_epoch
-    epoch_steps = min(steps_per_epoch, schedule.total - epoch * steps_per_epoch)  # the last may be short
-    if run.step == 0:  # (a run resumed within this epoch continues its sums and draws)
-        run.aug_rng = AugmentRNG(_augment_seed(cfg.seed, epoch), run.device)
-        run.sums = _EpochSums.zeros(run.device)
-    sums, aug_rng = run.sums, run.aug_rng
+    """The steps of epoch `run.at.epoch` from `run.at.step` on, to its end or the run's: one optimizer
+    step per batch at the scheduled LR, the loss and accuracy summed on the device in `run.at.sums`."""
+    at, schedule, epoch = run.at, run.schedule, run.at.epoch
+    first = epoch * run.steps_per_epoch  # the run's index of the epoch's first step
+    epoch_steps = min(run.steps_per_epoch, schedule.total - first)  # the last may be short
+    if at.step == 0:  # (a run resumed within this epoch continues its sums and draws)
+        at.aug_rng, at.sums = AugmentRNG(_augment_seed(run.cfg.seed, epoch), run.device), _EpochSums.zeros(run.device)
     run.model.train()
     run.objective.train()
-    progress = progress and distributed.is_main()
-    bar = (
-        ProgressBar(epoch_steps, run.step, f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip())
-        if progress
-        else None
-    )
-    tic = time.perf_counter()
-    seen_at_tic = sums.seen
-    run.at_boundary = False
-    if run.board is not None:
-        run.board_mark = (float(sums.loss_sum), sums.seen)
-    for images, labels in (
-        run.train.epoch(epoch, start=run.step) if epoch * steps_per_epoch + run.step < schedule.total else ()
-    ):
-        global_step = epoch * steps_per_epoch + run.step
-        factor = schedule.factor(global_step)
-        for group, base in zip(optimizer.param_groups, run.base_lrs):
-            group["lr"] = base * factor
-        x, targets = run.augment.train(images, labels, aug_rng)
-        x = run.runtime.prepare(x)
+    label = f"{name} epoch {epoch + 1}/{run.epochs_label()}".strip()
+    bar = ProgressBar(epoch_steps, at.step, label) if progress and distributed.is_main() else None
+    tic, seen_at_tic = time.perf_counter(), at.sums.seen
+    run.call.at_boundary = False
+    if run.call.board is not None:
+        run.call.board_mark = (float(at.sums.loss_sum), at.sums.seen)
+    for images, labels in run.train.epoch(epoch, start=at.step) if first + at.step < schedule.total else ():
+        lr = _set_lr(run, first + at.step)
         try:
-            with run.runtime.autocast():
-                loss, logits = run.train_step(x, targets)
-            _optimizer_step(run, loss)
-            out_of_memory = False
-        except RuntimeError as exc:  # CUDA: torch.cuda.OutOfMemoryError; MPS: a RuntimeError saying so
-            if not is_out_of_memory(exc):
-                raise
-            out_of_memory = True  # (handled outside the except: its traceback holds the failed step's tensors)
-        if out_of_memory:
-            loss = logits = images = None
-            error = _batch_does_not_fit(run, x, targets, name)
-            x = targets = None  # (a notebook keeps the traceback's frames: hold no batch there)
-            raise error from None
-        sums.add(loss, logits, labels)
-        run.step += 1
-        if budget is not None:
-            budget.step_done(global_step + 1)
-            if (
-                global_step + 1 >= run.first_plan_step
-                and schedule.total == UNPLANNED
-                and (total := budget.plan(global_step + 1)) is not None
-            ):
-                schedule.replan(global_step + 1, total)
-        if run.step % cfg.log_every == 0 or run.step == epoch_steps:
-            # (several processes agree on divergence, so that they stop together)
-            if distributed.any_rank(sums.nonfinite, device=run.device)[0]:
-                raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
+            loss, logits = _step(run, images, labels, name)
+        except BatchDoesNotFit:
+            images = loss = logits = None  # (a notebook keeps the traceback's frames: hold no batch there)
+            raise
+        at.sums.add(loss, logits, labels)
+        at.step += 1
+        _plan_budget(run, first + at.step)
+        if at.step % run.cfg.log_every == 0 or at.step == epoch_steps:
+            _check_finite(run, lr)
             if bar is not None:
-                bar.update_to(run.step, postfix(sums, sums.seen - seen_at_tic, time.perf_counter() - tic))
-            if run.board is not None:
-                _board_steps(run, global_step + 1, run.base_lrs[0] * factor)
+                bar.update_to(at.step, postfix(at.sums, at.sums.seen - seen_at_tic, time.perf_counter() - tic))
+            if run.call.board is not None:
+                _board_steps(run, first + at.step, lr)
         if on_step is not None:
-            on_step(epoch, run.step)
-        if distributed.agree(
-            stop_request.pending
-        ):  # every rank stops after the same step (one process: the flag itself)
+            on_step(epoch, at.step)
+        if distributed.agree(stop_request.pending):  # every rank stops after the same step (one process: the flag)
             raise KeyboardInterrupt
-        if epoch * steps_per_epoch + run.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
+        if first + at.step >= schedule.total:  # a max_steps or budget run ends inside its last epoch
             break
-    if distributed.any_rank(sums.nonfinite, device=run.device)[0]:
-        raise _diverged(epoch, run.step, run.base_lrs[0] * factor)
-    sums.seconds += time.perf_counter() - tic
+    _check_finite(run, run.optimizer.param_groups[0]["lr"])
+    at.sums.seconds += time.perf_counter() - tic
     if bar is not None:
         bar.close()
+
+
+def _set_lr(run: _RunState, global_step: int) -> float:
+    """The scheduled LR of the run's step `global_step` on every parameter group; returns the first group's."""
+    factor = run.schedule.factor(global_step)
+    for group, base in zip(run.optimizer.param_groups, run.base_lrs):
+        group["lr"] = base * factor
+    return run.base_lrs[0] * factor
+
+
+def _step(run: _RunState, images: torch.Tensor, labels: torch.Tensor, name: str):
+    """One optimizer step on a batch, augmented on the device: (loss, logits or None). A step that
+    runs out of device memory raises BatchDoesNotFit with a batch size that fits."""
+    x, targets = run.augment.train(images, labels, run.at.aug_rng)
+    x = run.runtime.prepare(x)
+    loss = logits = None
+    try:
+        with run.runtime.autocast():
+            loss, logits = run.call.train_step(x, targets)
+        _optimizer_step(run, loss)
+        return loss, logits
+    except RuntimeError as exc:  # CUDA: torch.cuda.OutOfMemoryError; MPS: a RuntimeError saying so
+        if not is_out_of_memory(exc):
+            raise
+    # (handled outside the except: its traceback holds the failed step's tensors)
+    loss = logits = images = labels = None
+    error = _batch_does_not_fit(run, x, targets, name)
+    x = targets = None  # (a notebook keeps the traceback's frames: hold no batch there)
+    raise error from None
+
+
+def _plan_budget(run: _RunState, steps_done: int) -> None:
+    """A budget run counts its steps and, from FIRST_PLAN_STEP on, fixes its total as soon as it can."""
+    budget, schedule = run.call.budget, run.schedule
+    if budget is None:
+        return
+    budget.step_done(steps_done)
+    if steps_done >= FIRST_PLAN_STEP and schedule.total == UNPLANNED and (total := budget.plan(steps_done)) is not None:
+        schedule.replan(steps_done, total)
+
+
+def _check_finite(run: _RunState, lr: float) -> None:
+    """TrainingDiverged when a loss of the epoch so far was NaN or infinite (on any rank: the ranks stop together)."""
+    if distributed.any_rank(run.at.sums.nonfinite, device=run.device)[0]:
+        raise _diverged(run.at.epoch, run.at.step, lr)
 
 
 def _optimizer_step(run: _RunState, loss: torch.Tensor) -> None:
@@ -765,7 +786,7 @@ def _batch_does_not_fit(run: _RunState, x: torch.Tensor, targets: torch.Tensor, 
         static = memory.allocated_mb()
         try:
             with run.runtime.autocast():
-                loss, _ = run.objective(run.run_model, x[:n], targets[:n])
+                loss, _ = run.objective(run.call.run_model, x[:n], targets[:n])
             loss.backward()
             probe = MemoryProbe(n, static, memory.peak_mb(), memory.total_mb())
         except RuntimeError as exc:
@@ -776,23 +797,16 @@ def _batch_does_not_fit(run: _RunState, x: torch.Tensor, targets: torch.Tensor, 
         run.optimizer.zero_grad(set_to_none=True)
         memory.release()
     fits = fitting_batch_size(probe, batch, extra_static_mb=optimizer_state_mb(run.optimizer)) if probe else 0
-    where = f"{name or 'training'} (epoch {run.epoch + 1}, step {run.step + 1})"
+    where = f"{name or 'training'} (epoch {run.at.epoch + 1}, step {run.at.step + 1})"
     return BatchDoesNotFit(advice(where, run.device.type.upper(), batch, run.base_lrs[0], probe, fits))
 
 
 def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     """Record the epoch just trained, evaluate it (every eval_every epochs and the last), keep the
     best weights, cut a plateau's LR, write last.pt and history.json; True to stop early."""
-    cfg, schedule, sums, epoch = run.cfg, run.schedule, run.sums, run.epoch
-    steps_done = epoch * run.steps_per_epoch + run.step
-    loss_sum, correct, seen, scored = sums.loss_sum, sums.correct, sums.seen, sums.scored
-    if distributed.is_distributed():  # the epoch's sums over all ranks
-        totals = distributed.all_reduce_sum(
-            torch.stack(
-                [loss_sum, correct.double(), *torch.tensor([seen, scored], dtype=torch.float64, device=run.device)]
-            )
-        )
-        loss_sum, correct, seen, scored = totals[0], totals[1], int(totals[2]), int(totals[3])
+    cfg, schedule, sums, epoch = run.cfg, run.schedule, run.at.sums, run.at.epoch
+    steps_done = epoch * run.steps_per_epoch + run.at.step
+    loss_sum, correct, seen, scored = sums.over_ranks(run.device)
     record = {
         "epoch": epoch + 1,
         "lr": run.base_lrs[0] * schedule.factor(max(0, steps_done - 1)),
@@ -802,7 +816,7 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
         "train_seconds": sums.seconds,
         "images_per_s": seen / sums.seconds if sums.seconds > 0 else None,
     }
-    if run.budget is not None and (total := run.budget.plan(steps_done)) is not None:
+    if run.call.budget is not None and (total := run.call.budget.plan(steps_done)) is not None:
         if steps_done < schedule.total:  # (a finished run stays finished)
             schedule.replan(steps_done, total)
     distributed.broadcast_buffers(run.model)  # (every rank evaluates and saves rank 0's model)
@@ -811,40 +825,40 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
         run.model.eval()
         run.objective.eval()
         tic = time.perf_counter()
-        with torch.no_grad(), run.budget.paused() if run.budget is not None else nullcontext():
-            record.update(evaluate(run.run_model))
+        with torch.no_grad(), run.call.budget.paused() if run.call.budget is not None else nullcontext():
+            record.update(evaluate(run.call.run_model))
         record["eval_seconds"] = time.perf_counter() - tic
-        run.eval_seconds += record["eval_seconds"]
+        run.call.eval_seconds += record["eval_seconds"]
     value = record.get(cfg.monitor) if cfg.monitor else None
     if cfg.monitor and evaluating and value is None:
         raise SettingsError(f"monitor={cfg.monitor!r} is not among the evaluated metrics {sorted(record)}")
     if run.monitor.update(value, epoch + 1) and run.out is not None and distributed.is_main():
-        save_best(run.out, run.model, epoch + 1, cfg.monitor, value, asdict(cfg), run.run_id, run.run_key)
+        save_best(run.out, run.model, epoch + 1, cfg.monitor, value, asdict(cfg), run.at.run_id, run.run_key)
     schedule.epoch_end(run.monitor)
     stop = run.monitor.stalled(cfg.patience) and epoch + 1 < run.num_epochs()
     record["best_epoch"] = run.monitor.best_epoch
     if stop:
         record["stopped_early"] = True
-    run.history.append(record)
-    if run.board is not None:
-        run.board.epoch(steps_done, record)
+    run.at.history.append(record)
+    if run.call.board is not None:
+        run.call.board.epoch(steps_done, record)
     if progress and distributed.is_main():
         print(epoch_line(name, record, run.epochs_label()), flush=True)
     if run.out is not None:
-        _save_last(run, run.checkpoint(epoch_done=True))
+        _save_last(run, _checkpoint(run, epoch_done=True))
         if distributed.is_main():
-            atomic_write_json(run.history, run.out / HISTORY)
-    run.epoch, run.step, run.at_boundary = epoch + 1, 0, True
+            atomic_write_json(run.at.history, run.out / HISTORY)
+    run.at.epoch, run.at.step, run.call.at_boundary = epoch + 1, 0, True
     return stop
 
 
 def _board_steps(run: _RunState, step: int, lr: float) -> None:
     """TensorBoard: the mean training loss of the steps since the last point, and the LR."""
-    loss_sum, seen = float(run.sums.loss_sum), run.sums.seen
-    mark_loss, mark_seen = run.board_mark
+    loss_sum, seen = float(run.at.sums.loss_sum), run.at.sums.seen
+    mark_loss, mark_seen = run.call.board_mark
     if seen > mark_seen:
-        run.board.steps(step, (loss_sum - mark_loss) / (seen - mark_seen), lr)
-    run.board_mark = (loss_sum, seen)
+        run.call.board.steps(step, (loss_sum - mark_loss) / (seen - mark_seen), lr)
+    run.call.board_mark = (loss_sum, seen)
 
 
 def _diverged(epoch: int, step: int, lr: float) -> TrainingDiverged:

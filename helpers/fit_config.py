@@ -13,6 +13,12 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "onecycle", "step", "plateau", "constant")
 
 
+# Run-key fields that joined after checkpoints existed -> the value those checkpoints were trained
+# with: declared beside each field (helpers.config's `param(..., older=...)`, which fills this in),
+# read by helpers.checkpoint, which compares run keys without knowing the task configurations.
+OLDER_RUN_KEYS: dict = {}
+
+
 def check_choice(name: str, value, valid) -> None:
     """Raise SettingsError (a ValueError) naming the valid values when `value` is not one of them."""
     if value not in valid:

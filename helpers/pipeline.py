@@ -117,26 +117,44 @@ def stale_reason(out: Path, step: Step, notebook: Path, profile: str, parameters
 def configuration_changes(step: Step, metrics: dict, parameters: dict) -> str:
     """What differs between the configuration and data a notebook's metrics record and what the
     notebook would use now with the pipeline's `parameters` ("" when nothing does)."""
-    from helpers.checkpoint import ADDED_RUN_KEYS
+    changes, _ = _differences(step, metrics, parameters)
+    return ("changed: " + "; ".join(changes)) if changes else ""
+
+
+def retrains_afresh(out: Path, step: Step, parameters: dict) -> bool:
+    """Whether what changed since a notebook's metrics were written defines its trained models (data,
+    model, recipe: its checkpoints can no longer be resumed), not only where or how it runs."""
+    try:
+        metrics = json.loads((out / "metrics" / f"{step.name}.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(metrics, dict) and _differences(step, metrics, parameters)[1]
+
+
+def _differences(step: Step, metrics: dict, parameters: dict) -> tuple[list[str], bool]:
+    """(what changed, as "name old -> new", and whether any of it is part of the runs' identity)."""
     from helpers.config import config_class
     from helpers.experiment import TASK_DATA, data_fingerprint
 
     if step.task not in TASK_DATA:
-        return ""
+        return [], False
     cls = config_class(step.task)
     names = {f.name for f in dataclasses.fields(cls)} - {"task", "profile"}
     cfg = cls.build(step.task, parameters["profile"], **{k: v for k, v in parameters.items() if k in names})
     saved = metrics.get("config") if isinstance(metrics.get("config"), dict) else {}
-    saved = {k: v for k, v in ADDED_RUN_KEYS.items() if k in cfg.as_dict()} | saved  # (older metrics lack them)
-    changes = [
-        f"{k} {saved.get(k)!r} -> {v!r}"
+    if saved:  # (fields it predates count at the value it was trained with, where that is known)
+        saved = {k: v for k, v in cls.older_values().items() if k not in saved} | saved
+    changed = {
+        k: f"{k} {saved.get(k)!r} -> {v!r}"
         for k, v in cfg.as_dict().items()
         if k not in ("resume", *cls.RESOLVED_BY_TASK) and _plain(saved.get(k)) != _plain(v)
-    ]
+    }
     recorded = (metrics.get("data") or {}).get("fingerprint") if isinstance(metrics.get("data"), dict) else None
-    if recorded != data_fingerprint(cfg):
-        changes.append(f"the data under {cfg.data_dir} (file list and sizes)")
-    return ("changed: " + "; ".join(changes)) if changes else ""
+    data_changed = recorded != data_fingerprint(cfg)
+    changes = list(changed.values()) + (
+        [f"the data under {cfg.data_dir} (file list and sizes)"] if data_changed else []
+    )
+    return changes, data_changed or bool(set(changed) - set(cls.runtime_keys()))
 
 
 def _plain(value):
@@ -431,17 +449,19 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
             unplanned = shared["missing"].get(step.name) if shared else None
             if broken:
                 result = {"status": "skipped", "message": f"depends on {', '.join(broken)}, which did not complete"}
-            elif (
-                unplanned
-            ):  # (its kernel would fail on the same check, after the budget's other notebooks lost the time)
+            elif unplanned:  # (it has no share of the budget: its kernel would fail on the same check, or overrun)
                 result = {"status": "skipped", "message": f"not planned for the budget: {unplanned}"}
             elif resume and not (why := stale_reason(out, step, notebook, profile, parameters | budgets)):
                 result = {"status": "up to date", "message": "outputs newer than inputs, same configuration and data"}
             else:
+                given = parameters | budgets
                 if resume and why.startswith("changed"):
-                    log(f"[pipeline] {step.name}: rerunning, {why}")
+                    # (its checkpoints were trained as before the change: continuing them would be refused)
+                    afresh = retrains_afresh(out, step, given)
+                    given |= {"resume": False} if afresh else {}
+                    log(f"[pipeline] {step.name}: rerunning{' afresh' if afresh else ''}, {why}")
                 log(f"[pipeline] running {step.name} ...")
-                state, message = run_step(step, out, parameters | budgets, notebooks_dir, html_pool, interrupter)
+                state, message = run_step(step, out, given, notebooks_dir, html_pool, interrupter)
                 result = {"status": state, "message": message}
             status[step.name] = result | {"seconds": round(time.perf_counter() - tic, 1)}
             current = None

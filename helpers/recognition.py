@@ -120,6 +120,7 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         resize_to=resize_to,
         padding=cfg.padding,
         scale=(cfg.rrc_scale_min, 1.0),
+        flip=cfg.flip,
         mixup_alpha=cfg.mixup,
         cutmix_alpha=cfg.cutmix,
         mix_prob=cfg.mix_prob,

@@ -463,7 +463,7 @@ def training_text(page: Page, cfg2: dict, run: dict | None = None) -> None:
         f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at lr {cfg2['lr']} for batch "
         f"{cfg2['batch_size']}, weight decay {cfg2['weight_decay']} (not on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "
         f"({cfg2['warmup_epochs']} epochs, at most a quarter of the run) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
-        f"batches on the device: {crop} + horizontal flip{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
+        f"batches on the device: {crop}{' + horizontal flip' if cfg2.get('flip', True) else ''}{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
         f"{100 * cfg2['heldout_fraction']:.0f}% stratified held-out part of train; atomic best/last checkpoints with exact resume; "
         f"Precision {cfg2.get('precision', 'auto')} (auto: bf16 autocast on GPUs with native bf16, fp16 with a gradient scaler on "
         "older ones, fp32 on CPU and MPS) and channels_last on CUDA."

@@ -164,3 +164,20 @@ def test_t4_p_x_k_beyond_the_data_names_pk_images(cars_devkit_root, tmp_path):
     with pytest.raises(ValueError, match=r"pk_images") as info:
         build_cars196(cfg)
     assert "the data has 98 classes" in str(info.value) and "Lower P" not in str(info.value)
+
+
+def test_parameter_help_reads_a_fields_comment_beside_or_above_it():
+    """The meaning of a parameter (helpers.train --help) is the comment after its field, or the
+    comment line right above it (long ones stand above, so the field stays on one line)."""
+    import inspect
+
+    from helpers.config import parameter_help
+
+    source = inspect.getsource(RecognitionConfig)
+    assert (
+        "    # auto (bf16 on GPUs with native bf16" in source
+        and "    flip: bool = param(True, older=True)  # random" in source
+    )
+    meanings = {name: meaning for name, _, meaning in parameter_help(RecognitionConfig)}
+    assert meanings["precision"].startswith("auto (bf16 on GPUs with native bf16")
+    assert meanings["flip"] == "random horizontal flips of the training batches" and meanings["seed"] == ""

@@ -490,16 +490,25 @@ def test_a_finished_run_keeps_a_slim_last_pt_and_a_rerun_still_loads_it(tmp_path
         assert torch.equal(a, b)
 
 
-def test_a_checkpoint_from_before_a_run_key_field_resumes_at_that_fields_old_value(tmp_path):
-    """resnet_width joined the run keys after checkpoints existed: an older checkpoint, trained at
-    width 64 without the key, still resumes at 64 and is refused at another width."""
+def test_a_checkpoint_from_before_a_setting_existed_resumes_at_its_older_value_or_is_refused_naming_it(tmp_path):
+    """Fields that joined the run keys after checkpoints existed: those declared with the value older
+    checkpoints were trained with (param(..., older=): resnet_width 64, flip True) resume at that
+    value only; any other is refused in one line naming it and the way out."""
     from dataclasses import asdict
 
-    from helpers.checkpoint import ADDED_RUN_KEYS, check_same_run
+    import helpers.config  # noqa: F401 (declares the older values)
+    from helpers.checkpoint import check_same_run
 
-    assert ADDED_RUN_KEYS["resnet_width"] == 64
     cfg = FitConfig(epochs=2)
     old = {"config": asdict(cfg), "run_key": {"stem": "small"}, "epoch": 1}
-    check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "resnet_width": 64}, 10)
-    with pytest.raises(SettingsError, match="resnet_width"):
-        check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "resnet_width": 16}, 10)
+    check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "resnet_width": 64, "flip": True}, 10)
+    with pytest.raises(SettingsError, match=r"different configuration \{'run.resnet_width': \(64, 16\)\}"):
+        check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "resnet_width": 16, "flip": True}, 10)
+    with pytest.raises(SettingsError) as info:
+        check_same_run(old, tmp_path / LAST, cfg, {"stem": "small", "flip": True, "hue": 0.1, "blur": 1}, 10)
+    assert str(info.value) == (
+        f"{tmp_path / LAST} was written before the setting(s) blur, hue existed, so what it was trained with "
+        "is unknown. Pass resume=False (or another out_dir) to train afresh."
+    )
+    with pytest.raises(SettingsError, match=r"different configuration \{'run.stem': \('small', 'imagenet'\)\}"):
+        check_same_run(old, tmp_path / LAST, cfg, {"stem": "imagenet"}, 10)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from helpers import precision, runinfo
-from helpers.checkpoint import upgrade_amp
 from helpers.config import RecognitionConfig
 from helpers.data import LoaderBatches
 from helpers.engine import FitConfig, TrainingInterrupted, fit
@@ -189,16 +188,6 @@ def test_resuming_in_another_precision_says_so(tmp_path, capsys):
     capsys.readouterr()
     run(tmp_path, "moved", epochs=2)
     assert "was trained in bf16 and continues in fp32" in capsys.readouterr().err
-
-
-def test_checkpoints_written_with_amp_resume_under_precision():
-    state = {"config": {"amp": True, "lr": 0.1}, "run_key": {"amp": False, "seed": 0}}
-    upgraded = upgrade_amp(state)
-    assert upgraded["config"] == {"lr": 0.1, "precision": "auto"} and upgraded["run_key"] == {
-        "seed": 0,
-        "precision": "fp32",
-    }
-    assert state["config"] == {"amp": True, "lr": 0.1}, "the loaded dict is not changed in place"
 
 
 # ------------------------------------------------------------------------------------ MPS

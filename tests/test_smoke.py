@@ -132,6 +132,15 @@ def test_resume_keeps_what_is_current_and_reruns_what_changed(smoke_out, tmp_pat
     ), other_data
     fp32 = pipeline.stale_reason(smoke_out, t1, notebooks / f"{t1.name}.ipynb", "smoke", same | {"precision": "fp32"})
     assert fp32 == "changed: precision 'auto' -> 'fp32'", fp32
+    # what defines the trained models is retrained afresh (its checkpoints would be refused); where it runs is not
+    assert pipeline.retrains_afresh(smoke_out, t1, same | {"precision": "fp32"})
+    assert pipeline.retrains_afresh(smoke_out, t1, same | {"data_dir": str(tmp_path)})
+    assert not pipeline.retrains_afresh(smoke_out, t1, same | {"num_workers": 1})
+    # metrics written before a field existed count at the value older runs had (param(..., older=))
+    saved = json.loads((smoke_out / "metrics" / f"{t1.name}.json").read_text())
+    before_flip = saved | {"config": {k: v for k, v in saved["config"].items() if k != "flip"}}
+    assert pipeline.configuration_changes(t1, before_flip, same) == ""
+    assert pipeline.configuration_changes(t1, before_flip, same | {"flip": False}) == "changed: flip True -> False"
 
 
 def test_the_executed_notebooks_read_well(smoke_out):
