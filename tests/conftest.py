@@ -13,7 +13,9 @@ import torch
 
 from helpers.data import synthetic
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# (under pytest-xdist the workers share the cores: one thread each on 2 cores)
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 SHARED_DATA = Path(os.environ.get("SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
