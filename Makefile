@@ -5,8 +5,6 @@ PYTHON ?= python3
 VENV ?= .venv
 # PyTorch requirement; CI pins the build it has on local disk (see .ci/run).
 TORCH ?= torch>=2.4 torchvision>=0.19
-# pytest workers for the tests that may share the machine (the timing-sensitive ones then run alone)
-TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
@@ -16,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -24,8 +22,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --nbval-lax -n $(TEST_WORKERS) --dist loadgroup -m "not serial" tests notebooks
-	$(BIN)/python -m pytest -q -m serial tests
+	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
 
 clean-outputs:
 	rm -rf outputs/smoke

@@ -15,22 +15,6 @@ if not os.environ.get("HELPERS_OUT_DIR"):
     os.environ["HELPERS_TEST_OUTPUTS"] = _CREATED  # (the smoke fixture writes here only when the suite made the folder)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`): one worker runs, in order,
-    everything that reads the suite's one smoke pipeline run, tests/test_smoke.py and then the
-    notebooks nbval executes (they resume its checkpoints, and a notebook's cells share a kernel);
-    and one worker the tests of the module-scoped torchrun run (tests/test_distributed.py), so it runs once."""
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    import pytest
-
-    for item in items:
-        if item.path.suffix == ".ipynb" or item.path.name == "test_smoke.py":
-            item.add_marker(pytest.mark.xdist_group("smoke"))
-        elif "two_ranks" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("two_ranks"))
-
-
 def pytest_sessionfinish(session, exitstatus):
     if _CREATED is not None:
         shutil.rmtree(_CREATED, ignore_errors=True)

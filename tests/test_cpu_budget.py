@@ -4,7 +4,6 @@ the budget's refusal and split at the pipeline's level on mocked plans."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.realdata
 @pytest.mark.slow
-@pytest.mark.serial
 def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     """Real images in a shape a test affords: 8 classes of the mini Tiny ImageNet, and 4 images of
     each of the first 32 classes of both Cars-196 halves from the mini archive (its cars_train/ half:
@@ -31,8 +29,6 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     training (T4's: the 3 epochs of 2 steps a budget run needs to plan itself) needs 2.6 min on this
     2-core EPYC, planning included; a CPU that needs more than 3 min gets the smallest budget it
     names + 1 min."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        pytest.skip("a wall-time budget needs the machine to itself: run it without -n (make test runs it alone, last)")
     tiny, cars = SHARED_DATA / "tiny-imagenet-200-mini.zip", SHARED_DATA / "stanford-cars-mini.zip"
     if not (tiny.is_file() and cars.is_file()):
         pytest.skip(f"the real mini archives are not in {SHARED_DATA}")
