@@ -14,7 +14,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --no-compile $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
 	touch $(STAMP)
 
 run: $(STAMP)
