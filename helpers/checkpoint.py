@@ -34,12 +34,13 @@ RUN = "run.json"  # which run owns the folder: {"run_id", "pid", "host", "starte
 AFRESH = "delete that folder or pass resume=False (or use another out_dir) to train afresh"
 
 
-# FitConfig fields a resumed run may change: how often it reports progress, and how often it
-# evaluates when nothing is selected on the evaluations (a monitor reads only evaluated epochs, so
+# FitConfig fields a resumed run may change: how often it reports progress and writes last.pt, and
+# how often it evaluates when nothing is selected on the evaluations (a monitor reads only evaluated epochs, so
 # eval_every then changes the best checkpoint, early stopping and plateau cuts). The length may not
 # change: the LR schedule depends on it, so a longer resumed run would equal neither run.
 def _not_compared(config: dict) -> tuple[str, ...]:
-    return ("log_every",) if config.get("monitor") else ("log_every", "eval_every")
+    often = ("log_every", "checkpoint_every_s")
+    return often if config.get("monitor") else (*often, "eval_every")
 
 
 def rng_state() -> dict:

@@ -233,6 +233,7 @@ def _train(
         # state here is consistent; a second, forced one may land mid-step: keep the last checkpoint.
         if run.out is not None and not run.call.at_boundary and not stop_request.forced:
             _save_last(run, _checkpoint(run))
+            run.call.at_boundary = run.at.step == 0  # (an epoch's end whose last.pt the cadence had skipped)
     finally:
         stop_request.release()
         if run.call.board is not None:
@@ -347,6 +348,8 @@ class _Call:
     board_mark: tuple[float, int] = (0.0, 0)  # (loss sum, images) of the epoch at the last point written
     at_boundary: bool = True  # last.pt already describes the current state
     eval_seconds: float = 0.0
+    saved_at: float = 0.0  # perf_counter() when last.pt was last written (0: not yet in this call)
+    save_seconds: float = 0.0  # what that write took (rank 0)
 
 
 @dataclass(eq=False)
@@ -381,6 +384,9 @@ class _RunState:
 # a budget run's total is fixed at this step (within a long warm-up too: a budget shorter than 4
 # warm-ups shortens it, LRSchedule.replan), then corrected at epoch ends
 FIRST_PLAN_STEP = 12
+# automatic checkpoint cadence: last.pt once the time since the last write is this many times what
+# that write took (at most 2 % of the training time spent writing it)
+CHECKPOINT_COST_RATIO = 50
 
 
 def _start_call(run: _RunState) -> None:
@@ -589,9 +595,23 @@ def _check_distributed(cfg: FitConfig, train: BatchSource, device: torch.device)
 
 
 def _save_last(run: _RunState, state: dict) -> None:
-    """Rank 0 writes last.pt (every rank has taken part in `_checkpoint(run)`)."""
+    """Rank 0 writes last.pt (every rank has taken part in `_checkpoint(run)`), timed."""
+    tic = time.perf_counter()
     if distributed.is_main():
         save_last(run.out, state)
+    run.call.saved_at = time.perf_counter()
+    run.call.save_seconds = run.call.saved_at - tic
+
+
+def _checkpoint_due(run: _RunState, last: bool) -> bool:
+    """Whether this epoch's end writes last.pt: the last epoch always, else once cfg.checkpoint_every_s
+    seconds have passed since the last write (automatic: CHECKPOINT_COST_RATIO x that write's
+    seconds, so writing costs at most 1/CHECKPOINT_COST_RATIO of the time; on short epochs of a
+    large model a write per epoch cost 20-40 % of a CPU budget run). Rank 0 decides for every rank."""
+    every = run.cfg.checkpoint_every_s
+    interval = CHECKPOINT_COST_RATIO * run.call.save_seconds if every < 0 else every
+    due = last or not run.call.saved_at or time.perf_counter() - run.call.saved_at >= interval
+    return distributed.agree(due and distributed.is_main())
 
 
 def _rank_state(ckpt: dict) -> dict:
@@ -844,11 +864,14 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
         run.call.board.epoch(steps_done, record)
     if progress and distributed.is_main():
         print(epoch_line(name, record, run.epochs_label()), flush=True)
+    saved = run.out is None  # (nothing to write)
     if run.out is not None:
-        _save_last(run, _checkpoint(run, epoch_done=True))
+        if saved := _checkpoint_due(run, last=stop or epoch + 1 >= run.num_epochs()):
+            _save_last(run, _checkpoint(run, epoch_done=True))
         if distributed.is_main():
             atomic_write_json(run.at.history, run.out / HISTORY)
-    run.at.epoch, run.at.step, run.call.at_boundary = epoch + 1, 0, True
+    # (not saved: a Ctrl-C / SIGTERM before the next step writes last.pt at this boundary)
+    run.at.epoch, run.at.step, run.call.at_boundary = epoch + 1, 0, saved
     return stop
 
 

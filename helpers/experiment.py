@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 from helpers import distributed
 from helpers.atomic import atomic_write_json
 from helpers.checkpoint import BEST, run_owner
+from helpers.config import REFERENCE_BATCH
 from helpers.data import LoaderBatches, TensorBatches, synthetic
 from helpers.data.archives import extracted_from_archive
 from helpers.data.fingerprint import tree_fingerprint
@@ -457,6 +458,14 @@ class ClassificationData:
     info: dict = field(default_factory=dict)
 
 
+def scaled_lr(fit_cfg: FitConfig, cfg, train: BatchSource) -> FitConfig:
+    """batch_size=0 (the batch follows the data): lr is that of a batch of REFERENCE_BATCH, scaled
+    linearly to the batch the data chose (the linear scaling rule of Goyal et al., 2017)."""
+    if getattr(cfg, "batch_size", None) != 0:
+        return fit_cfg
+    return dataclasses.replace(fit_cfg, lr=fit_cfg.lr * train.batch_size / REFERENCE_BATCH)
+
+
 def train_classifier(
     name: str,
     model: nn.Module,
@@ -472,7 +481,7 @@ def train_classifier(
     go to `fit` (e.g. objective=CenterLossObjective(...), objective_lr=...)."""
     runtime = Runtime.of(cfg)
     splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
-    fit_cfg = cfg.fit_config(stage)
+    fit_cfg = scaled_lr(cfg.fit_config(stage), cfg, data.train)
     if not data.heldout.num_samples:  # no held-out split: keep the last epoch
         fit_cfg = dataclasses.replace(fit_cfg, monitor="")
     result = fit_stage(

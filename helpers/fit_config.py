@@ -60,6 +60,10 @@ class FitConfig:
         0.0  # > 0: train for this many seconds (evaluation excluded); steps planned from measured step times
     )
     eval_every: int = 1  # run `evaluate` every N epochs (and always after the last one)
+    # write last.pt at an epoch's end once this many seconds have passed since the last one (0: every
+    # epoch; -1: once the time since is CHECKPOINT_COST_RATIO x what the last write took). The last
+    # epoch, an early stop and a Ctrl-C / SIGTERM always write it.
+    checkpoint_every_s: float = -1.0
 
     def __post_init__(self):
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -71,6 +75,10 @@ class FitConfig:
             raise SettingsError(f"lr={self.lr} must be > 0")
         if self.eval_every < 1:
             raise SettingsError(f"eval_every={self.eval_every} must be >= 1")
+        if self.checkpoint_every_s < 0 and self.checkpoint_every_s != -1:
+            raise SettingsError(
+                f"checkpoint_every_s={self.checkpoint_every_s} must be >= 0 (seconds; 0 = every epoch) or -1 (automatic)"
+            )
         if self.max_steps < 0:
             raise SettingsError(f"max_steps={self.max_steps} must be >= 0 (0 = epochs x steps per epoch)")
         if self.budget_s < 0 or (self.budget_s > 0 and self.max_steps > 0):

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Subset
 
-from helpers.config import RecognitionConfig
+from helpers.config import RecognitionConfig, batch_for
 from helpers.data import (
     BatchAugment,
     CachedTinyImageNet,
@@ -89,10 +89,11 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         train_set = CachedTinyImageNet(root, "train", num_workers=cfg.num_workers)
         test_set = CachedTinyImageNet(root, "val", num_workers=cfg.num_workers)
     sources = {}
+    train_batch = cfg.batch_size or batch_for(len(splits["train"]))
     for name, idx in splits.items():
         dataset, labels = (train_set, train_labels) if name != "test" else (test_set, test_labels)
         shuffle = name == "train"
-        batch_size = cfg.batch_size if shuffle else max(cfg.batch_size, 256)
+        batch_size = train_batch if shuffle else max(train_batch, 256)
         images = None
         if path != "lazy":  # read in sorted order, then put back in idx order
             images = (
@@ -106,7 +107,7 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
             labels[idx],
             batch_size,
             shuffle=shuffle,
-            drop_last=shuffle and len(idx) > cfg.batch_size,
+            drop_last=shuffle and len(idx) > train_batch,
             seed=cfg.seed,
             images=images,
             dataset=Subset(dataset, idx),
@@ -136,6 +137,7 @@ def build_tiny_imagenet(cfg: RecognitionConfig) -> ClassificationData:
         "heldout_images": len(splits["heldout"]),
         "test_images": len(splits["test"]),
         "image_size": cfg.image_size,
+        "batch_size": train_batch,
         "fingerprint": data_fingerprint(cfg),
     }
     return ClassificationData(

@@ -26,6 +26,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
+from helpers.config import REFERENCE_BATCH  # noqa: E402
 from helpers.experiment import T3Selection  # noqa: E402
 from helpers.tasks import STEPS  # noqa: E402
 from helpers.plots import missing, pct, plot_curves, save_figure  # noqa: E402
@@ -427,7 +428,7 @@ def page_one(
     page.heading("3  Training strategy")
     if cfg2:
         with reading(T2):
-            training_text(page, cfg2, r18)
+            training_text(page, cfg2, r18, (t2 or {}).get("data", {}).get("batch_size"))
     page.image(
         curves or report_curves(metrics, out),
         2.2,
@@ -454,14 +455,21 @@ def cubs_text(page: Page, cfg3: dict, selection: T3Selection | None) -> None:
     )
 
 
-def training_text(page: Page, cfg2: dict, run: dict | None = None) -> None:
+def batch_text(cfg2: dict, batch: int | None) -> str:
+    """ "lr 0.1 for batch 128", or, when the batch followed the training set (batch_size=0), the batch
+    it chose and the lr scaled to it."""
+    if cfg2["batch_size"] or not batch:
+        return f"lr {cfg2['lr']} for batch {cfg2['batch_size'] or 'chosen from the data'}"
+    return f"lr {cfg2['lr'] * batch / REFERENCE_BATCH:g} for batch {batch} (the batch follows the training set; lr {cfg2['lr']} per {REFERENCE_BATCH} images)"
+
+
+def training_text(page: Page, cfg2: dict, run: dict | None = None, batch: int | None = None) -> None:
     mixing = " and ".join(f"{name} (alpha {cfg2[name]})" for name in ("cutmix", "mixup") if cfg2.get(name))
     mixing = f", {mixing} on {100 * cfg2['mix_prob']:.0f}% of batches" if mixing else ""
     crop = f"random crop with {cfg2['padding']}-pixel padding" if cfg2["crop"] == "pad" else "random-resized crop"
     stopping = f" and early stopping (patience {cfg2['patience']})" if cfg2.get("patience") else ""
     page.text(
-        f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at lr {cfg2['lr']} for batch "
-        f"{cfg2['batch_size']}, weight decay {cfg2['weight_decay']} (not on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "
+        f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at {batch_text(cfg2, batch)}, weight decay {cfg2['weight_decay']} (not on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "
         f"({cfg2['warmup_epochs']} epochs, at most a quarter of the run) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
         f"batches on the device: {crop}{' + horizontal flip' if cfg2.get('flip', True) else ''}{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
         f"{100 * cfg2['heldout_fraction']:.0f}% stratified held-out part of train; atomic best/last checkpoints with exact resume; "

@@ -151,6 +151,58 @@ def test_real_ctrl_c_finishes_the_step_saves_and_raises(tmp_path):
     assert_same_run(run(tmp_path, "straight"), run(tmp_path, "sigint"))
 
 
+def saved_epochs(monkeypatch) -> list[int]:
+    """The epochs (the next epoch to run, as saved) of every last.pt the engine writes from now on."""
+    import helpers.engine as engine
+
+    written, write = [], engine.save_last
+    monkeypatch.setattr(engine, "save_last", lambda out, state: (written.append(state["epoch"]), write(out, state)))
+    return written
+
+
+def test_last_pt_is_written_every_epoch_or_at_a_cadence_and_always_at_the_end(tmp_path, monkeypatch):
+    import helpers.engine as engine
+
+    written = saved_epochs(monkeypatch)
+    run(tmp_path, "every", checkpoint_every_s=0)
+    assert written == [1, 2, 3, 4]
+    written.clear()
+    run(tmp_path, "hour", checkpoint_every_s=3600)  # the first epoch of a call, then only the last
+    assert written == [1, 4]
+    written.clear()
+    monkeypatch.setattr(engine, "CHECKPOINT_COST_RATIO", 1e9)  # automatic: writing would cost too much
+    straight = run(tmp_path, "auto")
+    assert written == [1, 4]
+    assert straight[1].record()["complete"]
+    assert_same_run(run(tmp_path, "straight", checkpoint_every_s=0), straight)
+    with pytest.raises(ValueError, match="checkpoint_every_s=-2 must be >= 0.*or -1"):
+        FitConfig(checkpoint_every_s=-2)
+
+
+def test_a_stop_at_an_epoch_end_without_a_checkpoint_writes_one_there_and_resumes_exactly(tmp_path, monkeypatch):
+    """Ctrl-C while epoch 2 is evaluated: the cadence skipped that epoch's last.pt, so the stop
+    writes it at the epoch boundary; nothing is lost and the resumed run equals an uninterrupted one."""
+    train, augment, cfg, evaluator = setup(tmp_path, checkpoint_every_s=3600)
+    calls = []
+
+    def evaluate_then_ctrl_c(model):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return evaluator(model)
+
+    written = saved_epochs(monkeypatch)
+    model = toy_model()
+    with pytest.raises(TrainingInterrupted, match="interrupted after epoch 2/4"):
+        fit(model, train, augment, cfg, evaluate=evaluate_then_ctrl_c, out_dir=tmp_path / "stop", progress=False)
+    assert written == [1, 2]
+    ckpt = torch.load(tmp_path / "stop" / "last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"], len(ckpt["history"])) == (2, 0, 2)
+    resumed = run(tmp_path, "stop", model_seed=99, checkpoint_every_s=3600)
+    assert resumed[1].resumed_from == {"epoch": 2, "step": 0}
+    assert_same_run(run(tmp_path, "straight"), resumed)
+
+
 def test_early_stopping_on_a_flat_heldout_metric(tmp_path):
     train, augment, cfg, _ = setup(tmp_path, epochs=10, patience=2)
     result = fit(

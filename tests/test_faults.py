@@ -197,7 +197,7 @@ def tiny_fit(out: Path, epochs: int = 3, interrupt_after: int | None = None, res
         model,
         data,
         BatchAugment(crop="none", num_classes=2),
-        FitConfig(epochs=epochs, lr=0.05, restore_best=restore_best),
+        FitConfig(epochs=epochs, lr=0.05, restore_best=restore_best, checkpoint_every_s=0),  # (a last.pt every epoch)
         evaluate=evaluate,
         out_dir=out,
         progress=False,

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.config import RecognitionConfig
+from helpers.config import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, SMALLEST_BATCH, RecognitionConfig, batch_for
 from helpers.data import subset_indices
 from helpers.objectives import CenterLossObjective
-from helpers.experiment import RunSummary, T3Selection, load_metrics, save_metrics, train_classifier
+from helpers.experiment import RunSummary, T3Selection, load_metrics, save_metrics, scaled_lr, train_classifier
 from helpers.recognition import (
     build_model,
     build_tiny_imagenet,
@@ -68,6 +68,28 @@ def test_data_paths_give_the_same_splits(tiny_root, tmp_path, path):
     assert (
         x.dtype == torch.uint8 and data.augment.train(x, y, __import__("helpers").data.AugmentRNG(0))[0].shape[-1] == 16
     )
+
+
+@pytest.mark.parametrize("images", [0, 1, 31, 1599, 1600, 3199, 3200, 6399, 6400, 19_000, 100_000])
+def test_batch_for_gives_the_largest_power_of_two_with_enough_steps_an_epoch(images):
+    batch = batch_for(images)
+    candidates = [2**k for k in range(5, 8)]  # 32, 64, 128
+    enough = [b for b in candidates if images // b >= MIN_STEPS_PER_EPOCH]
+    assert batch == (max(enough) if enough else SMALLEST_BATCH)
+    assert SMALLEST_BATCH <= batch <= REFERENCE_BATCH
+
+
+def test_a_batch_of_0_follows_the_training_set_and_scales_the_lr(tiny_root, tmp_path):
+    cfg = config(tiny_root, tmp_path, batch_size=0, lr=0.2)
+    data = build_tiny_imagenet(cfg)
+    assert data.train.batch_size == batch_for(data.train.num_samples) == SMALLEST_BATCH == data.info["batch_size"]
+    assert scaled_lr(cfg.fit_config(), cfg, data.train).lr == pytest.approx(0.2 * SMALLEST_BATCH / REFERENCE_BATCH)
+    fixed = config(tiny_root, tmp_path, batch_size=16, lr=0.2)
+    fixed_data = build_tiny_imagenet(fixed)
+    assert fixed_data.train.batch_size == 16 == fixed_data.info["batch_size"]
+    assert scaled_lr(fixed.fit_config(), fixed, fixed_data.train).lr == 0.2, "a given batch keeps its lr"
+    assert RecognitionConfig.build("T2", "cpu", device="cpu").batch_size == 0, "the cpu profile follows the data"
+    assert RecognitionConfig.build("T2", "full", device="cpu").batch_size == 256
 
 
 def test_first_classes_subset(tiny_root, tmp_path):
