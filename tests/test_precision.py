@@ -366,10 +366,37 @@ def test_the_fastest_measured_precision_is_chosen_bf16_only_when_clearly_faster(
     assert reason.startswith("auto on cpu, measured per step: fp32 ") and f"{1000 * timings['fp32']:.0f} ms" in reason
 
 
+def test_the_candidates_are_timed_in_turns_and_each_keeps_its_fastest_step(monkeypatch):
+    """A cold first step (or a busy moment) must not decide: every candidate is warmed, then they take
+    turns, and each keeps its fastest round."""
+    monkeypatch.setattr(precision, "_autocast_works", lambda device, dtype: True)
+    order, calls = [], []
+
+    def fake_step(runtime, *args):
+        name = precision.label(runtime.precision, runtime.channels_last)
+        return lambda: calls.append(name)
+
+    readings = iter([0.30, 0.20, 0.25, 0.10, 0.21, 0.24, 0.11, 0.50, 0.26])  # fp32 cold first, then a busy bf16 round
+
+    def fake_time(step, steps=3, clock=None, warm=True):
+        step()
+        order.append(calls[-1])
+        return next(readings)
+
+    monkeypatch.setattr(precision, "_training_step", fake_step)
+    monkeypatch.setattr(precision, "time_step", fake_time)
+    timings = precision.measure(toy_model(), CrossEntropyObjective(0.0), torch.randn(2, 3, 8, 8), torch.zeros(2).long())
+    names = ["fp32", "bf16", "bf16 + channels_last"]
+    assert calls[:3] == names, "each candidate is warmed first"
+    assert order == names * 3, "then they take turns"
+    assert timings == {"fp32": 0.10, "bf16": 0.20, "bf16 + channels_last": 0.24}
+    assert precision.choose(timings)[:2] == ("fp32", False), "fp32's cold first reading (0.30) did not count"
+
+
 def test_the_measurement_runs_for_real_on_this_cpu():
     model = toy_model()
     x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,))
-    timings = precision.measure(model, CrossEntropyObjective(0.0), x, y, steps=1)
+    timings = precision.measure(model, CrossEntropyObjective(0.0), x, y, rounds=1)
     assert "fp32" in timings and all(t > 0 for t in timings.values())
     assert set(timings) <= {"fp32", "bf16", "bf16 + channels_last"}
     assert all(p.grad is None for p in model.parameters()), "the model itself is not touched"
