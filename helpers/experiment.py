@@ -255,9 +255,26 @@ class RunSummary:
 
     @classmethod
     def of(
-        cls, name: str, architecture: dict, result: FitResult, out_dir: str | Path, heldout: dict, test: dict
+        cls,
+        name: str,
+        architecture: dict,
+        result: FitResult,
+        out_dir: str | Path,
+        heldout: dict,
+        test: dict,
+        budget_s: float = 0.0,
     ) -> "RunSummary":
+        """The summary of a finished `fit`; `budget_s` > 0: a budget run, which records its budget."""
+        budget = None
+        if budget_s > 0:
+            steps = result.history[-1]["steps"] if result.history else 0
+            budget = {
+                "budget_s": budget_s,
+                "steps": steps,
+                "budget_seconds_used": result.wall_seconds - result.eval_seconds,
+            }
         return cls(
+            budget=budget,
             name=name,
             architecture=architecture,
             best_epoch=result.best_epoch,
@@ -501,12 +518,6 @@ def train_classifier(
     if data.heldout.num_samples:
         heldout = classification_metrics(*run_split(model, data.heldout, data.augment, runtime))
     test = classification_report(*run_split(model, data.test, data.augment, runtime), data.class_names)
-    summary = RunSummary.of(name, describe or describe_model(model), result, cfg.out_dir, heldout, test)
-    if fit_cfg.budget_s > 0:
-        steps = result.history[-1]["steps"] if result.history else 0
-        summary.budget = {
-            "budget_s": fit_cfg.budget_s,
-            "steps": steps,
-            "budget_seconds_used": result.wall_seconds - result.eval_seconds,
-        }
-    return summary
+    return RunSummary.of(
+        name, describe or describe_model(model), result, cfg.out_dir, heldout, test, budget_s=fit_cfg.budget_s
+    )

@@ -233,9 +233,9 @@ def train_triplet(
         loss=f"batch-hard triplet (margin {cfg.triplet_margin})",
         classifier="nearest class mean",
     )
-    return net, RunSummary.of(
-        name, describe, result, cfg.out_dir, {"top1": heldout[1], "top5": heldout[5], "loss": None}, test
-    )
+    heldout = {"top1": heldout[1], "top5": heldout[5], "loss": None}
+    budget_s = cfg.fit_config("triplet").budget_s
+    return net, RunSummary.of(name, describe, result, cfg.out_dir, heldout, test, budget_s=budget_s)
 
 
 def train_center_loss(

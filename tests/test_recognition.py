@@ -149,6 +149,21 @@ def test_e1_triplet_and_center_runners(tiny_root, tmp_path):
     assert center.architecture["loss"].startswith("cross-entropy +") and center.history[0]["train_top1"] is not None
 
 
+def test_e1_triplet_and_center_runners_honour_a_budget_and_record_it(tiny_root, tmp_path):
+    """The pipeline's budget reaches E1's two metric-loss trainings as it reaches T1-T3's classifiers
+    (the end-to-end budget test in test_cpu_budget runs T2, T4 and E2 only)."""
+    cfg = config(
+        tiny_root, tmp_path, task="E1", pk_classes=3, pk_images=4, embedding_dim=8, ncm_per_class=5, budget_s=1.5
+    )
+    data = build_tiny_imagenet(cfg)
+    for run in (
+        train_triplet("E1_triplet", data, cfg, progress=False)[1],
+        train_center_loss("E1_center", data, cfg, progress=False)[1],
+    ):
+        assert run.budget["budget_s"] == 1.5 and run.budget["steps"] == run.history[-1]["steps"] >= 1, run.name
+        assert run.training["epochs_planned"] == len(run.history) and "budget" in run.as_dict()
+
+
 def test_center_objective_needs_hard_labels():
     objective = CenterLossObjective(4, 512)
     model = build_model("resnet18", RecognitionConfig.build("T2", "smoke", device="cpu"), 4)
