@@ -27,13 +27,13 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     a partial copy, named as such), both as zips in the data folder, and a generated STL-10
     stand-in; T2, T4 and E2 (one notebook of each kind of budget parameter: budget_s; T4's
     cls_budget_s and emb_budget_s over its classifier, embedding and ablation runs; E2's
-    pretrain_budget_s and budget_s) and the report in a 2-minute budget. One evaluated epoch of each
-    of their trainings (T4's: the 3 epochs of 2 steps a budget run needs to plan itself) needs about
-    1.5 min on this 2-core EPYC, planning and the data's first extraction included; a CPU that needs
-    more than 2 min gets the smallest budget it names + 1 min. All six notebooks need 2.5-2.9 min
-    here (3 min left no room for a fresh clone's cold disk cache: the first run of a fresh clone was
-    refused and ran at 4 min), measured in docs/performance.md; E1's and T3's trainings honour a
-    budget through the same runners (test_recognition, test_budget)."""
+    pretrain_budget_s and budget_s) and the report in a 2.5-minute budget. One evaluated epoch of
+    each of their trainings (T4's: the 3 epochs of 2 steps a budget run needs to plan itself) needs
+    91-105 s on this 2-core EPYC, planning and the data's first extraction included, and 120 s on
+    the first run after a fresh clone's install; a CPU that needs more than 2.5 min gets the smallest
+    budget it names + 1 min. All six notebooks need 2.5-2.9 min here (a 3-minute budget was refused
+    on a fresh clone's first run, which then ran at 4 min), measured in docs/performance.md; E1's and
+    T3's trainings honour a budget through the same runners (test_recognition, test_budget)."""
     tiny, cars = SHARED_DATA / "tiny-imagenet-200-mini.zip", SHARED_DATA / "stanford-cars-mini.zip"
     if not (tiny.is_file() and cars.is_file()):
         pytest.skip(f"the real mini archives are not in {SHARED_DATA}")
@@ -42,7 +42,7 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     tiny_archive_cut(tiny, data / "tiny-imagenet-200-mini-8.zip", classes=8)
     cars_archive_cut(cars, data / "stanford-cars-mini-4.zip", per_class=4, classes_per_half=32)
     synthetic.generate("stl10", data, synthetic.STL10Params())
-    out, budget_s = tmp_path / "out", 120.0
+    out, budget_s = tmp_path / "out", 150.0
     notebooks = ("T2_resnet18", "T4_cars196_retrieval", "E2_stl10_layerwise")
 
     def pipeline_run(budget: float):
@@ -87,7 +87,7 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     run = next(iter(t2["models"].values()))
     assert run["budget"]["budget_s"] == shared["notebooks"]["T2_resnet18"]["parameters"]["budget_s"]
     assert set(metrics) == set(notebooks), sorted(metrics)
-    # T2 gets about 15 s of training here: 7 epochs of 23 steps of 32 images (33 % test top-1 in one run)
+    # T2 trains for about 15-25 s here: 7 or more epochs of 23 steps of 32 images (33 % test top-1 in 15 s)
     assert t2["models"]["T2_resnet18"]["test"]["top1"] > 0.125, "T2 on 8 real classes at chance (0.125)"
     t4 = metrics["T4_cars196_retrieval"]
     assert t4["data"]["partial"] and t4["config"]["cls_budget_s"] > 0 and t4["config"]["emb_budget_s"] > 0
