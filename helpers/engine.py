@@ -500,7 +500,8 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
     objective.to(device)
     runtime = Runtime.resolve(device, cfg.precision, cfg.channels_last)
     runtime.prepare_model(model)
-    optimizer = build_optimizer(parameter_groups(model, objective, cfg.weight_decay, objective_lr), cfg, device)
+    groups = parameter_groups(model, objective, cfg.weight_decay, objective_lr)
+    optimizer = build_optimizer(groups, cfg, device, scaled=runtime.precision == "fp16")
     steps_per_epoch = len(train)
     out = Path(out_dir) if out_dir is not None else None
     if out is not None and distributed.is_main():

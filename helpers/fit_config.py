@@ -51,7 +51,7 @@ class FitConfig:
     channels_last: bool = True  # (CUDA only)
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
-    fused: bool = True  # fused optimizer kernels (CUDA only)
+    fused: bool = True  # fused optimizer kernels (CUDA, and the CPU where PyTorch has them)
     sync_bn: bool = False  # several GPUs: BatchNorm statistics over the global batch (SyncBatchNorm; CUDA only)
     log_every: int = 25  # steps between host reads of the running loss (progress bar, NaN check)
     seed: int = 0

@@ -148,13 +148,29 @@ class LRSchedule:
             self.warmup = state.get("warmup", self.warmup)
 
 
-def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD / Adam / AdamW over parameter groups; no weight decay on biases and normalisation weights."""
-    fused = {"fused": True} if cfg.fused and device.type == "cuda" else {}
+def build_optimizer(params, cfg: FitConfig, device: torch.device, scaled: bool = False) -> torch.optim.Optimizer:
+    """SGD / Adam / AdamW over parameter groups; no weight decay on biases and normalisation weights.
+    cfg.fused: one fused kernel per step on CUDA, and on the CPU where this PyTorch has one (2.4 on);
+    on a 2-core CPU it cut ResNet-18's SGD step from 8.3 to 2.8 ms, 11 % of a step at batch 32.
+    `scaled` (fp16 with a gradient scaler): not fused on the CPU. There, with torch 2.14, the fused
+    SGD made the engine's fp16 resume test diverge (NaN loss in its third epoch; the plain loop
+    trains it). The cause was not found: a lone overflowed step is skipped by both."""
+    params = list(params)
+    fused_here = device.type == "cuda" or (device.type == "cpu" and not scaled)
+    fused = {"fused": True} if cfg.fused and fused_here else {}
     if cfg.fused and device.type == "mps":
         notice(
-            "fused=True: fused optimizer kernels are used on CUDA only; MPS uses PyTorch's default (foreach) optimizer"
+            "fused=True: fused optimizer kernels are used on CUDA and the CPU only; MPS uses PyTorch's default (foreach) optimizer"
         )
+    try:
+        return _optimizer(params, cfg, fused)
+    except RuntimeError:  # (an older PyTorch without CPU kernels: "fused=True requires all the params to be ...")
+        if not fused or device.type == "cuda":
+            raise
+        return _optimizer(params, cfg, {})
+
+
+def _optimizer(params: list, cfg: FitConfig, options: dict) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(
             params,
@@ -162,11 +178,11 @@ def build_optimizer(params, cfg: FitConfig, device: torch.device) -> torch.optim
             momentum=cfg.momentum,
             nesterov=cfg.nesterov and cfg.momentum > 0,
             weight_decay=cfg.weight_decay,
-            **fused,
+            **options,
         )
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **options)
 
 
 def parameter_groups(

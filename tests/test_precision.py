@@ -190,6 +190,32 @@ def test_resuming_in_another_precision_says_so(tmp_path, capsys):
     assert "was trained in bf16 and continues in fp32" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw"])
+def test_the_cpu_optimizer_is_fused_and_steps_as_the_plain_one_does(name):
+    """fused=True on the CPU: PyTorch's fused kernel (2.4 on; an older one falls back to the plain
+    loop), the same update as the per-parameter loop to float32 rounding, both decay groups."""
+    torch.manual_seed(0)
+    weights = [torch.randn(16, 8), torch.randn(8)]
+    grads = [torch.randn_like(w) for w in weights]
+    after = {}
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        groups = [{"params": params[:1], "weight_decay": 5e-4}, {"params": params[1:], "weight_decay": 0.0}]
+        optimizer = build_optimizer(groups, FitConfig(optimizer=name, lr=0.1, fused=fused), torch.device("cpu"))
+        if not fused:  # (PyTorch's CPU default is the per-parameter loop)
+            assert not optimizer.defaults.get("fused") and not optimizer.defaults.get("foreach")
+        elif "cpu" in torch.utils._foreach_utils._get_fused_kernels_supported_devices():
+            assert optimizer.defaults["fused"]
+        for _ in range(3):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            optimizer.step()
+        after[fused] = [p.detach() for p in params]
+    assert not torch.equal(after[True][0], weights[0])
+    for fused_p, plain_p in zip(after[True], after[False]):
+        torch.testing.assert_close(fused_p, plain_p, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------ MPS
 
 
@@ -199,7 +225,7 @@ def test_what_mps_cannot_do_degrades_with_a_one_line_notice(capsys):
     params = [torch.nn.Parameter(torch.zeros(3))]
     optimizer = build_optimizer([{"params": params}], FitConfig(optimizer="adam", fused=True), torch.device("mps"))
     assert not optimizer.defaults.get("fused")
-    assert "fused optimizer kernels are used on CUDA only" in capsys.readouterr().err
+    assert "fused optimizer kernels are used on CUDA and the CPU only" in capsys.readouterr().err
     assert not wants_compile(FitConfig(compile=True), torch.device("mps"))
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "torch.compile is not used on MPS" in err
