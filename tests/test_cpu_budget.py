@@ -4,6 +4,7 @@ the budget's refusal and split at the pipeline's level on mocked plans."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +32,7 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     each of their trainings (T4's: the 3 epochs of 2 steps a budget run needs to plan itself) needs
     91-105 s on this 2-core EPYC, planning and the data's first extraction included, and 120 s on
     the first run after a fresh clone's install; a CPU that needs more than 2.5 min gets the smallest
-    budget it names + 1 min. All six notebooks need 2.5-2.9 min here (a 3-minute budget was refused
+    budget it measured + 20 %. All six notebooks need 2.5-2.9 min here (a 3-minute budget was refused
     on a fresh clone's first run, which then ran at 4 min), measured in docs/performance.md; E1's and
     T3's trainings honour a budget through the same runners (test_recognition, test_budget)."""
     tiny, cars = SHARED_DATA / "tiny-imagenet-200-mini.zip", SHARED_DATA / "stanford-cars-mini.zip"
@@ -62,10 +63,9 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
         return subprocess.run(command + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
 
     done = pipeline_run(budget_s)
-    if (
-        done.returncode == 2 and "is too small for one evaluated epoch" in done.stderr
-    ):  # a slower CPU: the minimum it names, + 1 min
-        budget_s = 60.0 * (int(done.stderr.split("give at least --budget ")[1].split("m")[0]) + 1)
+    if done.returncode == 2 and (need := re.search(r"that needs ([\d.]+) (s|min|h) ", done.stderr)):
+        # a slower CPU: the minimum it measured, + 20 % (the run plans again, as a user's rerun would)
+        budget_s = round(1.2 * float(need[1]) * {"s": 1, "min": 60, "h": 3600}[need[2]])
         done = pipeline_run(budget_s)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((out / "pipeline.json").read_text())
