@@ -393,6 +393,12 @@ def batch_for(train_images: int) -> int:
     return batch
 
 
+def lr_for_batch(lr: float, batch: int) -> float:
+    """The lr of a batch of `batch` images when `lr` is that of REFERENCE_BATCH (batch_size=0: the
+    linear scaling rule of Goyal et al., 2017)."""
+    return lr * batch / REFERENCE_BATCH
+
+
 # T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
 # one), a narrow custom CNN and ResNet-18 (width 16: its checkpoints are 1/16 of the published
 # width's 45 MB) and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from helpers import distributed
 from helpers.atomic import atomic_write_json
 from helpers.checkpoint import BEST, run_owner
-from helpers.config import REFERENCE_BATCH
+from helpers.config import lr_for_batch
 from helpers.data import LoaderBatches, TensorBatches, synthetic
 from helpers.data.archives import extracted_from_archive
 from helpers.data.fingerprint import tree_fingerprint
@@ -480,7 +480,7 @@ def scaled_lr(fit_cfg: FitConfig, cfg, train: BatchSource) -> FitConfig:
     linearly to the batch the data chose (the linear scaling rule of Goyal et al., 2017)."""
     if getattr(cfg, "batch_size", None) != 0:
         return fit_cfg
-    return dataclasses.replace(fit_cfg, lr=fit_cfg.lr * train.batch_size / REFERENCE_BATCH)
+    return dataclasses.replace(fit_cfg, lr=lr_for_batch(fit_cfg.lr, train.batch_size))
 
 
 def train_classifier(

@@ -26,7 +26,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
-from helpers.config import REFERENCE_BATCH  # noqa: E402
+from helpers.config import REFERENCE_BATCH, lr_for_batch  # noqa: E402
 from helpers.experiment import T3Selection  # noqa: E402
 from helpers.tasks import STEPS  # noqa: E402
 from helpers.plots import missing, pct, plot_curves, save_figure  # noqa: E402
@@ -460,7 +460,7 @@ def batch_text(cfg2: dict, batch: int | None) -> str:
     it chose and the lr scaled to it."""
     if cfg2["batch_size"] or not batch:
         return f"lr {cfg2['lr']} for batch {cfg2['batch_size'] or 'chosen from the data'}"
-    return f"lr {cfg2['lr'] * batch / REFERENCE_BATCH:g} for batch {batch} (the batch follows the training set; lr {cfg2['lr']} per {REFERENCE_BATCH} images)"
+    return f"lr {lr_for_batch(cfg2['lr'], batch):g} for batch {batch} (the batch follows the training set; lr {cfg2['lr']} per {REFERENCE_BATCH} images)"
 
 
 def training_text(page: Page, cfg2: dict, run: dict | None = None, batch: int | None = None) -> None:
