@@ -141,7 +141,7 @@ def cars_archive_cut(source: Path, target: Path, per_class: int, classes_per_hal
 
     import scipy.io
 
-    from helpers.data.cars196 import BOX_FIELDS, load_mat, struct_fields
+    from helpers.data.cars196 import BOX_FIELDS, struct_fields
     from helpers.data.synthetic import annotation_struct
 
     with zipfile.ZipFile(source) as zin:
