@@ -399,6 +399,21 @@ def lr_for_batch(lr: float, batch: int) -> float:
     return lr * batch / REFERENCE_BATCH
 
 
+# batch_size=0 also scales the weight decay to the training set: a smaller set gets more passes in a
+# budget and overfits sooner, so it gets more decay, by sqrt(REFERENCE_IMAGES / images), from 1x (at
+# REFERENCE_IMAGES or more) up to MOST_DECAY_SCALE. Chosen on held-out splits (docs/performance.md):
+# 20 classes x 75 images, 60 s: 1e-3 and 2e-3 led 5e-4 by 2.7-2.8 points over 3 seeds; 50 x 75: 2e-3
+# led by 0.6 (within the seeds' spread); 200 x 90 (the mini archive): 1e-3 neutral (-0.1).
+REFERENCE_IMAGES, MOST_DECAY_SCALE = 10_000, 4.0
+
+
+def weight_decay_for(weight_decay: float, train_images: int) -> float:
+    """The weight decay of a training set of `train_images` images when `weight_decay` is that of
+    REFERENCE_IMAGES or more (batch_size=0; see above)."""
+    scale = (REFERENCE_IMAGES / max(1, train_images)) ** 0.5
+    return weight_decay * min(MOST_DECAY_SCALE, max(1.0, scale))
+
+
 # T1-T3. smoke: 32 px, 24 images per class, the cheap ImageNet stem (16x fewer FLOPs than the small
 # one), a narrow custom CNN and ResNet-18 (width 16: its checkpoints are 1/16 of the published
 # width's 45 MB) and N = 32 in CUBS Block 1 (its B x N x N similarity dominates on a CPU)
@@ -484,7 +499,8 @@ class RecognitionConfig(ConfigBase):
     # optimisation
     epochs: int = param(3, range=AT_LEAST_1)
     # images per step; 0: follow the training set (batch_for), and lr is then that of a batch of
-    # REFERENCE_BATCH, scaled linearly to the batch chosen
+    # REFERENCE_BATCH, scaled linearly to the batch chosen, and weight_decay that of REFERENCE_IMAGES
+    # training images or more, scaled up for fewer (weight_decay_for)
     batch_size: int = param(64, range=NON_NEGATIVE)
     optimizer: str = param("sgd", choices=OPTIMIZERS)
     lr: float = param(0.05, range=POSITIVE)

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from helpers import distributed
 from helpers.atomic import atomic_write_json
 from helpers.checkpoint import BEST, run_owner
-from helpers.config import lr_for_batch
+from helpers.config import lr_for_batch, weight_decay_for
 from helpers.data import LoaderBatches, TensorBatches, synthetic
 from helpers.data.archives import extracted_from_archive
 from helpers.data.fingerprint import tree_fingerprint
@@ -252,6 +252,8 @@ class RunSummary:
     test: dict
     history: list
     budget: dict | None = None  # budget runs: {"budget_s", "steps", "budget_seconds_used"}
+    # the recipe as fit ran it, when it followed the training set (batch_size=0): {"batch_size", "lr", "weight_decay"}
+    followed_data: dict | None = None
 
     @classmethod
     def of(
@@ -263,8 +265,10 @@ class RunSummary:
         heldout: dict,
         test: dict,
         budget_s: float = 0.0,
+        followed_data: dict | None = None,
     ) -> "RunSummary":
-        """The summary of a finished `fit`; `budget_s` > 0: a budget run, which records its budget."""
+        """The summary of a finished `fit`; `budget_s` > 0: a budget run, which records its budget;
+        `followed_data`: the batch, lr and weight decay a recipe that followed the data chose."""
         budget = None
         if budget_s > 0:
             steps = result.history[-1]["steps"] if result.history else 0
@@ -275,6 +279,7 @@ class RunSummary:
             }
         return cls(
             budget=budget,
+            followed_data=followed_data,
             name=name,
             architecture=architecture,
             best_epoch=result.best_epoch,
@@ -289,17 +294,24 @@ class RunSummary:
             history=result.history,
         )
 
+    OPTIONAL = ("budget", "followed_data")
+
     @classmethod
     def from_dict(cls, values: dict) -> "RunSummary":
-        """The record a metrics JSON holds (a KeyError names any missing field; budget is optional)."""
+        """The record a metrics JSON holds (a KeyError names any missing field; OPTIONAL ones may be
+        absent)."""
         return cls(
-            **{f.name: values.get(f.name) if f.name == "budget" else values[f.name] for f in dataclasses.fields(cls)}
+            **{
+                f.name: values.get(f.name) if f.name in cls.OPTIONAL else values[f.name]
+                for f in dataclasses.fields(cls)
+            }
         )
 
     def as_dict(self) -> dict:
         values = dataclasses.asdict(self)
-        if values["budget"] is None:  # only budget runs record one
-            del values["budget"]
+        for name in self.OPTIONAL:  # only budget runs record a budget, only batch_size=0 runs what they chose
+            if values[name] is None:
+                del values[name]
         return values
 
 
@@ -475,12 +487,17 @@ class ClassificationData:
     info: dict = field(default_factory=dict)
 
 
-def scaled_lr(fit_cfg: FitConfig, cfg, train: BatchSource) -> FitConfig:
-    """batch_size=0 (the batch follows the data): lr is that of a batch of REFERENCE_BATCH, scaled
-    linearly to the batch the data chose (the linear scaling rule of Goyal et al., 2017)."""
+def follow_the_data(fit_cfg: FitConfig, cfg, train: BatchSource) -> FitConfig:
+    """batch_size=0 (the recipe follows the data): lr is that of a batch of REFERENCE_BATCH, scaled
+    linearly to the batch the data chose (the linear scaling rule of Goyal et al., 2017), and weight
+    decay that of REFERENCE_IMAGES training images, scaled up for a smaller set (weight_decay_for)."""
     if getattr(cfg, "batch_size", None) != 0:
         return fit_cfg
-    return dataclasses.replace(fit_cfg, lr=lr_for_batch(fit_cfg.lr, train.batch_size))
+    return dataclasses.replace(
+        fit_cfg,
+        lr=lr_for_batch(fit_cfg.lr, train.batch_size),
+        weight_decay=weight_decay_for(fit_cfg.weight_decay, train.num_samples),
+    )
 
 
 def train_classifier(
@@ -498,7 +515,7 @@ def train_classifier(
     go to `fit` (e.g. objective=CenterLossObjective(...), objective_lr=...)."""
     runtime = Runtime.of(cfg)
     splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
-    fit_cfg = scaled_lr(cfg.fit_config(stage), cfg, data.train)
+    fit_cfg = follow_the_data(cfg.fit_config(stage), cfg, data.train)
     if not data.heldout.num_samples:  # no held-out split: keep the last epoch
         fit_cfg = dataclasses.replace(fit_cfg, monitor="")
     result = fit_stage(
@@ -518,6 +535,16 @@ def train_classifier(
     if data.heldout.num_samples:
         heldout = classification_metrics(*run_split(model, data.heldout, data.augment, runtime))
     test = classification_report(*run_split(model, data.test, data.augment, runtime), data.class_names)
+    followed = None
+    if getattr(cfg, "batch_size", None) == 0:
+        followed = {"batch_size": data.train.batch_size, "lr": fit_cfg.lr, "weight_decay": fit_cfg.weight_decay}
     return RunSummary.of(
-        name, describe or describe_model(model), result, cfg.out_dir, heldout, test, budget_s=fit_cfg.budget_s
+        name,
+        describe or describe_model(model),
+        result,
+        cfg.out_dir,
+        heldout,
+        test,
+        budget_s=fit_cfg.budget_s,
+        followed_data=followed,
     )

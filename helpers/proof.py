@@ -153,6 +153,7 @@ def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) 
         "eval_images": data.test.num_samples,
         "curve": curve,
         "recipe": cfg.as_dict(),
+        "followed_data": summary.followed_data,  # batch_size=0: the batch, lr and weight decay it chose
         "model": summary.architecture,
     }
 

@@ -4,10 +4,19 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.config import MIN_STEPS_PER_EPOCH, REFERENCE_BATCH, SMALLEST_BATCH, RecognitionConfig, batch_for
+from helpers.config import (
+    MIN_STEPS_PER_EPOCH,
+    MOST_DECAY_SCALE,
+    REFERENCE_BATCH,
+    REFERENCE_IMAGES,
+    SMALLEST_BATCH,
+    RecognitionConfig,
+    batch_for,
+    weight_decay_for,
+)
 from helpers.data import subset_indices
 from helpers.objectives import CenterLossObjective
-from helpers.experiment import RunSummary, T3Selection, load_metrics, save_metrics, scaled_lr, train_classifier
+from helpers.experiment import RunSummary, T3Selection, follow_the_data, load_metrics, save_metrics, train_classifier
 from helpers.recognition import (
     build_model,
     build_tiny_imagenet,
@@ -79,15 +88,29 @@ def test_batch_for_gives_the_largest_power_of_two_with_enough_steps_an_epoch(ima
     assert SMALLEST_BATCH <= batch <= REFERENCE_BATCH
 
 
-def test_a_batch_of_0_follows_the_training_set_and_scales_the_lr(tiny_root, tmp_path):
-    cfg = config(tiny_root, tmp_path, batch_size=0, lr=0.2)
+@pytest.mark.parametrize("images", [0, 1, 600, 625, 626, 2_500, 9_999, 10_000, 10_001, 100_000])
+def test_weight_decay_grows_for_a_smaller_training_set_and_stays_for_a_larger_one(images):
+    decay = weight_decay_for(5e-4, images)
+    scale = (REFERENCE_IMAGES / max(images, 1)) ** 0.5 if images < REFERENCE_IMAGES else 1.0
+    assert decay == pytest.approx(5e-4 * min(scale, MOST_DECAY_SCALE), rel=1e-12)
+    assert 5e-4 <= decay <= MOST_DECAY_SCALE * 5e-4
+    assert weight_decay_for(5e-4, images) >= weight_decay_for(5e-4, images + 1), "never less decay for less data"
+    assert weight_decay_for(0.0, images) == 0.0, "no decay stays none"
+
+
+def test_a_batch_of_0_follows_the_training_set_and_scales_the_lr_and_weight_decay(tiny_root, tmp_path):
+    cfg = config(tiny_root, tmp_path, batch_size=0, lr=0.2, weight_decay=5e-4)
     data = build_tiny_imagenet(cfg)
     assert data.train.batch_size == batch_for(data.train.num_samples) == SMALLEST_BATCH == data.info["batch_size"]
-    assert scaled_lr(cfg.fit_config(), cfg, data.train).lr == pytest.approx(0.2 * SMALLEST_BATCH / REFERENCE_BATCH)
-    fixed = config(tiny_root, tmp_path, batch_size=16, lr=0.2)
+    followed = follow_the_data(cfg.fit_config(), cfg, data.train)
+    assert followed.lr == pytest.approx(0.2 * SMALLEST_BATCH / REFERENCE_BATCH)
+    images = data.train.num_samples
+    assert followed.weight_decay == pytest.approx(5e-4 * min(MOST_DECAY_SCALE, (REFERENCE_IMAGES / images) ** 0.5))
+    fixed = config(tiny_root, tmp_path, batch_size=16, lr=0.2, weight_decay=5e-4)
     fixed_data = build_tiny_imagenet(fixed)
     assert fixed_data.train.batch_size == 16 == fixed_data.info["batch_size"]
-    assert scaled_lr(fixed.fit_config(), fixed, fixed_data.train).lr == 0.2, "a given batch keeps its lr"
+    kept = follow_the_data(fixed.fit_config(), fixed, fixed_data.train)
+    assert (kept.lr, kept.weight_decay) == (0.2, 5e-4), "a given batch keeps its lr and weight decay"
     assert RecognitionConfig.build("T2", "cpu", device="cpu").batch_size == 0, "the cpu profile follows the data"
     assert RecognitionConfig.build("T2", "full", device="cpu").batch_size == 256
 
@@ -222,3 +245,29 @@ def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_pat
         "resumed_from": None,
         "complete": True,
     }
+
+
+def test_a_run_that_follows_the_data_trains_with_and_records_what_it_chose(tiny_root, tmp_path, monkeypatch):
+    import helpers.engine
+
+    decays = []
+
+    def parameter_groups(model, objective, weight_decay, objective_lr=None):
+        decays.append(weight_decay)
+        return groups(model, objective, weight_decay, objective_lr)
+
+    groups = helpers.engine.parameter_groups
+    monkeypatch.setattr(helpers.engine, "parameter_groups", parameter_groups)
+    cfg = config(tiny_root, tmp_path, batch_size=0, lr=0.2, weight_decay=5e-4)
+    data = build_tiny_imagenet(cfg)
+    run = train_classifier("T2_resnet18", build_model("resnet18", cfg, data.num_classes), data, cfg, progress=False)
+    images = data.train.num_samples
+    chosen = {"batch_size": batch_for(images), "lr": 0.2 * batch_for(images) / REFERENCE_BATCH}
+    chosen["weight_decay"] = weight_decay_for(5e-4, images)
+    assert run.followed_data == pytest.approx(chosen) and chosen["weight_decay"] > 5e-4
+    assert decays == pytest.approx([chosen["weight_decay"]]), "fit ran with the decay it records"
+    assert RunSummary.from_dict(run.as_dict()) == run
+    fixed = train_classifier(
+        "T2_fixed", build_model("resnet18", cfg, data.num_classes), data, config(tiny_root, tmp_path)
+    )
+    assert decays[-1] == 5e-4 and fixed.followed_data is None and "followed_data" not in fixed.as_dict()
