@@ -26,7 +26,7 @@ import matplotlib.image as mpimg  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backends.backend_pdf import PdfPages  # noqa: E402
 
-from helpers.config import REFERENCE_BATCH, lr_for_batch  # noqa: E402
+from helpers.config import MOST_DECAY_SCALE, REFERENCE_BATCH, REFERENCE_IMAGES, lr_for_batch  # noqa: E402
 from helpers.experiment import T3Selection  # noqa: E402
 from helpers.tasks import STEPS  # noqa: E402
 from helpers.plots import missing, pct, plot_curves, save_figure  # noqa: E402
@@ -455,12 +455,22 @@ def cubs_text(page: Page, cfg3: dict, selection: T3Selection | None) -> None:
     )
 
 
-def batch_text(cfg2: dict, batch: int | None) -> str:
-    """ "lr 0.1 for batch 128", or, when the batch followed the training set (batch_size=0), the batch
-    it chose and the lr scaled to it."""
-    if cfg2["batch_size"] or not batch:
-        return f"lr {cfg2['lr']} for batch {cfg2['batch_size'] or 'chosen from the data'}"
-    return f"lr {lr_for_batch(cfg2['lr'], batch):g} for batch {batch} (the batch follows the training set; lr {cfg2['lr']} per {REFERENCE_BATCH} images)"
+def recipe_text(cfg2: dict, run: dict | None, batch: int | None) -> str:
+    """ "lr 0.1 for batch 128, weight decay 0.0005", or, when the recipe followed the training set
+    (batch_size=0), the batch, lr and weight decay the run chose (its `followed_data` record)."""
+    followed = (run or {}).get("followed_data")
+    if not cfg2["batch_size"] and followed:
+        return (
+            f"lr {followed['lr']:.3g} for batch {followed['batch_size']} and weight decay {followed['weight_decay']:.2g}, "
+            f"both chosen from the training set (lr {cfg2['lr']} per {REFERENCE_BATCH} images; decay {cfg2['weight_decay']} at "
+            f"{REFERENCE_IMAGES:,} images or more, up to {MOST_DECAY_SCALE:g}x that for fewer)"
+        )
+    if cfg2["batch_size"] or not batch:  # a fixed batch, or a record from before followed_data
+        return f"lr {cfg2['lr']} for batch {cfg2['batch_size'] or 'chosen from the data'}, weight decay {cfg2['weight_decay']}"
+    return (
+        f"lr {lr_for_batch(cfg2['lr'], batch):g} for batch {batch} (the batch follows the training set; lr {cfg2['lr']} "
+        f"per {REFERENCE_BATCH} images), weight decay {cfg2['weight_decay']}"
+    )
 
 
 def training_text(page: Page, cfg2: dict, run: dict | None = None, batch: int | None = None) -> None:
@@ -469,7 +479,7 @@ def training_text(page: Page, cfg2: dict, run: dict | None = None, batch: int | 
     crop = f"random crop with {cfg2['padding']}-pixel padding" if cfg2["crop"] == "pad" else "random-resized crop"
     stopping = f" and early stopping (patience {cfg2['patience']})" if cfg2.get("patience") else ""
     page.text(
-        f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at {batch_text(cfg2, batch)}, weight decay {cfg2['weight_decay']} (not on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "
+        f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at {recipe_text(cfg2, run, batch)} (no decay on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "
         f"({cfg2['warmup_epochs']} epochs, at most a quarter of the run) then {cfg2['schedule']} decay, label smoothing {cfg2['label_smoothing']}. Augmentation on whole "
         f"batches on the device: {crop}{' + horizontal flip' if cfg2.get('flip', True) else ''}{mixing}, input {cfg2['image_size']} px. Model selection{stopping} on a "
         f"{100 * cfg2['heldout_fraction']:.0f}% stratified held-out part of train; atomic best/last checkpoints with exact resume; "

@@ -132,6 +132,24 @@ def test_the_report_states_the_data_each_run_used_its_real_length_and_the_budget
     assert "Budget:" not in texts(tmp_path)[0]
 
 
+def test_the_report_states_the_batch_lr_and_weight_decay_a_run_chose_from_its_data(tmp_path):
+    documents = write_metrics(tmp_path)
+    run = next(iter(documents["T2_resnet18"]["models"].values()))
+    fixed = (
+        f"lr {documents['T2_resnet18']['config']['lr']} for batch {documents['T2_resnet18']['config']['batch_size']}"
+    )
+    assert fixed in texts(tmp_path)[0]
+
+    def followed(d):
+        d["config"].update(batch_size=0, lr=0.1, weight_decay=5e-4)
+        next(iter(d["models"].values()))["followed_data"] = {"batch_size": 32, "lr": 0.025, "weight_decay": 0.00115}
+
+    edit(tmp_path, "T2_resnet18", followed)
+    one = texts(tmp_path)[0]
+    assert "lr 0.025 for batch 32 and weight decay 0.0011, both chosen from the training set" in one, run["name"]
+    assert "(lr 0.1 per 128 images; decay 0.0005 at 10,000 images or more" in one
+
+
 def test_the_precision_line_says_what_each_cpu_run_measured_and_chose():
     fast = {
         "used": "bf16",
