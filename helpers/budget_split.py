@@ -46,7 +46,7 @@ class Training:
     seconds_per_eval: float = 0.0  # one evaluation pass (0: the training is not evaluated)
     eval_every: int = 1
     speed_ratio: float = 1.0  # CPU precision "auto": the chosen precision's step time / fp32's (helpers.precision)
-    probe_seconds: float = 0.0  # ... and what measuring it costs
+    probe_seconds: float = 0.0  # ... and what measuring it costs (inside its budget: the engine's clock counts it)
     run_seconds: float = 0.0  # the run's cost beyond its steps: set-up, checkpoints, finishing
 
     @property
@@ -81,8 +81,7 @@ class Training:
         return (self.speed_ratio != 1.0 or self.probe_seconds > 0) and self.budget(fraction) >= MEASURED_PRECISION_S
 
     def seconds(self, fraction: float) -> float:
-        probe = self.probe_seconds if self.measures(fraction) else 0.0
-        return self.budget(fraction) + self.eval_passes(fraction) * self.seconds_per_eval + probe + self.run_seconds
+        return self.budget(fraction) + self.eval_passes(fraction) * self.seconds_per_eval + self.run_seconds
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,26 @@ def test_budget_run_fills_its_budget_and_anneals(tmp_path, monkeypatch):
     assert [h["steps"] for h in result.history][:3] == [6, 12, 18]  # whole epochs, then the short last one
 
 
+def test_a_budget_run_counts_its_precision_measurement_as_training_time(tmp_path, monkeypatch):
+    from helpers import precision
+
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+    monkeypatch.setattr(precision, "MIN_BUDGET_S", 1.0)
+
+    def measure(*args, **kwargs):  # 0.5 s of the budget's clock, as a real measurement would take
+        clock.t += 0.5
+        return {"fp32": 0.2, "bf16": 0.1}
+
+    monkeypatch.setattr(precision, "measure", measure)
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=2.0, warmup_epochs=0.5, precision="auto")
+    result = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, progress=False)
+    steps = result.history[-1]["steps"]
+    assert result.precision["used"] == "bf16" and clock.t == pytest.approx(0.5 + steps * 0.1)
+    # (the run ends at an epoch's end once planned: epochs of 6 steps; 2.4 s if the measurement did not count)
+    assert 1.5 <= clock.t <= 2.0, "the measurement and the steps fill the budget together"
+
+
 def test_budget_run_resumes_within_the_same_budget(tmp_path, monkeypatch):
     clock = FakeClock(0.1)
     monkeypatch.setattr("helpers.budget.now", clock)
