@@ -70,6 +70,29 @@ def test_two_stages_and_every_miner_run(cars_devkit_root, tmp_path):
     assert isinstance(backbone.fc, torch.nn.Linear), "stage 2 works on a copy: the classifier is untouched"
 
 
+def test_each_stage_trains_for_its_own_budget(cars_devkit_root, tmp_path, monkeypatch):
+    """cls_budget_s reaches stage 1's `fit` and emb_budget_s every stage-2 run's (pipeline --budget
+    sets them; the end-to-end budget test runs T2 and E2, whose runners share this `fit_stage`)."""
+    import helpers.experiment
+
+    budgets = []
+
+    def fit(*args, **kwargs):
+        budgets.append(args[3].budget_s)
+        return real_fit(*args, **kwargs)
+
+    real_fit = helpers.experiment.fit
+    monkeypatch.setattr(helpers.experiment, "fit", fit)
+    cfg = config(cars_devkit_root, tmp_path, fashion="serial21", init="scratch", cls_budget_s=1.5, emb_budget_s=1.0)
+    data = build_cars196(cfg)
+    backbone = build_backbone(cfg, cfg.fashion, data.num_train_classes)[0]
+    stage1 = train_classifier_stage(backbone, data, cfg)
+    run = embedding_run(backbone, data, cfg, "ms")
+    assert budgets == [1.5, 1.0], budgets
+    assert stage1.record()["complete"] and run.result.record()["complete"]
+    assert stage1.history[-1]["steps"] >= 5 <= run.result.history[-1]["steps"], "a budget run plans after 5 steps"
+
+
 def test_each_stage_resumes_unless_a_setting_it_reads_changed(cars_devkit_root, tmp_path):
     """Stage 1 (classifier) and stage 2 (embedding) have their own run keys: a stage-2 setting such
     as alpha leaves stage 1 resumable; a stage-1 setting invalidates both (stage 2 starts from it)."""
