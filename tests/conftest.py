@@ -130,3 +130,40 @@ def tiny_archive_cut(source: Path, target: Path, classes: int) -> Path:
                 else:
                     zout.writestr(zin.getinfo(name), zin.read(name))
     return target
+
+
+def cars_archive_cut(source: Path, target: Path, per_class: int, classes_per_half: int = 98) -> Path:
+    """A zip of the real mini Cars-196 archive with at most `per_class` images of each class, in the
+    same devkit layout (devkit/cars_meta.mat, devkit/cars_train_annos.mat, cars_train/); with
+    `classes_per_half` < 98, only the first that many classes of the train half (1-98) and of the
+    test half (99-196)."""
+    import io
+
+    import scipy.io
+
+    from helpers.data.cars196 import BOX_FIELDS, struct_fields
+    from helpers.data.synthetic import annotation_struct
+
+    with zipfile.ZipFile(source) as zin:
+        names = zin.namelist()
+        annos_name = next(n for n in names if n.endswith("devkit/cars_train_annos.mat"))
+        top = annos_name[: -len("devkit/cars_train_annos.mat")]
+        annos = scipy.io.loadmat(io.BytesIO(zin.read(annos_name)), squeeze_me=False)
+        fields = struct_fields(annos, Path(annos_name), "annotations", ("fname", "class") + BOX_FIELDS)
+        kept, count = [], {}
+        for i, cls in enumerate(fields["class"]):
+            if count.get(int(cls), 0) < per_class and (int(cls) - 1) % 98 < classes_per_half:
+                count[int(cls)] = count.get(int(cls), 0) + 1
+                kept.append(
+                    {**{b: int(fields[b][i]) for b in BOX_FIELDS}, "class": int(cls), "fname": str(fields["fname"][i])}
+                )
+        buffer = io.BytesIO()
+        scipy.io.savemat(buffer, {"annotations": annotation_struct(kept, BOX_FIELDS + ("class", "fname"))})
+        wanted = {f"{top}cars_train/{row['fname']}" for row in kept}
+        with zipfile.ZipFile(target, "w") as zout:
+            for name in names:
+                if name == annos_name:
+                    zout.writestr(name, buffer.getvalue())
+                elif "cars_train/" not in name or name.endswith("/") or name in wanted:
+                    zout.writestr(zin.getinfo(name), zin.read(name))
+    return target

@@ -15,7 +15,7 @@ from helpers import pipeline, plan as planning
 from helpers.budget_split import NotebookWork, Training
 from helpers.data import synthetic
 
-from conftest import SHARED_DATA, tiny_archive_cut
+from conftest import SHARED_DATA, cars_archive_cut, tiny_archive_cut
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,24 +23,30 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.realdata
 @pytest.mark.slow
 def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
-    """Real images in a shape a test affords: 8 classes of the mini Tiny ImageNet as a zip in the
-    data folder, and a generated STL-10 stand-in; T2 and E2 (the two kinds of notebook budget:
-    budget_s for one training, and E2's pretrain_budget_s + budget_s over its seven) and the report
-    in a 90 s budget. One evaluated epoch of each of their trainings needs 50 s on this 2-core EPYC,
-    planning and the data's first extraction included; a CPU that needs more than 90 s gets the
-    smallest budget it measured + 20 %. Here the run took 82 s of 90 (-9 %: E2's prediction is 4 s
-    high). T4 (98 s with T2 and E2, 150 s of the suite) is left to test_retrieval's stage budgets;
-    all six notebooks need 2.5-2.9 min here, measured in docs/performance.md; E1's and T3's trainings
-    honour a budget through the same runners (test_recognition, test_budget)."""
-    tiny = SHARED_DATA / "tiny-imagenet-200-mini.zip"
-    if not tiny.is_file():
-        pytest.skip(f"the real mini archive is not in {SHARED_DATA}")
+    """Real images in a shape a test affords: 8 classes of the mini Tiny ImageNet, and 4 images of
+    each of the first 32 classes of both Cars-196 halves from the mini archive (its cars_train/ half:
+    a partial copy, named as such), both as zips in the data folder, and a generated STL-10
+    stand-in; T2, T4 and E2 (one notebook of each kind of budget parameter: budget_s; T4's
+    cls_budget_s and emb_budget_s over its classifier, embedding and ablation runs; E2's
+    pretrain_budget_s and budget_s) and the report in a 2.5-minute budget. One evaluated epoch of
+    each of their trainings (T4's: the 3 epochs of 2 steps a budget run needs to plan itself) needs
+    91-105 s on this 2-core EPYC, planning and the data's first extraction included, and 120 s on
+    the first run after a fresh clone's install; a CPU that needs more than 2.5 min gets the smallest
+    budget it measured + 20 %. All six notebooks need 2.5-2.9 min here (a 3-minute budget was refused
+    on a fresh clone's first run, which then ran at 4 min), measured in docs/performance.md; E1's and
+    T3's trainings honour a budget through the same runners (test_recognition, test_budget). T2 and
+    E2 alone in 90 s were tried: 82 s of 90 at full speed, but 67 s (-25 %) in a CPU quota of 1.54
+    cores, where this version passed (docs/performance.md)."""
+    tiny, cars = SHARED_DATA / "tiny-imagenet-200-mini.zip", SHARED_DATA / "stanford-cars-mini.zip"
+    if not (tiny.is_file() and cars.is_file()):
+        pytest.skip(f"the real mini archives are not in {SHARED_DATA}")
     data = tmp_path / "data"
     data.mkdir()
     tiny_archive_cut(tiny, data / "tiny-imagenet-200-mini-8.zip", classes=8)
+    cars_archive_cut(cars, data / "stanford-cars-mini-4.zip", per_class=4, classes_per_half=32)
     synthetic.generate("stl10", data, synthetic.STL10Params())
-    out, budget_s = tmp_path / "out", 90.0
-    notebooks = ("T2_resnet18", "E2_stl10_layerwise")
+    out, budget_s = tmp_path / "out", 150.0
+    notebooks = ("T2_resnet18", "T4_cars196_retrieval", "E2_stl10_layerwise")
 
     def pipeline_run(budget: float):
         command = [
@@ -83,12 +89,14 @@ def test_the_cpu_profile_on_real_images_ends_within_its_budget(tmp_path):
     run = next(iter(t2["models"].values()))
     assert run["budget"]["budget_s"] == shared["notebooks"]["T2_resnet18"]["parameters"]["budget_s"]
     assert set(metrics) == set(notebooks), sorted(metrics)
-    # T2 trains for about 27 s here: 13 epochs of 22 steps of 32 images (34 % test top-1)
+    # T2 trains for about 15-25 s here: 7 or more epochs of 23 steps of 32 images (33 % test top-1 in 15 s)
     assert t2["models"]["T2_resnet18"]["test"]["top1"] > 0.125, "T2 on 8 real classes at chance (0.125)"
     # the cpu profile's recipe follows its 760 training images: a batch of 32, more weight decay
     assert (
         run["followed_data"]["batch_size"] == 32 and run["followed_data"]["weight_decay"] > t2["config"]["weight_decay"]
     )
+    t4 = metrics["T4_cars196_retrieval"]
+    assert t4["data"]["partial"] and t4["config"]["cls_budget_s"] > 0 and t4["config"]["emb_budget_s"] > 0
     assert "generated stand-in" in metrics["E2_stl10_layerwise"]["data"]["dataset"]  # labelled as the stand-in it is
     assert metrics["E2_stl10_layerwise"]["config"]["pretrain_budget_s"] > 0
 
