@@ -487,17 +487,20 @@ class ClassificationData:
     info: dict = field(default_factory=dict)
 
 
-def follow_the_data(fit_cfg: FitConfig, cfg, train: BatchSource) -> FitConfig:
+def follow_the_data(fit_cfg: FitConfig, cfg, train: BatchSource) -> tuple[FitConfig, dict | None]:
     """batch_size=0 (the recipe follows the data): lr is that of a batch of REFERENCE_BATCH, scaled
     linearly to the batch the data chose (the linear scaling rule of Goyal et al., 2017), and weight
-    decay that of REFERENCE_IMAGES training images, scaled up for a smaller set (weight_decay_for)."""
+    decay that of REFERENCE_IMAGES training images, scaled up for a smaller set (weight_decay_for).
+    Returns the FitConfig to train with and what it chose ({"batch_size", "lr", "weight_decay"}; None
+    for a fixed batch, which keeps its lr and decay)."""
     if getattr(cfg, "batch_size", None) != 0:
-        return fit_cfg
-    return dataclasses.replace(
-        fit_cfg,
-        lr=lr_for_batch(fit_cfg.lr, train.batch_size),
-        weight_decay=weight_decay_for(fit_cfg.weight_decay, train.num_samples),
+        return fit_cfg, None
+    lr, weight_decay = (
+        lr_for_batch(fit_cfg.lr, train.batch_size),
+        weight_decay_for(fit_cfg.weight_decay, train.num_samples),
     )
+    chosen = {"batch_size": train.batch_size, "lr": lr, "weight_decay": weight_decay}
+    return dataclasses.replace(fit_cfg, lr=lr, weight_decay=weight_decay), chosen
 
 
 def train_classifier(
@@ -515,7 +518,7 @@ def train_classifier(
     go to `fit` (e.g. objective=CenterLossObjective(...), objective_lr=...)."""
     runtime = Runtime.of(cfg)
     splits = {"heldout": data.heldout, "test": data.test} if data.heldout.num_samples else {"test": data.test}
-    fit_cfg = follow_the_data(cfg.fit_config(stage), cfg, data.train)
+    fit_cfg, followed = follow_the_data(cfg.fit_config(stage), cfg, data.train)
     if not data.heldout.num_samples:  # no held-out split: keep the last epoch
         fit_cfg = dataclasses.replace(fit_cfg, monitor="")
     result = fit_stage(
@@ -535,9 +538,6 @@ def train_classifier(
     if data.heldout.num_samples:
         heldout = classification_metrics(*run_split(model, data.heldout, data.augment, runtime))
     test = classification_report(*run_split(model, data.test, data.augment, runtime), data.class_names)
-    followed = None
-    if getattr(cfg, "batch_size", None) == 0:
-        followed = {"batch_size": data.train.batch_size, "lr": fit_cfg.lr, "weight_decay": fit_cfg.weight_decay}
     return RunSummary.of(
         name,
         describe or describe_model(model),

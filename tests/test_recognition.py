@@ -102,15 +102,20 @@ def test_a_batch_of_0_follows_the_training_set_and_scales_the_lr_and_weight_deca
     cfg = config(tiny_root, tmp_path, batch_size=0, lr=0.2, weight_decay=5e-4)
     data = build_tiny_imagenet(cfg)
     assert data.train.batch_size == batch_for(data.train.num_samples) == SMALLEST_BATCH == data.info["batch_size"]
-    followed = follow_the_data(cfg.fit_config(), cfg, data.train)
+    followed, chosen = follow_the_data(cfg.fit_config(), cfg, data.train)
     assert followed.lr == pytest.approx(0.2 * SMALLEST_BATCH / REFERENCE_BATCH)
     images = data.train.num_samples
     assert followed.weight_decay == pytest.approx(5e-4 * min(MOST_DECAY_SCALE, (REFERENCE_IMAGES / images) ** 0.5))
     fixed = config(tiny_root, tmp_path, batch_size=16, lr=0.2, weight_decay=5e-4)
     fixed_data = build_tiny_imagenet(fixed)
     assert fixed_data.train.batch_size == 16 == fixed_data.info["batch_size"]
-    kept = follow_the_data(fixed.fit_config(), fixed, fixed_data.train)
+    kept, nothing_chosen = follow_the_data(fixed.fit_config(), fixed, fixed_data.train)
     assert (kept.lr, kept.weight_decay) == (0.2, 5e-4), "a given batch keeps its lr and weight decay"
+    assert nothing_chosen is None and chosen == {
+        "batch_size": SMALLEST_BATCH,
+        "lr": followed.lr,
+        "weight_decay": followed.weight_decay,
+    }
     assert RecognitionConfig.build("T2", "cpu", device="cpu").batch_size == 0, "the cpu profile follows the data"
     assert RecognitionConfig.build("T2", "full", device="cpu").batch_size == 256
 
