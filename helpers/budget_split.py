@@ -125,7 +125,12 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
     for _ in range(60):  # the total grows with the fraction (in steps where an evaluation is added)
         middle = (low + high) / 2
         low, high = (middle, high) if total_seconds(notebooks, middle, reserved_s) <= budget_s else (low, middle)
-    fraction = low
+    return _at_fraction(notebooks, low, reserved_s, budget_s)
+
+
+def _at_fraction(notebooks: list[NotebookWork], fraction: float, reserved_s: float, budget_s: float = 0.0) -> dict:
+    """The split at `fraction`; shares are of `budget_s` (of the planned total when 0)."""
+    budget_s = budget_s or max(total_seconds(notebooks, fraction, reserved_s), 1e-9)
     out = {}
     for n in notebooks:
         parameters: dict[str, list[float]] = {}
@@ -145,6 +150,20 @@ def split_budget(notebooks: list[NotebookWork], budget_s: float, reserved_s: flo
         "notebooks": out,
         "planned_seconds": round(total_seconds(notebooks, fraction, reserved_s), 1),
     }
+
+
+def split_rest(notebooks: list[NotebookWork], seconds_left: float, budget_s: float) -> dict:
+    """`split_budget` of the `seconds_left` of a budget over the notebooks yet to run, once the
+    earlier ones took more or less than planned: the slack (or the overrun) is carried forward. Never
+    refused: when even one evaluated epoch of each does not fit, each gets that floor. Shares stay
+    fractions of the whole `budget_s`."""
+    if total_seconds(notebooks, 0.0, 0.0) > seconds_left or not any(t.work > 0 for n in notebooks for t in n.trainings):
+        split = _at_fraction(notebooks, 0.0, 0.0)
+    else:
+        split = split_budget(notebooks, seconds_left)
+    for n in split["notebooks"].values():
+        n["share"] = round(n["planned_seconds"] / budget_s, 4)
+    return split
 
 
 def parse_duration(text: str) -> float:

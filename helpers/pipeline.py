@@ -25,7 +25,9 @@ status 1), and a later run of the same profile records each notebook's predictio
 measured time in pipeline.json. `--budget 90m` (s, m or h) plans the same way, then shares the
 budget out over every training in the profile's proportions (helpers.budget_split), passes each
 its seconds (budget_s, T4's cls_budget_s / emb_budget_s, E2's pretrain_budget_s) and records each
-notebook's share, planned and measured seconds in pipeline.json; a budget too small for one
+notebook's share, planned and measured seconds in pipeline.json. After each notebook the seconds
+left are split again over the notebooks still to run (what one took more or less than planned is
+carried forward; on `--resume` the recorded split is kept). A budget too small for one
 evaluated epoch of every training is refused before anything runs, naming the smallest that works.
 """
 
@@ -337,7 +339,13 @@ def check_output_folder(out: Path) -> Path:
     return out
 
 
-REPORT_S = 6.0  # the report's allowance in a budget (two pages from the metrics: 3-5 s on a 2-core CPU)
+# the report's allowance in a budget: the last notebook's HTML export, then two pages from the metrics
+# (measured on a 2-core EPYC, matplotlib already imported by the planning: 1.0 s for 2 notebooks, 2.6 s for 6)
+REPORT_BASE_S, REPORT_PER_NOTEBOOK_S = 1.5, 0.5
+
+
+def report_seconds(notebooks: int) -> float:
+    return REPORT_BASE_S + REPORT_PER_NOTEBOOK_S * notebooks
 
 
 def earlier_shares(out: Path, profile: str, budget_s: float, steps: list) -> dict | None:
@@ -355,20 +363,25 @@ def earlier_shares(out: Path, profile: str, budget_s: float, steps: list) -> dic
     return {k: v for k, v in shared.items() if k != "measured_seconds"}
 
 
-def share_budget(profile: str, out: Path, steps: list, data_dir, device, budget_s: float, started: float, log) -> dict:
+def share_budget(
+    profile: str, out: Path, steps: list, data_dir, device, budget_s: float, started: float, log
+) -> tuple[dict, dict]:
     """Plan the selected notebooks (measured step, evaluation and t-SNE times on this device) and
-    share `budget_s` out (helpers.budget_split); BudgetTooSmall before anything runs."""
+    share `budget_s` out (helpers.budget_split); BudgetTooSmall before anything runs. Returns the
+    split and what it was made from ({notebook: NotebookWork}, to split the rest again as it runs)."""
     from helpers.budget_split import format_seconds, split_budget
     from helpers.plan import plan_pipeline
 
     log(f"[pipeline] planning a budget of {format_seconds(budget_s)}: measuring every training on this device ...")
     plan = plan_pipeline(profile, [s.name for s in steps], data_dir, device, out, log=log, budget_s=budget_s)
     planning = time.perf_counter() - started
-    shared = split_budget(plan.pop("work"), budget_s, reserved_s=planning + REPORT_S)
+    work = plan.pop("work")
+    report_s = report_seconds(len(work))
+    shared = split_budget(work, budget_s, reserved_s=planning + report_s)
     shared |= {
         "budget_s": budget_s,
         "planning_seconds": round(planning, 1),
-        "report_seconds": REPORT_S,
+        "report_seconds": report_s,
         "missing": plan.get("missing", {}),
     }
     for name, n in shared["notebooks"].items():
@@ -380,7 +393,26 @@ def share_budget(profile: str, out: Path, steps: list, data_dir, device, budget_
         f"[pipeline] planned {format_seconds(shared['planned_seconds'])} of {format_seconds(budget_s)} (planning took {planning:.0f} s; "
         f"each training runs {shared['fraction']:.3g} x its profile's epochs)"
     )
-    return shared
+    return shared, {n.name: n for n in work}
+
+
+def carry_forward(shared: dict, work: dict, later: list[str], seconds_left: float, log) -> None:
+    """Split the `seconds_left` of the budget again over the `later` notebooks (in `shared`, in
+    place): what the notebooks so far took more or less than planned is theirs to give or to make up."""
+    from helpers.budget_split import split_rest
+
+    rest = [work[name] for name in later if name in work]
+    if not rest:
+        return
+    planned = sum(shared["notebooks"][n.name]["planned_seconds"] for n in rest)
+    again = split_rest(rest, seconds_left, shared["budget_s"])
+    for name, entry in again["notebooks"].items():
+        shared["notebooks"][name] = entry
+    if abs(seconds_left - planned) >= 1.0:
+        log(
+            f"[pipeline] {seconds_left - planned:+.0f} s against the plan so far: the budget of "
+            + ", ".join(f"{name} is now {entry['planned_seconds']:.0f} s" for name, entry in again["notebooks"].items())
+        )
 
 
 def _run(profile, out: Path, steps, data_dir, device, resume, report, log, precision, gpus, only, budget_s=0.0) -> dict:
@@ -405,13 +437,13 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
         parameters["gpus"] = gpus
     status: dict[str, dict] = {}
     started = time.perf_counter()
-    shared = None
+    shared, work = None, {}
     if budget_s:
         shared = earlier_shares(out, profile, budget_s, steps) if resume else None
         if shared is not None:  # (a new split would give every training another budget_s: nothing could be resumed)
             log(f"[pipeline] --resume: the shares of the {budget_s:.0f} s budget planned by the run this continues")
         else:
-            shared = share_budget(profile, out, steps, data_dir, device, budget_s, started, log)
+            shared, work = share_budget(profile, out, steps, data_dir, device, budget_s, started, log)
     plan = None if shared else load_plan(out, profile)
     predicted = {name: n["predicted_seconds"] for name, n in (plan or {}).get("notebooks", {}).items()}
     summary = {
@@ -440,7 +472,7 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
     html_pool.futures = {}
     current = None  # what runs in this process when a Ctrl-C raises here
     try:
-        for step in steps:
+        for index, step in enumerate(steps):
             notebook = notebooks_dir / f"{step.name}.ipynb"
             broken = [d for d in step.needs if status.get(d, {}).get("status") not in (None, "ok", "up to date")]
             tic = time.perf_counter()
@@ -473,6 +505,10 @@ def _run(profile, out: Path, steps, data_dir, device, resume, report, log, preci
             if result["status"] == "interrupted" or (interrupter is not None and interrupter.presses):
                 summary["interrupted"] = True
                 break
+            if work:
+                left = budget_s - (time.perf_counter() - started) - shared["report_seconds"]
+                carry_forward(shared, work, [s.name for s in steps[index + 1 :]], left, log)
+                predicted |= {name: n["planned_seconds"] for name, n in shared["notebooks"].items()}
         current = "HTML export"
         wait(html_pool.futures.values())
         current = None

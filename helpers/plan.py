@@ -391,7 +391,7 @@ def plan_retrieval(profile: str, overrides: dict, out_dir: Path, probe_precision
 def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision: bool = True) -> NotebookPlan:
     """E2: greedy pretraining of every layer, then fine-tuning and the baseline."""
     from helpers.config import LayerwiseConfig
-    from helpers.layerwise import LayerReconstruction, build_mlp, build_stl10, freeze_all_but
+    from helpers.layerwise import build_mlp, build_stl10
 
     cfg = LayerwiseConfig.build("E2", profile, out_dir=str(out_dir), resume=False, **overrides)
     (data, pretrain), data_seconds = _timed_data(lambda: build_stl10(cfg))
@@ -401,15 +401,7 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision
         model, data.train, data.augment, cfg.fit_config("train"), cfg.device, warmup=WARMUP, steps=STEPS
     )
     run = measure_run_seconds(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, step)
-    try:  # a pretraining run checkpoints its layer's decoder and Adam state too: layer 0's, the largest
-        freeze_all_but(model, 0)
-        first = model.layers[0]
-        reconstruction = LayerReconstruction(0, first.out_features, first.in_features)
-        pretrain_run = measure_run_seconds(
-            model, pretrain, data.augment, cfg.fit_config("pretrain"), cfg.device, step, reconstruction
-        )
-    finally:
-        freeze_all_but(model, None)
+    pretrain_runs = pretrain_run_seconds(model, pretrain, data.augment, cfg, step)
     evaluation = eval_pass_seconds(model.eval(), (data.heldout, data.test), data.augment, Runtime.of(cfg))
     speed = precision_speed(model, data.train, data.augment, cfg.fit_config("train"), cfg.device, probe_precision)
     plan.jobs += [
@@ -424,13 +416,42 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision
         )
         for i in range(len(cfg.hidden))
     ]
-    with_speed(plan.jobs, speed, pretrain_run)
+    for job, run_seconds in zip(with_speed(plan.jobs, speed), pretrain_runs):
+        job.run_seconds = run_seconds
     for name in ("E2_pretrained", "E2_baseline"):
         plan.jobs += with_speed(
             [Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs)], speed, run
         )
     plan.extra_seconds = tsne_seconds(min(cfg.tsne_per_class * 10, data.test.num_samples))  # the X[3] map
     return plan
+
+
+def pretrain_run_seconds(model, pretrain, augment, cfg, seconds_per_step: float) -> list[float]:
+    """Each greedy pretraining run's cost beyond its steps. A run checkpoints the model with its
+    layer's decoder and their Adam state, so the cost grows with the layer's size: the largest (first)
+    and the smallest layer's runs are timed, the others interpolated by their parameters."""
+    from helpers.layerwise import LayerReconstruction, freeze_all_but
+
+    def size(i: int) -> int:
+        return 2 * model.layers[i].weight.numel()  # the layer and its decoder
+
+    def timed(i: int) -> float:
+        try:
+            freeze_all_but(model, i)
+            layer = model.layers[i]
+            reconstruction = LayerReconstruction(i, layer.out_features, layer.in_features)
+            return measure_run_seconds(
+                model, pretrain, augment, cfg.fit_config("pretrain"), cfg.device, seconds_per_step, reconstruction
+            )
+        finally:
+            freeze_all_but(model, None)
+
+    layers = range(len(model.layers))
+    largest, smallest = max(layers, key=size), min(layers, key=size)
+    high, low = timed(largest), timed(smallest)
+    if size(largest) == size(smallest):
+        return [high for _ in layers]
+    return [low + (high - low) * (size(i) - size(smallest)) / (size(largest) - size(smallest)) for i in layers]
 
 
 def plan_notebook(

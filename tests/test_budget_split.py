@@ -10,6 +10,7 @@ from helpers.budget_split import (
     Training,
     parse_duration,
     split_budget,
+    split_rest,
     total_seconds,
 )
 from helpers.errors import SettingsError
@@ -89,6 +90,23 @@ def test_a_short_budget_gives_every_training_one_epoch_and_shares_the_rest_in_pr
     assert plan["notebooks"]["A"]["parameters"]["budget_s"] == pytest.approx(10.0, abs=0.1)
     assert plan["notebooks"]["B"]["parameters"]["cls_budget_s"] == pytest.approx(300 * r, abs=0.1)
     assert plan["planned_seconds"] <= total_seconds(books, 0.0, 30.0) + 20.0
+
+
+def test_the_rest_of_a_budget_is_split_again_and_an_overrun_leaves_every_training_its_floor():
+    books = notebooks()
+    whole = split_budget(books, budget_s=600.0, reserved_s=30.0)
+    later = books[1:]  # A ran; B's share is split again from what is left
+    planned_b = whole["notebooks"]["B"]["planned_seconds"]
+    more, less = split_rest(later, planned_b + 30.0, 600.0), split_rest(later, planned_b - 30.0, 600.0)
+    b_more, b_less = more["notebooks"]["B"], less["notebooks"]["B"]
+    assert b_less["parameters"]["cls_budget_s"] < whole["notebooks"]["B"]["parameters"]["cls_budget_s"]
+    assert b_more["parameters"]["cls_budget_s"] > whole["notebooks"]["B"]["parameters"]["cls_budget_s"]
+    assert planned_b + 30.0 - 1.0 <= b_more["planned_seconds"] <= planned_b + 30.0  # (one evaluation: 1 s)
+    assert b_more["share"] == pytest.approx(b_more["planned_seconds"] / 600.0, abs=1e-4)  # of the whole budget
+    # nothing left: no refusal (the run is under way), every training at its floor of one evaluated epoch
+    overrun = split_rest(later, -50.0, 600.0)["notebooks"]["B"]
+    assert overrun["parameters"] == {"cls_budget_s": 10.0, "pretrain_budget_s": 10.0}
+    assert overrun["planned_seconds"] == pytest.approx(total_seconds(later, 0.0, 0.0))
 
 
 @pytest.mark.parametrize("text, seconds", [("90m", 5400), ("1.5h", 5400), ("300s", 300), ("45", 45), (" 2H ", 7200)])

@@ -98,3 +98,26 @@ def test_build_stl10_splits(stl10_root, tmp_path):
     )
     _, pretrain = build_stl10(with_unlabeled)
     assert pretrain.num_samples == data.train.num_samples + 4
+
+
+def test_each_pretraining_run_is_planned_with_its_own_layers_checkpoint_cost(monkeypatch):
+    """The largest and the smallest layer's runs are timed (here: a cost per checkpointed parameter),
+    the others interpolated by their size; each timed with only its own layer trainable."""
+    from helpers import plan
+
+    cfg = LayerwiseConfig.build("E2", "smoke", device="cpu", hidden=(64, 256, 32, 16))
+    model = build_mlp(cfg)
+    timed = []
+
+    def measure_run_seconds(model, train, augment, fit_cfg, device, step, reconstruction):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        timed.append(reconstruction.layer)
+        assert trainable == list(model.layers[reconstruction.layer].parameters())
+        return 0.5 + 1e-4 * (trainable[0].numel() + reconstruction.decoder.weight.numel())
+
+    monkeypatch.setattr(plan, "measure_run_seconds", measure_run_seconds)
+    seconds = plan.pretrain_run_seconds(model, None, None, cfg, 0.01)
+    sizes = [2 * layer.weight.numel() for layer in model.layers]
+    assert sorted(timed) == sorted({sizes.index(max(sizes)), sizes.index(min(sizes))})
+    assert seconds == pytest.approx([0.5 + 1e-4 * size for size in sizes])
+    assert all(p.requires_grad for p in model.parameters()), "every layer trainable again"

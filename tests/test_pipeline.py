@@ -466,7 +466,7 @@ def test_a_budget_skips_a_notebook_the_plan_could_not_cost_without_starting_it(f
             "budget_s": budget_s,
             "notebooks": {"C_alone": {"share": 1.0, "planned_seconds": 5.0, "parameters": {}}},
             "missing": {"A_fail": why},
-        }
+        }, {}
 
     monkeypatch.setattr(pipeline, "share_budget", shares)
     summary = pipeline.run("smoke", tmp_path / "out", report=False, log=lambda *a: None, budget_s=60.0)
