@@ -88,8 +88,12 @@ class StepClock:
     time and the steps in between run as they would in training.
     """
 
-    def __init__(self, warmup: int, device: torch.device | str = "cpu"):
+    class Enough(Exception):
+        """Raised by a clock with `enough_s` once it has timed enough: the measuring run stops there."""
+
+    def __init__(self, warmup: int, device: torch.device | str = "cpu", enough_s: float = 0.0):
         self.warmup, self.device = warmup, torch.device(device)
+        self.enough_s = enough_s  # > 0: stop the run (StepClock.Enough) once 2 or more timed steps took this long
         self.first: float | None = None
         self.last: float | None = None
         self.steps = 0  # steps after the warm-up
@@ -105,6 +109,8 @@ class StepClock:
             self.first = self._now()
         elif self.steps > self.warmup:
             self.last = self._now()
+            if self.enough_s and self.steps - self.warmup >= 2 and self.last - self.first >= self.enough_s:
+                raise StepClock.Enough
 
     @property
     def seconds_per_step(self) -> float:

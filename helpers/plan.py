@@ -36,6 +36,9 @@ OVERHEAD_S = (
     3.0  # beyond the measured imports: the kernel's start, figures, metrics and the HTML export of one notebook
 )
 WARMUP, STEPS = 2, 4  # measured steps per model: enough for a plan, cheap on a CPU
+# ... fewer when they are slow: two timed steps of this many seconds are enough (the full profile's
+# T2 takes 3.2 s a step on a 2-core CPU: its planning went from 21 s to 13 s)
+ENOUGH_S = 2.0
 
 
 def measure_fit_step(
@@ -50,15 +53,19 @@ def measure_fit_step(
 ) -> float:
     """Seconds per optimizer step of `fit` for this model, data source and configuration.
 
-    Runs `warmup + steps` steps on deep copies of `model` (and `objective`), so the model itself is
-    left untouched; the data source's first batches are consumed as in training."""
+    Runs `warmup + steps` steps (fewer once two timed steps took ENOUGH_S) on deep copies of `model`
+    (and `objective`), so the model itself is left untouched; the data source's first batches are
+    consumed as in training."""
     from helpers.engine import fit  # (the engine needs no planner: no import circle)
 
     probe = copy.deepcopy(model)
     probe_objective = copy.deepcopy(objective) if objective is not None else None
-    clock = StepClock(warmup, device)
+    clock = StepClock(warmup, device, enough_s=ENOUGH_S)
     probe_cfg = _probe_config(cfg, warmup + steps)
-    fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
+    try:
+        fit(probe, train, augment, probe_cfg, objective=probe_objective, device=device, progress=False, on_step=clock)
+    except StepClock.Enough:
+        pass
     del probe, probe_objective
     return clock.seconds_per_step
 

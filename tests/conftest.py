@@ -98,21 +98,26 @@ def smoke_out(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_archive_cut(source: Path, target: Path, classes: int) -> Path:
+def tiny_archive_cut(
+    source: Path, target: Path, classes: int, train_per_class: int = 0, val_per_class: int = 0
+) -> Path:
     """A zip of the real mini Tiny ImageNet archive's first `classes` classes, in the same layout
-    (wnids.txt, train/, val/ with its annotations, no test/): real images in a shape tests can afford."""
+    (wnids.txt, train/, val/ with its annotations, no test/): real images in a shape tests can afford;
+    with `train_per_class` / `val_per_class`, only the first that many images of each class."""
     with zipfile.ZipFile(source) as zin:
         names = zin.namelist()
         wnids_name = next(n for n in names if n.endswith("wnids.txt"))
         top = wnids_name[: -len("wnids.txt")]
         keep = zin.read(wnids_name).decode().split()[:classes]
         annotations_name = next(n for n in names if n.endswith("val/val_annotations.txt"))
-        annotations = [
-            line
-            for line in zin.read(annotations_name).decode().splitlines()
-            if line.split("\t")[1:2] and line.split("\t")[1] in keep
-        ]
+        annotations, per_class = [], {}
+        for line in zin.read(annotations_name).decode().splitlines():
+            wnid = line.split("\t")[1] if line.split("\t")[1:2] else None
+            if wnid in keep and (not val_per_class or per_class.get(wnid, 0) < val_per_class):
+                per_class[wnid] = per_class.get(wnid, 0) + 1
+                annotations.append(line)
         val_images = {line.split("\t")[0] for line in annotations}
+        train_images = {}
         with zipfile.ZipFile(target, "w") as zout:
             for name in names:
                 rel = name[len(top) :]
@@ -123,6 +128,10 @@ def tiny_archive_cut(source: Path, target: Path, classes: int) -> Path:
                     zout.writestr(name, "\n".join(annotations) + "\n")
                 elif parts[0] == "train" and len(parts) > 1 and parts[1] not in keep:
                     continue
+                elif train_per_class and parts[0] == "train" and parts[-1].endswith(".JPEG"):
+                    train_images[parts[1]] = train_images.get(parts[1], 0) + 1
+                    if train_images[parts[1]] <= train_per_class:
+                        zout.writestr(zin.getinfo(name), zin.read(name))
                 elif parts[0] == "val" and parts[1:2] == ["images"] and parts[-1] and parts[-1] not in val_images:
                     continue
                 elif parts[0] == "test":

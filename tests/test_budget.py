@@ -41,6 +41,44 @@ def test_step_clock_measures_after_the_warmup():
         StepClock(4).seconds_per_step
 
 
+def test_a_step_clock_with_enough_s_stops_a_slow_measurement_after_two_timed_steps(monkeypatch):
+    """A planner's measuring run: slow steps (1.5 s) stop it after the warm-up and 2 timed steps;
+    fast ones (0.1 s) never do; a controlled clock."""
+    for seconds, stops_after in ((1.5, 2 + 2), (0.1, None)):
+        now = [0.0]
+        monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+        clock = StepClock(2, enough_s=2.0)
+        stopped = None
+        for step in range(1, 7):
+            now[0] += seconds
+            try:
+                clock()
+            except StepClock.Enough:
+                stopped = step
+                break
+        assert stopped == stops_after
+        assert clock.seconds_per_step == pytest.approx(seconds)
+
+
+def test_the_planner_measures_a_slow_model_in_fewer_steps(monkeypatch, tmp_path):
+    """measure_fit_step on a real `fit`: 2 warm-up + 2 timed steps of a model whose steps take 1.2 s
+    (on the controlled clock), of the 6 it would take for fast steps."""
+    for seconds, expected in ((1.2, 4), (0.01, 6)):
+        now, steps = [0.0], []
+
+        def on_batch(module, args):
+            now[0] += seconds
+            steps.append(1)
+
+        monkeypatch.setattr(budget.time, "perf_counter", lambda: now[0])
+        train, augment, cfg, _ = setup(tmp_path, epochs=10)
+        model = toy_model()
+        # (the deep copy measure_fit_step trains keeps this hook: a forward pass is a step here)
+        model.register_forward_pre_hook(on_batch)
+        assert measure_fit_step(model, train, augment, cfg, warmup=2, steps=4) == pytest.approx(seconds)
+        assert len(steps) == expected
+
+
 def test_a_pilot_with_max_seconds_stays_in_proportion(monkeypatch):
     """With max_seconds the warm-up ends after half of it and the measurement after all of it (at
     least two timed steps); a controlled clock: every step takes 1 s."""
