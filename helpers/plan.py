@@ -455,9 +455,9 @@ def pretrain_run_seconds(model, pretrain, augment, cfg, seconds_per_step: float)
 
     layers = range(len(model.layers))
     largest, smallest = max(layers, key=size), min(layers, key=size)
-    high, low = timed(largest), timed(smallest)
     if size(largest) == size(smallest):
-        return [high for _ in layers]
+        return [timed(largest)] * len(layers)
+    high, low = timed(largest), timed(smallest)
     return [low + (high - low) * (size(i) - size(smallest)) / (size(largest) - size(smallest)) for i in layers]
 
 
