@@ -157,10 +157,10 @@ def split_rest(notebooks: list[NotebookWork], seconds_left: float, budget_s: flo
     earlier ones took more or less than planned: the slack (or the overrun) is carried forward. Never
     refused: when even one evaluated epoch of each does not fit, each gets that floor. Shares stay
     fractions of the whole `budget_s`."""
-    if total_seconds(notebooks, 0.0, 0.0) > seconds_left or not any(t.work > 0 for n in notebooks for t in n.trainings):
-        split = _at_fraction(notebooks, 0.0, 0.0)
-    else:
+    try:
         split = split_budget(notebooks, seconds_left)
+    except SettingsError:  # (BudgetTooSmall, or no time or training left to share out)
+        split = _at_fraction(notebooks, 0.0, 0.0)
     for n in split["notebooks"].values():
         n["share"] = round(n["planned_seconds"] / budget_s, 4)
     return split

@@ -423,8 +423,8 @@ def plan_layerwise(profile: str, overrides: dict, out_dir: Path, probe_precision
         )
         for i in range(len(cfg.hidden))
     ]
-    for job, run_seconds in zip(with_speed(plan.jobs, speed), pretrain_runs):
-        job.run_seconds = run_seconds
+    for job, run_seconds in zip(plan.jobs, pretrain_runs):
+        with_speed([job], speed, run_seconds)
     for name in ("E2_pretrained", "E2_baseline"):
         plan.jobs += with_speed(
             [Job(name, cfg.epochs * len(data.train), step, cfg.epochs + 1, evaluation, epochs=cfg.epochs)], speed, run
