@@ -532,7 +532,8 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
 def _choose_cpu_precision(run: _RunState) -> None:
     """precision="auto" on the CPU, one process: a resumed run keeps the precision its checkpoint
     chose; a fresh run long enough to pay for it measures fp32 against bf16 autocast (helpers.precision)
-    on its first batch and trains in the fastest; a short one stays in fp32."""
+    on its first batch and trains in the fastest; a short one, or one on a CPU without a bf16 path
+    (precision.no_fast_bf16), stays in fp32."""
     if run.device.type != "cpu" or run.cfg.precision != "auto" or distributed.is_distributed():
         return
     choice = run.at.precision_choice
@@ -540,9 +541,10 @@ def _choose_cpu_precision(run: _RunState) -> None:
         tic = budget_clock.now()  # (the budget's clock: tests drive it)
         total = run.cfg.total_steps(run.steps_per_epoch)
         worth = precision.worth_measuring(total, run.cfg.budget_s)
-        batch = next(iter(run.train.epoch(0)), None) if worth else None
-        if batch is None:  # a run too short to pay for the measurement (or without a batch)
-            why = "no training batch" if worth else f"a {total}-step run is too short to measure bf16"
+        no_bf16 = precision.no_fast_bf16()
+        batch = next(iter(run.train.epoch(0)), None) if worth and not no_bf16 else None
+        if batch is None:  # a CPU without a bf16 path, a run too short to pay for the measurement, no batch
+            why = no_bf16 or ("no training batch" if worth else f"a {total}-step run is too short to measure bf16")
             choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu ({why})", "timings": {}}
         else:
             images, labels = batch

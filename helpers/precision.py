@@ -13,6 +13,7 @@ resumed run keeps its choice) and into the metrics.
 from __future__ import annotations
 
 import copy
+import platform
 import time
 from collections.abc import Callable
 
@@ -27,6 +28,19 @@ BF16_GAIN = 1.10  # bf16 is chosen only when at least 10 % faster than fp32
 MIN_STEPS = 200  # a shorter run keeps fp32: the measurement costs about a dozen steps
 MIN_BUDGET_S = MEASURED_PRECISION_S  # ... and so does a shorter time budget
 ROUNDS = 3  # timed steps of each candidate, taken in turns (the fastest counts)
+SLOW_WARM = 4.0  # a bf16 candidate whose warm step takes this many times fp32's is dropped
+
+
+def cpu_capability() -> str:
+    """PyTorch's CPU capability, e.g. "AVX512", "AVX2", "DEFAULT" (what its kernels dispatch to)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def no_fast_bf16() -> str:
+    """Why bf16 autocast cannot pay on this CPU ("" where it may: it is then measured)."""
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686") and not cpu_capability().startswith("AVX512"):
+        return f"no bf16 matrix path on this CPU (PyTorch's CPU capability: {cpu_capability()})"
+    return ""
 
 
 def label(precision: str, channels_last: bool) -> str:
@@ -49,26 +63,29 @@ def measure(
     model: nn.Module, objective: nn.Module, x: torch.Tensor, targets: torch.Tensor, rounds: int = ROUNDS
 ) -> dict[str, float]:
     """{label: seconds per forward + backward} of copies of `model` (and `objective`) on one CPU
-    batch, for every candidate bf16 autocast works for on this CPU: after one warm step each, the
-    candidates take turns for `rounds` rounds of one step, and each keeps its fastest. (Timed one
-    after another, the first candidate paid the process's cold start: fp32 read 192 ms against
-    175 ms, and bf16 was chosen at 1.43x where a longer timing gives 1.04x.)"""
+    batch, for every candidate bf16 autocast works for on this CPU (none without a bf16 path,
+    `no_fast_bf16`): after one warm step each, the candidates take turns for `rounds` rounds of one
+    step, and each keeps its fastest. (Timed one after another, the first candidate paid the
+    process's cold start: fp32 read 192 ms against 175 ms, and bf16 was chosen at 1.43x where a
+    longer timing gives 1.04x.) A candidate whose warm step took over SLOW_WARM x fp32's keeps that
+    reading and is not timed again."""
     steps = {}
     for precision, channels_last in CANDIDATES:
-        if precision == "bf16" and not _autocast_works("cpu", "bf16"):
+        if precision == "bf16" and (no_fast_bf16() or not _autocast_works("cpu", "bf16")):
             continue
         runtime = Runtime("cpu", precision, channels_last, cpu_channels_last=channels_last)
         probe, probe_objective = runtime.prepare_model(copy.deepcopy(model)).train(), copy.deepcopy(objective).train()
         steps[label(precision, channels_last)] = _training_step(
             runtime, probe, probe_objective, runtime.prepare(x), targets
         )
-    for step in steps.values():  # warm
-        step()
+    warm = {name: time_step(step, steps=1, warm=False) for name, step in steps.items()}
     timings = {name: float("inf") for name in steps}
+    slow = {name: seconds for name, seconds in warm.items() if seconds > SLOW_WARM * warm["fp32"]}
     for _ in range(rounds):
         for name, step in steps.items():
-            timings[name] = min(timings[name], time_step(step, steps=1, warm=False))
-    return timings
+            if name not in slow:
+                timings[name] = min(timings[name], time_step(step, steps=1, warm=False))
+    return timings | slow
 
 
 def _training_step(runtime: Runtime, model: nn.Module, objective: nn.Module, batch, targets) -> Callable[[], None]:
@@ -107,7 +124,7 @@ def probe(model: nn.Module, objective: nn.Module, train, augment, cfg, device) -
     """(chosen step time / fp32 step time, seconds the measurement takes) for a training of `model`
     with `cfg` on `device` that measures its precision (CPU, "auto"); (1.0, 0.0) elsewhere. For
     planning a budget (helpers.plan): the engine makes the same measurement and choice."""
-    if torch.device(device).type != "cpu" or cfg.precision != "auto":
+    if torch.device(device).type != "cpu" or cfg.precision != "auto" or no_fast_bf16():
         return 1.0, 0.0
     images, labels = next(iter(train.epoch(0)), (None, None))
     if images is None:

@@ -197,6 +197,7 @@ def test_a_budget_run_counts_its_precision_measurement_as_training_time(tmp_path
     clock = FakeClock(0.1)
     monkeypatch.setattr("helpers.budget.now", clock)
     monkeypatch.setattr(precision, "MIN_BUDGET_S", 1.0)
+    monkeypatch.setattr(precision, "no_fast_bf16", lambda: "")  # (any CPU: the timings are mocked)
 
     def measure(*args, **kwargs):  # 0.5 s of the budget's clock, as a real measurement would take
         clock.t += 0.5
