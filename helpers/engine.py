@@ -541,10 +541,10 @@ def _choose_cpu_precision(run: _RunState) -> None:
         tic = budget_clock.now()  # (the budget's clock: tests drive it)
         total = run.cfg.total_steps(run.steps_per_epoch)
         worth = precision.worth_measuring(total, run.cfg.budget_s)
-        no_bf16 = precision.no_fast_bf16()
+        no_bf16 = precision.no_fast_bf16() if worth else ""
         batch = next(iter(run.train.epoch(0)), None) if worth and not no_bf16 else None
-        if batch is None:  # a CPU without a bf16 path, a run too short to pay for the measurement, no batch
-            why = no_bf16 or ("no training batch" if worth else f"a {total}-step run is too short to measure bf16")
+        if batch is None:  # a run too short to pay for the measurement, a CPU without a bf16 path, no batch
+            why = (no_bf16 or "no training batch") if worth else f"a {total}-step run is too short to measure bf16"
             choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu ({why})", "timings": {}}
         else:
             images, labels = batch
