@@ -45,6 +45,26 @@ def test_reuse_regenerate_and_refuse_foreign_folders(tmp_path):
     assert not list(tmp_path.glob(".tmp-*")), "no temporary folder left behind"
 
 
+def test_data_another_process_generated_meanwhile_is_kept_not_pulled_from_under_its_readers(tmp_path, monkeypatch):
+    """Two notebooks started at once on a fresh machine both generate the same data. The second to
+    finish used to remove the first one's folder while that notebook read it; now it keeps it."""
+    params = synthetic.STL10Params(train_per_class=1, test_per_class=1)
+    writer, params_type = synthetic.WRITERS["stl10"]
+    opened = {}
+
+    def racing_writer(tmp, p):  # the other process finishes first, and its reader opens a file
+        writer(tmp, p)
+        monkeypatch.setitem(synthetic.WRITERS, "stl10", (writer, params_type))
+        other = synthetic.generate("stl10", tmp_path, p)
+        opened["inode"] = (other / "train_X.bin").stat().st_ino
+        monkeypatch.setitem(synthetic.WRITERS, "stl10", (racing_writer, params_type))
+
+    monkeypatch.setitem(synthetic.WRITERS, "stl10", (racing_writer, params_type))
+    root = synthetic.generate("stl10", tmp_path, params)
+    assert (root / "train_X.bin").stat().st_ino == opened["inode"], "the first process's files stay in place"
+    assert not list(tmp_path.glob(".tmp-*")), "no temporary folder left behind"
+
+
 def test_command_line_prints_a_summary(tmp_path, capsys):
     code = synthetic.main(
         [

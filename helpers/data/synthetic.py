@@ -374,12 +374,27 @@ def generate(which: str, out_dir: str | Path, params=None, force: bool = False) 
     try:
         writer(tmp, params)
         (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
+        # another process (two notebooks started at once) may have written the same data meanwhile:
+        # it is kept, since removing it would pull the files from under that process's readers
+        if not force and _stamp_of(root) == stamp:
+            return root
         if root.exists():
             shutil.rmtree(root)
-        os.replace(tmp, root)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # (ENOTEMPTY: it appeared between the check and the rename)
+            if _stamp_of(root) != stamp:
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def _stamp_of(root: Path) -> dict | None:
+    try:
+        return json.loads((root / STAMP).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def generate_all(out_dir: str | Path, seed: int = 0, force: bool = False) -> dict[str, Path]:
