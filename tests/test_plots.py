@@ -1,0 +1,64 @@
+"""The retrieval grid: which neighbours it shows (against a float64 loop reference, ties and the
+farthest included) and the one-image mosaic it draws them as."""
+
+import math
+
+import matplotlib
+import numpy as np
+import pytest
+from PIL import Image
+
+from helpers.plots import plot_retrieval_grid, retrieval_rows
+
+matplotlib.use("Agg")
+
+
+def reference_rows(queries, embeddings, labels, n, farthest):
+    """Cosine similarity to every other image by loops in float64; stable order on ties."""
+    x = [[float(v) for v in row] for row in embeddings]
+    norms = [math.sqrt(sum(v * v for v in row)) for row in x]
+    rows = []
+    for q in queries:
+        others = []
+        for i in range(len(x)):
+            if i != q:
+                similarity = sum(a * b for a, b in zip(x[q], x[i])) / (norms[q] * norms[i])
+                others.append((similarity, i))
+        others.sort(key=lambda t: (t[0] if farthest else -t[0], t[1]))
+        rows.append([(i, s, labels[i] == labels[q]) for s, i in others[:n]])
+    return rows
+
+
+@pytest.mark.parametrize("farthest", [False, True])
+def test_the_grid_shows_the_nearest_or_farthest_other_images(farthest):
+    rng = np.random.default_rng(0)
+    embeddings = rng.standard_normal((30, 5)).astype(np.float32)
+    embeddings[7] = 2 * embeddings[3]  # a tie with the query's own direction: similarity 1, not the query itself
+    embeddings[8] = embeddings[7]  # and a tie between two images: gallery order
+    labels = rng.integers(0, 4, 30)
+    queries = [3, 0, 29]
+    rows = retrieval_rows(queries, embeddings, labels, n=6, farthest=farthest)
+    expected = reference_rows(queries, embeddings, labels, 6, farthest)
+    for got, want in zip(rows, expected):
+        assert [i for i, _, _ in got] == [i for i, _, _ in want]
+        assert [s for _, s, _ in got] == pytest.approx([s for _, s, _ in want], abs=1e-5)
+        assert [same for _, _, same in got] == [same for _, _, same in want]
+    if not farthest:
+        assert [i for i, _, _ in rows[0][:2]] == [7, 8], "the query itself is never its own neighbour"
+
+
+def test_the_grid_is_one_image_with_a_caption_per_thumbnail():
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (20 + i, 40, 3), dtype=np.uint8)) for i in range(12)]
+    embeddings, labels = rng.standard_normal((12, 4)), np.arange(12) % 3
+    fig = plot_retrieval_grid([0, 5], embeddings, labels, images.__getitem__, n=4, title="nearest 4")
+    (ax,) = fig.axes
+    assert len(ax.images) == 1, "one mosaic, not an axes per thumbnail"
+    texts = [t for t in ax.texts]
+    assert len(texts) == 2 * 5 and [t.get_text() for t in texts[::5]] == ["query", "query"]
+    rows = retrieval_rows([0, 5], embeddings, labels, n=4)
+    colours = [matplotlib.colors.to_hex(t.get_color()) for t in texts if t.get_text() != "query"]
+    expected = [matplotlib.colors.to_hex("tab:green" if same else "tab:red") for row in rows for _, _, same in row]
+    assert colours == expected and [t.get_text() for t in texts[1:5]] == [f"{s:.2f}" for _, s, _ in rows[0]]
+    mosaic = ax.images[0].get_array()
+    assert mosaic.dtype == np.uint8 and mosaic.shape[0] > 2 * 96 and mosaic.shape[1] > 5 * 96
