@@ -121,20 +121,34 @@ def history(out: Path, name: str = "T2_resnet18") -> list[dict]:
     ]
 
 
-def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
+@pytest.fixture(scope="module")
+def notebook_on_two_processes(tmp_path_factory) -> tuple[Path, Path]:
+    """(output folder, executed notebook) of the T2 notebook run with gpus=2 on the CPU (2 epochs):
+    torchrun under the notebook. Test (d) compares a stopped and resumed torchrun with it."""
+    import papermill
+
+    tmp = tmp_path_factory.mktemp("gpus2")
+    out, executed = tmp / "out", tmp / "T2.ipynb"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(distributed.CPU_PROCESSES_SWITCH, "1")
+        papermill.execute_notebook(
+            str(ROOT / "notebooks" / "T2_resnet18.ipynb"),
+            str(executed),
+            cwd=str(ROOT / "notebooks"),
+            parameters={"gpus": 2, "device": "cpu", "out_dir": str(out), "epochs": 2},
+            progress_bar=False,
+            kernel_name="python3",
+        )
+    return out, executed
+
+
+def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path, notebook_on_two_processes):
     """Also the issue's check of the layout: torchrun --standalone --nproc_per_node=2 -m helpers.train
-    T2 --profile smoke --device cpu writes what the notebook writes, from rank 0 alone."""
+    T2 --profile smoke --device cpu writes what the notebook writes, from rank 0 alone. The
+    uninterrupted run is the notebook's with gpus=2 (the same configuration, launched by it)."""
     common = ["-m", "helpers.train", "T2", "--profile", "smoke", "--device", "cpu", "--epochs", "2"]
-    whole = torchrun(common + ["--out_dir", str(tmp_path / "whole")])
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    document = json.loads((tmp_path / "whole" / "metrics" / "T2_resnet18.json").read_text())
-    assert document["complete"] and document["config"]["gpus"] == 2 and document["task"] == "T2"
-    run = document["models"]["T2_resnet18"]
-    assert set(run) >= {"name", "architecture", "training", "heldout", "test", "history", "checkpoint"}
-    assert run["training"]["complete"] and run["training"]["epochs_done"] == 2
-    assert (tmp_path / "whole" / "checkpoints" / "T2_resnet18" / "best.pt").is_file()
-    assert whole.stdout.count("metrics written to") == 1  # rank 0 alone writes and reports
-    last = torch.load(tmp_path / "whole" / "checkpoints" / "T2_resnet18" / "last.pt", weights_only=False)
+    whole = notebook_on_two_processes[0]
+    last = torch.load(whole / "checkpoints" / "T2_resnet18" / "last.pt", weights_only=False)
     assert last["world_size"] == 2 and len(last["ranks"]) == 2
 
     out = tmp_path / "stopped"  # Ctrl-C to the launcher after step 9 of 14: within epoch 2 (7 steps each)
@@ -152,7 +166,14 @@ def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
 
     resumed = torchrun(common + ["--out_dir", str(out)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert history(out) == history(tmp_path / "whole")
+    assert resumed.stdout.count("metrics written to") == 1  # rank 0 alone writes and reports
+    document = json.loads((out / "metrics" / "T2_resnet18.json").read_text())
+    assert document["complete"] and document["config"]["gpus"] == 2 and document["task"] == "T2"
+    run = document["models"]["T2_resnet18"]
+    assert set(run) >= {"name", "architecture", "training", "heldout", "test", "history", "checkpoint"}
+    assert run["training"]["complete"] and run["training"]["epochs_done"] == 2
+    assert (out / "checkpoints" / "T2_resnet18" / "best.pt").is_file()
+    assert history(out) == history(whole)
 
     def final_weights(
         run_dir,
@@ -166,25 +187,14 @@ def test_d_ctrl_c_mid_epoch_then_resume_equals_an_uninterrupted_run(tmp_path):
         )
 
     a = final_weights(out / "checkpoints" / "T2_resnet18")
-    b = final_weights(tmp_path / "whole" / "checkpoints" / "T2_resnet18")
+    b = final_weights(whole / "checkpoints" / "T2_resnet18")
     assert all(torch.equal(a[k], b[k]) for k in a)
     metrics = json.loads((out / "metrics" / "T2_resnet18.json").read_text())["models"]["T2_resnet18"]
     assert metrics["training"]["resumed_from"] == {"epoch": 1, "step": last["step"]}
 
 
-def test_e_notebook_with_two_gpus_runs_end_to_end(tmp_path, monkeypatch):
-    import papermill
-
-    monkeypatch.setenv(distributed.CPU_PROCESSES_SWITCH, "1")
-    out = tmp_path / "out"
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / "T2_resnet18.ipynb"),
-        str(tmp_path / "T2.ipynb"),
-        cwd=str(ROOT / "notebooks"),
-        parameters={"gpus": 2, "device": "cpu", "out_dir": str(out), "epochs": 2},
-        progress_bar=False,
-        kernel_name="python3",
-    )
+def test_e_notebook_with_two_gpus_runs_end_to_end(notebook_on_two_processes):
+    out, executed = notebook_on_two_processes
     document = json.loads((out / "metrics" / "T2_resnet18.json").read_text())
     run = document["models"]["T2_resnet18"]
     assert document["complete"] and document["config"]["gpus"] == 2
@@ -193,7 +203,7 @@ def test_e_notebook_with_two_gpus_runs_end_to_end(tmp_path, monkeypatch):
     best = run["best_epoch"]
     assert run["test"]["top1"] == pytest.approx(run["history"][best - 1]["test_top1"], abs=1e-12)
     assert run["fit_seconds"]["wall"] > run["train_seconds"] > 0  # torchrun's session, not the notebook's loading
-    notebook = json.loads((tmp_path / "T2.ipynb").read_text())
+    notebook = json.loads(executed.read_text())
     printed = "".join("".join(o.get("text", "")) for c in notebook["cells"] for o in c.get("outputs", []))
     assert (
         "under torchrun" in printed and "epoch 2/2  loss" in printed
