@@ -200,9 +200,11 @@ def test_center_objective_needs_hard_labels():
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("kind", ["custom_cnn", "resnet18"])
-def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_10_root, tmp_path, kind):
-    """First 10 classes of the real mini Tiny ImageNet (950 train / 500 test images), 32 px, CPU."""
+@pytest.mark.parametrize("kind,epochs", [("custom_cnn", 3), ("resnet18", 5)])
+def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_10_root, tmp_path, kind, epochs):
+    """First 10 classes of the real mini Tiny ImageNet (950 train / 500 test images), 32 px, CPU.
+    (The custom CNN keeps its full resolution longer: at width 16 its epoch costs 3.5x ResNet-18's;
+    3 epochs reached 26 % here, 5 epochs 27.6 %.)"""
     cfg = RecognitionConfig.build(
         "T1" if kind == "custom_cnn" else "T2",
         "smoke",
@@ -211,7 +213,7 @@ def test_t1_and_t2_models_learn_the_real_mini_tiny_imagenet(real_tiny_10_root, t
         device="cpu",
         classes=10,
         train_per_class=0,
-        epochs=5,
+        epochs=epochs,
         image_size=32,
         stem="imagenet",
         width=16,
