@@ -17,8 +17,9 @@ export PYTHONDONTWRITEBYTECODE :=
 
 setup: $(STAMP)
 
+# (a set-up stopped while the environment was being created leaves a python without pip: made again)
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(BIN)/python -m pip install --quiet $(foreach req,$(TORCH),'$(req)') -e '.[dev]'
 	touch $(STAMP)
 
