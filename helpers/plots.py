@@ -155,23 +155,55 @@ def classifier_results_markdown(run, n: int = 5) -> str:
     return "\n".join(lines)
 
 
-def tsne_2d(embeddings, max_points: int = 2000, seed: int = 0):
-    """2-D t-SNE of at most `max_points` rows (a seeded subset): returns (points (n, 2), chosen indices)."""
-    from sklearn.manifold import TSNE
+def tsne_2d(embeddings, max_points: int = 2000, seed: int = 0, cache_dir: str | Path | None = None):
+    """2-D t-SNE of at most `max_points` rows (a seeded subset): returns (points (n, 2), chosen indices).
+
+    With `cache_dir`, a map is kept there under a key of the exact rows and settings, so a notebook
+    run again on the same embeddings (a resumed, finished run) draws it without recomputing; any
+    other input computes afresh."""
+    import hashlib
+    import json
+    from importlib.metadata import version
 
     x = np.asarray(embeddings, dtype=np.float32)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(len(x), size=min(max_points, len(x)), replace=False))
     perplexity = float(min(30.0, max(2.0, (len(index) - 1) / 3)))
+    cached = None
+    if cache_dir is not None:
+        rows = np.ascontiguousarray(x[index])
+        settings = {"shape": rows.shape, "perplexity": perplexity, "seed": seed, "sklearn": version("scikit-learn")}
+        key = hashlib.sha1(rows.tobytes() + json.dumps(settings).encode()).hexdigest()
+        cached = Path(cache_dir) / f"tsne-{key}.npy"
+        try:
+            points = np.load(cached)
+            if points.shape == (len(index), 2):
+                return points, index
+        except (OSError, ValueError):
+            pass  # not there, or unreadable: computed again
+    from sklearn.manifold import TSNE  # (1 s to import: not for a map kept from before)
+
     points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x[index])
+    if cached is not None:
+        from helpers.atomic import atomic_save_npy
+
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_npy(cached, points)
     return points, index
 
 
-def plot_tsne(panels: dict[str, tuple], max_points: int = 2000, seed: int = 0, title: str = "") -> plt.Figure:
-    """Side-by-side t-SNE maps. panels: {title: (embeddings (N, D), labels (N,))}; colour = class."""
+def plot_tsne(
+    panels: dict[str, tuple],
+    max_points: int = 2000,
+    seed: int = 0,
+    title: str = "",
+    cache_dir: str | Path | None = None,
+) -> plt.Figure:
+    """Side-by-side t-SNE maps. panels: {title: (embeddings (N, D), labels (N,))}; colour = class.
+    cache_dir: where the maps are kept for a rerun on the same embeddings (tsne_2d)."""
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
     for ax, (name, (embeddings, labels)) in zip(axes[0], panels.items()):
-        points, index = tsne_2d(embeddings, max_points, seed)
+        points, index = tsne_2d(embeddings, max_points, seed, cache_dir)
         labels = np.asarray(labels)[index]
         ax.scatter(points[:, 0], points[:, 1], c=labels % 20, cmap="tab20", s=4, alpha=0.8, linewidths=0)
         ax.set_title(f"{name} ({len(index)} points, {len(np.unique(labels))} classes)", fontsize=9)

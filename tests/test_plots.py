@@ -62,3 +62,30 @@ def test_the_grid_is_one_image_with_a_caption_per_thumbnail():
     assert colours == expected and [t.get_text() for t in texts[1:5]] == [f"{s:.2f}" for _, s, _ in rows[0]]
     mosaic = ax.images[0].get_array()
     assert mosaic.dtype == np.uint8 and mosaic.shape[0] > 2 * 96 and mosaic.shape[1] > 5 * 96
+
+
+def test_a_tsne_map_is_kept_for_the_same_embeddings_and_computed_afresh_for_others(tmp_path, monkeypatch):
+    """A notebook run again on a finished run's embeddings draws its maps without recomputing them."""
+    import sklearn.manifold
+
+    from helpers.plots import tsne_2d
+
+    x = np.random.default_rng(0).standard_normal((40, 6)).astype(np.float32)
+    first, index = tsne_2d(x, max_points=30, seed=1, cache_dir=tmp_path)
+    assert first.shape == (30, 2) and len(list(tmp_path.glob("tsne-*.npy"))) == 1
+
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise AssertionError("t-SNE was computed again for the same embeddings")
+
+    monkeypatch.setattr(sklearn.manifold, "TSNE", Refused)
+    again, again_index = tsne_2d(x, max_points=30, seed=1, cache_dir=tmp_path)
+    assert np.array_equal(again, first) and np.array_equal(again_index, index)
+    changed = x.copy()
+    changed[index[0], 0] += 1e-3
+    for other in ((changed, 1), (x, 2)):  # other embeddings, another seed
+        with pytest.raises(AssertionError, match="computed again"):
+            tsne_2d(other[0], max_points=30, seed=other[1], cache_dir=tmp_path)
+    next(tmp_path.glob("tsne-*.npy")).write_bytes(b"damaged")  # an unreadable map is computed again
+    with pytest.raises(AssertionError, match="computed again"):
+        tsne_2d(x, max_points=30, seed=1, cache_dir=tmp_path)
