@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from importlib.metadata import version
 from pathlib import Path
 from typing import Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+
+from helpers.atomic import atomic_save_npy
 
 CURVES = (
     ("train_loss", "training loss", False),
@@ -161,10 +166,6 @@ def tsne_2d(embeddings, max_points: int = 2000, seed: int = 0, cache_dir: str | 
     With `cache_dir`, a map is kept there under a key of the exact rows and settings, so a notebook
     run again on the same embeddings (a resumed, finished run) draws it without recomputing; any
     other input computes afresh."""
-    import hashlib
-    import json
-    from importlib.metadata import version
-
     x = np.asarray(embeddings, dtype=np.float32)
     rng = np.random.default_rng(seed)
     index = np.sort(rng.choice(len(x), size=min(max_points, len(x)), replace=False))
@@ -185,8 +186,6 @@ def tsne_2d(embeddings, max_points: int = 2000, seed: int = 0, cache_dir: str | 
 
     points = TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed).fit_transform(x[index])
     if cached is not None:
-        from helpers.atomic import atomic_save_npy
-
         cached.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_npy(cached, points)
     return points, index
@@ -197,10 +196,12 @@ def plot_tsne(
     max_points: int = 2000,
     seed: int = 0,
     title: str = "",
-    cache_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
 ) -> plt.Figure:
     """Side-by-side t-SNE maps. panels: {title: (embeddings (N, D), labels (N,))}; colour = class.
-    cache_dir: where the maps are kept for a rerun on the same embeddings (tsne_2d)."""
+    With out_dir, the maps are kept under out_dir/tsne for a rerun on the same embeddings (tsne_2d),
+    as save_figure keeps figures under out_dir/figures."""
+    cache_dir = Path(out_dir) / "tsne" if out_dir is not None else None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.0), squeeze=False)
     for ax, (name, (embeddings, labels)) in zip(axes[0], panels.items()):
         points, index = tsne_2d(embeddings, max_points, seed, cache_dir)
@@ -227,7 +228,7 @@ def retrieval_rows(queries: Sequence[int], embeddings, labels, n: int = 10, fart
     for q in queries:
         sims = (e @ e[q]).numpy()
         sims[q] = np.inf if farthest else -np.inf  # never retrieve the query itself
-        order = np.argsort(-sims if not farthest else sims, kind="stable")[:n]
+        order = np.argsort(sims if farthest else -sims, kind="stable")[:n]
         rows.append([(int(i), float(sims[i]), bool(labels[i] == labels[q])) for i in order])
     return rows
 

@@ -89,3 +89,11 @@ def test_a_tsne_map_is_kept_for_the_same_embeddings_and_computed_afresh_for_othe
     next(tmp_path.glob("tsne-*.npy")).write_bytes(b"damaged")  # an unreadable map is computed again
     with pytest.raises(AssertionError, match="computed again"):
         tsne_2d(x, max_points=30, seed=1, cache_dir=tmp_path)
+
+
+def test_plot_tsne_keeps_its_maps_under_the_output_folder(tmp_path):
+    from helpers.plots import plot_tsne
+
+    x, labels = np.random.default_rng(0).standard_normal((30, 4)), np.arange(30) % 3
+    plot_tsne({"a": (x, labels), "b": (2 * x + 1, labels)}, max_points=20, out_dir=tmp_path)
+    assert len(list((tmp_path / "tsne").glob("tsne-*.npy"))) == 2
