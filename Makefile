@@ -26,9 +26,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/python -m helpers.pipeline --profile smoke --out outputs/smoke
 
+# Two phases: everything but the `serial` tests on TEST_WORKERS pytest-xdist workers (each with its
+# share of the cores: conftest.py), then the tests that measure wall time, alone on the machine.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --nbval-lax tests notebooks
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not serial" --nbval-lax tests notebooks
+	$(BIN)/python -m pytest -q -m serial tests
 
 clean-outputs:
 	rm -rf outputs/smoke

@@ -119,7 +119,9 @@ def execute(source: Path, executed: Path, parameters: dict, cwd: Path, interrupt
     while this thread waits and passes Ctrl-C on to the kernel."""
     import papermill
 
-    options = dict(parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False)
+    # start_timeout: papermill's 60 s was not enough for a kernel importing PyTorch on a 2-core machine
+    # busy with two other such processes ("Kernel didn't respond in 60 seconds", a failed notebook)
+    options = dict(parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False, start_timeout=300)
     if interrupter is None:
         papermill.execute_notebook(str(source), str(executed), **options, kernel_manager_class=kernel_manager_class())
         return

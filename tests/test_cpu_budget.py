@@ -56,6 +56,7 @@ def budget_run(
 
 @pytest.mark.realdata
 @pytest.mark.slow
+@pytest.mark.serial
 def test_the_full_profile_runs_end_to_end_within_a_budget_on_the_cpu(tmp_path):
     """`pipeline --budget` end to end on real images, and the GPU route's code paths (`--profile full
     --budget 1h --device cuda`: 64 px, the small stem, a batch of 256, CutMix, the full width) on a CPU.
