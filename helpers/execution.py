@@ -97,15 +97,27 @@ class KernelInterrupter:
 def kernel_manager_class():
     """jupyter_client's kernel manager, talking to the kernel over local IPC sockets (POSIX) instead of
     TCP: nothing leaves the machine, and ipykernel 7 has no "running over TCP without encryption"
-    warning to print into every run's log. (Windows has no IPC transport: TCP there.)"""
+    warning to print into every run's log. (Windows has no IPC transport: TCP there.)
+
+    It shuts a kernel down without the SIGINT jupyter_client sends first: a notebook's cells have all
+    replied by then, but a kernel still finishing its last reply (a busy machine) takes that SIGINT
+    in its message handler and logs "KeyboardInterrupt caught in kernel." into the run's output. A
+    running cell is stopped by the pipeline's own interrupter, and a kernel that does not exit by
+    SIGTERM and SIGKILL, as before."""
     from jupyter_client.manager import AsyncKernelManager
 
     from jupyter_core.paths import jupyter_runtime_dir
 
-    if os.name == "nt" or len(jupyter_runtime_dir()) > 60:  # (a socket path must stay under ~107 bytes)
-        return AsyncKernelManager
+    class QuietShutdownKernelManager(AsyncKernelManager):
+        async def _async_interrupt_kernel(self) -> None:
+            if getattr(self, "shutting_down", False):
+                return
+            await super()._async_interrupt_kernel()
 
-    class IPCKernelManager(AsyncKernelManager):
+    if os.name == "nt" or len(jupyter_runtime_dir()) > 60:  # (a socket path must stay under ~107 bytes)
+        return QuietShutdownKernelManager
+
+    class IPCKernelManager(QuietShutdownKernelManager):
         def __init__(self, **kwargs):
             kwargs.setdefault("transport", "ipc")
             super().__init__(**kwargs)
