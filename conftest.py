@@ -29,7 +29,7 @@ elif os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("HELPERS_TEST_OUTP
     os.environ["HELPERS_OUT_DIR"] = os.environ["HELPERS_TEST_OUTPUTS"] = _worker_out
 
 
-SMOKE_GROUP_FILES = ("tests/test_smoke.py",)  # the tests that use `smoke_out` (tests/conftest.py checks it)
+SMOKE_GROUP_FILES = ("tests/test_smoke.py",)  # the test files that may use `smoke_out` (checked at collection)
 
 
 def work_unit(nodeid: str) -> str:
@@ -48,6 +48,7 @@ def pytest_collection_modifyitems(config, items):
     ]
     if strays:  # (in another worker, it would run the smoke pipeline again, in another folder)
         raise pytest.UsageError(f"{strays[0]} uses smoke_out: put it in one of {SMOKE_GROUP_FILES} (conftest.py)")
+    items.sort(key=lambda item: work_unit(item.nodeid) != "smoke")  # the smoke group first (stable otherwise)
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -56,11 +57,13 @@ def pytest_xdist_make_scheduler(config, log):
     from xdist.scheduler import LoadScopeScheduling
 
     class SmokeGroupFirst(LoadScopeScheduling):
-        """Units of work as `work_unit` says, the largest first (the smoke group)."""
+        """Units of work as `work_unit` says, in collection order: the smoke group (its pipeline is the
+        longest single setup) starts first, in one worker, while the other takes the test files."""
 
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
 
+    config.option.loadscopereorder = False  # (else units go by their number of tests)
     return SmokeGroupFirst(config, log)
 
 
