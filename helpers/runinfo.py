@@ -62,13 +62,29 @@ def default_data_dir(profile: str) -> Path:
     return generated_data_dir() if profile == "smoke" else (project_root() / "data").resolve()
 
 
-def default_workers() -> int:
-    """DataLoader workers that follow the machine: one core is left to the training process, at most 8."""
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2
+    cpu.max, or v1 cfs quota), which the affinity does not show (2 cores of quota on a 64-core host)."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # (macOS, Windows)
         cores = os.cpu_count() or 1
-    return max(0, min(8, cores - 1))
+    try:
+        if (cgroup / "cpu.max").is_file():
+            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        else:
+            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
+        if quota not in ("max", "-1"):
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup files (macOS, Windows) or an unexpected format: the affinity alone
+    return cores
+
+
+def default_workers() -> int:
+    """DataLoader workers that follow the machine: one core is left to the training process, at most 8."""
+    return max(0, min(8, usable_cores() - 1))
 
 
 def default_out_dir(profile: str) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -13,32 +12,13 @@ import pytest
 import torch
 
 from helpers.data import synthetic
-
-
-def _cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """The cores this process may use: its CPU affinity, capped by a container's CPU quota (cgroup v2
-    cpu.max or v1 cfs quota), which the affinity does not show."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # (macOS, Windows)
-        cores = os.cpu_count() or 1
-    try:
-        if (cgroup / "cpu.max").is_file():
-            quota, period = (cgroup / "cpu.max").read_text().split()[:2]
-        else:
-            quota = (cgroup / "cpu" / "cpu.cfs_quota_us").read_text().strip()
-            period = (cgroup / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        if quota not in ("max", "-1"):
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return cores
+from helpers.runinfo import usable_cores
 
 
 # the threads a test process and the processes it starts use: 2 at most (as CI's machine has), and a
 # worker's share of the cores when pytest-xdist runs several (two workers on 2 cores with 2 threads
 # each took 795 s instead of 570 s: twice the CPU time, spent waiting on each other's threads)
-TEST_THREADS = max(1, min(2, _cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)))
+TEST_THREADS = max(1, min(2, usable_cores() // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)))
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ["OMP_NUM_THREADS"] = str(TEST_THREADS)
 torch.set_num_threads(TEST_THREADS)

@@ -404,3 +404,25 @@ def test_one_percentage_format():
     assert (
         report.pct is plots.pct and plots.pct(0.4321) == "43.2%" and plots.pct(None) == plots.pct(float("nan")) == "n/a"
     )
+
+
+@pytest.mark.parametrize(
+    "files, cap",
+    [
+        ({"cpu.max": "150000 100000\n"}, 2),  # v2: 1.5 cores of quota -> 2
+        ({"cpu.max": "50000 100000\n"}, 1),  # v2: half a core -> 1, never 0
+        ({"cpu.max": "max 100000\n"}, None),  # v2: no quota
+        ({"cpu/cpu.cfs_quota_us": "100000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 1),  # v1: 1 core
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1: no quota
+        ({"cpu.max": "garbled"}, None),  # an unexpected format: the affinity alone
+        ({}, None),  # no cgroup files (macOS, Windows)
+    ],
+)
+def test_usable_cores_are_the_affinity_capped_by_a_container_quota(tmp_path, monkeypatch, files, cap):
+    from helpers import runinfo
+
+    monkeypatch.setattr(runinfo.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert runinfo.usable_cores(tmp_path) == (8 if cap is None else cap)
