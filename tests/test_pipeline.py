@@ -222,6 +222,7 @@ def press_ctrl_c_when(marker: Path, timeout: float = 60.0, signum: int = signal.
     return thread
 
 
+@pytest.mark.serial  # (under a parallel run's load, teardown noise on stderr: see docs/performance.md)
 def test_ctrl_c_saves_the_training_marks_it_interrupted_and_resume_continues_it(training_project, tmp_path, capfd):
     out = tmp_path / "out"
     out.mkdir()
@@ -263,6 +264,7 @@ def test_ctrl_c_saves_the_training_marks_it_interrupted_and_resume_continues_it(
     )
 
 
+@pytest.mark.serial  # (under a parallel run's load, teardown noise on stderr: see docs/performance.md)
 def test_sigterm_is_handled_as_ctrl_c_and_exits_143(training_project, tmp_path, capfd):
     """Slurm's time limit, `docker stop`, `kill`: the training saves, the notebook is interrupted,
     pipeline.json says so, one line, exit status 143."""
