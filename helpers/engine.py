@@ -531,9 +531,10 @@ def _prepare(model, train, augment, cfg, objective, device, out_dir, objective_l
 
 def _choose_cpu_precision(run: _RunState) -> None:
     """precision="auto" on the CPU, one process: a resumed run keeps the precision its checkpoint
-    chose; a fresh run long enough to pay for it measures fp32 against bf16 autocast (helpers.precision)
-    on its first batch and trains in the fastest; a short one, or one on a CPU without a bf16 path
-    (precision.no_fast_bf16), stays in fp32."""
+    chose; a fresh run long enough to pay for it times fp32 and, where the CPU has a bf16 path
+    (precision.no_fast_bf16), bf16 autocast, each with and without channels_last (helpers.precision),
+    on its first batch and trains in the fastest; a short one, or one with nothing to choose
+    between, stays in fp32."""
     if run.device.type != "cpu" or run.cfg.precision != "auto" or distributed.is_distributed():
         return
     choice = run.at.precision_choice
@@ -542,15 +543,16 @@ def _choose_cpu_precision(run: _RunState) -> None:
         total = run.cfg.total_steps(run.steps_per_epoch)
         worth = precision.worth_measuring(total, run.cfg.budget_s)
         no_bf16 = precision.no_fast_bf16() if worth else ""
-        batch = next(iter(run.train.epoch(0)), None) if worth and not no_bf16 else None
-        if batch is None:  # a run too short to pay for the measurement, a CPU without a bf16 path, no batch
-            why = (no_bf16 or "no training batch") if worth else f"a {total}-step run is too short to measure bf16"
+        batch = next(iter(run.train.epoch(0)), None) if worth else None
+        options = precision.candidates(run.cfg.channels_last, batch[0].dim() == 4) if batch is not None else []
+        if len(options) < 2:  # a run too short to pay for the measurement, nothing to choose between, no batch
+            why = (no_bf16 or "no training batch") if worth else f"a {total}-step run is too short to measure"
             choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu ({why})", "timings": {}}
         else:
             images, labels = batch
             x, targets = run.augment.eval(images.to(run.device)), labels.to(run.device)
-            timings = precision.measure(run.model, run.objective, x, targets)
-            used, channels_last, reason = precision.choose(timings)
+            timings = precision.measure(run.model, run.objective, x, targets, channels_last=run.cfg.channels_last)
+            used, channels_last, reason = precision.choose(timings, no_bf16)
             choice = {"used": used, "channels_last": channels_last, "reason": reason, "timings": timings}
             # a budget counts the measurement as training time: a 120 s run at 64 px spent 5-8 s of
             # measuring on top of its budget before

@@ -4,10 +4,12 @@ Whether bf16 autocast pays on a CPU depends on the CPU (AVX512-BF16 and AMX have
 units; others emulate it) and on the model and input: measured on an Intel Xeon with AMX,
 ResNet-18 at 64 px with the small stem trains 2.6x faster in bf16 + channels_last, at 32 px with
 the ImageNet stem 0.6x as fast. So a run that is long enough times a few training steps of the
-model at hand, on one of its own batches, in fp32, bf16 autocast and bf16 autocast with
+model at hand, on one of its own batches, in fp32 and bf16 autocast, each with and without
 channels_last memory, and trains in the fastest. bf16 must be clearly faster (`BF16_GAIN`): it
-rounds activations, so a tie goes to fp32. The timings and the choice go into the checkpoint (a
-resumed run keeps its choice) and into the metrics.
+rounds activations, so a tie goes to fp32. channels_last changes no number but the layout: measured
+on an AMD EPYC with AVX2 only (no bf16 path, so only the fp32 pair is timed there), ResNet-18 at
+32 px trains 1.16x faster in fp32 + channels_last at batch 128. The timings and the choice go into
+the checkpoint (a resumed run keeps its choice) and into the metrics.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import torch.nn as nn
 from helpers.budget_split import MEASURED_PRECISION_S
 from helpers.runinfo import Runtime, _autocast_works
 
-CANDIDATES = (("fp32", False), ("bf16", False), ("bf16", True))  # (precision, channels_last)
-BF16_GAIN = 1.10  # bf16 is chosen only when at least 10 % faster than fp32
+CANDIDATES = (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True))  # (precision, channels_last)
+BF16_GAIN = 1.10  # bf16 is chosen only when at least 10 % faster than the fastest fp32
+CHANNELS_LAST_GAIN = 1.03  # channels_last only when at least 3 % faster (a tie keeps the usual layout)
 MIN_STEPS = 200  # a shorter run keeps fp32: the measurement costs about a dozen steps
 MIN_BUDGET_S = MEASURED_PRECISION_S  # ... and so does a shorter time budget
 ROUNDS = 3  # timed steps of each candidate, taken in turns (the fastest counts)
@@ -59,25 +62,38 @@ def time_step(
     return (clock() - tic) / steps
 
 
+def candidates(channels_last: bool = True, images: bool = True) -> list[tuple[str, bool]]:
+    """The (precision, channels_last) pairs worth timing on this CPU: bf16 only where bf16 autocast
+    works and may be fast (`no_fast_bf16`), channels_last only for image batches when the
+    configuration allows it. A single candidate (fp32) needs no measurement."""
+    return [
+        (precision, layout)
+        for precision, layout in CANDIDATES
+        if not (layout and not (channels_last and images))
+        and not (precision == "bf16" and (no_fast_bf16() or not _autocast_works("cpu", "bf16")))
+    ]
+
+
 def measure(
-    model: nn.Module, objective: nn.Module, x: torch.Tensor, targets: torch.Tensor, rounds: int = ROUNDS
+    model: nn.Module,
+    objective: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    rounds: int = ROUNDS,
+    channels_last: bool = True,
 ) -> dict[str, float]:
     """{label: seconds per forward + backward} of copies of `model` (and `objective`) on one CPU
-    batch, for every candidate bf16 autocast works for on this CPU (none without a bf16 path,
-    `no_fast_bf16`): after one warm step each, the candidates take turns for `rounds` rounds of one
+    batch, for every candidate (`candidates`; channels_last ones only when `channels_last` and `x`
+    is a (B, C, H, W) batch): after one warm step each, the candidates take turns for `rounds` rounds of one
     step, and each keeps its fastest. (Timed one after another, the first candidate paid the
     process's cold start: fp32 read 192 ms against 175 ms, and bf16 was chosen at 1.43x where a
     longer timing gives 1.04x.) A candidate whose warm step took over SLOW_WARM x fp32's keeps that
     reading and is not timed again."""
     steps = {}
-    for precision, channels_last in CANDIDATES:
-        if precision == "bf16" and (no_fast_bf16() or not _autocast_works("cpu", "bf16")):
-            continue
-        runtime = Runtime("cpu", precision, channels_last, cpu_channels_last=channels_last)
+    for precision, layout in candidates(channels_last, x.dim() == 4):
+        runtime = Runtime("cpu", precision, layout, cpu_channels_last=layout)
         probe, probe_objective = runtime.prepare_model(copy.deepcopy(model)).train(), copy.deepcopy(objective).train()
-        steps[label(precision, channels_last)] = _training_step(
-            runtime, probe, probe_objective, runtime.prepare(x), targets
-        )
+        steps[label(precision, layout)] = _training_step(runtime, probe, probe_objective, runtime.prepare(x), targets)
     warm = {name: time_step(step, steps=1, warm=False) for name, step in steps.items()}
     timings = {name: float("inf") for name in steps}
     slow = {name: seconds for name, seconds in warm.items() if seconds > SLOW_WARM * warm["fp32"]}
@@ -98,20 +114,34 @@ def _training_step(runtime: Runtime, model: nn.Module, objective: nn.Module, bat
     return step
 
 
-def choose(timings: dict[str, float]) -> tuple[str, bool, str]:
+def _fastest(timings: dict[str, float], precision: str) -> str | None:
+    """The label of `precision`'s fastest layout: channels_last only when CHANNELS_LAST_GAIN faster."""
+    plain, other = timings.get(precision), timings.get(label(precision, True))
+    if plain is None:
+        return None if other is None else label(precision, True)
+    return label(precision, True) if other is not None and plain / other >= CHANNELS_LAST_GAIN else precision
+
+
+def choose(timings: dict[str, float], no_bf16: str = "") -> tuple[str, bool, str]:
     """(precision, channels_last, reason) from measured seconds per step: the fastest, bf16 only
-    when it beats fp32 by BF16_GAIN."""
+    when it beats the fastest fp32 by BF16_GAIN, a channels_last layout only when it beats the usual
+    one by CHANNELS_LAST_GAIN. `no_bf16`: why bf16 was not timed (for the reason)."""
     fp32 = timings["fp32"]
-    bf16 = {k: v for k, v in timings.items() if k.startswith("bf16")}
-    best = min(bf16, key=bf16.get) if bf16 else None
+    best32, best16 = _fastest(timings, "fp32"), _fastest(timings, "bf16")
     measured = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items())
-    if best is not None and fp32 / bf16[best] >= BF16_GAIN:
+    if best16 is not None and timings[best32] / timings[best16] >= BF16_GAIN:
         return (
             "bf16",
-            best.endswith("channels_last"),
-            f"auto on cpu, measured per step: {measured}; {best} is {fp32 / bf16[best]:.2f}x fp32",
+            best16.endswith("channels_last"),
+            f"auto on cpu, measured per step: {measured}; {best16} is {fp32 / timings[best16]:.2f}x fp32",
         )
-    why = "bf16 autocast unavailable" if best is None else f"bf16 is not {BF16_GAIN:.2f}x faster"
+    why = no_bf16 or ("bf16 autocast unavailable" if best16 is None else f"bf16 is not {BF16_GAIN:.2f}x faster")
+    if best32 != "fp32":
+        return (
+            "fp32",
+            True,
+            f"auto on cpu, measured per step: {measured}; {best32} is {fp32 / timings[best32]:.2f}x fp32 ({why})",
+        )
     return "fp32", False, f"auto on cpu, measured per step: {measured}; fp32 ({why})"
 
 
@@ -124,13 +154,13 @@ def probe(model: nn.Module, objective: nn.Module, train, augment, cfg, device) -
     """(chosen step time / fp32 step time, seconds the measurement takes) for a training of `model`
     with `cfg` on `device` that measures its precision (CPU, "auto"); (1.0, 0.0) elsewhere. For
     planning a budget (helpers.plan): the engine makes the same measurement and choice."""
-    if torch.device(device).type != "cpu" or cfg.precision != "auto" or no_fast_bf16():
+    if torch.device(device).type != "cpu" or cfg.precision != "auto" or len(candidates(cfg.channels_last)) < 2:
         return 1.0, 0.0
     images, labels = next(iter(train.epoch(0)), (None, None))
-    if images is None:
+    if images is None or len(candidates(cfg.channels_last, images.dim() == 4)) < 2:
         return 1.0, 0.0
     tic = time.perf_counter()
-    timings = measure(model, objective, augment.eval(images), labels)
+    timings = measure(model, objective, augment.eval(images), labels, channels_last=cfg.channels_last)
     spent = time.perf_counter() - tic
     used, channels_last, _ = choose(timings)
     return timings[label(used, channels_last)] / timings["fp32"], spent
