@@ -375,6 +375,7 @@ CLASSIFIER_READS = same_names(
     "seed",
     "eval_every",
     "budget_s",
+    "crop_min_epochs",
 )
 
 # batch_size=0 (the cpu profile of T1-T3): the batch follows the training set. The largest power of
@@ -492,6 +493,9 @@ class RecognitionConfig(ConfigBase):
     crop: str = param("pad", choices=("pad", "rrc"))  # pad (random crop with zero padding) | rrc (random-resized crop)
     flip: bool = param(True, older=True)  # random horizontal flips of the training batches
     padding: int = param(4, range=NON_NEGATIVE)
+    # > 0: a budget run planned for fewer epochs than this trains without the pad crop's translation
+    # (flips stay; FitConfig.crop_min_epochs); 0: never
+    crop_min_epochs: float = param(0.0, range=NON_NEGATIVE, older=0.0)
     rrc_scale_min: float = param(0.35, range=Range(0, 1, low_open=True))
     mixup: float = param(0.0, range=NON_NEGATIVE)  # Beta alpha; 0 = off
     cutmix: float = param(0.0, range=NON_NEGATIVE)  # Beta alpha; 0 = off
@@ -515,7 +519,7 @@ class RecognitionConfig(ConfigBase):
     budget_s: float = param(0.0, range=NON_NEGATIVE)
     # evaluate held-out and test every N epochs (and after the last)
     eval_every: int = param(1, range=AT_LEAST_1, runtime=True)
-    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, each with and without channels_last, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     precision: str = param("auto", choices=PRECISIONS)
     channels_last: bool = True
     compile: bool = False
@@ -693,7 +697,7 @@ class RetrievalConfig(ConfigBase):
     memory_warmup_steps: int = param(0, range=NON_NEGATIVE)
     # miners compared in the ablation table (each a stage-2 run from the same stage 1)
     ablation: tuple = param(MINERS, choices=MINERS, runtime=True)
-    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, each with and without channels_last, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     precision: str = param("auto", choices=PRECISIONS)
     channels_last: bool = True
     compile: bool = False
@@ -866,7 +870,7 @@ class LayerwiseConfig(ConfigBase):
     label_smoothing: float = param(0.0, range=FRACTION)
     # first N test images of each class in the X[3] t-SNE
     tsne_per_class: int = param(500, range=AT_LEAST_1, runtime=True)
-    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
+    # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, on the CPU the fastest of fp32 and bf16 autocast, each with and without channels_last, measured (helpers.precision), fp32 on MPS) | bf16 | fp16 | fp32
     precision: str = param("auto", choices=PRECISIONS)
     seed: int = param(0, range=NON_NEGATIVE)
 

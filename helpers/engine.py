@@ -26,6 +26,7 @@ the progress display and the Ctrl-C deferral in helpers.console.
 
 from __future__ import annotations
 
+import copy
 import signal
 import time
 import warnings
@@ -114,6 +115,7 @@ class FitResult:
     wall_seconds: float = 0.0  # the whole call (this session's part of it when resumed)
     eval_seconds: float = 0.0  # evaluation passes within the wall time
     precision: dict | None = None  # precision "auto" on the CPU: {"used", "channels_last", "reason", "timings"}
+    crop_dropped: bool = False  # planned under crop_min_epochs: trained without the pad crop's translation
 
     def record(self) -> dict:
         """What the metrics files say about how complete this training is."""
@@ -127,6 +129,7 @@ class FitResult:
             "run_id": self.run_id,
             "run_dir": str(self.out_dir) if self.out_dir is not None else None,
             "precision": self.precision,
+            "crop_dropped": self.crop_dropped,
         }
 
     @property
@@ -331,6 +334,7 @@ class _Position:
     stopped_early: bool = False
     budget_spent: float = 0.0  # training seconds of the sessions before this one
     precision_choice: dict | None = None  # precision "auto" on the CPU: what was measured and chosen
+    crop_dropped: bool = False  # a budget run planned under crop_min_epochs: no random translation
     resumed_from: dict | None = None  # {"epoch", "step"} of the checkpoint this call continued
     last_session: dict | None = None  # a loaded run: what last.pt says of the session that wrote it
 
@@ -436,6 +440,7 @@ def _checkpoint(run: _RunState, epoch_done: bool = False) -> dict:
         "scaler": run.scaler.state_dict() if run.scaler is not None else None,
         "precision": run.runtime.precision,
         "precision_choice": at.precision_choice,
+        "crop_dropped": at.crop_dropped,
         "config": asdict(run.cfg),
         "run_key": run.run_key,
         "run_id": at.run_id,
@@ -465,6 +470,7 @@ def _result(run: _RunState, interrupted: bool, wall_seconds: float) -> FitResult
         wall_seconds=wall_seconds,
         eval_seconds=run.call.eval_seconds,
         precision=at.precision_choice,
+        crop_dropped=at.crop_dropped,
     )
 
 
@@ -546,13 +552,16 @@ def _choose_cpu_precision(run: _RunState) -> None:
         batch = next(iter(run.train.epoch(0)), None) if worth else None
         options = precision.candidates(run.cfg.channels_last, batch[0].dim() == 4) if batch is not None else []
         if len(options) < 2:  # a run too short to pay for the measurement, nothing to choose between, no batch
-            why = (no_bf16 or "no training batch") if worth else f"a {total}-step run is too short to measure"
+            why = "no training batch" if worth and batch is None else no_bf16 or "nothing to choose between"
+            why = why if worth else f"a {total}-step run is too short to measure"
             choice = {"used": "fp32", "channels_last": False, "reason": f"auto: fp32 on cpu ({why})", "timings": {}}
         else:
             images, labels = batch
             x, targets = run.augment.eval(images.to(run.device)), labels.to(run.device)
-            timings = precision.measure(run.model, run.objective, x, targets, channels_last=run.cfg.channels_last)
-            used, channels_last, reason = precision.choose(timings, no_bf16)
+            timings = precision.measure(
+                run.model, run.objective, x, targets, channels_last=run.cfg.channels_last, budget_s=run.cfg.budget_s
+            )
+            used, channels_last, reason = precision.choose(timings, no_bf16, run.cfg.budget_s)
             choice = {"used": used, "channels_last": channels_last, "reason": reason, "timings": timings}
             # a budget counts the measurement as training time: a 120 s run at 64 px spent 5-8 s of
             # measuring on top of its budget before
@@ -561,7 +570,7 @@ def _choose_cpu_precision(run: _RunState) -> None:
     run.runtime = Runtime(
         str(run.device), choice["used"], choice["channels_last"], cpu_channels_last=choice["channels_last"]
     )
-    run.runtime.prepare_model(run.model)
+    precision.set_layout(run.model, choice["channels_last"])  # (a copy of a channels_last model is one too)
 
 
 def _loaded_result(run: _RunState) -> FitResult:
@@ -676,6 +685,9 @@ def _resume(run: _RunState) -> None:
     own = _rank_state(ckpt)
     set_rng_state(own["rng"])
     run.at.precision_choice = ckpt.get("precision_choice")
+    run.at.crop_dropped = bool(ckpt.get("crop_dropped"))
+    if run.at.crop_dropped:
+        _drop_crop(run)
     if run.at.precision_choice is None and ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
         notice(
             f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
@@ -776,7 +788,29 @@ def _plan_budget(run: _RunState, steps_done: int) -> None:
         return
     budget.step_done(steps_done)
     if steps_done >= FIRST_PLAN_STEP and schedule.total == UNPLANNED and (total := budget.plan(steps_done)) is not None:
-        schedule.replan(steps_done, total)
+        _replan(run, steps_done, total)
+
+
+def _replan(run: _RunState, steps_done: int, total: int) -> None:
+    """Set the budget run's length to `total` steps; when this is its first plan and it is under
+    crop_min_epochs, train on without the pad crop's translation (a notice says so)."""
+    first = run.schedule.total == UNPLANNED
+    run.schedule.replan(steps_done, total)
+    epochs, augment = total / run.steps_per_epoch, run.augment
+    if first and epochs < run.cfg.crop_min_epochs and augment.crop == "pad" and augment.padding > 0:
+        notice(
+            f"a {epochs:.2g}-epoch budget run (under crop_min_epochs={run.cfg.crop_min_epochs:g}): "
+            f"training without the {augment.padding} px random crop from step {steps_done + 1} (flips kept)"
+        )
+        run.at.crop_dropped = True
+        _drop_crop(run)
+
+
+def _drop_crop(run: _RunState) -> None:
+    """Train on without the pad crop's translation: a copy of the augmentation with padding 0 (the
+    caller's object is left alone)."""
+    run.augment = copy.copy(run.augment)
+    run.augment.padding = 0
 
 
 def _check_finite(run: _RunState, lr: float) -> None:
@@ -849,7 +883,7 @@ def _end_epoch(run: _RunState, evaluate, progress: bool, name: str) -> bool:
     }
     if run.call.budget is not None and (total := run.call.budget.plan(steps_done)) is not None:
         if steps_done < schedule.total:  # (a finished run stays finished)
-            schedule.replan(steps_done, total)
+            _replan(run, steps_done, total)
     distributed.broadcast_buffers(run.model)  # (every rank evaluates and saves rank 0's model)
     evaluating = evaluate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == run.num_epochs())
     if evaluating:

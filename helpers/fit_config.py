@@ -48,7 +48,7 @@ class FitConfig:
     patience: int = 0  # early stopping after this many epochs without improvement; 0 = off
     restore_best: bool = True  # load the best held-out weights into the model at the end
     precision: str = "auto"  # auto | bf16 | fp16 | fp32 (helpers.runinfo.choose_precision; fp16 adds a gradient scaler)
-    channels_last: bool = True  # (CUDA only)
+    channels_last: bool = True  # CUDA; on the CPU a candidate that precision auto times
     compile: bool = False  # torch.compile the model
     compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" adds CUDA graphs
     fused: bool = True  # fused optimizer kernels (CUDA, and the CPU where PyTorch has them)
@@ -56,6 +56,10 @@ class FitConfig:
     log_every: int = 25  # steps between host reads of the running loss (progress bar, NaN check)
     seed: int = 0
     max_steps: int = 0  # > 0: train exactly this many steps (the schedule spans them; epochs is then derived)
+    # > 0: a budget run planned (helpers.budget) for fewer epochs than this trains without the pad
+    # crop's random translation (padding 0; flips stay): at under two passes over the data the
+    # translated copies only slow the fit (docs/performance.md); 0: never
+    crop_min_epochs: float = 0.0
     budget_s: float = (
         0.0  # > 0: train for this many seconds (evaluation excluded); steps planned from measured step times
     )

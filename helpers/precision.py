@@ -7,8 +7,8 @@ the ImageNet stem 0.6x as fast. So a run that is long enough times a few trainin
 model at hand, on one of its own batches, in fp32 and bf16 autocast, each with and without
 channels_last memory, and trains in the fastest. bf16 must be clearly faster (`BF16_GAIN`): it
 rounds activations, so a tie goes to fp32. channels_last changes no number but the layout: measured
-on an AMD EPYC with AVX2 only (no bf16 path, so only the fp32 pair is timed there), ResNet-18 at
-32 px trains 1.16x faster in fp32 + channels_last at batch 128. The timings and the choice go into
+on an AMD EPYC with AVX2 only (no bf16 path, so only the fp32 pair is timed there), a training step
+of ResNet-18 at 32 px took 1.13x less time in fp32 + channels_last at batch 128. The timings and the choice go into
 the checkpoint (a resumed run keeps its choice) and into the metrics.
 """
 
@@ -31,7 +31,7 @@ CHANNELS_LAST_GAIN = 1.03  # channels_last only when at least 3 % faster (a tie 
 MIN_STEPS = 200  # a shorter run keeps fp32: the measurement costs about a dozen steps
 MIN_BUDGET_S = MEASURED_PRECISION_S  # ... and so does a shorter time budget
 ROUNDS = 3  # timed steps of each candidate, taken in turns (the fastest counts)
-SLOW_WARM = 4.0  # a bf16 candidate whose warm step takes this many times fp32's is dropped
+SLOW_WARM = 4.0  # a candidate whose warm step takes this many times fp32's is dropped (an emulated bf16)
 
 
 def cpu_capability() -> str:
@@ -81,6 +81,7 @@ def measure(
     targets: torch.Tensor,
     rounds: int = ROUNDS,
     channels_last: bool = True,
+    budget_s: float = 0.0,
 ) -> dict[str, float]:
     """{label: seconds per forward + backward} of copies of `model` (and `objective`) on one CPU
     batch, for every candidate (`candidates`; channels_last ones only when `channels_last` and `x`
@@ -88,20 +89,34 @@ def measure(
     step, and each keeps its fastest. (Timed one after another, the first candidate paid the
     process's cold start: fp32 read 192 ms against 175 ms, and bf16 was chosen at 1.43x where a
     longer timing gives 1.04x.) A candidate whose warm step took over SLOW_WARM x fp32's keeps that
-    reading and is not timed again."""
-    steps = {}
-    for precision, layout in candidates(channels_last, x.dim() == 4):
-        runtime = Runtime("cpu", precision, layout, cpu_channels_last=layout)
-        probe, probe_objective = runtime.prepare_model(copy.deepcopy(model)).train(), copy.deepcopy(objective).train()
-        steps[label(precision, layout)] = _training_step(runtime, probe, probe_objective, runtime.prepare(x), targets)
-    warm = {name: time_step(step, steps=1, warm=False) for name, step in steps.items()}
-    timings = {name: float("inf") for name in steps}
-    slow = {name: seconds for name, seconds in warm.items() if seconds > SLOW_WARM * warm["fp32"]}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            if name not in slow:
-                timings[name] = min(timings[name], time_step(step, steps=1, warm=False))
+    reading and is not timed again. With `budget_s`, a budget that affords fewer than MIN_STEPS of
+    fp32's warm step returns that reading alone (nothing is worth choosing then). The global random
+    state is left as it was (dropout draws nothing for the training itself)."""
+    with torch.random.fork_rng(devices=[]):
+        steps = {}
+        for precision, layout in candidates(channels_last, x.dim() == 4):
+            runtime = Runtime("cpu", precision, layout, cpu_channels_last=layout)
+            probe = set_layout(copy.deepcopy(model), layout).train()
+            steps[label(precision, layout)] = _training_step(
+                runtime, probe, copy.deepcopy(objective).train(), runtime.prepare(x), targets
+            )
+        warm = {"fp32": time_step(steps["fp32"], steps=1, warm=False)}
+        if budget_s > 0 and budget_s < MIN_STEPS * warm["fp32"]:
+            return warm
+        warm |= {name: time_step(step, steps=1, warm=False) for name, step in steps.items() if name != "fp32"}
+        timings = {name: float("inf") for name in steps}
+        slow = {name: seconds for name, seconds in warm.items() if seconds > SLOW_WARM * warm["fp32"]}
+        for _ in range(rounds):
+            for name, step in steps.items():
+                if name not in slow:
+                    timings[name] = min(timings[name], time_step(step, steps=1, warm=False))
     return timings | slow
+
+
+def set_layout(model: nn.Module, channels_last: bool) -> nn.Module:
+    """`model` with its 4-D weights in channels_last memory, or back in the usual layout (a model
+    copied from one trained in channels_last keeps that layout otherwise); returns it."""
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _training_step(runtime: Runtime, model: nn.Module, objective: nn.Module, batch, targets) -> Callable[[], None]:
@@ -122,14 +137,18 @@ def _fastest(timings: dict[str, float], precision: str) -> str | None:
     return label(precision, True) if other is not None and plain / other >= CHANNELS_LAST_GAIN else precision
 
 
-def choose(timings: dict[str, float], no_bf16: str = "") -> tuple[str, bool, str]:
+def choose(timings: dict[str, float], no_bf16: str = "", budget_s: float = 0.0) -> tuple[str, bool, str]:
     """(precision, channels_last, reason) from measured seconds per step: the fastest, bf16 only
     when it beats the fastest fp32 by BF16_GAIN, a channels_last layout only when it beats the usual
-    one by CHANNELS_LAST_GAIN. `no_bf16`: why bf16 was not timed (for the reason)."""
+    one by CHANNELS_LAST_GAIN. `no_bf16`: why bf16 was not timed (for the reason); `budget_s`: a
+    budget that affords under MIN_STEPS steps of fp32 keeps fp32 (`measure` stopped after one step)."""
     fp32 = timings["fp32"]
     best32, best16 = _fastest(timings, "fp32"), _fastest(timings, "bf16")
+    fastest32 = min(v for k, v in timings.items() if k.startswith("fp32"))
     measured = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items())
-    if best16 is not None and timings[best32] / timings[best16] >= BF16_GAIN:
+    if budget_s > 0 and budget_s < MIN_STEPS * fp32:
+        return "fp32", False, f"auto on cpu: fp32 (its budget affords under {MIN_STEPS} steps of {1000 * fp32:.0f} ms: too short to measure)"
+    if best16 is not None and fastest32 / timings[best16] >= BF16_GAIN:
         return (
             "bf16",
             best16.endswith("channels_last"),
@@ -160,7 +179,9 @@ def probe(model: nn.Module, objective: nn.Module, train, augment, cfg, device) -
     if images is None or len(candidates(cfg.channels_last, images.dim() == 4)) < 2:
         return 1.0, 0.0
     tic = time.perf_counter()
-    timings = measure(model, objective, augment.eval(images), labels, channels_last=cfg.channels_last)
+    timings = measure(
+        model, objective, augment.eval(images), labels, channels_last=cfg.channels_last, budget_s=cfg.budget_s
+    )
     spent = time.perf_counter() - tic
     used, channels_last, _ = choose(timings)
     return timings[label(used, channels_last)] / timings["fp32"], spent

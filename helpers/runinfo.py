@@ -208,7 +208,7 @@ def choose_precision(setting: str, device: str, capability: tuple[int, int] | No
             return Precision(
                 setting,
                 "fp32",
-                "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster (its training record says)",
+                "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast or channels_last faster (its training record says)",
             )
         if device_type != "cuda":
             return Precision(setting, "fp32", f"auto: fp32 on {device_type} (autocast is used on CUDA GPUs only)")

@@ -13,6 +13,7 @@ from helpers.budget import StepClock, measure_seconds_per_step, plan_steps
 from helpers.plan import measure_fit_step, measure_run_seconds
 from helpers.engine import FitConfig, TrainingInterrupted, fit
 from helpers.optim import LRSchedule
+from helpers.data.transforms import BatchAugment
 
 from test_engine import assert_same_run, interrupt_at, run, setup, toy_model
 
@@ -197,6 +198,7 @@ def test_a_budget_run_counts_its_precision_measurement_as_training_time(tmp_path
     clock = FakeClock(0.1)
     monkeypatch.setattr("helpers.budget.now", clock)
     monkeypatch.setattr(precision, "MIN_BUDGET_S", 1.0)
+    monkeypatch.setattr(precision, "MIN_STEPS", 5)  # (2 s affords 10 steps of fp32's 0.2 s: worth measuring)
     monkeypatch.setattr(precision, "no_fast_bf16", lambda: "")  # (any CPU: the timings are mocked)
 
     def measure(*args, **kwargs):  # 0.5 s of the budget's clock, as a real measurement would take
@@ -352,3 +354,73 @@ def test_the_shortened_warmup_is_the_same_after_a_resume(tmp_path, monkeypatch):
     assert a[-1]["steps"] == b[-1]["steps"] and b[-1]["lr"] < 0.05 * 0.1, (
         "the same length, annealed (the budget counts both sessions)"
     )
+
+
+class RecordingAugment(BatchAugment):
+    """Records the padding of every training batch it augments."""
+
+    def train(self, x, labels, rng):
+        self.seen.append(self.padding)
+        return super().train(x, labels, rng)
+
+
+def recording(augment):
+    augment.__class__, augment.seen = RecordingAugment, []
+    return augment
+
+
+@pytest.mark.parametrize("crop_min_epochs, dropped", [(6.0, True), (3.0, False), (0.0, False)])
+def test_a_budget_run_planned_under_crop_min_epochs_trains_on_without_the_translation(
+    tmp_path, monkeypatch, capsys, crop_min_epochs, dropped
+):
+    """3 s at 0.1 s a step, epochs of 6 steps: first planned at the end of epoch 1 (3.8 epochs, from
+    the steps timed so far): under crop_min_epochs the later batches are not translated (padding 0),
+    flips stay; the caller's augmentation is not changed; the choice is in the training record."""
+    from helpers import runinfo
+
+    monkeypatch.setattr(runinfo, "_NOTICED", set())
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+    train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=3.0, crop_min_epochs=crop_min_epochs)
+    augment = recording(augment)
+    result = fit(toy_model(), train, augment, cfg, evaluate=evaluator, on_step=clock.on_step, progress=False)
+    seen, steps = augment.seen, result.history[-1]["steps"]
+    assert augment.padding == 2 and len(seen) == steps
+    assert result.crop_dropped is dropped and result.record()["crop_dropped"] is dropped
+    if dropped:
+        assert seen == [2] * 6 + [0] * (steps - 6), "translated until planned after step 6, not after"
+        assert (
+            "a 3.8-epoch budget run (under crop_min_epochs=6): training without the 2 px random crop from step 7"
+            in capsys.readouterr().err
+        )
+    else:
+        assert seen == [2] * steps
+    fixed = setup(tmp_path, epochs=2, crop_min_epochs=6.0)  # not a budget run: never dropped
+    assert not fit(toy_model(), *fixed[:3], evaluate=fixed[3], progress=False).crop_dropped
+
+
+def test_a_run_that_dropped_the_translation_resumes_without_it(tmp_path, monkeypatch):
+    """The choice is in last.pt: a session resumed after it trains without the translation too (its
+    caller passes the usual augmentation again), and the run ends as planned."""
+    clock = FakeClock(0.1)
+    monkeypatch.setattr("helpers.budget.now", clock)
+
+    def session(name, on_step, **kwargs):
+        train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=3.0, crop_min_epochs=6.0)
+        augment = recording(augment)
+        result = fit(
+            toy_model(), train, augment, cfg, evaluate=evaluator, on_step=on_step, out_dir=tmp_path / name,
+            progress=False, **kwargs,
+        )
+        return result, augment.seen
+
+    straight, _ = session("straight", clock.on_step)
+    clock.t = 0.0
+    first, seen_first = session(
+        "resumed", lambda e, s: (clock.on_step(e, s), interrupt_at(2, 4)(e, s)), on_interrupt="return"
+    )
+    second, seen_second = session("resumed", clock.on_step)
+    assert first.interrupted and seen_first[:6] == [2] * 6 and seen_first[6:] == [0] * (len(seen_first) - 6)
+    assert second.resumed_from is not None and second.crop_dropped and seen_second and set(seen_second) == {0}
+    assert [h["lr"] for h in straight.history[:1]] == [h["lr"] for h in second.history[:1]]
+    assert second.record()["complete"] and second.history[-1]["lr"] < 0.05 * 0.1, "it ends annealed"

@@ -4,6 +4,7 @@ resume, what MPS cannot do, and the advice when a batch does not fit in memory (
 
 import pytest
 import torch
+import torch.nn as nn
 
 from helpers import precision, runinfo
 from helpers.config import RecognitionConfig
@@ -57,7 +58,7 @@ def test_mps_is_accepted_where_it_exists_and_refused_clearly_where_not(monkeypat
             "fp16 autocast with a gradient scaler (compute capability 7.5 < 8.0 has no native bf16)",
         ),  # Colab's T4
         ("cuda", (6, 0), "fp16", "6.0 < 8.0"),  # P100
-        ("cpu", None, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast faster"),
+        ("cpu", None, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast or channels_last faster"),
         ("mps", None, "fp32", "auto: fp32 on mps"),
     ],
 )
@@ -478,7 +479,7 @@ def test_an_x86_cpu_without_avx512_times_only_the_fp32_layouts(tmp_path, monkeyp
     monkeypatch.setattr(precision, "MIN_STEPS", 10)  # (the toy run has 16 steps: long enough to measure)
     measured = []
 
-    def measure(model, objective, x, y, channels_last=True):
+    def measure(model, objective, x, y, channels_last=True, **kwargs):
         measured.append(channels_last)
         return {"fp32": 0.3, "fp32 + channels_last": 0.2}
 
@@ -529,3 +530,50 @@ def test_a_long_enough_cpu_run_trains_in_the_measured_choice_and_its_resume_keep
     assert short.precision["used"] == "fp32" and "too short to measure" in short.precision["reason"] and calls == [1]
     _, asked = run(tmp_path, "asked", precision="fp32")  # an explicit precision is not measured
     assert asked.precision is None and calls == [1]
+
+
+def test_the_measurement_leaves_the_random_state_and_restores_the_usual_layout():
+    """Dropout in the timed steps must not shift the training's draws; a copy of a model trained in
+    channels_last (T4's stage 2 copies stage 1's backbone) is timed as fp32 in the usual layout."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.5), nn.Flatten(), nn.LazyLinear(4))
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 4, (4,))
+    model(x)
+    precision.set_layout(model, True)
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    real = precision._training_step
+
+    def recording(runtime, probe, *args):
+        seen.append((precision.label(runtime.precision, runtime.channels_last), probe[0].weight.is_contiguous()))
+        return real(runtime, probe, *args)
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(precision, "_training_step", recording)
+        precision.measure(model, CrossEntropyObjective(0.0), x, y, rounds=1)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert seen[:2] == [("fp32", True), ("fp32 + channels_last", False)]
+    assert model[0].weight.is_contiguous(memory_format=torch.channels_last), "the model itself keeps its layout"
+    assert precision.set_layout(model, False)[0].weight.is_contiguous()
+
+
+def test_a_budget_too_short_for_the_measurement_to_pay_keeps_fp32(monkeypatch):
+    """Channels_last wins 5-13 %; a budget of fewer than MIN_STEPS steps cannot win back the ~8
+    steps the measurement takes: after fp32's warm step nothing more is timed."""
+    timed = []
+    monkeypatch.setattr(precision, "_training_step", lambda runtime, *a: lambda: None)
+
+    def fake_time(step, steps=3, clock=None, warm=True):
+        timed.append(1)
+        return 0.5
+
+    monkeypatch.setattr(precision, "time_step", fake_time)
+    x, y = torch.randn(2, 3, 8, 8), torch.zeros(2).long()
+    timings = precision.measure(toy_model(), CrossEntropyObjective(0.0), x, y, budget_s=0.5 * precision.MIN_STEPS - 1)
+    assert timings == {"fp32": 0.5} and timed == [1]
+    used, channels_last, reason = precision.choose(timings, budget_s=0.5 * precision.MIN_STEPS - 1)
+    assert (used, channels_last) == ("fp32", False) and "too short to measure" in reason
+    timed.clear()
+    timings = precision.measure(toy_model(), CrossEntropyObjective(0.0), x, y, budget_s=0.5 * precision.MIN_STEPS + 1)
+    assert "fp32 + channels_last" in timings and len(timed) > 2
