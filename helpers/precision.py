@@ -147,7 +147,11 @@ def choose(timings: dict[str, float], no_bf16: str = "", budget_s: float = 0.0) 
     fastest32 = min(v for k, v in timings.items() if k.startswith("fp32"))
     measured = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items())
     if budget_s > 0 and budget_s < MIN_STEPS * fp32:
-        return "fp32", False, f"auto on cpu: fp32 (its budget affords under {MIN_STEPS} steps of {1000 * fp32:.0f} ms: too short to measure)"
+        return (
+            "fp32",
+            False,
+            f"auto on cpu: fp32 (its budget affords under {MIN_STEPS} steps of {1000 * fp32:.0f} ms: too short to measure)",
+        )
     if best16 is not None and fastest32 / timings[best16] >= BF16_GAIN:
         return (
             "bf16",

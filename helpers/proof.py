@@ -149,6 +149,7 @@ def run_project(args: argparse.Namespace, root: Path, seed: int, workdir: Path) 
         "planning_seconds": 0.0,
         "batch_size": data.train.batch_size,
         "precision": summary.training.get("precision"),  # (CPU "auto": measured, and the choice)
+        "crop_dropped": summary.training.get("crop_dropped"),  # (crop_min_epochs: planned under it)
         "train_images": data.train.num_samples,
         "eval_images": data.test.num_samples,
         "curve": curve,

@@ -477,6 +477,11 @@ def training_text(page: Page, cfg2: dict, run: dict | None = None, batch: int | 
     mixing = " and ".join(f"{name} (alpha {cfg2[name]})" for name in ("cutmix", "mixup") if cfg2.get(name))
     mixing = f", {mixing} on {100 * cfg2['mix_prob']:.0f}% of batches" if mixing else ""
     crop = f"random crop with {cfg2['padding']}-pixel padding" if cfg2["crop"] == "pad" else "random-resized crop"
+    if cfg2["crop"] == "pad" and cfg2.get("crop_min_epochs"):
+        dropped = ((run or {}).get("training") or {}).get("crop_dropped")
+        crop += f" (dropped, flips kept, once a budget run is planned under {cfg2['crop_min_epochs']:g} epochs" + (
+            "; this one was)" if dropped else "; this one was not)" if run else ")"
+        )
     stopping = f" and early stopping (patience {cfg2['patience']})" if cfg2.get("patience") else ""
     page.text(
         f"One engine for every model: {cfg2['optimizer'].upper()} (momentum {cfg2['momentum']}, Nesterov) at {recipe_text(cfg2, run, batch)} (no decay on biases/BN), {run_length(run) if run else str(cfg2['epochs']) + ' epochs'}, linear warm-up "

@@ -409,8 +409,15 @@ def test_a_run_that_dropped_the_translation_resumes_without_it(tmp_path, monkeyp
         train, augment, cfg, evaluator = setup(tmp_path, epochs=1, budget_s=3.0, crop_min_epochs=6.0)
         augment = recording(augment)
         result = fit(
-            toy_model(), train, augment, cfg, evaluate=evaluator, on_step=on_step, out_dir=tmp_path / name,
-            progress=False, **kwargs,
+            toy_model(),
+            train,
+            augment,
+            cfg,
+            evaluate=evaluator,
+            on_step=on_step,
+            out_dir=tmp_path / name,
+            progress=False,
+            **kwargs,
         )
         return result, augment.seen
 

@@ -58,7 +58,12 @@ def test_mps_is_accepted_where_it_exists_and_refused_clearly_where_not(monkeypat
             "fp16 autocast with a gradient scaler (compute capability 7.5 < 8.0 has no native bf16)",
         ),  # Colab's T4
         ("cuda", (6, 0), "fp16", "6.0 < 8.0"),  # P100
-        ("cpu", None, "fp32", "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast or channels_last faster"),
+        (
+            "cpu",
+            None,
+            "fp32",
+            "auto on cpu: fp32, unless a run long enough to measure finds bf16 autocast or channels_last faster",
+        ),
         ("mps", None, "fp32", "auto: fp32 on mps"),
     ],
 )

@@ -177,3 +177,20 @@ def test_the_precision_line_says_what_each_cpu_run_measured_and_chose():
         "training": {"classifier": {"precision": short}, "ms": {"precision": None}},
     }
     assert report.measured_choices(document) == [fast, short]
+
+
+def test_the_report_says_when_a_short_budget_run_dropped_the_crop(tmp_path):
+    write_metrics(tmp_path)
+    assert "dropped, flips kept" not in texts(tmp_path)[0], "crop_min_epochs 0: nothing to say"
+
+    def short(d, dropped):
+        d["config"].update(crop="pad", padding=4, crop_min_epochs=3.0)
+        next(iter(d["models"].values())).setdefault("training", {})["crop_dropped"] = dropped
+
+    edit(tmp_path, "T2_resnet18", lambda d: short(d, True))
+    assert (
+        "random crop with 4-pixel padding (dropped, flips kept, once a budget run is planned under 3 epochs; this one was)"
+        in texts(tmp_path)[0]
+    )
+    edit(tmp_path, "T2_resnet18", lambda d: short(d, False))
+    assert "under 3 epochs; this one was not)" in texts(tmp_path)[0]
