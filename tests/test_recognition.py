@@ -252,6 +252,7 @@ def test_checkpoints_of_another_configuration_are_not_resumed(tiny_root, tmp_pat
         "stopped_early": False,
         "resumed_from": None,
         "complete": True,
+        "crop_dropped": False,
     }
 
 
