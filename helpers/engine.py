@@ -26,7 +26,6 @@ the progress display and the Ctrl-C deferral in helpers.console.
 
 from __future__ import annotations
 
-import copy
 import signal
 import time
 import warnings
@@ -687,7 +686,7 @@ def _resume(run: _RunState) -> None:
     run.at.precision_choice = ckpt.get("precision_choice")
     run.at.crop_dropped = bool(ckpt.get("crop_dropped"))
     if run.at.crop_dropped:
-        _drop_crop(run)
+        run.augment = run.augment.without_translation()
     if run.at.precision_choice is None and ckpt.get("precision", run.runtime.precision) != run.runtime.precision:
         notice(
             f"{run.out / LAST} was trained in {ckpt['precision']} and continues in {run.runtime.precision} "
@@ -796,21 +795,14 @@ def _replan(run: _RunState, steps_done: int, total: int) -> None:
     crop_min_epochs, train on without the pad crop's translation (a notice says so)."""
     first = run.schedule.total == UNPLANNED
     run.schedule.replan(steps_done, total)
-    epochs, augment = total / run.steps_per_epoch, run.augment
-    if first and epochs < run.cfg.crop_min_epochs and augment.crop == "pad" and augment.padding > 0:
+    epochs = total / run.steps_per_epoch
+    if first and epochs < run.cfg.crop_min_epochs and run.augment.translates:
         notice(
             f"a {epochs:.2g}-epoch budget run (under crop_min_epochs={run.cfg.crop_min_epochs:g}): "
-            f"training without the {augment.padding} px random crop from step {steps_done + 1} (flips kept)"
+            f"training without the {run.augment.padding} px random crop from step {steps_done + 1} (flips kept)"
         )
         run.at.crop_dropped = True
-        _drop_crop(run)
-
-
-def _drop_crop(run: _RunState) -> None:
-    """Train on without the pad crop's translation: a copy of the augmentation with padding 0 (the
-    caller's object is left alone)."""
-    run.augment = copy.copy(run.augment)
-    run.augment.padding = 0
+        run.augment = run.augment.without_translation()  # (a copy: the caller's augmentation is left alone)
 
 
 def _check_finite(run: _RunState, lr: float) -> None:

@@ -101,7 +101,7 @@ def measure(
                 runtime, probe, copy.deepcopy(objective).train(), runtime.prepare(x), targets
             )
         warm = {"fp32": time_step(steps["fp32"], steps=1, warm=False)}
-        if budget_s > 0 and budget_s < MIN_STEPS * warm["fp32"]:
+        if too_short(budget_s, warm["fp32"]):
             return warm
         warm |= {name: time_step(step, steps=1, warm=False) for name, step in steps.items() if name != "fp32"}
         timings = {name: float("inf") for name in steps}
@@ -111,6 +111,11 @@ def measure(
                 if name not in slow:
                     timings[name] = min(timings[name], time_step(step, steps=1, warm=False))
     return timings | slow
+
+
+def too_short(budget_s: float, step_s: float) -> bool:
+    """Whether a time budget affords fewer than MIN_STEPS steps of `step_s` (0: no budget)."""
+    return 0 < budget_s < MIN_STEPS * step_s
 
 
 def set_layout(model: nn.Module, channels_last: bool) -> nn.Module:
@@ -146,7 +151,7 @@ def choose(timings: dict[str, float], no_bf16: str = "", budget_s: float = 0.0) 
     best32, best16 = _fastest(timings, "fp32"), _fastest(timings, "bf16")
     fastest32 = min(v for k, v in timings.items() if k.startswith("fp32"))
     measured = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in timings.items())
-    if budget_s > 0 and budget_s < MIN_STEPS * fp32:
+    if too_short(budget_s, fp32):
         return (
             "fp32",
             False,

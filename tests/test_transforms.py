@@ -113,3 +113,14 @@ def test_bad_options():
         BatchAugment(crop="random")
     with pytest.raises(ValueError, match="num_classes"):
         BatchAugment(mixup_alpha=0.2)
+
+
+def test_an_augmentation_without_translation_only_flips_and_leaves_the_original_alone():
+    augment = BatchAugment(crop="pad", padding=4, flip=False)
+    plain = augment.without_translation()
+    assert augment.translates and not plain.translates and augment.padding == 4
+    assert not BatchAugment(crop="rrc").translates and not BatchAugment(crop="pad", padding=0).translates
+    x = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    shifted, _ = augment.train(x, torch.zeros(3).long(), AugmentRNG(0))
+    unshifted, _ = plain.train(x, torch.zeros(3).long(), AugmentRNG(0))
+    assert torch.equal(unshifted, plain.eval(x)) and not torch.equal(shifted, plain.eval(x))

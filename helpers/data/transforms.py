@@ -7,6 +7,8 @@ augmentation and a run is reproducible and resumable.
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import torch
@@ -214,6 +216,17 @@ class BatchAugment:
     @property
     def mixes(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    @property
+    def translates(self) -> bool:
+        """Whether training batches are randomly shifted (a pad crop with padding)."""
+        return self.crop == "pad" and self.padding > 0
+
+    def without_translation(self) -> "BatchAugment":
+        """A copy that crops with padding 0 (flips, mixing and normalisation unchanged)."""
+        other = copy.copy(self)
+        other.padding = 0
+        return other
 
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
